@@ -1,0 +1,86 @@
+//! The netd protocol: an unprivileged client asks the privileged broker for
+//! TAP and vhost-net fds. Who the client is comes from SO_PEERCRED on the
+//! server side, never from the messages.
+//!
+//! The first frame must be [`NetdRequest::Hello`] with [`NETD_PROTOCOL_VERSION`].
+//! fds come back beside the response frame, in the order the response lists.
+
+use serde::{Deserialize, Serialize};
+
+pub const NETD_PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetdRequest {
+    Hello {
+        version: u32,
+    },
+    /// One TAP fd per queue (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR when asked,
+    /// IFF_MULTI_QUEUE when queues > 1), plus one vhost-net fd per queue when
+    /// `vhost` is asked for and allowed.
+    OpenTap {
+        name: String,
+        queues: u16,
+        vnet_hdr: bool,
+        vhost: bool,
+        mac: Option<[u8; 6]>,
+    },
+    /// vhost-net fds only; touches no TAP. For a migration target, which needs
+    /// vhost devices owned by its own process.
+    OpenVhost {
+        queues: u16,
+    },
+    /// For operators: netd's version and counters.
+    Status,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetdErrorKind {
+    /// The client speaks another protocol version.
+    Version,
+    /// The request was not understood or is inconsistent (e.g. queues = 0).
+    InvalidRequest,
+    /// The client's uid/gid has no entry in the policy.
+    UnknownTenant,
+    /// The interface name is outside what the policy allows the tenant.
+    NameNotAllowed,
+    /// More queues than the policy allows the tenant.
+    TooManyQueues,
+    /// vhost asked for but not allowed to the tenant.
+    VhostNotAllowed,
+    /// vhost allowed but the host has no /dev/vhost-net.
+    VhostUnavailable,
+    /// An interface of that name already exists.
+    NameInUse,
+    /// The kernel refused a step (the message says which).
+    System,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetdResponse {
+    Hello {
+        version: u32,
+    },
+    /// `tap_fds` TAP fds followed by `vhost_fds` vhost-net fds are attached.
+    Tap {
+        name: String,
+        queues: u16,
+        vnet_hdr: bool,
+        tap_fds: u16,
+        vhost_fds: u16,
+    },
+    /// `vhost_fds` vhost-net fds are attached.
+    Vhost {
+        vhost_fds: u16,
+    },
+    Status {
+        version: String,
+        requests: u64,
+        granted: u64,
+        refused: u64,
+        clients: u64,
+    },
+    Error {
+        kind: NetdErrorKind,
+        message: String,
+    },
+}

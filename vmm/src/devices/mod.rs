@@ -1,0 +1,4 @@
+//! Emulated devices. Each device keeps its migratable state in a versioned
+//! serde struct beside its code.
+
+pub mod bus;

@@ -1,0 +1,3 @@
+mod devices;
+
+fn main() {}
