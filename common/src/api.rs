@@ -10,7 +10,9 @@ pub const API_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApiRequest {
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     Status,
     /// Stops every vCPU (kicked out of KVM_RUN and parked) and the devices.
     Pause,
@@ -18,7 +20,10 @@ pub enum ApiRequest {
     /// Stops the VM; vmm exits 0 as if the guest had powered off.
     Shutdown,
     /// Local live migration to a target vmm listening on `to` (`--incoming`).
-    Migrate { to: String, backend_transfer: bool },
+    Migrate {
+        to: String,
+        backend_transfer: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

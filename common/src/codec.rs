@@ -106,7 +106,11 @@ pub fn send<S: AsFd, T: Serialize>(
     send_bytes(sock.as_fd(), &frame, fds)
 }
 
-fn send_bytes(fd: BorrowedFd<'_>, mut buf: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), CodecError> {
+fn send_bytes(
+    fd: BorrowedFd<'_>,
+    mut buf: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), CodecError> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let mut first = true;
     while !buf.is_empty() {
@@ -141,7 +145,10 @@ pub fn recv<S: AsFd, T: DeserializeOwned>(
 }
 
 /// Receives one raw frame: its payload bytes and the fds that came with it.
-pub fn recv_frame(fd: BorrowedFd<'_>, max_len: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), CodecError> {
+pub fn recv_frame(
+    fd: BorrowedFd<'_>,
+    max_len: usize,
+) -> Result<(Vec<u8>, Vec<OwnedFd>), CodecError> {
     let mut fds = Vec::new();
     let mut header = [0u8; HEADER_LEN];
     recv_exact(fd, &mut header, &mut fds, true)?;
@@ -233,7 +240,10 @@ mod tests {
         assert_eq!(r.msg, Msg::Data(vec![1, 2, 3]));
         assert!(r.fds.is_empty());
         drop(a);
-        assert!(matches!(recv::<_, Msg>(&b, DEFAULT_MAX_FRAME), Err(CodecError::Closed)));
+        assert!(matches!(
+            recv::<_, Msg>(&b, DEFAULT_MAX_FRAME),
+            Err(CodecError::Closed)
+        ));
     }
 
     #[test]
@@ -252,12 +262,18 @@ mod tests {
         a.write_all(&10u32.to_le_bytes()).unwrap();
         a.write_all(b"Hel").unwrap();
         drop(a);
-        assert!(matches!(recv::<_, Msg>(&b, 100), Err(CodecError::Truncated)));
+        assert!(matches!(
+            recv::<_, Msg>(&b, 100),
+            Err(CodecError::Truncated)
+        ));
 
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(&5u32.to_le_bytes()).unwrap();
         a.write_all(b"Nope(").unwrap();
-        assert!(matches!(recv::<_, Msg>(&b, 100), Err(CodecError::Decode(_))));
+        assert!(matches!(
+            recv::<_, Msg>(&b, 100),
+            Err(CodecError::Decode(_))
+        ));
 
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(&2u32.to_le_bytes()).unwrap();
@@ -271,13 +287,17 @@ mod tests {
         let evil = "[".repeat(20_000);
         a.write_all(&(evil.len() as u32).to_le_bytes()).unwrap();
         a.write_all(evil.as_bytes()).unwrap();
-        assert!(matches!(recv::<_, Msg>(&b, 1 << 20), Err(CodecError::Decode(_))));
+        assert!(matches!(
+            recv::<_, Msg>(&b, 1 << 20),
+            Err(CodecError::Decode(_))
+        ));
     }
 
     #[test]
     fn read_timeout_is_reported() {
         let (_a, b) = UnixStream::pair().unwrap();
-        b.set_read_timeout(Some(std::time::Duration::from_millis(20))).unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_millis(20)))
+            .unwrap();
         assert!(matches!(recv::<_, Msg>(&b, 100), Err(CodecError::Timeout)));
     }
 }

@@ -48,10 +48,7 @@ impl NetNs {
         let n = NETNS_SEQ.fetch_add(1, Ordering::Relaxed);
         let name = format!("t{}-{}-{}", std::process::id(), tag, n);
         let st = Command::new("ip").args(["netns", "add", &name]).status();
-        assert!(
-            st.is_ok_and(|s| s.success()),
-            "ip netns add {name} failed"
-        );
+        assert!(st.is_ok_and(|s| s.success()), "ip netns add {name} failed");
         let ns = NetNs { name };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns
@@ -82,6 +79,8 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }

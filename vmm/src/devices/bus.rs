@@ -90,7 +90,7 @@ impl Bus {
 
 /// A device whose lock was poisoned by a panic elsewhere is still usable:
 /// register state is plain data, and taking the VMM down is worse.
-fn lock(d: &Mutex<dyn BusDevice>) -> std::sync::MutexGuard<'_, dyn BusDevice> {
+fn lock(d: &Mutex<dyn BusDevice>) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
     d.lock().unwrap_or_else(|p| p.into_inner())
 }
 
