@@ -1,3 +1,1 @@
-mod devices;
-
 fn main() {}
