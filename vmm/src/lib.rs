@@ -1,4 +1,12 @@
 //! The unprivileged VMM as a library: the `vmm` binary is a thin front end,
 //! and tests and fuzz targets reach the devices directly.
 
+pub mod api;
+pub mod boot;
+pub mod config;
+pub mod control;
 pub mod devices;
+pub mod memory;
+pub mod privileges;
+pub mod vcpu;
+pub mod vm;

@@ -2,3 +2,5 @@
 //! serde struct beside its code.
 
 pub mod bus;
+pub mod power;
+pub mod serial;

@@ -1,0 +1,3 @@
+//! Putting a kernel and its boot data into guest RAM.
+
+pub mod pvh;

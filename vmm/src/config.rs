@@ -1,0 +1,233 @@
+//! Command-line parsing into a [`VmConfig`]. Every mistake is a
+//! [`ConfigError`] whose message fits on one line; main maps it to exit code 2.
+
+use std::path::PathBuf;
+
+/// Guest RAM when `--memory` is not given.
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+
+pub const USAGE: &str = "usage: vmm --kernel FILE [--cmdline STR] [--memory SIZE] [--vcpus N] \
+[--serial stdout|FILE] [--api-socket PATH] [--net netd=SOCK,id=ID[,...]] [--incoming PATH] [--user UID:GID]";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub memory: u64,
+    pub vcpus: u8,
+    pub serial: SerialTarget,
+    pub api_socket: Option<PathBuf>,
+    /// `--net` values as given; the net backend parses them.
+    pub nets: Vec<String>,
+    pub incoming: Option<PathBuf>,
+    pub user: Option<(u32, u32)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("unknown option '{0}' ({USAGE})")]
+    UnknownOption(String),
+    #[error("option '{0}' needs a value")]
+    MissingValue(String),
+    #[error("option '{0}' given twice")]
+    Duplicate(String),
+    #[error("--kernel is required ({USAGE})")]
+    NoKernel,
+    #[error("invalid memory size '{0}': expected a number with an optional K, M or G suffix")]
+    BadSize(String),
+    #[error("memory size must be larger than zero")]
+    ZeroMemory,
+    #[error("memory size {0} is not a multiple of 4 KiB")]
+    UnalignedMemory(u64),
+    #[error("invalid --vcpus '{0}'")]
+    BadVcpus(String),
+    #[error("--vcpus {0} is not supported: this vmm boots exactly 1 vCPU (no MP table yet)")]
+    TooManyVcpus(u8),
+    #[error("invalid --user '{0}': expected UID:GID")]
+    BadUser(String),
+}
+
+/// Parses a size like `4096`, `256M`, `6G` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_string());
+    let (num, shift) = match s.as_bytes().last().map(|c| c.to_ascii_uppercase()) {
+        Some(b'K') => (&s[..s.len() - 1], 10),
+        Some(b'M') => (&s[..s.len() - 1], 20),
+        Some(b'G') => (&s[..s.len() - 1], 30),
+        Some(b'T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+fn parse_user(s: &str) -> Result<(u32, u32), ConfigError> {
+    let bad = || ConfigError::BadUser(s.to_string());
+    let (u, g) = s.split_once(':').ok_or_else(bad)?;
+    Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
+}
+
+impl VmConfig {
+    /// Parses the arguments after the program name. `Ok(None)` means `--help`.
+    pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Self>, ConfigError> {
+        let mut kernel = None;
+        let mut cmdline = None;
+        let mut memory = None;
+        let mut vcpus = None;
+        let mut serial = None;
+        let mut api_socket = None;
+        let mut nets = Vec::new();
+        let mut incoming = None;
+        let mut user = None;
+        let mut it = args.into_iter();
+        while let Some(arg) = it.next() {
+            if arg == "--help" || arg == "-h" {
+                return Ok(None);
+            }
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+                _ => (arg.clone(), None),
+            };
+            let known = [
+                "--kernel",
+                "--cmdline",
+                "--memory",
+                "--vcpus",
+                "--serial",
+                "--api-socket",
+                "--net",
+                "--incoming",
+                "--user",
+            ];
+            if !known.contains(&name.as_str()) {
+                return Err(ConfigError::UnknownOption(arg));
+            }
+            let value = match inline {
+                Some(v) => v,
+                None => it
+                    .next()
+                    .ok_or_else(|| ConfigError::MissingValue(name.clone()))?,
+            };
+            fn set<T>(slot: &mut Option<T>, v: T, name: &str) -> Result<(), ConfigError> {
+                if slot.replace(v).is_some() {
+                    return Err(ConfigError::Duplicate(name.to_string()));
+                }
+                Ok(())
+            }
+            match name.as_str() {
+                "--kernel" => set(&mut kernel, PathBuf::from(value), &name)?,
+                "--cmdline" => set(&mut cmdline, value, &name)?,
+                "--memory" => set(&mut memory, parse_size(&value)?, &name)?,
+                "--vcpus" => {
+                    let n: u8 = value
+                        .parse()
+                        .map_err(|_| ConfigError::BadVcpus(value.clone()))?;
+                    set(&mut vcpus, n, &name)?
+                }
+                "--serial" => {
+                    let t = if value == "stdout" {
+                        SerialTarget::Stdout
+                    } else {
+                        SerialTarget::File(PathBuf::from(value))
+                    };
+                    set(&mut serial, t, &name)?
+                }
+                "--api-socket" => set(&mut api_socket, PathBuf::from(value), &name)?,
+                "--net" => nets.push(value),
+                "--incoming" => set(&mut incoming, PathBuf::from(value), &name)?,
+                _ => set(&mut user, parse_user(&value)?, &name)?,
+            }
+        }
+        let memory = memory.unwrap_or(DEFAULT_MEMORY);
+        if memory == 0 {
+            return Err(ConfigError::ZeroMemory);
+        }
+        if memory % 4096 != 0 {
+            return Err(ConfigError::UnalignedMemory(memory));
+        }
+        let vcpus = vcpus.unwrap_or(1);
+        match vcpus {
+            0 => return Err(ConfigError::BadVcpus("0".into())),
+            1 => {}
+            n => return Err(ConfigError::TooManyVcpus(n)),
+        }
+        Ok(Some(VmConfig {
+            kernel: kernel.ok_or(ConfigError::NoKernel)?,
+            cmdline: cmdline.unwrap_or_default(),
+            memory,
+            vcpus,
+            serial: serial.unwrap_or(SerialTarget::Stdout),
+            api_socket,
+            nets,
+            incoming,
+            user,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(a: &[&str]) -> Result<Option<VmConfig>, ConfigError> {
+        VmConfig::parse(a.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("6G"), Ok(6 << 30));
+        assert_eq!(parse_size("6g"), Ok(6 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in [
+            "",
+            "M",
+            "12X",
+            "-1G",
+            "1.5G",
+            "99999999999999999999G",
+            "1 G",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn options() {
+        let c = parse(&["--kernel", "k", "--memory=6G", "--user", "65534:65534"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("k"));
+        assert_eq!(c.memory, 6 << 30);
+        assert_eq!(c.user, Some((65534, 65534)));
+        assert_eq!(c.serial, SerialTarget::Stdout);
+        assert_eq!(
+            parse(&["--kernel", "k", "--bogus"]),
+            Err(ConfigError::UnknownOption("--bogus".into()))
+        );
+        assert_eq!(parse(&["--memory", "1M"]), Err(ConfigError::NoKernel));
+        assert_eq!(
+            parse(&["--kernel", "k", "--memory", "0"]),
+            Err(ConfigError::ZeroMemory)
+        );
+        assert_eq!(
+            parse(&["--kernel", "k", "--vcpus", "2"]),
+            Err(ConfigError::TooManyVcpus(2))
+        );
+        assert_eq!(
+            parse(&["--kernel"]),
+            Err(ConfigError::MissingValue("--kernel".into()))
+        );
+        assert!(parse(&["--kernel", "k", "--user", "65534"]).is_err());
+        assert_eq!(parse(&["--help"]), Ok(None));
+    }
+}

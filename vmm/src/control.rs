@@ -1,0 +1,195 @@
+//! Pausing and resuming vCPU threads. A pause sets the wish, then kicks each
+//! vCPU thread with a signal that interrupts KVM_RUN (EINTR); the thread sees
+//! the wish and parks on a condition variable. A kick that lands just before
+//! the thread enters KVM_RUN is lost, so the pauser kicks again until every
+//! thread has reported itself parked.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const RUN: u8 = 0;
+const PAUSE: u8 = 1;
+const STOP: u8 = 2;
+
+const KICK_INTERVAL: Duration = Duration::from_millis(2);
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the kick handler (a no-op: its only job is to make KVM_RUN return
+/// EINTR). Without SA_RESTART, so the ioctl is not transparently restarted.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction is a valid starting value; the handler is an
+    // async-signal-safe no-op and the struct outlives the call.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_kick as *const () as usize;
+        sa.sa_flags = 0;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("vCPUs did not park within {0:?}")]
+    PauseTimeout(Duration),
+    #[error("the VM is stopping")]
+    Stopping,
+}
+
+struct Inner {
+    threads: Vec<libc::pthread_t>,
+    parked: usize,
+}
+
+pub struct RunControl {
+    want: AtomicU8,
+    inner: Mutex<Inner>,
+    cv: Condvar,
+}
+
+impl Default for RunControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RunControl {
+    pub fn new() -> Self {
+        RunControl {
+            want: AtomicU8::new(RUN),
+            inner: Mutex::new(Inner {
+                threads: Vec::new(),
+                parked: 0,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by each vCPU thread before its first KVM_RUN.
+    pub fn register_current_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.lock().threads.push(me);
+    }
+
+    /// Stops every registered vCPU and returns once all are parked.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        if self.want.load(Ordering::SeqCst) == STOP {
+            return Err(ControlError::Stopping);
+        }
+        self.want.store(PAUSE, Ordering::SeqCst);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut g = self.lock();
+        while g.parked < g.threads.len() {
+            for t in &g.threads {
+                // SAFETY: registered threads are vCPU threads that live until
+                // the process exits (they are never joined or detached early).
+                unsafe { libc::pthread_kill(*t, kick_signal()) };
+            }
+            if Instant::now() > deadline {
+                return Err(ControlError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+            g = self
+                .cv
+                .wait_timeout(g, KICK_INTERVAL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) {
+        let _g = self.lock();
+        if self.want.load(Ordering::SeqCst) == PAUSE {
+            self.want.store(RUN, Ordering::SeqCst);
+        }
+        self.cv.notify_all();
+    }
+
+    /// Parks the vCPUs for good (process exit follows).
+    pub fn stop(&self) {
+        let _g = self.lock();
+        self.want.store(STOP, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.want.load(Ordering::SeqCst) == PAUSE
+    }
+
+    /// vCPU side: cheap check before each KVM_RUN.
+    pub fn pending(&self) -> bool {
+        self.want.load(Ordering::Relaxed) != RUN
+    }
+
+    /// vCPU side: parks while paused. Returns false when the thread must end.
+    pub fn park(&self) -> bool {
+        let mut g = self.lock();
+        g.parked += 1;
+        self.cv.notify_all();
+        loop {
+            match self.want.load(Ordering::SeqCst) {
+                RUN => break,
+                STOP => return false,
+                _ => g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+        g.parked -= 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn pause_parks_a_spinning_thread() {
+        install_kick_handler().unwrap();
+        let ctl = Arc::new(RunControl::new());
+        let count = Arc::new(AtomicU64::new(0));
+        let (c2, n2) = (ctl.clone(), count.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            c2.register_current_thread();
+            tx.send(()).unwrap();
+            loop {
+                if c2.pending() && !c2.park() {
+                    return;
+                }
+                n2.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        rx.recv().unwrap();
+        ctl.pause().unwrap();
+        let a = count.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(count.load(Ordering::Relaxed), a);
+        assert!(ctl.is_paused());
+        ctl.resume();
+        let t = Instant::now();
+        while count.load(Ordering::Relaxed) == a {
+            assert!(t.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        ctl.stop();
+    }
+}

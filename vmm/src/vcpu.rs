@@ -1,0 +1,536 @@
+//! One vCPU: CPUID, MSRs and registers for a PVH entry, its thread running
+//! KVM_RUN and dispatching port and MMIO exits to the buses, and its state as
+//! a versioned serde struct for migration.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::boot::pvh::PvhEntry;
+use crate::control::RunControl;
+use crate::devices::bus::Bus;
+use crate::memory::GuestMemoryMmap;
+use crate::vm::{ExitReason, ExitSender, Vm};
+
+/// A boot GDT in low RAM (below the PVH start info), as the PVH ABI expects
+/// flat 32-bit code and data segments.
+const BOOT_GDT_ADDR: u64 = 0x500;
+const BOOT_IDT_ADDR: u64 = 0x520;
+const CODE_SELECTOR: u16 = 0x08;
+const DATA_SELECTOR: u16 = 0x10;
+const TSS_SELECTOR: u16 = 0x18;
+const CR0_PE: u64 = 1;
+const CR0_ET: u64 = 0x10;
+
+const VCPU_STACK_SIZE: usize = 256 * 1024;
+
+/// MSRs initialised at boot (index, value), as a PC BIOS would leave them.
+const BOOT_MSRS: &[(u32, u64)] = &[
+    (0x174, 0),             // IA32_SYSENTER_CS
+    (0x175, 0),             // IA32_SYSENTER_ESP
+    (0x176, 0),             // IA32_SYSENTER_EIP
+    (0xc000_0081, 0),       // STAR
+    (0xc000_0082, 0),       // LSTAR
+    (0xc000_0083, 0),       // CSTAR
+    (0xc000_0084, 0),       // SYSCALL_MASK
+    (0xc000_0102, 0),       // KERNEL_GS_BASE
+    (0x10, 0),              // IA32_TSC
+    (0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
+    (0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
+];
+
+/// MSRs carried in the vCPU state, where KVM lists them as saveable.
+const SAVED_MSRS: &[u32] = &[
+    0x10, // TSC
+    0x1b, // APIC_BASE
+    0x174,
+    0x175,
+    0x176,       // SYSENTER
+    0x1a0,       // MISC_ENABLE
+    0x277,       // PAT
+    0x2ff,       // MTRRdefType
+    0x6e0,       // TSC_DEADLINE
+    0xc000_0080, // EFER
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084, // STAR..SYSCALL_MASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+    0x4b56_4d00,
+    0x4b56_4d01, // kvmclock (new)
+    0x4b56_4d02,
+    0x4b56_4d03,
+    0x4b56_4d04, // async PF, steal time, PV EOI
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM: {what}: {err}")]
+    Kvm {
+        what: &'static str,
+        err: kvm_ioctls::Error,
+    },
+    #[error("cannot write the boot GDT: {0}")]
+    Gdt(vm_memory::GuestMemoryError),
+    #[error("MSR list: {0}")]
+    Msrs(String),
+    #[error("unsupported vCPU state version {0}")]
+    Version(u32),
+    #[error("cannot start the vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |err| VcpuError::Kvm { what, err }
+}
+
+/// Everything KVM holds for one vCPU, for migration.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub version: u32,
+    pub id: u8,
+    pub cpuid: CpuId,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// Present when KVM has KVM_CAP_XSAVE (it then also covers the FPU).
+    pub xsave: Option<kvm_xsave>,
+    /// Present when KVM has KVM_CAP_XCRS.
+    pub xcrs: Option<kvm_xcrs>,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Msrs,
+    pub vcpu_events: kvm_vcpu_events,
+}
+
+pub const VCPU_STATE_VERSION: u32 = 1;
+
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+}
+
+fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((u64::from(base) & 0xff00_0000) << 32)
+        | ((u64::from(flags) & 0xf0ff) << 40)
+        | ((u64::from(limit) & 0x000f_0000) << 32)
+        | ((u64::from(base) & 0x00ff_ffff) << 16)
+        | (u64::from(limit) & 0x0000_ffff)
+}
+
+fn segment(selector: u16, type_: u8, s: u8, db: u8, limit: u32, g: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db,
+        s,
+        l: 0,
+        g,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+impl Vcpu {
+    pub fn new(vm: &Vm, id: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create vCPU"))?;
+        Ok(Vcpu { id, fd })
+    }
+
+    /// CPUID from KVM's supported set: our APIC ID, the hypervisor bit, and
+    /// one logical processor per package.
+    pub fn configure_cpuid(&self, kvm: &Kvm) -> Result<(), VcpuError> {
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => {
+                    e.ebx = (e.ebx & 0x0000_ffff) | (1 << 16) | (u32::from(self.id) << 24);
+                    e.ecx |= 1 << 31;
+                }
+                0xb | 0x1f => e.edx = u32::from(self.id),
+                _ => {}
+            }
+        }
+        self.fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))
+    }
+
+    fn configure_msrs(&self) -> Result<(), VcpuError> {
+        let entries: Vec<kvm_msr_entry> = BOOT_MSRS
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(format!("{e:?}")))?;
+        let set = self.fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+        if set != entries.len() {
+            // KVM stops at the first MSR it refuses; the rest are optional.
+            log::debug!(
+                "KVM accepted {set} of {} boot MSRs (refused {:#x})",
+                entries.len(),
+                entries.get(set).map_or(0, |e| e.index)
+            );
+        }
+        Ok(())
+    }
+
+    /// Registers for the PVH entry: 32-bit protected mode, paging off, flat
+    /// segments from a GDT in guest RAM, EBX = start info.
+    pub fn configure_pvh(
+        &self,
+        kvm: &Kvm,
+        mem: &GuestMemoryMmap,
+        entry: PvhEntry,
+    ) -> Result<(), VcpuError> {
+        self.configure_cpuid(kvm)?;
+        self.configure_msrs()?;
+
+        let gdt = [
+            0,
+            gdt_entry(0xc09b, 0, 0xffff_ffff),
+            gdt_entry(0xc093, 0, 0xffff_ffff),
+            gdt_entry(0x008b, 0, 0x67),
+        ];
+        for (i, e) in gdt.iter().enumerate() {
+            mem.write_obj(*e, GuestAddress(BOOT_GDT_ADDR + 8 * i as u64))
+                .map_err(VcpuError::Gdt)?;
+        }
+        mem.write_obj(0u64, GuestAddress(BOOT_IDT_ADDR))
+            .map_err(VcpuError::Gdt)?;
+
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err("get sregs"))?;
+        sregs.cs = segment(CODE_SELECTOR, 0xb, 1, 1, 0xffff_ffff, 1);
+        let data = segment(DATA_SELECTOR, 0x3, 1, 1, 0xffff_ffff, 1);
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = segment(TSS_SELECTOR, 0xb, 0, 0, 0x67, 0);
+        sregs.gdt.base = BOOT_GDT_ADDR;
+        sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+        sregs.idt.base = BOOT_IDT_ADDR;
+        sregs.idt.limit = 7;
+        sregs.cr0 = CR0_PE | CR0_ET;
+        sregs.cr3 = 0;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        self.fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(kvm_err("set FPU"))?;
+
+        let regs = kvm_regs {
+            rflags: 0x2,
+            rip: entry.entry,
+            rbx: entry.start_info,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(kvm_err("set registers"))
+    }
+
+    /// The MSRs to save: those of [`SAVED_MSRS`] that KVM says it can save.
+    pub fn saveable_msrs(kvm: &Kvm) -> Result<Vec<u32>, VcpuError> {
+        let list = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("get MSR index list"))?;
+        let list = list.as_slice();
+        Ok(SAVED_MSRS
+            .iter()
+            .copied()
+            .filter(|m| list.contains(m))
+            .collect())
+    }
+
+    /// Reads the whole vCPU state. The vCPU must not be running.
+    pub fn save_state(&self, kvm: &Kvm, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        let mp_state = self.fd.get_mp_state().map_err(kvm_err("get MP state"))?;
+        let regs = self.fd.get_regs().map_err(kvm_err("get registers"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm_err("get sregs"))?;
+        let xsave = if kvm.check_extension(Cap::Xsave) {
+            Some(self.fd.get_xsave().map_err(kvm_err("get xsave"))?)
+        } else {
+            None
+        };
+        let xcrs = if kvm.check_extension(Cap::Xcrs) {
+            Some(self.fd.get_xcrs().map_err(kvm_err("get xcrs"))?)
+        } else {
+            None
+        };
+        let debugregs = self
+            .fd
+            .get_debug_regs()
+            .map_err(kvm_err("get debug regs"))?;
+        let lapic = self.fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get CPUID"))?;
+        let entries: Vec<kvm_msr_entry> = msr_indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(format!("{e:?}")))?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(kvm_err("get MSRs"))?;
+        if read != entries.len() {
+            return Err(VcpuError::Msrs(format!(
+                "KVM read {read} of {} MSRs",
+                entries.len()
+            )));
+        }
+        let vcpu_events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_err("get vCPU events"))?;
+        Ok(VcpuState {
+            version: VCPU_STATE_VERSION,
+            id: self.id,
+            cpuid,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            vcpu_events,
+        })
+    }
+
+    /// Writes a saved state into this (fresh) vCPU.
+    pub fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        if s.version != VCPU_STATE_VERSION {
+            return Err(VcpuError::Version(s.version));
+        }
+        self.fd.set_cpuid2(&s.cpuid).map_err(kvm_err("set CPUID"))?;
+        self.fd
+            .set_mp_state(s.mp_state)
+            .map_err(kvm_err("set MP state"))?;
+        self.fd
+            .set_regs(&s.regs)
+            .map_err(kvm_err("set registers"))?;
+        self.fd.set_sregs(&s.sregs).map_err(kvm_err("set sregs"))?;
+        if let Some(x) = &s.xsave {
+            // SAFETY: the buffer came from KVM_GET_XSAVE on a vCPU with the
+            // same CPUID, so its size matches what KVM_SET_XSAVE reads.
+            unsafe { self.fd.set_xsave(x) }.map_err(kvm_err("set xsave"))?;
+        }
+        if let Some(x) = &s.xcrs {
+            self.fd.set_xcrs(x).map_err(kvm_err("set xcrs"))?;
+        }
+        self.fd
+            .set_debug_regs(&s.debugregs)
+            .map_err(kvm_err("set debug regs"))?;
+        self.fd.set_lapic(&s.lapic).map_err(kvm_err("set LAPIC"))?;
+        let n = self.fd.set_msrs(&s.msrs).map_err(kvm_err("set MSRs"))?;
+        if n != s.msrs.as_slice().len() {
+            return Err(VcpuError::Msrs(format!(
+                "KVM restored {n} of {} MSRs",
+                s.msrs.as_slice().len()
+            )));
+        }
+        self.fd
+            .set_vcpu_events(&s.vcpu_events)
+            .map_err(kvm_err("set vCPU events"))
+    }
+}
+
+/// What the run loop does after an exit.
+enum Next {
+    Continue,
+    Fail(String),
+    Exit(ExitReason),
+}
+
+fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Next {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            if !pio.write(u64::from(port), data) {
+                log::trace!("unhandled port write {port:#x}");
+            }
+            Next::Continue
+        }
+        VcpuExit::IoIn(port, data) => {
+            if !pio.read(u64::from(port), data) {
+                log::trace!("unhandled port read {port:#x}");
+            }
+            Next::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                log::debug!("unhandled MMIO read {addr:#x}");
+            }
+            Next::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !mmio.write(addr, data) {
+                log::debug!("unhandled MMIO write {addr:#x}");
+            }
+            Next::Continue
+        }
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
+            Next::Exit(ExitReason::PowerOff { code: 0 })
+        }
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Next::Exit(ExitReason::Reset),
+        VcpuExit::Shutdown => Next::Fail("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+        VcpuExit::InternalError => Next::Fail("KVM internal error (emulation failure)".into()),
+        VcpuExit::FailEntry(reason, cpu) => Next::Fail(format!(
+            "KVM entry failure (hardware reason {reason:#x}, cpu {cpu})"
+        )),
+        VcpuExit::Hlt => Next::Fail("guest halted with no interrupt source".into()),
+        other => Next::Fail(format!("unhandled exit {other:?}")),
+    }
+}
+
+/// The vCPU thread body: run until power-off, failure or stop.
+fn run_loop(
+    vcpu: Arc<Mutex<Vcpu>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    ctl: Arc<RunControl>,
+    exit: ExitSender,
+) {
+    ctl.register_current_thread();
+    loop {
+        if ctl.pending() && !ctl.park() {
+            return;
+        }
+        // Held for one KVM_RUN and its exit: a pauser that has seen the
+        // thread park can take the lock and save the state.
+        let mut v = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+        let id = v.id;
+        let next = match v.fd.run() {
+            Ok(e) => handle_exit(e, &pio, &mmio),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                v.fd.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
+        };
+        match next {
+            Next::Continue => {}
+            Next::Exit(reason) => {
+                exit.send(reason);
+                return;
+            }
+            Next::Fail(reason) => {
+                let rip =
+                    v.fd.get_regs()
+                        .map_or_else(|e| format!("unknown ({e})"), |r| format!("{:#x}", r.rip));
+                exit.send(ExitReason::VcpuFailed {
+                    vcpu: id,
+                    message: format!("{reason} at RIP {rip}"),
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// Starts the vCPU thread (small stack: the loop needs little).
+pub fn spawn(
+    vcpu: Arc<Mutex<Vcpu>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    ctl: Arc<RunControl>,
+    exit: ExitSender,
+) -> Result<JoinHandle<()>, VcpuError> {
+    let id = vcpu.lock().unwrap_or_else(|p| p.into_inner()).id;
+    std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .stack_size(VCPU_STACK_SIZE)
+        .spawn(move || run_loop(vcpu, pio, mmio, ctl, exit))
+        .map_err(VcpuError::Thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+
+    fn vm() -> Vm {
+        Vm::new(Kvm::new().unwrap(), GuestRam::new(16 << 20).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn state_round_trips_through_ron() {
+        let a = vm();
+        let v = Vcpu::new(&a, 0).unwrap();
+        let entry = PvhEntry {
+            entry: 0x10_0000,
+            start_info: 0x6000,
+        };
+        v.configure_pvh(&a.kvm, &a.ram.memory, entry).unwrap();
+        let msrs = Vcpu::saveable_msrs(&a.kvm).unwrap();
+        let s = v.save_state(&a.kvm, &msrs).unwrap();
+        assert_eq!(s.regs.rip, 0x10_0000);
+        assert_eq!(s.regs.rbx, 0x6000);
+        let text = ron::to_string(&s).unwrap();
+        let back: VcpuState = ron::from_str(&text).unwrap();
+        assert_eq!(ron::to_string(&back).unwrap(), text);
+
+        // Restored into a vCPU of another VM, the state reads back the same.
+        let b = vm();
+        let w = Vcpu::new(&b, 0).unwrap();
+        w.restore_state(&back).unwrap();
+        let again = w.save_state(&b.kvm, &msrs).unwrap();
+        for (x, y) in [
+            (ron::to_string(&again.regs), ron::to_string(&s.regs)),
+            (ron::to_string(&again.sregs), ron::to_string(&s.sregs)),
+            (ron::to_string(&again.lapic), ron::to_string(&s.lapic)),
+            (ron::to_string(&again.mp_state), ron::to_string(&s.mp_state)),
+        ] {
+            assert_eq!(x.unwrap(), y.unwrap());
+        }
+
+        let vs = a.save_state().unwrap();
+        let text = ron::to_string(&vs).unwrap();
+        let back: crate::vm::VmState = ron::from_str(&text).unwrap();
+        b.restore_state(&back).unwrap();
+        let vs2 = b.save_state().unwrap();
+        assert_eq!(
+            ron::to_string(&vs2.ioapic).unwrap(),
+            ron::to_string(&vs.ioapic).unwrap()
+        );
+    }
+
+    #[test]
+    fn unsupported_version_is_refused() {
+        let a = vm();
+        let v = Vcpu::new(&a, 0).unwrap();
+        let msrs = Vcpu::saveable_msrs(&a.kvm).unwrap();
+        let mut s = v.save_state(&a.kvm, &msrs).unwrap();
+        s.version = 99;
+        assert!(matches!(v.restore_state(&s), Err(VcpuError::Version(99))));
+    }
+}

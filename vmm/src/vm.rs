@@ -1,0 +1,252 @@
+//! The KVM VM: TSS and identity map, in-kernel irqchip and PIT, guest RAM
+//! slots, the port and MMIO buses, and the hooks that virtio-mmio devices use
+//! to come in (a slot, ioeventfds, an irqfd, a command-line entry).
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_PIT_SPEAKER_DUMMY, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::{Bus, BusDevice, BusError};
+use crate::memory::GuestRam;
+
+/// Just below the LAPIC/IOAPIC-free top of the 32-bit space, as other VMMs do.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+pub const VIRTIO_MMIO_BASE: u64 = 0xD000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+/// The in-kernel IOAPIC has 24 pins; virtio slots take GSIs 5..=23.
+pub const VIRTIO_MAX_SLOTS: u32 = 24 - VIRTIO_FIRST_GSI;
+/// virtio-mmio QueueNotify register: the ioeventfd address of every queue.
+pub const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("KVM: cannot create the VM: {0}")]
+    Create(kvm_ioctls::Error),
+    #[error("KVM: {what}: {err}")]
+    Kvm {
+        what: &'static str,
+        err: kvm_ioctls::Error,
+    },
+    #[error("device bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("no free virtio-mmio slot (at most {VIRTIO_MAX_SLOTS})")]
+    NoVirtioSlot,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |err| VmError::Kvm { what, err }
+}
+
+/// Why the VM stops; the main thread waits for the first one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// A write to the debug-exit port (the value written).
+    PowerOff { code: u8 },
+    /// i8042 reset: treated as power-off (no reboot support).
+    Reset,
+    /// `vmctl shutdown`.
+    ApiShutdown,
+    /// The guest cannot go on (internal error, triple fault, unhandled exit).
+    VcpuFailed { vcpu: u8, message: String },
+}
+
+impl ExitReason {
+    /// The process exit code this reason maps to.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::VcpuFailed { .. } => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// Cloneable handle any thread uses to stop the VM.
+#[derive(Clone)]
+pub struct ExitSender(mpsc::Sender<ExitReason>);
+
+impl ExitSender {
+    pub fn send(&self, reason: ExitReason) {
+        // The receiver lives as long as main; after it is gone nothing matters.
+        let _ = self.0.send(reason);
+    }
+}
+
+pub fn exit_channel() -> (ExitSender, mpsc::Receiver<ExitReason>) {
+    let (tx, rx) = mpsc::channel();
+    (ExitSender(tx), rx)
+}
+
+/// Where a virtio-mmio device landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioSlot {
+    pub index: u32,
+    pub base: u64,
+    pub gsi: u32,
+}
+
+impl VirtioSlot {
+    /// The Linux command-line entry announcing this device.
+    pub fn cmdline_entry(&self) -> String {
+        format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.gsi)
+    }
+}
+
+/// VM-wide KVM state: interrupt controllers, PIT, clock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub version: u32,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_bindings::kvm_pit_state2,
+    pub clock: kvm_bindings::kvm_clock_data,
+}
+
+pub const VM_STATE_VERSION: u32 = 1;
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: Arc<VmFd>,
+    pub ram: GuestRam,
+    pub pio: Bus,
+    pub mmio: Bus,
+    /// Command-line entries devices add (virtio_mmio.device=...).
+    pub cmdline_extra: Vec<String>,
+    virtio_slots: u32,
+}
+
+impl Vm {
+    /// Creates the VM with its irqchip, PIT and RAM slots.
+    pub fn new(kvm: Kvm, ram: GuestRam) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(VmError::Create)?;
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(kvm_err("set TSS address"))?;
+        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("set identity map address"))?;
+        fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+        for (slot, region) in ram.memory.iter().enumerate() {
+            let mem = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `ram`, which the
+            // Vm keeps for as long as the VM fd (and so the slot) exists.
+            unsafe { fd.set_user_memory_region(mem) }.map_err(kvm_err("set user memory region"))?;
+        }
+        Ok(Vm {
+            kvm,
+            fd: Arc::new(fd),
+            ram,
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            cmdline_extra: Vec::new(),
+            virtio_slots: 0,
+        })
+    }
+
+    /// Signals `evt` when the guest writes `datamatch` (32-bit) at MMIO `addr`.
+    pub fn register_ioevent(
+        &self,
+        addr: u64,
+        datamatch: u32,
+        evt: &EventFd,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(kvm_err("register ioeventfd"))
+    }
+
+    /// Raises `gsi` whenever `evt` is written.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(kvm_err("register irqfd"))
+    }
+
+    /// Attaches a virtio-mmio transport at the next slot: its registers on
+    /// the MMIO bus, one ioeventfd per queue on QueueNotify (datamatch = queue
+    /// index), the irqfd on the slot's GSI, and its command-line entry.
+    pub fn attach_virtio_mmio(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        queue_notifiers: &[(u32, &EventFd)],
+        irq: &EventFd,
+    ) -> Result<VirtioSlot, VmError> {
+        if self.virtio_slots >= VIRTIO_MAX_SLOTS {
+            return Err(VmError::NoVirtioSlot);
+        }
+        let index = self.virtio_slots;
+        let slot = VirtioSlot {
+            index,
+            base: VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_FIRST_GSI + index,
+        };
+        self.mmio.insert(slot.base, VIRTIO_MMIO_SIZE, device)?;
+        for (queue, evt) in queue_notifiers {
+            self.register_ioevent(slot.base + VIRTIO_MMIO_QUEUE_NOTIFY, *queue, evt)?;
+        }
+        self.register_irqfd(irq, slot.gsi)?;
+        self.cmdline_extra.push(slot.cmdline_entry());
+        self.virtio_slots += 1;
+        Ok(slot)
+    }
+
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("get irqchip"))?;
+            Ok(c)
+        };
+        let mut clock = self.fd.get_clock().map_err(kvm_err("get clock"))?;
+        // Only the flags KVM_SET_CLOCK accepts may go back in.
+        clock.flags &= KVM_CLOCK_TSC_STABLE;
+        Ok(VmState {
+            version: VM_STATE_VERSION,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("get PIT"))?,
+            clock,
+        })
+    }
+
+    pub fn restore_state(&self, s: &VmState) -> Result<(), VmError> {
+        self.fd
+            .set_irqchip(&s.pic_master)
+            .map_err(kvm_err("set PIC master"))?;
+        self.fd
+            .set_irqchip(&s.pic_slave)
+            .map_err(kvm_err("set PIC slave"))?;
+        self.fd
+            .set_irqchip(&s.ioapic)
+            .map_err(kvm_err("set IOAPIC"))?;
+        self.fd.set_pit2(&s.pit).map_err(kvm_err("set PIT"))?;
+        let mut clock = s.clock;
+        clock.flags = 0;
+        self.fd.set_clock(&clock).map_err(kvm_err("set clock"))
+    }
+}
