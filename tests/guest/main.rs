@@ -12,6 +12,7 @@
 mod arch;
 mod cmdline;
 mod entry;
+mod intr;
 mod mem;
 mod serial;
 mod text;
@@ -73,5 +74,53 @@ extern "C" fn rust_main(start_info: u64) -> ! {
     if cfg.exit {
         power_off();
     }
-    arch::halt_forever()
+
+    intr::init();
+    let mut heartbeat = cfg.heartbeat_ms.map(Heartbeat::start);
+    loop {
+        arch::cli();
+        let devices = intr::take_device_pending();
+        let ticks_due = heartbeat.as_ref().is_some_and(Heartbeat::due);
+        if devices == 0 && !ticks_due {
+            arch::sti_hlt();
+            continue;
+        }
+        arch::sti();
+        if let Some(hb) = heartbeat.as_mut() {
+            hb.print_due();
+        }
+    }
+}
+
+/// `testguest: tick <n>` every `ms` milliseconds, counted in delivered PIT
+/// interrupts (a paused VM resumes the count where it stopped).
+struct Heartbeat {
+    irqs_per_tick: u64,
+    printed: u64,
+}
+
+impl Heartbeat {
+    fn start(ms: u32) -> Self {
+        // The PIT period is at most 54 ms: use the largest divisor of ms that fits.
+        let period = (1..=ms.min(54)).rev().find(|p| ms % p == 0).unwrap_or(1);
+        intr::start_pit(period);
+        Heartbeat {
+            irqs_per_tick: u64::from(ms / period).max(1),
+            printed: 0,
+        }
+    }
+
+    fn due(&self) -> bool {
+        intr::TIMER_IRQS.load(core::sync::atomic::Ordering::Acquire) / self.irqs_per_tick
+            > self.printed
+    }
+
+    fn print_due(&mut self) {
+        while self.due() {
+            self.printed += 1;
+            let mut line = TextBuf::<32>::new();
+            line.str("tick ").dec(self.printed);
+            serial::line(line.as_bytes());
+        }
+    }
 }
