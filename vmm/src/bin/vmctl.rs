@@ -1,1 +1,150 @@
-fn main() {}
+//! vmctl: the control client of a running vmm (`--api-socket`).
+//!
+//! `vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH
+//! [--no-backend-transfer]} [--json]`. Exit code 0 on success, 1 when the
+//! vmm reports an error or cannot be reached, 2 for bad usage.
+
+use std::os::unix::net::UnixStream;
+use std::process::exit;
+use std::time::Duration;
+
+use common::api::{API_VERSION, ApiRequest, ApiResponse};
+use common::codec::{self, DEFAULT_MAX_FRAME};
+
+const USAGE: &str = "usage: vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH [--no-backend-transfer]} [--json]";
+/// Migration can take a while; everything else answers at once.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Args {
+    socket: String,
+    request: ApiRequest,
+    json: bool,
+}
+
+fn parse(args: Vec<String>) -> Result<Args, String> {
+    let mut socket = None;
+    let mut command = None;
+    let mut to = None;
+    let mut backend_transfer = true;
+    let mut json = false;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--api-socket" => socket = Some(it.next().ok_or("--api-socket needs a path")?),
+            "--json" => json = true,
+            "--to" => to = Some(it.next().ok_or("--to needs a path")?),
+            "--no-backend-transfer" => backend_transfer = false,
+            "status" | "pause" | "resume" | "shutdown" | "migrate" if command.is_none() => {
+                command = Some(a)
+            }
+            _ if a.starts_with("--api-socket=") => {
+                socket = Some(a["--api-socket=".len()..].to_string())
+            }
+            _ => return Err(format!("unexpected argument '{a}'")),
+        }
+    }
+    let socket = socket.ok_or("--api-socket is required")?;
+    if to.is_some() && command.as_deref() != Some("migrate") {
+        return Err("--to is only valid with migrate".into());
+    }
+    let request = match command.as_deref() {
+        Some("status") => ApiRequest::Status,
+        Some("pause") => ApiRequest::Pause,
+        Some("resume") => ApiRequest::Resume,
+        Some("shutdown") => ApiRequest::Shutdown,
+        Some("migrate") => ApiRequest::Migrate {
+            to: to.ok_or("migrate needs --to PATH")?,
+            backend_transfer,
+        },
+        _ => return Err("no command given".into()),
+    };
+    Ok(Args {
+        socket,
+        request,
+        json,
+    })
+}
+
+fn call(socket: &str, request: &ApiRequest) -> Result<ApiResponse, String> {
+    let s = UnixStream::connect(socket).map_err(|e| format!("cannot connect to {socket}: {e}"))?;
+    s.set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let hello = ApiRequest::Hello {
+        version: API_VERSION,
+    };
+    codec::send(&s, &hello, &[]).map_err(|e| format!("send: {e}"))?;
+    match codec::recv::<_, ApiResponse>(&s, DEFAULT_MAX_FRAME)
+        .map_err(|e| format!("receive: {e}"))?
+        .msg
+    {
+        ApiResponse::Hello { .. } => {}
+        ApiResponse::Error { message } => return Err(message),
+        other => return Err(format!("unexpected answer to Hello: {other:?}")),
+    }
+    codec::send(&s, request, &[]).map_err(|e| format!("send: {e}"))?;
+    Ok(codec::recv::<_, ApiResponse>(&s, DEFAULT_MAX_FRAME)
+        .map_err(|e| format!("receive: {e}"))?
+        .msg)
+}
+
+fn print(resp: &ApiResponse, json: bool) -> bool {
+    let (ok, text, value) = match resp {
+        ApiResponse::Ok | ApiResponse::Hello { .. } => {
+            (true, "ok".to_string(), serde_json::json!({"result": "ok"}))
+        }
+        ApiResponse::Status(s) => (
+            true,
+            format!(
+                "state: {:?}\npid: {}\nvcpus: {}\nmemory_bytes: {}\nuptime_ms: {}\nnets: {}",
+                s.state,
+                s.pid,
+                s.vcpus,
+                s.memory_bytes,
+                s.uptime_ms,
+                s.nets.len()
+            ),
+            serde_json::to_value(s).unwrap_or_default(),
+        ),
+        ApiResponse::Migrated(r) => (
+            r.result == "ok",
+            format!(
+                "result: {}\ndowntime_us: {}\ntotal_us: {}",
+                r.result, r.downtime_us, r.total_us
+            ),
+            serde_json::to_value(r).unwrap_or_default(),
+        ),
+        ApiResponse::Error { message } => (
+            false,
+            format!("error: {message}"),
+            serde_json::json!({"result": "error", "error": message}),
+        ),
+    };
+    if json {
+        println!("{value}");
+    } else if ok {
+        println!("{text}");
+    } else {
+        eprintln!("vmctl: {text}");
+    }
+    ok
+}
+
+fn main() {
+    let args = match parse(std::env::args().skip(1).collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("vmctl: {e} ({USAGE})");
+            exit(2);
+        }
+    };
+    match call(&args.socket, &args.request) {
+        Ok(resp) => exit(if print(&resp, args.json) { 0 } else { 1 }),
+        Err(e) => {
+            if args.json {
+                println!("{}", serde_json::json!({"result": "error", "error": e}));
+            }
+            eprintln!("vmctl: {e}");
+            exit(1);
+        }
+    }
+}

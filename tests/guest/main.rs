@@ -1,0 +1,126 @@
+//! The freestanding test guest: PVH entry, serial banner, optional power-off,
+//! a PIT heartbeat and a virtio-net (modern virtio-mmio) driver with a tiny
+//! ARP/ICMP/UDP stack. Built by tests/build.rs with rustc directly.
+//!
+//! This host's nested KVM kills a guest on any exception and on any SSE
+//! instruction, so: no SSE (target features), no core::fmt, no panics on
+//! anything a peer controls, and only external interrupts.
+
+#![no_std]
+#![no_main]
+
+mod arch;
+mod cmdline;
+mod entry;
+mod intr;
+mod mem;
+mod serial;
+mod text;
+
+use text::TextBuf;
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // No formatting here: core::fmt may contain SSE.
+    serial::line(b"panic");
+    power_off();
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn rust_eh_personality() {}
+
+/// isa-debug-exit (our vmm and QEMU), then an i8042 reset, then halt.
+fn power_off() -> ! {
+    arch::outb(0x501, 0);
+    arch::outb(0x64, 0xfe);
+    arch::halt_forever()
+}
+
+fn mix64(mut z: u64) -> u64 {
+    // splitmix64 finaliser.
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn make_boot_id(cmdline: &[u8]) -> u64 {
+    let mut h = arch::rdtsc();
+    for &b in cmdline {
+        h = mix64(h ^ u64::from(b));
+    }
+    if arch::has_rdrand() {
+        for _ in 0..10 {
+            if let Some(r) = arch::rdrand() {
+                h ^= r;
+                break;
+            }
+        }
+    }
+    mix64(h ^ arch::rdtsc())
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn rust_main(start_info: u64) -> ! {
+    // The entry already wrote the 't'.
+    serial::write(b"estguest: start\n");
+    // SAFETY: start_info is what the PVH loader handed over in EBX.
+    let cmdline = unsafe { cmdline::from_start_info(start_info) };
+    let cfg = cmdline::parse(cmdline);
+    let boot_id = make_boot_id(cmdline);
+
+    let mut line = TextBuf::<64>::new();
+    line.str("up boot_id=").hex(boot_id, 16);
+    serial::line(line.as_bytes());
+    if cfg.exit {
+        power_off();
+    }
+
+    intr::init();
+    let mut heartbeat = cfg.heartbeat_ms.map(Heartbeat::start);
+    loop {
+        arch::cli();
+        let devices = intr::take_device_pending();
+        let ticks_due = heartbeat.as_ref().is_some_and(Heartbeat::due);
+        if devices == 0 && !ticks_due {
+            arch::sti_hlt();
+            continue;
+        }
+        arch::sti();
+        if let Some(hb) = heartbeat.as_mut() {
+            hb.print_due();
+        }
+    }
+}
+
+/// `testguest: tick <n>` every `ms` milliseconds, counted in delivered PIT
+/// interrupts (a paused VM resumes the count where it stopped).
+struct Heartbeat {
+    irqs_per_tick: u64,
+    printed: u64,
+}
+
+impl Heartbeat {
+    fn start(ms: u32) -> Self {
+        // The PIT period is at most 54 ms: use the largest divisor of ms that fits.
+        let period = (1..=ms.min(54)).rev().find(|p| ms % p == 0).unwrap_or(1);
+        intr::start_pit(period);
+        Heartbeat {
+            irqs_per_tick: u64::from(ms / period).max(1),
+            printed: 0,
+        }
+    }
+
+    fn due(&self) -> bool {
+        intr::TIMER_IRQS.load(core::sync::atomic::Ordering::Acquire) / self.irqs_per_tick
+            > self.printed
+    }
+
+    fn print_due(&mut self) {
+        while self.due() {
+            self.printed += 1;
+            let mut line = TextBuf::<32>::new();
+            line.str("tick ").dec(self.printed);
+            serial::line(line.as_bytes());
+        }
+    }
+}
