@@ -108,11 +108,23 @@ fn build_trivial_guest(out: &Path, target: &Path) {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let built = out.join("trivial.elf");
     let output = Command::new(&rustc)
-        .args(["--edition", "2024", "--crate-type", "bin", "-C", "opt-level=2"])
+        .args([
+            "--edition",
+            "2024",
+            "--crate-type",
+            "bin",
+            "-C",
+            "opt-level=2",
+        ])
         .args(["-C", "panic=abort", "-C", "relocation-model=static"])
         .args(["-C", "no-redzone", "-C", "debuginfo=0"])
         .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib"])
-        .args(["-C", "link-arg=-static", "-C", "link-arg=-Wl,--build-id=none"])
+        .args([
+            "-C",
+            "link-arg=-static",
+            "-C",
+            "link-arg=-Wl,--build-id=none",
+        ])
         .arg(format!("-Clink-arg=-T{}", script.display()))
         .arg("-o")
         .arg(&built)

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests and benchmarks: where the built
 //! binaries and the test guest are, and network namespaces that clean up.
 
+pub mod vmm_process;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -33,6 +35,12 @@ pub fn bin(name: &str) -> PathBuf {
 /// The test guest ELF, built by this crate's build script.
 pub fn guest_elf() -> PathBuf {
     target_dir().join("guest").join("testguest.elf")
+}
+
+/// The all-assembly PVH guest (tests/guest/trivial.rs): one serial byte at
+/// entry, long mode, a line, power-off through port 0x501.
+pub fn trivial_elf() -> PathBuf {
+    target_dir().join("guest").join("trivial.elf")
 }
 
 static NETNS_SEQ: AtomicU32 = AtomicU32::new(0);

@@ -1,0 +1,176 @@
+//! A running vmm child for tests: its serial output (stdout) collected line by
+//! line with arrival times, stderr kept, and the process killed on drop.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Generous: the CI machine has 2 loaded cores.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct VmmProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl VmmProcess {
+    /// Spawns `cmd` with piped stdout/stderr.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let out = child.stdout.take().expect("piped stdout");
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                l2.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        let mut err = child.stderr.take().expect("piped stderr");
+        let e2 = stderr.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            e2.lock().unwrap().push_str(&s);
+        });
+        VmmProcess {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The lines seen so far.
+    pub fn lines(&self) -> Vec<(Instant, String)> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn output(&self) -> String {
+        let l = self.lines.lock().unwrap();
+        l.iter()
+            .map(|(_, s)| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for a line containing `needle`; panics with the output so far
+    /// after `timeout`.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some((_, l)) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, l)| l.contains(needle))
+            {
+                return l.clone();
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Give the reader a moment to drain the pipe.
+                std::thread::sleep(Duration::from_millis(100));
+                if let Some((_, l)) = self.lines().iter().find(|(_, l)| l.contains(needle)) {
+                    return l.clone();
+                }
+                panic!(
+                    "vmm exited ({st}) before printing {needle:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.output(),
+                    self.stderr()
+                );
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no line {needle:?} within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                self.output(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                return st;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "vmm did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                self.output(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes /dev/kvm usable by the `kvm` group (what distributions' udev rules
+/// do) and returns the group's gid. Idempotent.
+pub fn kvm_group() -> u32 {
+    let st = Command::new("groupadd").args(["-f", "kvm"]).status();
+    assert!(st.is_ok_and(|s| s.success()), "groupadd -f kvm failed");
+    let group = std::fs::read_to_string("/etc/group").expect("read /etc/group");
+    let gid = group
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&"kvm")).then(|| f.get(2)?.parse().ok())?
+        })
+        .expect("kvm group in /etc/group");
+    let st = Command::new("chgrp").args(["kvm", "/dev/kvm"]).status();
+    assert!(st.is_ok_and(|s| s.success()), "chgrp kvm /dev/kvm failed");
+    let st = Command::new("chmod").args(["660", "/dev/kvm"]).status();
+    assert!(st.is_ok_and(|s| s.success()), "chmod 660 /dev/kvm failed");
+    gid
+}
+
+/// A command that runs `program` as uid/gid 65534 with the kvm group.
+pub fn as_nobody_with_kvm(program: &std::path::Path) -> Command {
+    let gid = kvm_group();
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        &format!("--groups={gid}"),
+        "--",
+    ])
+    .arg(program);
+    c
+}
+
+/// VmRSS of a process in KiB.
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}

@@ -1,0 +1,293 @@
+//! vmm boots guests by PVH under real KVM, as an unprivileged user, and
+//! refuses bad input with one line and exit code 2.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess, as_nobody_with_kvm, vm_rss_kib};
+use tests::{bin, guest_elf, trivial_elf};
+
+fn is_banner(line: &str) -> bool {
+    let Some(rest) = line.trim_end().strip_prefix("testguest: up boot_id=") else {
+        return false;
+    };
+    rest.len() == 16 && rest.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn scratch_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-boot-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn boots_testguest_as_unprivileged_user_in_kvm_group() {
+    let mut cmd = as_nobody_with_kvm(&bin("vmm"));
+    cmd.arg("--kernel")
+        .arg(guest_elf())
+        .args(["--cmdline", "testguest.exit"]);
+    let mut vm = VmmProcess::spawn(cmd);
+    let st = vm.wait_exit(BOOT_TIMEOUT);
+    let out = vm.output();
+    assert!(
+        out.lines().any(is_banner),
+        "no banner in:\n{out}\nstderr: {}",
+        vm.stderr()
+    );
+    assert!(st.success(), "exit {st}, stderr: {}", vm.stderr());
+}
+
+#[test]
+fn boots_as_root_with_user_option_and_really_drops_privileges() {
+    let mut cmd = Command::new(bin("vmm"));
+    cmd.arg("--kernel").arg(guest_elf()).args([
+        "--user",
+        "65534:65534",
+        "--cmdline",
+        "testguest.heartbeat=100",
+    ]);
+    let mut vm = VmmProcess::spawn(cmd);
+    vm.wait_for_line("testguest: tick 1", BOOT_TIMEOUT);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>())
+            .unwrap()
+    };
+    assert_eq!(field("Uid:"), vec!["65534"; 4], "{status}");
+    assert_eq!(field("Gid:"), vec!["65534"; 4], "{status}");
+    assert!(field("Groups:").is_empty(), "{status}");
+}
+
+#[test]
+fn trivial_guest_reaches_long_mode_and_powers_off() {
+    let out = Command::new(bin("vmm"))
+        .arg("--kernel")
+        .arg(trivial_elf())
+        .args(["--user", "65534:65534"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout, "Trivial: long mode\n");
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn serial_to_file() {
+    let dir = scratch_dir("serial");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let log = dir.join("serial.log");
+    let out = Command::new(bin("vmm"))
+        .arg("--kernel")
+        .arg(trivial_elf())
+        .args(["--user", "65534:65534", "--serial"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "Trivial: long mode\n"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A copy of the trivial guest with its PT_NOTE program header blanked out
+/// (PT_NULL): a valid ELF that loads at 1 MiB but has no PVH note.
+fn elf_without_pvh_note(dir: &Path) -> PathBuf {
+    let mut elf = std::fs::read(trivial_elf()).unwrap();
+    let rd16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (size, num) = (rd16(&elf, 0x36), rd16(&elf, 0x38));
+    let mut blanked = 0;
+    for i in 0..num {
+        let o = phoff + i * size;
+        if elf[o..o + 4] == 4u32.to_le_bytes() {
+            elf[o..o + 4].copy_from_slice(&0u32.to_le_bytes());
+            blanked += 1;
+        }
+    }
+    assert_eq!(blanked, 1, "trivial.elf has one PT_NOTE");
+    let p = dir.join("no-pvh.elf");
+    std::fs::write(&p, elf).unwrap();
+    p
+}
+
+/// A copy of the trivial guest whose first instruction is `ud2`: the
+/// exception cannot be delivered (no IDT), so the guest dies.
+fn elf_that_faults(dir: &Path) -> PathBuf {
+    let mut elf = std::fs::read(trivial_elf()).unwrap();
+    // The first PT_LOAD's file offset holds the entry (the linker script puts
+    // .text.boot first, at 1 MiB).
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let off = u64::from_le_bytes(elf[phoff + 8..phoff + 16].try_into().unwrap()) as usize;
+    elf[off..off + 2].copy_from_slice(&[0x0f, 0x0b]);
+    let p = dir.join("fault.elf");
+    std::fs::write(&p, elf).unwrap();
+    p
+}
+
+fn host_memory_bytes() -> u64 {
+    let m = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib = |name: &str| -> u64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    (kib("MemTotal:") + kib("SwapTotal:")) * 1024
+}
+
+#[test]
+fn bad_input_gives_one_line_and_exit_code_2() {
+    let dir = scratch_dir("bad");
+    let not_elf = dir.join("not-elf");
+    std::fs::write(&not_elf, "this is not a kernel\n").unwrap();
+    let no_pvh = elf_without_pvh_note(&dir);
+    let trivial = trivial_elf();
+    let too_big = format!("{}G", host_memory_bytes() / (1 << 30) * 2 + 2);
+    let user = ["--user", "65534:65534"];
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--kernel".into(), s(&dir.join("missing"))],
+            "cannot open kernel",
+        ),
+        (vec!["--kernel".into(), s(&not_elf)], "is not an ELF"),
+        (vec!["--kernel".into(), s(&no_pvh)], "no PVH entry note"),
+        (
+            vec![
+                "--kernel".into(),
+                s(&trivial),
+                "--memory".into(),
+                "1M".into(),
+            ],
+            "does not fit in guest RAM",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                s(&trivial),
+                "--memory".into(),
+                "0".into(),
+            ],
+            "larger than zero",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                s(&trivial),
+                "--memory".into(),
+                "lots".into(),
+            ],
+            "invalid memory size 'lots'",
+        ),
+        (
+            vec!["--kernel".into(), s(&trivial), "--memory".into(), too_big],
+            "larger than this host allows",
+        ),
+        (
+            vec!["--kernel".into(), s(&trivial), "--frobnicate".into()],
+            "unknown option '--frobnicate'",
+        ),
+        (
+            vec!["--kernel".into(), s(&trivial), "--vcpus".into(), "2".into()],
+            "--vcpus 2 is not supported",
+        ),
+        (
+            vec!["--memory".into(), "64M".into()],
+            "--kernel is required",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = Command::new(bin("vmm"))
+            .args(&args)
+            .args(user)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+
+    // Root without --user is refused before anything is opened.
+    let out = Command::new(bin("vmm"))
+        .arg("--kernel")
+        .arg(&trivial)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("refusing to run as root"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn six_gib_guest_boots_with_small_rss() {
+    let mut cmd = Command::new(bin("vmm"));
+    cmd.arg("--kernel").arg(guest_elf()).args([
+        "--user",
+        "65534:65534",
+        "--memory",
+        "6G",
+        "--cmdline",
+        "testguest.heartbeat=100",
+    ]);
+    let mut vm = VmmProcess::spawn(cmd);
+    vm.wait_for_line("testguest: tick 2", BOOT_TIMEOUT);
+    // RAM above 4 GiB is mapped: the guest RAM mappings add up to 6 GiB.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", vm.pid())).unwrap();
+    let ram: u64 = maps
+        .lines()
+        .filter(|l| l.contains("memfd:guest-ram"))
+        .map(|l| {
+            let (a, b) = l
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .split_once('-')
+                .unwrap();
+            u64::from_str_radix(b, 16).unwrap() - u64::from_str_radix(a, 16).unwrap()
+        })
+        .sum();
+    assert_eq!(ram, 6 << 30, "{maps}");
+    let rss = vm_rss_kib(vm.pid());
+    eprintln!("6 GiB guest: vmm VmRSS {rss} KiB");
+    assert!(rss < 64 * 1024, "VmRSS {rss} KiB is not far below 6 GiB");
+}
+
+#[test]
+fn guest_fault_exits_nonzero_with_reason_and_rip() {
+    let dir = scratch_dir("fault");
+    let elf = elf_that_faults(&dir);
+    let out = Command::new(bin("vmm"))
+        .arg("--kernel")
+        .arg(&elf)
+        .args(["--user", "65534:65534"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert_ne!(out.status.code(), None, "killed by a signal: {err}");
+    assert!(err.contains("at RIP 0x1000"), "{err}");
+    assert!(
+        err.contains("triple fault") || err.contains("internal error"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
