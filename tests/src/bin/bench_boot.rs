@@ -18,6 +18,8 @@ struct Sample {
     output: Vec<u8>,
 }
 
+// The child is reaped by wait4 (for its rusage), not Child::wait.
+#[allow(clippy::zombie_processes)]
 fn run_once(mut cmd: Command) -> Sample {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -82,7 +84,9 @@ fn main() {
     let mut results: [(&str, Vec<Sample>); 2] = [("vmm", Vec::new()), ("qemu microvm", Vec::new())];
     for _ in 0..runs {
         let mut c = Command::new(&vmm);
-        c.arg("--kernel").arg(&guest).args(["--user", "65534:65534"]);
+        c.arg("--kernel")
+            .arg(&guest)
+            .args(["--user", "65534:65534"]);
         if !cmdline.is_empty() {
             c.args(["--cmdline", &cmdline]);
         }
@@ -128,7 +132,10 @@ fn main() {
             .iter()
             .filter(|s| s.exit.success() || (name.starts_with("qemu") && s.exit.code() == Some(1)))
             .count();
-        println!("{name:<14} {first:>16.2} {total:>18.2} {rss:>14.0} {ok:>7}/{}", samples.len());
+        println!(
+            "{name:<14} {first:>16.2} {total:>18.2} {rss:>14.0} {ok:>7}/{}",
+            samples.len()
+        );
     }
     if let Some(s) = results[0].1.first() {
         println!(
