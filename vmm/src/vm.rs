@@ -130,16 +130,6 @@ impl Vm {
     /// Creates the VM with its irqchip, PIT and RAM slots.
     pub fn new(kvm: Kvm, ram: GuestRam) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::Create)?;
-        fd.set_tss_address(TSS_ADDRESS)
-            .map_err(kvm_err("set TSS address"))?;
-        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
-            .map_err(kvm_err("set identity map address"))?;
-        fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
         for (slot, region) in ram.memory.iter().enumerate() {
             let mem = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -152,6 +142,16 @@ impl Vm {
             // Vm keeps for as long as the VM fd (and so the slot) exists.
             unsafe { fd.set_user_memory_region(mem) }.map_err(kvm_err("set user memory region"))?;
         }
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(kvm_err("set TSS address"))?;
+        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("set identity map address"))?;
+        fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
         Ok(Vm {
             kvm,
             fd: Arc::new(fd),
