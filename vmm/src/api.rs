@@ -10,6 +10,7 @@ use common::api::{API_VERSION, ApiRequest, ApiResponse, RunState, VmStatus};
 use common::codec::{self, CodecError, DEFAULT_MAX_FRAME};
 
 use crate::control::RunControl;
+use crate::persist::Machine;
 use crate::vm::{ExitReason, ExitSender};
 
 const API_STACK_SIZE: usize = 128 * 1024;
@@ -30,6 +31,8 @@ pub struct ApiContext {
     pub vcpus: u8,
     pub memory_bytes: u64,
     pub started: Instant,
+    /// For snapshots (migration): save/restore while paused.
+    pub machine: Arc<Machine>,
 }
 
 /// Binds the socket now (so errors reach the user at start) and serves it

@@ -19,6 +19,7 @@ use vmm::control::{self, RunControl};
 use vmm::devices::power::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT, I8042_PORT_LEN};
 use vmm::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice};
 use vmm::memory::{GuestRam, MemoryError};
+use vmm::persist::Machine;
 use vmm::privileges::{self, PrivilegeError};
 use vmm::vcpu::{self, Vcpu, VcpuError};
 use vmm::vm::{self, ExitReason, Vm, VmError};
@@ -108,7 +109,7 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
     let ram = GuestRam::new(cfg.memory)?;
     let mut vm = Vm::new(kvm, ram)?;
     let (exit_tx, exit_rx) = vm::exit_channel();
-    add_legacy_devices(&mut vm, &cfg, &exit_tx)?;
+    let serial = add_legacy_devices(&mut vm, &cfg, &exit_tx)?;
     // Virtio devices attach here (Vm::attach_virtio_mmio) before the
     // command line is written.
 
@@ -128,6 +129,15 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
         err,
     })?;
     let ctl = Arc::new(RunControl::new());
+    let pio = Arc::new(std::mem::take(&mut vm.pio));
+    let mmio = Arc::new(std::mem::take(&mut vm.mmio));
+    let msrs = Vcpu::saveable_msrs(&vm.kvm)?;
+    let machine = Arc::new(Machine {
+        vm: Arc::new(vm),
+        vcpus: vec![Arc::new(Mutex::new(boot_vcpu))],
+        serial,
+        msrs,
+    });
     if let Some(path) = &cfg.api_socket {
         api::start(
             path,
@@ -137,13 +147,19 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
                 vcpus: cfg.vcpus,
                 memory_bytes: cfg.memory,
                 started,
+                machine: machine.clone(),
             },
         )?;
     }
-    let pio = Arc::new(std::mem::take(&mut vm.pio));
-    let mmio = Arc::new(std::mem::take(&mut vm.mmio));
-    let boot_vcpu = Arc::new(Mutex::new(boot_vcpu));
-    let _thread = vcpu::spawn(boot_vcpu, pio, mmio, ctl.clone(), exit_tx.clone())?;
+    for v in &machine.vcpus {
+        vcpu::spawn(
+            v.clone(),
+            pio.clone(),
+            mmio.clone(),
+            ctl.clone(),
+            exit_tx.clone(),
+        )?;
+    }
     log::info!("guest started after {:?}", started.elapsed());
 
     // A closed channel cannot happen while exit_tx lives here; treat it as
@@ -161,7 +177,7 @@ fn add_legacy_devices(
     vm: &mut Vm,
     cfg: &VmConfig,
     exit: &vm::ExitSender,
-) -> Result<(), StartError> {
+) -> Result<Arc<Mutex<SerialDevice>>, StartError> {
     let out: Box<dyn Write + Send> = match &cfg.serial {
         // A duplicate of fd 1 as a File: unbuffered, each guest byte is
         // written at once.
@@ -184,9 +200,9 @@ fn add_legacy_devices(
         err,
     })?;
     vm.register_irqfd(&irq, SERIAL_IRQ)?;
-    let serial = SerialDevice::new(irq, out);
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, out)));
     vm.pio
-        .insert(SERIAL_PORT, SERIAL_PORT_LEN, Arc::new(Mutex::new(serial)))
+        .insert(SERIAL_PORT, SERIAL_PORT_LEN, serial.clone())
         .map_err(VmError::from)?;
     vm.pio
         .insert(
@@ -202,5 +218,5 @@ fn add_legacy_devices(
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
         )
         .map_err(VmError::from)?;
-    Ok(())
+    Ok(serial)
 }

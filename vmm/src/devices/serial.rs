@@ -73,6 +73,19 @@ impl SerialDevice {
         }
     }
 
+    /// Loads saved registers into this device, keeping its irqfd and output.
+    pub fn restore_registers(&mut self, s: &SerialState) -> Result<(), String> {
+        let placeholder = Serial::new(
+            IrqTrigger(EventFd::new(0).map_err(|e| e.to_string())?),
+            Box::new(std::io::sink()) as Output,
+        );
+        let old = std::mem::replace(&mut self.uart, placeholder);
+        let irq = EventFd::try_clone(&old.interrupt_evt().0).map_err(|e| e.to_string())?;
+        let out = old.into_writer();
+        *self = SerialDevice::restore(irq, out, s)?;
+        Ok(())
+    }
+
     pub fn restore(irq: EventFd, out: Output, s: &SerialState) -> Result<Self, String> {
         if s.version != SERIAL_STATE_VERSION {
             return Err(format!("unsupported serial state version {}", s.version));
