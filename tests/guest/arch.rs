@@ -10,13 +10,6 @@ pub fn outb(port: u16, value: u8) {
     }
 }
 
-pub fn outw(port: u16, value: u16) {
-    // SAFETY: as outb.
-    unsafe {
-        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
-    }
-}
-
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as outb.
