@@ -32,6 +32,8 @@ const PIT_HZ: u64 = 1_193_182;
 pub static TIMER_IRQS: AtomicU64 = AtomicU64::new(0);
 /// Bit i set: device vector DEVICE_VECTOR_BASE + i fired since last taken.
 pub static DEVICE_PENDING: AtomicU32 = AtomicU32::new(0);
+/// Device interrupts taken (diagnostics).
+pub static DEVICE_IRQS: AtomicU64 = AtomicU64::new(0);
 /// virtio-mmio base of device slot i (0: none); the handler acknowledges
 /// the device's InterruptStatus there before EOI.
 static DEVICE_MMIO: [AtomicUsize; MAX_DEVICE_VECTORS as usize] =
@@ -217,6 +219,7 @@ extern "C" fn guest_irq_dispatch(vector: u64) {
                 arch::mmio_write32(base + 0x64, status);
             }
             DEVICE_PENDING.fetch_or(1 << slot, Ordering::AcqRel);
+            DEVICE_IRQS.fetch_add(1, Ordering::Relaxed);
         }
         _ => {}
     }

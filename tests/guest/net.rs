@@ -21,6 +21,8 @@ pub trait Transmit {
     fn send(&mut self, build: &mut dyn FnMut(&mut [u8]) -> usize) -> bool;
     /// Makes every sent frame visible to the device.
     fn flush(&mut self);
+    /// How often `send` had to wait for ring space so far.
+    fn waits(&self) -> u64;
 }
 
 const ETH_HDR: usize = 14;
@@ -286,6 +288,7 @@ impl Stack {
             return;
         };
         let count = count.min(MAX_BLAST_COUNT);
+        let (tx_before, waits_before) = (self.tx_frames, tx.waits());
         let size = (size as usize).min(MAX_UDP_PAYLOAD);
         for seq in 0..count {
             let seq_bytes = (seq as u32).to_be_bytes();
@@ -297,6 +300,22 @@ impl Stack {
             });
         }
         tx.flush();
+        let mut line = TextBuf::<128>::new();
+        line.str("blast to ")
+            .ipv4(peer.ip)
+            .byte(b':')
+            .dec(u64::from(peer.port));
+        line.str(" sent=")
+            .dec(self.tx_frames - tx_before)
+            .str(" of ")
+            .dec(count);
+        line.str(" size=")
+            .dec(size as u64)
+            .str(" waits=")
+            .dec(tx.waits() - waits_before);
+        line.str(" irqs=")
+            .dec(crate::intr::DEVICE_IRQS.load(core::sync::atomic::Ordering::Relaxed));
+        crate::serial::line(line.as_bytes());
     }
 
     fn count_tx(&mut self, sent: bool) {

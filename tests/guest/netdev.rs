@@ -36,6 +36,8 @@ pub struct TxQueue {
     vq: Virtqueue,
     free: [u16; virtio::QUEUE_SIZE],
     n_free: usize,
+    /// Times the transmit path waited for ring space (diagnostics).
+    pub waits: u64,
 }
 
 impl NetDevice {
@@ -129,6 +131,7 @@ impl NetDevice {
                 vq: tx,
                 free,
                 n_free,
+                waits: 0,
             },
             mrg_rxbuf: features & F_NET_MRG_RXBUF != 0,
         })
@@ -203,6 +206,7 @@ impl TxQueue {
             }
             self.vq.publish();
             self.vq.want_interrupt();
+            self.waits += 1;
             arch::cli();
             if self.vq.has_used() {
                 arch::sti();
@@ -243,5 +247,9 @@ impl Transmit for TxQueue {
 
     fn flush(&mut self) {
         self.vq.publish();
+    }
+
+    fn waits(&self) -> u64 {
+        self.waits
     }
 }
