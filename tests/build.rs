@@ -81,11 +81,12 @@ fn build_testguest(out: &Path, target: &Path) {
         .output()
         .unwrap_or_else(|e| panic!("cannot run {rustc}: {e}"));
     if !output.status.success() {
-        panic!(
+        eprintln!(
             "building the test guest failed ({}):\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
+        std::process::exit(1);
     }
 
     // Publish atomically: builds of other profiles may run at the same time.

@@ -10,13 +10,6 @@ pub fn outb(port: u16, value: u8) {
     }
 }
 
-pub fn outw(port: u16, value: u16) {
-    // SAFETY: as outb.
-    unsafe {
-        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
-    }
-}
-
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as outb.
@@ -53,14 +46,7 @@ pub fn rdtsc() -> u64 {
 
 /// CPUID leaf 1 ECX bit 30 says RDRAND exists.
 pub fn has_rdrand() -> bool {
-    let ecx: u32;
-    // SAFETY: cpuid has no memory effects; rbx is saved because LLVM reserves it.
-    unsafe {
-        asm!("mov {tmp:r}, rbx", "cpuid", "mov rbx, {tmp:r}",
-             tmp = out(reg) _, inout("eax") 1u32 => _, inout("ecx") 0u32 => ecx, out("edx") _,
-             options(nomem, nostack, preserves_flags))
-    }
-    ecx & (1 << 30) != 0
+    cpuid(1).2 & (1 << 30) != 0
 }
 
 /// One RDRAND attempt; None when the hardware had no entropy ready.
@@ -103,4 +89,16 @@ pub fn halt_forever() -> ! {
 /// Full memory barrier between our ring writes and the device's view.
 pub fn mb() {
     core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+}
+
+/// CPUID leaf `leaf` (subleaf 0): (eax, ebx, ecx, edx).
+pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    // SAFETY: cpuid has no memory effects; rbx is saved because LLVM reserves it.
+    unsafe {
+        asm!("mov {tmp:r}, rbx", "cpuid", "xchg {tmp:r}, rbx",
+             tmp = out(reg) b, inout("eax") leaf => a, inout("ecx") 0u32 => c, out("edx") d,
+             options(nomem, nostack, preserves_flags))
+    }
+    (a, b, c, d)
 }

@@ -32,8 +32,11 @@ const PIT_HZ: u64 = 1_193_182;
 pub static TIMER_IRQS: AtomicU64 = AtomicU64::new(0);
 /// Bit i set: device vector DEVICE_VECTOR_BASE + i fired since last taken.
 pub static DEVICE_PENDING: AtomicU32 = AtomicU32::new(0);
-/// Per-device interrupt hooks, run in the handler (acknowledge the device).
-static DEVICE_ACK: [AtomicUsize; MAX_DEVICE_VECTORS as usize] =
+/// Device interrupts taken (diagnostics).
+pub static DEVICE_IRQS: AtomicU64 = AtomicU64::new(0);
+/// virtio-mmio base of device slot i (0: none); the handler acknowledges
+/// the device's InterruptStatus there before EOI.
+static DEVICE_MMIO: [AtomicUsize; MAX_DEVICE_VECTORS as usize] =
     [const { AtomicUsize::new(0) }; MAX_DEVICE_VECTORS as usize];
 /// IOAPIC pin of the timer once known (0xff: not yet).
 static TIMER_PIN: AtomicU32 = AtomicU32::new(0xff);
@@ -179,10 +182,12 @@ pub fn start_pit(period_ms: u32) {
     arch::outb(0x40, (reload >> 8) as u8);
 }
 
-/// Registers what the handler of device slot `slot` runs before EOI.
-pub fn set_device_ack(slot: u8, ack: fn()) {
-    if let Some(a) = DEVICE_ACK.get(usize::from(slot)) {
-        a.store(ack as usize, Ordering::Release);
+/// Routes IOAPIC `pin` to device slot `slot`'s vector; its handler will
+/// acknowledge the virtio-mmio device at `base`.
+pub fn register_virtio_mmio(slot: u8, base: usize, pin: u32) {
+    if let Some(b) = DEVICE_MMIO.get(usize::from(slot)) {
+        b.store(base, Ordering::Release);
+        ioapic_route(pin, DEVICE_VECTOR_BASE + slot);
     }
 }
 
@@ -204,15 +209,17 @@ extern "C" fn guest_irq_dispatch(vector: u64) {
         }
         v if (DEVICE_VECTOR_BASE..DEVICE_VECTOR_BASE + MAX_DEVICE_VECTORS).contains(&v) => {
             let slot = v - DEVICE_VECTOR_BASE;
-            if let Some(a) = DEVICE_ACK.get(usize::from(slot)) {
-                let f = a.load(Ordering::Acquire);
-                if f != 0 {
-                    // SAFETY: only set_device_ack stores here, always a `fn()`.
-                    let f: fn() = unsafe { core::mem::transmute::<usize, fn()>(f) };
-                    f();
-                }
+            let base = DEVICE_MMIO
+                .get(usize::from(slot))
+                .map_or(0, |b| b.load(Ordering::Acquire));
+            if base != 0 {
+                // Acknowledge before the main loop looks at the rings, so
+                // that anything the device adds later raises a new edge.
+                let status = arch::mmio_read32(base + 0x60);
+                arch::mmio_write32(base + 0x64, status);
             }
             DEVICE_PENDING.fetch_or(1 << slot, Ordering::AcqRel);
+            DEVICE_IRQS.fetch_add(1, Ordering::Relaxed);
         }
         _ => {}
     }

@@ -14,8 +14,11 @@ mod cmdline;
 mod entry;
 mod intr;
 mod mem;
+mod net;
+mod netdev;
 mod serial;
 mod text;
+mod virtio;
 
 use text::TextBuf;
 
@@ -68,6 +71,20 @@ extern "C" fn rust_main(start_info: u64) -> ! {
     let cfg = cmdline::parse(cmdline);
     let boot_id = make_boot_id(cmdline);
 
+    if cfg.bad_keys > 0 {
+        let mut line = TextBuf::<64>::new();
+        line.str("ignored ")
+            .dec(u64::from(cfg.bad_keys))
+            .str(" malformed command-line value(s)");
+        serial::line(line.as_bytes());
+    }
+
+    intr::init();
+    let mut net = cfg
+        .devices
+        .get(..cfg.n_devices)
+        .and_then(|devs| start_net(devs, &cfg, boot_id));
+
     let mut line = TextBuf::<64>::new();
     line.str("up boot_id=").hex(boot_id, 16);
     serial::line(line.as_bytes());
@@ -75,7 +92,6 @@ extern "C" fn rust_main(start_info: u64) -> ! {
         power_off();
     }
 
-    intr::init();
     let mut heartbeat = cfg.heartbeat_ms.map(Heartbeat::start);
     loop {
         arch::cli();
@@ -89,7 +105,61 @@ extern "C" fn rust_main(start_info: u64) -> ! {
         if let Some(hb) = heartbeat.as_mut() {
             hb.print_due();
         }
+        if let (Some((dev, stack)), true) = (net.as_mut(), devices != 0) {
+            dev.poll(stack);
+        }
     }
+}
+
+/// Brings up the first virtio-net device of the command line.
+fn start_net(
+    devices: &[cmdline::MmioDevice],
+    cfg: &cmdline::Config,
+    boot_id: u64,
+) -> Option<(netdev::NetDevice, net::Stack)> {
+    for (slot, dev) in devices.iter().enumerate() {
+        let mut line = TextBuf::<96>::new();
+        line.str("virtio-mmio at 0x")
+            .hex(dev.addr, 8)
+            .str(" irq ")
+            .dec(u64::from(dev.irq))
+            .str(": ");
+        match netdev::NetDevice::probe(dev) {
+            netdev::Probe::NotNet => {
+                line.str("not a network device");
+                serial::line(line.as_bytes());
+            }
+            netdev::Probe::Failed(why) => {
+                line.str("virtio-net failed: ").str(why);
+                serial::line(line.as_bytes());
+            }
+            netdev::Probe::Ready(nd) => {
+                line.str("virtio-net mac ");
+                for (i, b) in nd.mac.iter().enumerate() {
+                    if i > 0 {
+                        line.byte(b':');
+                    }
+                    line.hex(u64::from(*b), 2);
+                }
+                line.str(" features 0x").hex(nd.features, 16);
+                serial::line(line.as_bytes());
+                let (ip, prefix) = cfg.ip.unwrap_or(([0; 4], 0));
+                let mut line = TextBuf::<64>::new();
+                line.str("ip ").ipv4(ip).byte(b'/').dec(u64::from(prefix));
+                serial::line(line.as_bytes());
+                let slot = slot as u8;
+                if dev.irq < 24 && slot < intr::MAX_DEVICE_VECTORS {
+                    intr::register_virtio_mmio(slot, dev.addr as usize, dev.irq);
+                }
+                // Look at the rings once: an interrupt raised before the
+                // IOAPIC entry existed would otherwise never be seen.
+                intr::DEVICE_PENDING.fetch_or(1 << slot, core::sync::atomic::Ordering::AcqRel);
+                let mac = nd.mac;
+                return Some((nd, net::Stack::new(mac, ip, boot_id)));
+            }
+        }
+    }
+    None
 }
 
 /// `testguest: tick <n>` every `ms` milliseconds, counted in delivered PIT

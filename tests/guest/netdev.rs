@@ -1,0 +1,255 @@
+//! The virtio-net driver: feature negotiation, rx/tx queues, receive loop
+//! and a transmit path that waits for ring space instead of dropping.
+
+use crate::arch::{self, mmio_read8, mmio_read32, mmio_write32};
+use crate::cmdline::MmioDevice;
+use crate::net::{Stack, Transmit};
+use crate::virtio::{self, BUF_SIZE, Buffers, Dma, QueueMem, Virtqueue};
+
+const DEVICE_ID_NET: u32 = 1;
+const F_NET_MAC: u64 = 1 << 5;
+const F_NET_MRG_RXBUF: u64 = 1 << 15;
+/// virtio_net_hdr with num_buffers: always 12 bytes with VERSION_1.
+pub const NET_HDR_LEN: usize = 12;
+
+static RX_MEM: Dma<QueueMem> = Dma::new(QueueMem::new());
+static TX_MEM: Dma<QueueMem> = Dma::new(QueueMem::new());
+static RX_BUFS: Dma<Buffers> = Dma::new(Buffers::new());
+static TX_BUFS: Dma<Buffers> = Dma::new(Buffers::new());
+
+pub enum Probe {
+    /// No device, or another kind of device, at this address.
+    NotNet,
+    Failed(&'static str),
+    Ready(NetDevice),
+}
+
+pub struct NetDevice {
+    pub mac: [u8; 6],
+    pub features: u64,
+    rx: Virtqueue,
+    tx: TxQueue,
+    mrg_rxbuf: bool,
+}
+
+pub struct TxQueue {
+    vq: Virtqueue,
+    free: [u16; virtio::QUEUE_SIZE],
+    n_free: usize,
+    /// Times the transmit path waited for ring space (diagnostics).
+    pub waits: u64,
+}
+
+impl NetDevice {
+    /// Probes and initialises the device; on failure sets FAILED.
+    pub fn probe(dev: &MmioDevice) -> Probe {
+        if dev.addr == 0 || dev.addr.saturating_add(0x200) > 0x1_0000_0000 || dev.size < 0x100 {
+            return Probe::Failed("address outside 0..4 GiB");
+        }
+        let base = dev.addr as usize;
+        if mmio_read32(base + virtio::REG_MAGIC) != virtio::MAGIC {
+            return Probe::NotNet;
+        }
+        if mmio_read32(base + virtio::REG_DEVICE_ID) != DEVICE_ID_NET {
+            return Probe::NotNet;
+        }
+        if mmio_read32(base + virtio::REG_VERSION) != 2 {
+            return Probe::Failed("legacy virtio-mmio (version 1) is not supported");
+        }
+        match Self::init(base) {
+            Ok(d) => Probe::Ready(d),
+            Err(e) => {
+                mmio_write32(base + virtio::REG_STATUS, virtio::STATUS_FAILED);
+                Probe::Failed(e)
+            }
+        }
+    }
+
+    fn init(base: usize) -> Result<Self, &'static str> {
+        let status = base + virtio::REG_STATUS;
+        mmio_write32(status, 0);
+        let mut tries = 0;
+        while mmio_read32(status) != 0 {
+            tries += 1;
+            if tries > 1000 {
+                return Err("device does not reset");
+            }
+        }
+        mmio_write32(status, virtio::STATUS_ACKNOWLEDGE);
+        mmio_write32(status, virtio::STATUS_ACKNOWLEDGE | virtio::STATUS_DRIVER);
+
+        let mut offered = 0u64;
+        for sel in 0..2u32 {
+            mmio_write32(base + virtio::REG_DEVICE_FEATURES_SEL, sel);
+            offered |= u64::from(mmio_read32(base + virtio::REG_DEVICE_FEATURES)) << (32 * sel);
+        }
+        if offered & virtio::F_VERSION_1 == 0 {
+            return Err("device does not offer VERSION_1");
+        }
+        let features = offered
+            & (virtio::F_VERSION_1 | F_NET_MAC | F_NET_MRG_RXBUF | virtio::F_RING_EVENT_IDX);
+        for sel in 0..2u32 {
+            mmio_write32(base + virtio::REG_DRIVER_FEATURES_SEL, sel);
+            mmio_write32(
+                base + virtio::REG_DRIVER_FEATURES,
+                (features >> (32 * sel)) as u32,
+            );
+        }
+        let s = virtio::STATUS_ACKNOWLEDGE | virtio::STATUS_DRIVER | virtio::STATUS_FEATURES_OK;
+        mmio_write32(status, s);
+        if mmio_read32(status) & virtio::STATUS_FEATURES_OK == 0 {
+            return Err("device rejected the features");
+        }
+
+        let mut mac = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+        if features & F_NET_MAC != 0 {
+            for (i, m) in mac.iter_mut().enumerate() {
+                *m = mmio_read8(base + virtio::REG_CONFIG + i);
+            }
+        }
+
+        let event_idx = features & virtio::F_RING_EVENT_IDX != 0;
+        let mut rx = Virtqueue::setup(base, 0, &RX_MEM, &RX_BUFS, true, event_idx)?;
+        let tx = Virtqueue::setup(base, 1, &TX_MEM, &TX_BUFS, false, event_idx)?;
+        for id in 0..rx.size() {
+            rx.push(id, None);
+        }
+        let mut free = [0u16; virtio::QUEUE_SIZE];
+        for (i, f) in free.iter_mut().enumerate() {
+            *f = i as u16;
+        }
+        let n_free = usize::from(tx.size());
+        rx.want_interrupt();
+        tx.want_interrupt();
+        mmio_write32(status, s | virtio::STATUS_DRIVER_OK);
+        rx.publish();
+        Ok(NetDevice {
+            mac,
+            features,
+            rx,
+            tx: TxQueue {
+                vq: tx,
+                free,
+                n_free,
+                waits: 0,
+            },
+            mrg_rxbuf: features & F_NET_MRG_RXBUF != 0,
+        })
+    }
+
+    /// Handles everything the device has completed, then re-arms
+    /// interrupts; returns when both rings are drained.
+    pub fn poll(&mut self, stack: &mut Stack) {
+        loop {
+            while let Some((id, len)) = self.rx.pop_used() {
+                stack.rx_frames += 1;
+                let Some(buf) = self.rx.buffer(id) else {
+                    continue;
+                };
+                let len = (len as usize).min(BUF_SIZE);
+                // SAFETY: the device gave buffer `id` back to us; it is
+                // BUF_SIZE bytes of static memory nobody else touches until
+                // we push it again below.
+                let data = unsafe { core::slice::from_raw_parts(buf as *const u8, len) };
+                let num_buffers = data
+                    .get(10..12)
+                    .and_then(|b| <[u8; 2]>::try_from(b).ok())
+                    .map_or(1, u16::from_le_bytes);
+                if self.mrg_rxbuf && num_buffers > 1 {
+                    // A frame larger than one buffer: we never see those
+                    // without GSO; drop it with all its buffers.
+                    for _ in 1..num_buffers {
+                        match self.rx.pop_used() {
+                            Some((more, _)) => self.rx.push(more, None),
+                            None => break,
+                        }
+                    }
+                } else if let Some(frame) = data.get(NET_HDR_LEN..) {
+                    stack.handle(frame, &mut self.tx);
+                }
+                self.rx.push(id, None);
+            }
+            self.rx.publish();
+            self.tx.flush();
+            self.tx.reclaim();
+            self.rx.want_interrupt();
+            self.tx.vq.want_interrupt();
+            if !self.rx.has_used() {
+                break;
+            }
+        }
+    }
+}
+
+impl TxQueue {
+    fn reclaim(&mut self) {
+        while let Some((id, _)) = self.vq.pop_used() {
+            if id < self.vq.size() {
+                if let Some(f) = self.free.get_mut(self.n_free) {
+                    *f = id;
+                    self.n_free += 1;
+                }
+            }
+        }
+    }
+
+    /// A free descriptor, waiting (in hlt, for the tx interrupt) while the
+    /// ring is full.
+    fn take(&mut self) -> u16 {
+        loop {
+            self.reclaim();
+            if self.n_free > 0 {
+                self.n_free -= 1;
+                if let Some(&id) = self.free.get(self.n_free) {
+                    return id;
+                }
+            }
+            self.vq.publish();
+            self.vq.want_interrupt();
+            self.waits += 1;
+            arch::cli();
+            if self.vq.has_used() {
+                arch::sti();
+            } else {
+                arch::sti_hlt();
+            }
+        }
+    }
+}
+
+impl Transmit for TxQueue {
+    fn send(&mut self, build: &mut dyn FnMut(&mut [u8]) -> usize) -> bool {
+        let id = self.take();
+        let Some(buf) = self.vq.buffer(id) else {
+            return false;
+        };
+        // SAFETY: descriptor `id` is ours (taken from the free list), its
+        // buffer is BUF_SIZE bytes of static memory the device does not
+        // read until we push it.
+        let buf = unsafe { core::slice::from_raw_parts_mut(buf, BUF_SIZE) };
+        let (hdr, frame) = buf.split_at_mut(NET_HDR_LEN);
+        hdr.fill(0);
+        let len = build(frame).min(frame.len());
+        if len == 0 {
+            if let Some(f) = self.free.get_mut(self.n_free) {
+                *f = id;
+                self.n_free += 1;
+            }
+            return false;
+        }
+        self.vq.push(id, Some((NET_HDR_LEN + len) as u32));
+        // Publish in batches of a few frames; `flush` does the rest.
+        if self.vq.unpublished() >= 16 {
+            self.vq.publish();
+        }
+        true
+    }
+
+    fn flush(&mut self) {
+        self.vq.publish();
+    }
+
+    fn waits(&self) -> u64 {
+        self.waits
+    }
+}
