@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::process::exit;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 use vmm::api::{self, ApiContext, ApiError};
@@ -151,14 +151,15 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
             },
         )?;
     }
+    let mut threads = Vec::new();
     for v in &machine.vcpus {
-        vcpu::spawn(
+        threads.push(vcpu::spawn(
             v.clone(),
             pio.clone(),
             mmio.clone(),
             ctl.clone(),
             exit_tx.clone(),
-        )?;
+        )?);
     }
     log::info!("guest started after {:?}", started.elapsed());
 
@@ -168,7 +169,13 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
         vcpu: 0,
         message: "exit channel closed".into(),
     });
+    // Let the vCPU threads leave KVM_RUN before the process exits (much
+    // faster teardown here); don't wait long for a stuck one.
     ctl.stop();
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
     Ok(reason)
 }
 

@@ -438,6 +438,7 @@ fn run_loop(
             Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
         };
         match next {
+            Next::Continue if exit.is_stopping() => return,
             Next::Continue => {}
             Next::Exit(reason) => {
                 exit.send(reason);

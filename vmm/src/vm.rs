@@ -2,6 +2,7 @@
 //! slots, the port and MMIO buses, and the hooks that virtio-mmio devices use
 //! to come in (a slot, ioeventfds, an irqfd, a command-line entry).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -73,18 +74,35 @@ impl ExitReason {
 
 /// Cloneable handle any thread uses to stop the VM.
 #[derive(Clone)]
-pub struct ExitSender(mpsc::Sender<ExitReason>);
+pub struct ExitSender {
+    tx: mpsc::Sender<ExitReason>,
+    stopping: Arc<AtomicBool>,
+}
 
 impl ExitSender {
     pub fn send(&self, reason: ExitReason) {
+        self.stopping.store(true, Ordering::SeqCst);
         // The receiver lives as long as main; after it is gone nothing matters.
-        let _ = self.0.send(reason);
+        let _ = self.tx.send(reason);
+    }
+
+    /// True once any exit reason was sent: a vCPU thread then stops instead
+    /// of entering KVM_RUN again (a vCPU left inside KVM_RUN makes the
+    /// process exit much slower on this nested KVM).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 }
 
 pub fn exit_channel() -> (ExitSender, mpsc::Receiver<ExitReason>) {
     let (tx, rx) = mpsc::channel();
-    (ExitSender(tx), rx)
+    (
+        ExitSender {
+            tx,
+            stopping: Arc::new(AtomicBool::new(false)),
+        },
+        rx,
+    )
 }
 
 /// Where a virtio-mmio device landed.
