@@ -18,7 +18,7 @@ use vmm::config::{ConfigError, SerialTarget, USAGE, VmConfig};
 use vmm::control::{self, RunControl};
 use vmm::devices::power::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT, I8042_PORT_LEN};
 use vmm::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice};
-use vmm::memory::{GuestRam, MemoryError};
+use vmm::memory::{self, GuestRam, MemoryError};
 use vmm::persist::Machine;
 use vmm::privileges::{self, PrivilegeError};
 use vmm::vcpu::{self, Vcpu, VcpuError};
@@ -106,6 +106,9 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
     }
     // Sandbox hook: capabilities, no_new_privs, seccomp, Landlock go here.
 
+    // Bad kernels fail before a VM exists (tearing one down costs ~20 ms here).
+    pvh::check_kernel(&cfg.kernel, cfg.memory)?;
+    memory::check_host_limit(cfg.memory)?;
     let ram = GuestRam::new(cfg.memory)?;
     let mut vm = Vm::new(kvm, ram)?;
     let (exit_tx, exit_rx) = vm::exit_channel();

@@ -145,8 +145,10 @@ pub fn memory_map(ram_size: u64) -> Vec<hvm_memmap_table_entry> {
     map
 }
 
-/// Loads `kernel`, writes start info, memory map and command line.
-pub fn load(ram: &GuestRam, kernel: &Path, cmdline: &str) -> Result<PvhEntry, BootError> {
+/// Opens `kernel` and checks from its headers that it is a 64-bit ELF that
+/// loads between 1 MiB and the end of low RAM of a `ram_size` guest. Cheap:
+/// main calls it before building the VM, so bad input fails fast.
+pub fn check_kernel(kernel: &Path, ram_size: u64) -> Result<File, BootError> {
     let mut f = File::open(kernel).map_err(|err| BootError::Open {
         path: kernel.to_path_buf(),
         err,
@@ -158,13 +160,20 @@ pub fn load(ram: &GuestRam, kernel: &Path, cmdline: &str) -> Result<PvhEntry, Bo
             addr: lowest,
         });
     }
-    if end > ram.low_ram_end() {
+    let ram_end = ram_size.min(MMIO_HOLE_START);
+    if end > ram_end {
         return Err(BootError::DoesNotFit {
             path: kernel.to_path_buf(),
             end,
-            ram_end: ram.low_ram_end(),
+            ram_end,
         });
     }
+    Ok(f)
+}
+
+/// Loads `kernel`, writes start info, memory map and command line.
+pub fn load(ram: &GuestRam, kernel: &Path, cmdline: &str) -> Result<PvhEntry, BootError> {
+    let mut f = check_kernel(kernel, ram.size)?;
     let loaded = Elf::load(
         &ram.memory,
         None,
