@@ -145,6 +145,14 @@ impl RunControl {
         self.want.load(Ordering::Relaxed) != RUN
     }
 
+    /// vCPU side: the thread is leaving for good; a later pause must not
+    /// wait for it.
+    pub fn thread_exited(&self) {
+        let mut g = self.lock();
+        g.parked += 1;
+        self.cv.notify_all();
+    }
+
     /// vCPU side: parks while paused. Returns false when the thread must end.
     pub fn park(&self) -> bool {
         let mut g = self.lock();
@@ -153,7 +161,11 @@ impl RunControl {
         loop {
             match self.want.load(Ordering::SeqCst) {
                 RUN => break,
-                STOP => return false,
+                STOP => {
+                    // The thread exits and reports that by thread_exited().
+                    g.parked -= 1;
+                    return false;
+                }
                 _ => g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner()),
             }
         }
@@ -199,5 +211,25 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         ctl.stop();
+    }
+
+    #[test]
+    fn pause_does_not_wait_for_an_exited_thread() {
+        install_kick_handler().unwrap();
+        let ctl = Arc::new(RunControl::new());
+        let c2 = ctl.clone();
+        let t = std::thread::spawn(move || {
+            c2.register_current_thread();
+            c2.thread_exited();
+            // Stay joinable (as vCPU threads do) until the test is done.
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        while ctl.lock().threads.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let start = Instant::now();
+        ctl.pause().unwrap();
+        assert!(start.elapsed() < PAUSE_TIMEOUT);
+        t.join().unwrap();
     }
 }

@@ -45,6 +45,8 @@ enum StartError {
     Api(#[from] ApiError),
     #[error("serial output {path}: {err}")]
     Serial { path: String, err: std::io::Error },
+    #[error("{0} is not supported by this build yet")]
+    NotYet(&'static str),
     #[error("{what}: {err}")]
     Io {
         what: &'static str,
@@ -60,7 +62,8 @@ impl StartError {
             | StartError::Privilege(PrivilegeError::RootWithoutUser)
             | StartError::Privilege(PrivilegeError::RootTarget)
             | StartError::Memory(MemoryError::TooLarge { .. })
-            | StartError::Serial { .. } => 2,
+            | StartError::Serial { .. }
+            | StartError::NotYet(_) => 2,
             StartError::Boot(BootError::Write(_)) => 1,
             StartError::Boot(_) => 2,
             _ => 1,
@@ -100,6 +103,12 @@ fn main() {
 fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
     let started = Instant::now();
     privileges::check_invocation(cfg.user)?;
+    if !cfg.nets.is_empty() {
+        return Err(StartError::NotYet("--net"));
+    }
+    if cfg.incoming.is_some() {
+        return Err(StartError::NotYet("--incoming"));
+    }
     let kvm = Kvm::new().map_err(StartError::Kvm)?;
     if let Some((uid, gid)) = cfg.user {
         privileges::drop_to(uid, gid)?;

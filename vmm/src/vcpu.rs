@@ -195,6 +195,32 @@ impl Vcpu {
         Ok(())
     }
 
+    /// LINT0 as ExtINT (the 8259 behind it) and LINT1 as NMI, as a PC
+    /// firmware leaves the boot CPU's local APIC.
+    fn configure_lapic(&self) -> Result<(), VcpuError> {
+        const APIC_LVT0: usize = 0x350;
+        const APIC_LVT1: usize = 0x360;
+        const DELIVERY_EXTINT: u32 = 0x7;
+        const DELIVERY_NMI: u32 = 0x4;
+        let mut lapic = self.fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
+        let set = |regs: &mut [std::os::raw::c_char], off: usize, mode: u32| {
+            let Some(r) = regs.get_mut(off..off + 4) else {
+                return;
+            };
+            let mut b = [0u8; 4];
+            for (d, s) in b.iter_mut().zip(r.iter()) {
+                *d = *s as u8;
+            }
+            let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+            for (d, s) in r.iter_mut().zip(v.to_le_bytes()) {
+                *d = s as std::os::raw::c_char;
+            }
+        };
+        set(&mut lapic.regs, APIC_LVT0, DELIVERY_EXTINT);
+        set(&mut lapic.regs, APIC_LVT1, DELIVERY_NMI);
+        self.fd.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))
+    }
+
     /// Registers for the PVH entry: 32-bit protected mode, paging off, flat
     /// segments from a GDT in guest RAM, EBX = start info.
     pub fn configure_pvh(
@@ -205,6 +231,7 @@ impl Vcpu {
     ) -> Result<(), VcpuError> {
         self.configure_cpuid(kvm)?;
         self.configure_msrs()?;
+        self.configure_lapic()?;
 
         let gdt = [
             0,
@@ -470,7 +497,10 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .stack_size(VCPU_STACK_SIZE)
-        .spawn(move || run_loop(vcpu, pio, mmio, ctl, exit))
+        .spawn(move || {
+            run_loop(vcpu, pio, mmio, ctl.clone(), exit);
+            ctl.thread_exited();
+        })
         .map_err(VcpuError::Thread)
 }
 
