@@ -63,20 +63,14 @@ fn boots_as_root_with_user_option_and_really_drops_privileges() {
 
 #[test]
 fn trivial_guest_reaches_long_mode_and_powers_off() {
-    let out = Command::new(bin("vmm"))
-        .arg("--kernel")
+    let mut cmd = Command::new(bin("vmm"));
+    cmd.arg("--kernel")
         .arg(trivial_elf())
-        .args(["--user", "65534:65534"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout, "Trivial: long mode\n");
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(["--user", "65534:65534"]);
+    let mut vm = VmmProcess::spawn(cmd);
+    let st = vm.wait_exit(BOOT_TIMEOUT);
+    assert_eq!(vm.output(), "Trivial: long mode");
+    assert!(st.success(), "{st}: {}", vm.stderr());
 }
 
 #[test]
@@ -84,15 +78,15 @@ fn serial_to_file() {
     let dir = scratch_dir("serial");
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let log = dir.join("serial.log");
-    let out = Command::new(bin("vmm"))
-        .arg("--kernel")
+    let mut cmd = Command::new(bin("vmm"));
+    cmd.arg("--kernel")
         .arg(trivial_elf())
         .args(["--user", "65534:65534", "--serial"])
-        .arg(&log)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    assert!(out.stdout.is_empty());
+        .arg(&log);
+    let mut vm = VmmProcess::spawn(cmd);
+    let st = vm.wait_exit(BOOT_TIMEOUT);
+    assert!(st.success(), "{st}: {}", vm.stderr());
+    assert!(vm.output().is_empty());
     assert_eq!(
         std::fs::read_to_string(&log).unwrap(),
         "Trivial: long mode\n"
@@ -275,19 +269,44 @@ fn six_gib_guest_boots_with_small_rss() {
 fn guest_fault_exits_nonzero_with_reason_and_rip() {
     let dir = scratch_dir("fault");
     let elf = elf_that_faults(&dir);
-    let out = Command::new(bin("vmm"))
-        .arg("--kernel")
+    let mut cmd = Command::new(bin("vmm"));
+    cmd.arg("--kernel")
         .arg(&elf)
-        .args(["--user", "65534:65534"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{err}");
-    assert_ne!(out.status.code(), None, "killed by a signal: {err}");
+        .args(["--user", "65534:65534"]);
+    let mut vm = VmmProcess::spawn(cmd);
+    let st = vm.wait_exit(BOOT_TIMEOUT);
+    let err = vm.stderr();
+    assert_ne!(st.code(), Some(0), "{err}");
+    assert_ne!(st.code(), None, "killed by a signal: {err}");
     assert!(err.contains("at RIP 0x1000"), "{err}");
     assert!(
         err.contains("triple fault") || err.contains("internal error"),
         "{err}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn i8042_reset_powers_off_cleanly() {
+    // The trivial guest with its final `mov dx, 0x501; xor al, al; out dx, al`
+    // turned into `mov dx, 0x64; mov al, 0xfe; out dx, al`.
+    let dir = scratch_dir("i8042");
+    let mut elf = std::fs::read(trivial_elf()).unwrap();
+    let from = [0x66, 0xba, 0x01, 0x05, 0x30, 0xc0];
+    let to = [0x66, 0xba, 0x64, 0x00, 0xb0, 0xfe];
+    let at = elf
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("power-off sequence in trivial.elf");
+    elf[at..at + to.len()].copy_from_slice(&to);
+    let p = dir.join("reset.elf");
+    std::fs::write(&p, elf).unwrap();
+    let mut cmd = Command::new(bin("vmm"));
+    cmd.arg("--kernel").arg(&p).args(["--user", "65534:65534"]);
+    // Without a working reset the guest would idle in hlt: wait_exit fails.
+    let mut vm = VmmProcess::spawn(cmd);
+    let st = vm.wait_exit(BOOT_TIMEOUT);
+    assert_eq!(vm.output(), "Trivial: long mode");
+    assert!(st.success(), "{st}: {}", vm.stderr());
     std::fs::remove_dir_all(&dir).unwrap();
 }
