@@ -254,9 +254,10 @@ impl Stack {
         peer.port = sport;
         match dport {
             PORT_ECHO => {
-                if self.send_udp(tx, peer, PORT_ECHO, data.len(), &mut |out| {
+                let sent = self.send_udp(tx, peer, PORT_ECHO, data.len(), &mut |out| {
                     put(out, 0, data)
-                }) {
+                });
+                if sent {
                     self.echo_replies += 1;
                 }
             }
