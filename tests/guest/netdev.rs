@@ -17,6 +17,7 @@ static TX_MEM: Dma<QueueMem> = Dma::new(QueueMem::new());
 static RX_BUFS: Dma<Buffers> = Dma::new(Buffers::new());
 static TX_BUFS: Dma<Buffers> = Dma::new(Buffers::new());
 
+#[allow(clippy::large_enum_variant)] // built once at boot
 pub enum Probe {
     /// No device, or another kind of device, at this address.
     NotNet,
@@ -184,11 +185,12 @@ impl NetDevice {
 impl TxQueue {
     fn reclaim(&mut self) {
         while let Some((id, _)) = self.vq.pop_used() {
-            if id < self.vq.size() {
-                if let Some(f) = self.free.get_mut(self.n_free) {
-                    *f = id;
-                    self.n_free += 1;
-                }
+            if id >= self.vq.size() {
+                continue; // an id we never gave out: a device bug, ignore it
+            }
+            if let Some(f) = self.free.get_mut(self.n_free) {
+                *f = id;
+                self.n_free += 1;
             }
         }
     }

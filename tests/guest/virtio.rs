@@ -210,7 +210,8 @@ impl Virtqueue {
             // SAFETY: inside the descriptor table; writes the len field only.
             unsafe { core::ptr::write_volatile(d as *mut u32, len.min(BUF_SIZE as u32)) };
         }
-        let slot = usize::from(self.avail_idx % self.size);
+        // size is a power of two (setup), so masking is the modulo.
+        let slot = usize::from(self.avail_idx & self.size.wrapping_sub(1));
         wr16(self.avail + 4 + 2 * slot, id);
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
@@ -252,7 +253,7 @@ impl Virtqueue {
             return None;
         }
         arch::mb();
-        let slot = usize::from(self.last_used % self.size);
+        let slot = usize::from(self.last_used & self.size.wrapping_sub(1));
         let e = self.used + 4 + 8 * slot;
         let id = rd32(e);
         let len = rd32(e + 4);
