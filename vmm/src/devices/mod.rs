@@ -2,3 +2,4 @@
 //! serde struct beside its code.
 
 pub mod bus;
+pub mod virtio;
