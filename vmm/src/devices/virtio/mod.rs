@@ -157,3 +157,8 @@ pub trait VirtioDevice: Send {
     /// snapshot the device must be paused first). `None` when not active.
     fn queue_states(&self) -> Option<Vec<Option<virtio_queue::QueueState>>>;
 }
+
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;

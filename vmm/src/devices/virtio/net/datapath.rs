@@ -92,6 +92,8 @@ pub struct RxState {
     bufs: Vec<Buf>,
     chains: Vec<RxChain>,
     bad: Vec<u16>,
+    /// The driver's avail index when buffers last ran short.
+    pub seen_avail: u16,
 }
 
 impl Default for RxState {
@@ -102,6 +104,7 @@ impl Default for RxState {
             bufs: Vec::new(),
             chains: Vec::new(),
             bad: Vec::new(),
+            seen_avail: 0,
         }
     }
 }
@@ -132,7 +135,11 @@ impl RxState {
         mem: &GuestMemoryMmap,
     ) -> Option<u64> {
         let mut total = 0u64;
+        let mut truncated = false;
         for d in chain {
+            // A chain that still says NEXT when the iterator stops was cut
+            // short: a loop, longer than the ring, or a bad next index.
+            truncated = d.has_next();
             if !d.is_write_only() || !mem.check_range(d.addr(), d.len() as usize) {
                 return None;
             }
@@ -145,7 +152,7 @@ impl RxState {
                 len: d.len(),
             });
         }
-        Some(total)
+        (!truncated).then_some(total)
     }
 
     /// Puts the pending frame into rx chains.
@@ -159,6 +166,7 @@ impl RxState {
         let len = self.pending;
         let mut start = q.next_avail();
         let mut avail = available(q, mem)?;
+        self.seen_avail = start.wrapping_add(avail);
         self.bufs.clear();
         self.chains.clear();
         self.bad.clear();
@@ -295,7 +303,9 @@ pub fn process_tx(
         let head = chain.head_index();
         let mut len = 0usize;
         let mut ok = true;
+        let mut truncated = false;
         for d in chain {
+            truncated = d.has_next();
             let dl = d.len() as usize;
             let read = match buf.get_mut(len..len.saturating_add(dl)) {
                 Some(dst) if !d.is_write_only() => mem.read_slice(dst, d.addr()).is_ok(),
@@ -307,7 +317,7 @@ pub fn process_tx(
             }
             len += dl;
         }
-        if ok && len >= VNET_HDR_LEN {
+        if ok && !truncated && len >= VNET_HDR_LEN {
             match io.write_frame(buf.get(..len).unwrap_or_default()) {
                 Ok(_) => stats.tx_frames += 1,
                 Err(e) => {
@@ -343,7 +353,9 @@ pub fn process_ctrl(
         let mut rlen = 0usize;
         let mut ack: Option<GuestAddress> = None;
         let mut ok = true;
+        let mut truncated = false;
         for d in chain {
+            truncated = d.has_next();
             if d.is_write_only() {
                 if d.len() >= 1 {
                     ack = Some(d.addr());
@@ -361,7 +373,7 @@ pub fn process_ctrl(
         }
         let class = u32::from(req[0]);
         let cmd = u32::from(req[1]);
-        let status = if !ok || rlen < 2 {
+        let status = if !ok || truncated || rlen < 2 {
             VIRTIO_NET_ERR
         } else if class == VIRTIO_NET_CTRL_MQ && cmd == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET {
             let n = u16::from_le_bytes([req[2], req[3]]);

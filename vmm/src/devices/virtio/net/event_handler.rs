@@ -7,7 +7,9 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering, fence};
+
+use vm_memory::{Bytes, GuestAddress};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -128,20 +130,44 @@ impl PairWorker {
             }
             match outcome {
                 RxOutcome::Drained => return false,
-                RxOutcome::NoBuffers => {
-                    // Ask for a kick; buffers that raced in mean go again.
-                    match self.rx.queue.enable_notification(&*mem) {
-                        Ok(true) => continue,
-                        Ok(false) => return true,
-                        Err(e) => {
-                            self.rx_broken = true;
-                            self.broken("rx", &QueueFault(e.to_string()));
-                            return false;
-                        }
+                RxOutcome::NoBuffers => match self.wait_for_rx_buffers() {
+                    Ok(true) => continue,
+                    Ok(false) => return true,
+                    Err(e) => {
+                        self.rx_broken = true;
+                        self.broken("rx", &e);
+                        return false;
                     }
-                }
+                },
             }
         }
+    }
+
+    /// Asks the driver for a kick when it adds rx buffers beyond those
+    /// already seen (too few for the waiting frame). Returns true when
+    /// more arrived meanwhile. virtio-queue's `enable_notification` would
+    /// ask for a kick at `next_avail`, which the driver has already passed
+    /// when we rewound over buffers too small to use: with EVENT_IDX no
+    /// kick would ever come.
+    fn wait_for_rx_buffers(&mut self) -> Result<bool, QueueFault> {
+        let mem = &*self.mem;
+        let q = &mut self.rx.queue;
+        q.enable_notification(mem)
+            .map_err(|e| QueueFault(e.to_string()))?;
+        let seen = self.rx_state.seen_avail;
+        if q.event_idx_enabled() {
+            let at = q
+                .used_ring()
+                .checked_add(4 + 8 * u64::from(q.size()))
+                .ok_or_else(|| QueueFault("used ring address overflows".into()))?;
+            mem.store(seen.to_le(), GuestAddress(at), Ordering::Relaxed)
+                .map_err(|e| QueueFault(format!("avail_event unwritable: {e}")))?;
+        }
+        fence(Ordering::SeqCst);
+        let now = q
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(|e| QueueFault(e.to_string()))?;
+        Ok(now.0 != seen)
     }
 
     pub fn handle_tx(&mut self) {
