@@ -13,7 +13,7 @@ use tests::NetNs;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::bus::BusDevice;
 use vmm::devices::virtio::mmio::MmioTransport;
-use vmm::devices::virtio::net::{NetDevice, Tap};
+use vmm::devices::virtio::net::{NetBackend, NetDevice, Tap, VhostNetBackend};
 use vmm::devices::virtio::{GuestMemoryMmap, VirtioDevice};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -81,9 +81,13 @@ impl Driver {
     }
 
     fn start(tap: OwnedFd) -> Self {
-        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
         let tap = Tap::from_fds(vec![tap]).expect("TAP backend");
-        let dev = NetDevice::new(Box::new(tap), Some(GUEST_MAC)).unwrap();
+        Self::start_backend(Box::new(tap))
+    }
+
+    fn start_backend(backend: Box<dyn NetBackend>) -> Self {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
+        let dev = NetDevice::new(backend, Some(GUEST_MAC)).unwrap();
         let t = MmioTransport::new(dev, mem.clone()).unwrap();
         let ring = |i: u64| Ring {
             desc: 0x1_0000 + i * 0x1_0000,
@@ -253,15 +257,9 @@ fn link_stat(ns: &NetNs, dev: &str, dir: &str, what: &str) -> u64 {
     v[0]["stats64"][dir][what].as_u64().unwrap()
 }
 
-#[test]
-fn ping_from_namespace_is_answered_through_tap() {
-    let ns = NetNs::new("vnet");
-    let tap = open_tap(&ns, "vtap0");
-    ns.exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", "vtap0"]);
-    ns.exec(&["ip", "link", "set", "vtap0", "up"]);
-    let mut d = Driver::start(tap);
-    let tap_rx_before = link_stat(&ns, "vtap0", "rx", "packets");
-
+/// Pings the simulated guest from the namespace while answering its rx.
+fn ping_guest(ns: &NetNs, dev: &str, d: &mut Driver) {
+    let tap_rx_before = link_stat(ns, dev, "rx", "packets");
     let mut ping = ns
         .command(&["ping", "-c", "5", "-i", "0.2", "-W", "5", "10.0.0.2"])
         .stdout(Stdio::piped())
@@ -299,9 +297,43 @@ fn ping_from_namespace_is_answered_through_tap() {
     let tx_used = d.used(1).len();
     assert!(tx_used >= 6, "tx chains returned: {tx_used}");
     // Our replies entered the namespace through the TAP.
-    assert!(link_stat(&ns, "vtap0", "rx", "packets") >= tap_rx_before + 6);
+    assert!(link_stat(ns, dev, "rx", "packets") >= tap_rx_before + 6);
     assert_eq!(d.r(0x70) & 0x40, 0, "no DEVICE_NEEDS_RESET");
+}
+
+#[test]
+fn ping_from_namespace_is_answered_through_tap() {
+    let ns = NetNs::new("vnet");
+    let tap = open_tap(&ns, "vtap0");
+    ns.exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", "vtap0"]);
+    ns.exec(&["ip", "link", "set", "vtap0", "up"]);
+    let mut d = Driver::start(tap);
     assert_eq!(d.t.device().queue_max_sizes().len(), 2);
+    ping_guest(&ns, "vtap0", &mut d);
+}
+
+#[test]
+fn ping_through_vhost_net() {
+    if !VhostNetBackend::host_supported() {
+        eprintln!(
+            "SKIPPED: /dev/vhost-net is absent on this host (kernel without CONFIG_VHOST_NET); \
+             the vhost-net backend is not verified here"
+        );
+        return;
+    }
+    let ns = NetNs::new("vhost");
+    let tap = open_tap(&ns, "vtap2");
+    ns.exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", "vtap2"]);
+    ns.exec(&["ip", "link", "set", "vtap2", "up"]);
+    let vhost = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vhost-net")
+        .expect("/dev/vhost-net");
+    let tap = Tap::from_fds(vec![tap]).expect("TAP backend");
+    let backend = VhostNetBackend::new(tap, vec![vhost]).expect("vhost backend");
+    let mut d = Driver::start_backend(Box::new(backend));
+    ping_guest(&ns, "vtap2", &mut d);
 }
 
 #[test]
