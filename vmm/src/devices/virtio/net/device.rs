@@ -1,0 +1,492 @@
+//! The virtio-net device: what it offers, its config space, and turning the
+//! transport's queues into running device threads (userspace TAP) or a
+//! kernel datapath (vhost-net).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::thread::JoinHandle;
+
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{QueueState, QueueT};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::super::{
+    ActivateError, ActiveQueue, GuestMemory, Interrupt, TYPE_NET, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice,
+};
+use super::backend::{FrameIo, NetBackend};
+use super::datapath::NetStats;
+use super::event_handler::{CtrlQueue, PairWorker, VhostRelay, set_active_pairs};
+use super::vhost::VringSetup;
+
+/// Ring size offered for every queue.
+pub const QUEUE_SIZE: u16 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("the backend has no queue")]
+    NoQueues,
+    #[error("a device thread died; its queues are lost")]
+    ThreadLost,
+    #[error("cannot create a device thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("vhost-net: {0}")]
+    Vhost(#[from] super::vhost::VhostError),
+    #[error("the device is running: pause it first")]
+    Running,
+    #[error("state: {0}")]
+    State(String),
+}
+
+fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+/// What the device offers before the backend filters it.
+pub fn offered_features(queue_pairs: u16) -> u64 {
+    let mut f = bit(VIRTIO_F_VERSION_1)
+        | bit(VIRTIO_F_RING_INDIRECT_DESC)
+        | bit(VIRTIO_F_RING_EVENT_IDX)
+        | bit(VIRTIO_NET_F_MAC)
+        | bit(VIRTIO_NET_F_STATUS)
+        | bit(VIRTIO_NET_F_MRG_RXBUF)
+        | bit(VIRTIO_NET_F_CSUM)
+        | bit(VIRTIO_NET_F_GUEST_CSUM)
+        | bit(VIRTIO_NET_F_GUEST_TSO4)
+        | bit(VIRTIO_NET_F_GUEST_TSO6)
+        | bit(VIRTIO_NET_F_GUEST_UFO)
+        | bit(VIRTIO_NET_F_HOST_TSO4)
+        | bit(VIRTIO_NET_F_HOST_TSO6)
+        | bit(VIRTIO_NET_F_HOST_UFO);
+    if queue_pairs > 1 {
+        f |= bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
+    }
+    f
+}
+
+/// Threads running, or their state kept while paused.
+enum Run {
+    Inactive,
+    UserRunning(Vec<(Arc<EventFd>, JoinHandle<PairWorker>)>),
+    UserPaused(Vec<PairWorker>),
+    KernelRunning(Arc<EventFd>, JoinHandle<VhostRelay>),
+    KernelPaused(VhostRelay),
+}
+
+pub struct NetDevice {
+    pub(super) backend: Box<dyn NetBackend>,
+    pub(super) mac: [u8; 6],
+    pub(super) link_up: bool,
+    queue_sizes: Vec<u16>,
+    pub(super) avail_features: u64,
+    pub(super) acked_features: u64,
+    pub(super) active_pairs: Arc<AtomicU16>,
+    /// Activation leaves the device paused (a restored device waits for
+    /// the VMM's resume).
+    pub(super) start_paused: bool,
+    /// Pairs the restored driver had enabled, applied at activation.
+    pub(super) restored_pairs: Option<u16>,
+    run: Run,
+    stats: NetStats,
+}
+
+impl NetDevice {
+    /// A device over `backend`. Without a MAC the guest picks its own.
+    pub fn new(backend: Box<dyn NetBackend>, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
+        let pairs = backend.queue_pairs();
+        if pairs == 0 {
+            return Err(NetError::NoQueues);
+        }
+        let mut avail = backend.filter_features(offered_features(pairs));
+        if mac.is_none() {
+            avail &= !bit(VIRTIO_NET_F_MAC);
+        }
+        let nqueues = 2 * usize::from(pairs) + usize::from(pairs > 1);
+        Ok(Self {
+            backend,
+            mac: mac.unwrap_or_default(),
+            link_up: true,
+            queue_sizes: vec![QUEUE_SIZE; nqueues],
+            avail_features: avail,
+            acked_features: 0,
+            active_pairs: Arc::new(AtomicU16::new(1)),
+            start_paused: false,
+            restored_pairs: None,
+            run: Run::Inactive,
+            stats: NetStats::default(),
+        })
+    }
+
+    pub fn queue_pairs(&self) -> u16 {
+        self.backend.queue_pairs()
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    pub fn backend(&self) -> &dyn NetBackend {
+        &*self.backend
+    }
+
+    pub fn is_running(&self) -> bool {
+        matches!(self.run, Run::UserRunning(_) | Run::KernelRunning(..))
+    }
+
+    /// Counters, as of the last pause (threads own them while running).
+    pub fn stats(&self) -> NetStats {
+        match &self.run {
+            Run::UserPaused(w) => w.iter().fold(self.stats, |mut s, w| {
+                s.rx_frames += w.stats.rx_frames;
+                s.rx_dropped += w.stats.rx_dropped;
+                s.tx_frames += w.stats.tx_frames;
+                s.tx_dropped += w.stats.tx_dropped;
+                s.bad_chains += w.stats.bad_chains;
+                s
+            }),
+            _ => self.stats,
+        }
+    }
+
+    fn has_ctrl(&self) -> bool {
+        self.queue_pairs() > 1
+    }
+
+    fn all_io(&self) -> Vec<Arc<dyn FrameIo>> {
+        (0..usize::from(self.queue_pairs()))
+            .filter_map(|p| self.backend.frame_io(p))
+            .collect()
+    }
+
+    /// Stops the device threads, keeping queues and a frame in flight.
+    /// Frames arriving meanwhile wait in the TAP.
+    pub fn pause(&mut self) -> Result<(), NetError> {
+        match std::mem::replace(&mut self.run, Run::Inactive) {
+            Run::UserRunning(threads) => {
+                for (stop, _) in &threads {
+                    stop.write(1).map_err(NetError::EventFd)?;
+                }
+                let mut workers = Vec::with_capacity(threads.len());
+                let mut lost = false;
+                for (_, h) in threads {
+                    match h.join() {
+                        Ok(w) => workers.push(w),
+                        Err(_) => lost = true,
+                    }
+                }
+                self.run = Run::UserPaused(workers);
+                if lost {
+                    return Err(NetError::ThreadLost);
+                }
+            }
+            Run::KernelRunning(stop, h) => {
+                stop.write(1).map_err(NetError::EventFd)?;
+                let mut relay = h.join().map_err(|_| NetError::ThreadLost)?;
+                let stopped = self.backend.kernel_datapath().map(|k| k.stop()).transpose();
+                let bases = match stopped {
+                    Ok(b) => b.unwrap_or_default(),
+                    Err(e) => {
+                        self.run = Run::KernelPaused(relay);
+                        return Err(e.into());
+                    }
+                };
+                for (r, base) in relay.rings.iter_mut().zip(bases) {
+                    r.queue.set_next_avail(base);
+                    if let Ok(u) = r
+                        .queue
+                        .used_idx(&*relay.mem, std::sync::atomic::Ordering::Acquire)
+                    {
+                        r.queue.set_next_used(u.0);
+                    }
+                }
+                self.run = Run::KernelPaused(relay);
+            }
+            other => self.run = other,
+        }
+        Ok(())
+    }
+
+    /// Restarts the device threads after `pause` (or after a restore).
+    pub fn resume(&mut self) -> Result<(), NetError> {
+        self.start_paused = false;
+        match std::mem::replace(&mut self.run, Run::Inactive) {
+            Run::UserPaused(workers) => {
+                let mut threads = Vec::with_capacity(workers.len());
+                for w in workers {
+                    let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?);
+                    let s = stop.clone();
+                    let h = std::thread::Builder::new()
+                        .name(format!("virtio-net-q{}", w.pair))
+                        .spawn(move || w.run(&s))
+                        .map_err(NetError::Thread)?;
+                    threads.push((stop, h));
+                }
+                self.run = Run::UserRunning(threads);
+            }
+            Run::KernelPaused(relay) => {
+                let acked = self.acked_features;
+                let setups: Vec<VringSetup<'_>> = relay
+                    .rings
+                    .iter()
+                    .zip(&relay.calls)
+                    .map(|(r, call)| VringSetup {
+                        queue: &r.queue,
+                        kick: &r.kick,
+                        call,
+                    })
+                    .collect();
+                let started = match self.backend.kernel_datapath() {
+                    Some(k) => k.start(&relay.mem, acked, &setups),
+                    None => Ok(()),
+                };
+                drop(setups);
+                if let Err(e) = started {
+                    self.run = Run::KernelPaused(relay);
+                    return Err(e.into());
+                }
+                let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?);
+                let s = stop.clone();
+                let h = std::thread::Builder::new()
+                    .name("vhost-net-relay".into())
+                    .spawn(move || relay.run(&s))
+                    .map_err(NetError::Thread)?;
+                self.run = Run::KernelRunning(stop, h);
+            }
+            other => self.run = other,
+        }
+        Ok(())
+    }
+
+    fn config_bytes(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.mac);
+        let status: u16 = if self.link_up {
+            VIRTIO_NET_S_LINK_UP as u16
+        } else {
+            0
+        };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c[8..10].copy_from_slice(&self.queue_pairs().to_le_bytes());
+        c[10..12].copy_from_slice(&1500u16.to_le_bytes());
+        c
+    }
+
+    fn build_user(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        mut queues: Vec<Option<ActiveQueue>>,
+    ) -> Result<Run, ActivateError> {
+        let pairs = usize::from(self.queue_pairs());
+        let mut ctrl = if self.has_ctrl() {
+            queues
+                .get_mut(2 * pairs)
+                .and_then(Option::take)
+                .map(|q| CtrlQueue {
+                    queue: q,
+                    all_io: self.all_io(),
+                    broken: false,
+                })
+        } else {
+            None
+        };
+        let mrg = self.acked_features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let mut workers = Vec::new();
+        for p in 0..pairs {
+            let rx = queues.get_mut(2 * p).and_then(Option::take);
+            let tx = queues.get_mut(2 * p + 1).and_then(Option::take);
+            let io = self.backend.frame_io(p);
+            match (rx, tx, io) {
+                (Some(rx), Some(tx), Some(io)) => workers.push(PairWorker::new(
+                    p,
+                    rx,
+                    tx,
+                    if p == 0 { ctrl.take() } else { None },
+                    io,
+                    mem.clone(),
+                    interrupt.clone(),
+                    mrg,
+                    self.active_pairs.clone(),
+                    self.queue_pairs(),
+                )),
+                (rx, _, _) if p == 0 => {
+                    return Err(ActivateError::MissingQueue(usize::from(rx.is_some())));
+                }
+                _ => log::debug!("virtio-net: pair {p} not set up by the driver"),
+            }
+        }
+        Ok(Run::UserPaused(workers))
+    }
+
+    fn build_kernel(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        mut queues: Vec<Option<ActiveQueue>>,
+    ) -> Result<Run, ActivateError> {
+        let pairs = usize::from(self.queue_pairs());
+        let ctrl = if self.has_ctrl() {
+            queues
+                .get_mut(2 * pairs)
+                .and_then(Option::take)
+                .map(|q| CtrlQueue {
+                    queue: q,
+                    all_io: self.all_io(),
+                    broken: false,
+                })
+        } else {
+            None
+        };
+        // The kernel serves the pairs the driver set up, in order.
+        let mut rings = Vec::new();
+        for p in 0..pairs {
+            let rx = queues.get_mut(2 * p).and_then(Option::take);
+            let tx = queues.get_mut(2 * p + 1).and_then(Option::take);
+            match (rx, tx) {
+                (Some(rx), Some(tx)) => {
+                    rings.push(rx);
+                    rings.push(tx);
+                }
+                (rx, _) if p == 0 => {
+                    return Err(ActivateError::MissingQueue(usize::from(rx.is_some())));
+                }
+                _ => break,
+            }
+        }
+        let calls = rings
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ActivateError::EventFd)?;
+        Ok(Run::KernelPaused(VhostRelay {
+            rings,
+            calls,
+            ctrl,
+            mem,
+            interrupt,
+            active_pairs: self.active_pairs.clone(),
+            max_pairs: self.queue_pairs(),
+            stats: NetStats::default(),
+        }))
+    }
+}
+
+impl VirtioDevice for NetDevice {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| c.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // virtio 1.x net config is read-only for the driver.
+        log::debug!(
+            "virtio-net: ignoring {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Option<ActiveQueue>>,
+    ) -> Result<(), ActivateError> {
+        if !matches!(self.run, Run::Inactive) {
+            return Err(ActivateError::AlreadyActive);
+        }
+        self.backend
+            .set_offload(self.acked_features)
+            .map_err(|e| ActivateError::Backend(format!("TUNSETOFFLOAD: {e}")))?;
+        // Until the driver asks for more (VQ_PAIRS_SET), one pair (§5.1.6.5.5).
+        let pairs = self.restored_pairs.take().unwrap_or(1);
+        if !set_active_pairs(&self.all_io(), pairs, &self.active_pairs) {
+            return Err(ActivateError::Backend(
+                "cannot attach/detach TAP queues".into(),
+            ));
+        }
+        let run = if self.backend.kernel_datapath().is_some() {
+            self.build_kernel(mem, interrupt, queues)?
+        } else {
+            self.build_user(mem, interrupt, queues)?
+        };
+        self.run = run;
+        if !self.start_paused {
+            self.resume()
+                .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Err(e) = self.pause() {
+            log::warn!("virtio-net: reset: {e}");
+        }
+        self.stats = self.stats();
+        self.run = Run::Inactive;
+        self.acked_features = 0;
+        let all = self.all_io();
+        let n = self.queue_pairs();
+        set_active_pairs(&all, n, &self.active_pairs);
+        self.active_pairs.store(1, Ordering::SeqCst);
+    }
+
+    fn queue_states(&self) -> Option<Vec<Option<QueueState>>> {
+        let mut out = vec![None; self.queue_sizes.len()];
+        match &self.run {
+            Run::UserPaused(workers) => {
+                for w in workers {
+                    if let Some(s) = out.get_mut(2 * w.pair) {
+                        *s = Some(w.rx.queue.state());
+                    }
+                    if let Some(s) = out.get_mut(2 * w.pair + 1) {
+                        *s = Some(w.tx.queue.state());
+                    }
+                    if let (Some(c), Some(s)) = (&w.ctrl, out.last_mut()) {
+                        *s = Some(c.queue.queue.state());
+                    }
+                }
+            }
+            Run::KernelPaused(relay) => {
+                for (s, r) in out.iter_mut().zip(&relay.rings) {
+                    *s = Some(r.queue.state());
+                }
+                if let (Some(c), Some(s)) = (&relay.ctrl, out.last_mut()) {
+                    *s = Some(c.queue.queue.state());
+                }
+            }
+            _ => return None,
+        }
+        Some(out)
+    }
+}
+
+impl Drop for NetDevice {
+    fn drop(&mut self) {
+        // Threads hold the queues; stop them before the memory goes.
+        let _ = self.pause();
+    }
+}

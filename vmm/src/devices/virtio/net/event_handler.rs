@@ -1,0 +1,440 @@
+//! The device threads. One thread per queue pair: each pair has its own
+//! TAP queue fd, so pairs share nothing and scale across host cores (with
+//! one pair, as most guests use, it is the single epoll loop). The control
+//! queue rides on pair 0's thread. A thread stops when its stop `EventFd`
+//! fires and hands its queues back, so the device can be paused for
+//! migration with packets left waiting in the TAP.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering, fence};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::super::{ActiveQueue, GuestMemory, Interrupt};
+use super::backend::FrameIo;
+use super::datapath::{
+    MAX_FRAME_LEN, NetStats, QueueFault, RxOutcome, RxState, process_ctrl, process_rx, process_tx,
+};
+use virtio_queue::QueueT;
+
+const STOP: u64 = 0;
+const RX_KICK: u64 = 1;
+const TX_KICK: u64 = 2;
+const BACKEND: u64 = 3;
+const CTRL_KICK: u64 = 4;
+
+/// The control queue and what it needs to switch queue pairs.
+pub struct CtrlQueue {
+    pub queue: ActiveQueue,
+    /// Every pair's frame I/O, to attach/detach TAP queues.
+    pub all_io: Vec<Arc<dyn FrameIo>>,
+    pub broken: bool,
+}
+
+/// Everything one queue pair's thread owns; returned when it stops.
+pub struct PairWorker {
+    pub pair: usize,
+    pub rx: ActiveQueue,
+    pub tx: ActiveQueue,
+    pub ctrl: Option<CtrlQueue>,
+    pub io: Arc<dyn FrameIo>,
+    pub mem: GuestMemory,
+    pub interrupt: Arc<Interrupt>,
+    pub mrg_rxbuf: bool,
+    pub active_pairs: Arc<AtomicU16>,
+    pub max_pairs: u16,
+    pub rx_state: RxState,
+    pub rx_broken: bool,
+    pub tx_broken: bool,
+    pub stats: NetStats,
+    tx_buf: Vec<u8>,
+}
+
+impl PairWorker {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pair: usize,
+        rx: ActiveQueue,
+        tx: ActiveQueue,
+        ctrl: Option<CtrlQueue>,
+        io: Arc<dyn FrameIo>,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        mrg_rxbuf: bool,
+        active_pairs: Arc<AtomicU16>,
+        max_pairs: u16,
+    ) -> Self {
+        Self {
+            pair,
+            rx,
+            tx,
+            ctrl,
+            io,
+            mem,
+            interrupt,
+            mrg_rxbuf,
+            active_pairs,
+            max_pairs,
+            rx_state: RxState::default(),
+            rx_broken: false,
+            tx_broken: false,
+            stats: NetStats::default(),
+            tx_buf: vec![0; MAX_FRAME_LEN],
+        }
+    }
+
+    fn broken(&self, what: &str, e: &QueueFault) {
+        log::warn!("virtio-net pair {}: {what} queue: {e}", self.pair);
+        self.interrupt.set_needs_reset();
+    }
+
+    fn notify(&self, q: &mut virtio_queue::Queue) {
+        // needs_notification errs only on unreadable used_event: notify then.
+        if q.needs_notification(&*self.mem).unwrap_or(true) {
+            self.interrupt.signal_used_queue();
+        }
+    }
+
+    /// Serves rx until the backend is drained; `true` while a frame waits
+    /// for buffers (notifications are then enabled on the rx queue).
+    pub fn handle_rx(&mut self) -> bool {
+        if self.rx_broken {
+            return false;
+        }
+        let mem = self.mem.clone();
+        loop {
+            let r = process_rx(
+                &mut self.rx.queue,
+                &mem,
+                &*self.io,
+                &mut self.rx_state,
+                self.mrg_rxbuf,
+                &mut self.stats,
+            );
+            let (outcome, used) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    self.rx_broken = true;
+                    self.broken("rx", &e);
+                    return false;
+                }
+            };
+            if used {
+                let mut q = std::mem::take(&mut self.rx.queue);
+                self.notify(&mut q);
+                self.rx.queue = q;
+            }
+            match outcome {
+                RxOutcome::Drained => return false,
+                RxOutcome::NoBuffers => match self.wait_for_rx_buffers() {
+                    Ok(true) => continue,
+                    Ok(false) => return true,
+                    Err(e) => {
+                        self.rx_broken = true;
+                        self.broken("rx", &e);
+                        return false;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Asks the driver for a kick when it adds rx buffers beyond those
+    /// already seen (too few for the waiting frame). Returns true when
+    /// more arrived meanwhile. virtio-queue's `enable_notification` would
+    /// ask for a kick at `next_avail`, which the driver has already passed
+    /// when we rewound over buffers too small to use: with EVENT_IDX no
+    /// kick would ever come.
+    fn wait_for_rx_buffers(&mut self) -> Result<bool, QueueFault> {
+        let mem = &*self.mem;
+        let q = &mut self.rx.queue;
+        q.enable_notification(mem)
+            .map_err(|e| QueueFault(e.to_string()))?;
+        let seen = self.rx_state.seen_avail;
+        if q.event_idx_enabled() {
+            let at = q
+                .used_ring()
+                .checked_add(4 + 8 * u64::from(q.size()))
+                .ok_or_else(|| QueueFault("used ring address overflows".into()))?;
+            mem.store(seen.to_le(), GuestAddress(at), Ordering::Relaxed)
+                .map_err(|e| QueueFault(format!("avail_event unwritable: {e}")))?;
+        }
+        fence(Ordering::SeqCst);
+        let now = q
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(|e| QueueFault(e.to_string()))?;
+        Ok(now.0 != seen)
+    }
+
+    pub fn handle_tx(&mut self) {
+        if self.tx_broken {
+            return;
+        }
+        let mem = self.mem.clone();
+        loop {
+            if let Err(e) = self.tx.queue.disable_notification(&*mem) {
+                self.tx_broken = true;
+                return self.broken("tx", &QueueFault(e.to_string()));
+            }
+            match process_tx(
+                &mut self.tx.queue,
+                &mem,
+                &*self.io,
+                &mut self.tx_buf,
+                &mut self.stats,
+            ) {
+                Ok(true) => {
+                    let mut q = std::mem::take(&mut self.tx.queue);
+                    self.notify(&mut q);
+                    self.tx.queue = q;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.tx_broken = true;
+                    return self.broken("tx", &e);
+                }
+            }
+            match self.tx.queue.enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    self.tx_broken = true;
+                    return self.broken("tx", &QueueFault(e.to_string()));
+                }
+            }
+        }
+    }
+
+    pub fn handle_ctrl(&mut self) {
+        if let Some(ctrl) = self.ctrl.as_mut() {
+            serve_ctrl(
+                ctrl,
+                &self.mem,
+                self.max_pairs,
+                &self.active_pairs,
+                &self.interrupt,
+                &mut self.stats,
+            );
+        }
+    }
+
+    /// Runs until `stop` fires; returns itself so the queues survive.
+    pub fn run(mut self, stop: &EventFd) -> Self {
+        let epoll = match self.setup_epoll(stop) {
+            Ok(e) => e,
+            Err(e) => {
+                log::error!("virtio-net pair {}: epoll setup: {e}", self.pair);
+                self.interrupt.set_needs_reset();
+                return self;
+            }
+        };
+        // Work queued before the thread started (or while it was paused).
+        self.handle_tx();
+        let mut rx_waiting = self.handle_rx();
+        self.handle_ctrl();
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("virtio-net pair {}: epoll_wait: {e}", self.pair);
+                    self.interrupt.set_needs_reset();
+                    return self;
+                }
+            };
+            for ev in events.iter().take(n) {
+                match ev.data() {
+                    STOP => {
+                        let _ = stop.read();
+                        return self;
+                    }
+                    RX_KICK => {
+                        let _ = self.rx.kick.read();
+                        rx_waiting = self.handle_rx();
+                    }
+                    // While a frame waits for buffers, only a kick helps.
+                    BACKEND if !rx_waiting => rx_waiting = self.handle_rx(),
+                    TX_KICK => {
+                        let _ = self.tx.kick.read();
+                        self.handle_tx();
+                    }
+                    CTRL_KICK => {
+                        if let Some(c) = &self.ctrl {
+                            let _ = c.queue.kick.read();
+                        }
+                        self.handle_ctrl();
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn setup_epoll(&self, stop: &EventFd) -> std::io::Result<Epoll> {
+        let epoll = Epoll::new()?;
+        let add = |fd: i32, data: u64, ev: EventSet| {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(ev, data))
+        };
+        add(stop.as_raw_fd(), STOP, EventSet::IN)?;
+        add(self.rx.kick.as_raw_fd(), RX_KICK, EventSet::IN)?;
+        add(self.tx.kick.as_raw_fd(), TX_KICK, EventSet::IN)?;
+        // Edge-triggered: rx drains the backend to EAGAIN, or waits for a kick.
+        add(
+            self.io.as_raw_fd(),
+            BACKEND,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        )?;
+        if let Some(c) = &self.ctrl {
+            add(c.queue.kick.as_raw_fd(), CTRL_KICK, EventSet::IN)?;
+        }
+        Ok(epoll)
+    }
+}
+
+/// Attaches the first `n` TAP queues and detaches the rest, so the kernel
+/// steers frames only to queues the driver serves.
+pub fn set_active_pairs(all_io: &[Arc<dyn FrameIo>], n: u16, active: &AtomicU16) -> bool {
+    if all_io.len() <= 1 {
+        active.store(n, Ordering::SeqCst);
+        return true;
+    }
+    let mut ok = true;
+    // Attach first so there is always at least one attached queue.
+    for (i, io) in all_io.iter().enumerate() {
+        if i < usize::from(n) {
+            ok &= io.set_enabled(true).is_ok();
+        }
+    }
+    for (i, io) in all_io.iter().enumerate() {
+        if i >= usize::from(n) {
+            ok &= io.set_enabled(false).is_ok();
+        }
+    }
+    if ok {
+        active.store(n, Ordering::SeqCst);
+    }
+    ok
+}
+
+/// Serves the control queue once; a broken ring stops it and asks for a reset.
+pub fn serve_ctrl(
+    ctrl: &mut CtrlQueue,
+    mem: &GuestMemory,
+    max_pairs: u16,
+    active: &AtomicU16,
+    interrupt: &Interrupt,
+    stats: &mut NetStats,
+) {
+    if ctrl.broken {
+        return;
+    }
+    let all_io = &ctrl.all_io;
+    let mut set_pairs = |n: u16| set_active_pairs(all_io, n, active);
+    match process_ctrl(&mut ctrl.queue.queue, mem, max_pairs, &mut set_pairs, stats) {
+        Ok(true) => {
+            if ctrl.queue.queue.needs_notification(&**mem).unwrap_or(true) {
+                interrupt.signal_used_queue();
+            }
+        }
+        Ok(false) => {}
+        Err(e) => {
+            ctrl.broken = true;
+            log::warn!("virtio-net: control queue: {e}");
+            interrupt.set_needs_reset();
+        }
+    }
+}
+
+/// With vhost-net the kernel moves the frames; this thread relays its
+/// per-ring call events to the device's interrupt and serves the control
+/// queue. Returned when stopped, rings included.
+pub struct VhostRelay {
+    pub rings: Vec<ActiveQueue>,
+    pub calls: Vec<EventFd>,
+    pub ctrl: Option<CtrlQueue>,
+    pub mem: GuestMemory,
+    pub interrupt: Arc<Interrupt>,
+    pub active_pairs: Arc<AtomicU16>,
+    pub max_pairs: u16,
+    pub stats: NetStats,
+}
+
+const CALL_BASE: u64 = 100;
+
+impl VhostRelay {
+    pub fn run(mut self, stop: &EventFd) -> Self {
+        let setup = || -> std::io::Result<Epoll> {
+            let epoll = Epoll::new()?;
+            let add = |fd: i32, data: u64| {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, data),
+                )
+            };
+            add(stop.as_raw_fd(), STOP)?;
+            for (i, c) in self.calls.iter().enumerate() {
+                add(c.as_raw_fd(), CALL_BASE + i as u64)?;
+            }
+            if let Some(c) = &self.ctrl {
+                add(c.queue.kick.as_raw_fd(), CTRL_KICK)?;
+            }
+            Ok(epoll)
+        };
+        let epoll = match setup() {
+            Ok(e) => e,
+            Err(e) => {
+                log::error!("vhost-net relay: epoll setup: {e}");
+                self.interrupt.set_needs_reset();
+                return self;
+            }
+        };
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("vhost-net relay: epoll_wait: {e}");
+                    self.interrupt.set_needs_reset();
+                    return self;
+                }
+            };
+            for ev in events.iter().take(n) {
+                match ev.data() {
+                    STOP => {
+                        let _ = stop.read();
+                        return self;
+                    }
+                    CTRL_KICK => {
+                        if let Some(c) = self.ctrl.as_mut() {
+                            let _ = c.queue.kick.read();
+                            serve_ctrl(
+                                c,
+                                &self.mem,
+                                self.max_pairs,
+                                &self.active_pairs,
+                                &self.interrupt,
+                                &mut self.stats,
+                            );
+                        }
+                    }
+                    d => {
+                        if let Some(c) = d
+                            .checked_sub(CALL_BASE)
+                            .and_then(|i| self.calls.get(i as usize))
+                        {
+                            let _ = c.read();
+                            self.interrupt.signal_used_queue();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

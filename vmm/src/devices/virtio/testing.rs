@@ -1,0 +1,429 @@
+//! Test helpers: a mock frame backend over a SOCK_SEQPACKET socketpair (a
+//! real fd that keeps frame boundaries, like a TAP queue) and a simulated
+//! guest driver that programs the transport and fills rings in memory.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::mmio::MmioTransport;
+use super::net::backend::{BACKEND_STATE_VERSION, BackendKind, BackendState, FrameIo, NetBackend};
+use super::net::{NetDevice, datapath::VNET_HDR_LEN};
+use super::{GuestMemory, GuestMemoryMmap, VirtioDevice, status};
+use crate::devices::bus::BusDevice;
+
+pub const MEM_SIZE: usize = 4 << 20;
+pub const BUF_BASE: u64 = 0x10_0000;
+
+pub fn memory() -> GuestMemory {
+    Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
+}
+
+/// The device end of a socketpair.
+pub struct SockIo {
+    fd: OwnedFd,
+    pub enabled: AtomicBool,
+}
+
+impl AsRawFd for SockIo {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+fn cvt(r: isize) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+impl FrameIo for SockIo {
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is valid for buf.len() bytes.
+        cvt(unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+    }
+    fn write_frame(&self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: buf is valid for buf.len() bytes.
+        cvt(unsafe { libc::write(self.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
+    }
+    fn set_enabled(&self, on: bool) -> io::Result<()> {
+        self.enabled.store(on, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The "network" end: what the device sends, and frames to send it.
+pub struct Peer {
+    fd: OwnedFd,
+}
+
+impl Peer {
+    pub fn send(&self, frame: &[u8]) {
+        assert!(self.try_send(frame), "peer send failed");
+    }
+
+    /// Sends unless the socket buffer is full.
+    pub fn try_send(&self, frame: &[u8]) -> bool {
+        // SAFETY: frame is valid for its length.
+        let r = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        r as usize == frame.len()
+    }
+
+    /// Waits up to 10 s for a frame.
+    pub fn recv(&self) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = vec![0u8; 70000];
+        while Instant::now() < deadline {
+            // SAFETY: buf is valid for its length.
+            let r = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r >= 0 {
+                buf.truncate(r as usize);
+                return Some(buf);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    }
+
+    pub fn try_recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 70000];
+        // SAFETY: buf is valid for its length.
+        let r = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        (r >= 0).then(|| {
+            buf.truncate(r as usize);
+            buf
+        })
+    }
+}
+
+pub fn sock_pair() -> (Arc<SockIo>, Peer) {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0);
+    // SAFETY: socketpair returned two fresh fds we now own.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    (
+        Arc::new(SockIo {
+            fd: a,
+            enabled: AtomicBool::new(true),
+        }),
+        Peer { fd: b },
+    )
+}
+
+pub struct MockBackend {
+    pub queues: Vec<Arc<SockIo>>,
+    pub offload_calls: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl NetBackend for MockBackend {
+    fn state(&self) -> BackendState {
+        BackendState {
+            version: BACKEND_STATE_VERSION,
+            kind: BackendKind::Tap,
+            ifname: "mock0".into(),
+            queue_pairs: self.queues.len() as u16,
+            vnet_hdr_len: VNET_HDR_LEN as u16,
+            offloads: 0,
+            tap_fds: (0..self.queues.len()).collect(),
+        }
+    }
+    fn queue_pairs(&self) -> u16 {
+        self.queues.len() as u16
+    }
+    fn frame_io(&self, pair: usize) -> Option<Arc<dyn FrameIo>> {
+        self.queues.get(pair).map(|q| q.clone() as Arc<dyn FrameIo>)
+    }
+    fn set_offload(&mut self, acked: u64) -> io::Result<()> {
+        self.offload_calls.lock().unwrap().push(acked);
+        Ok(())
+    }
+}
+
+pub fn mock_backend(pairs: usize) -> (MockBackend, Vec<Peer>) {
+    let (q, p): (Vec<_>, Vec<_>) = (0..pairs).map(|_| sock_pair()).unzip();
+    (
+        MockBackend {
+            queues: q,
+            offload_calls: Default::default(),
+        },
+        p,
+    )
+}
+
+pub const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+/// A guest-side view of one split virtqueue.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestQueue {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub next_desc: u16,
+    pub avail_idx: u16,
+    pub used_seen: u16,
+}
+
+/// A simulated driver talking to the transport through its registers.
+pub struct Driver {
+    pub t: MmioTransport<NetDevice>,
+    pub mem: GuestMemory,
+    pub q: Vec<GuestQueue>,
+    next_buf: u64,
+}
+
+impl Driver {
+    pub fn read(&mut self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    pub fn write(&mut self, off: u64, v: u32) {
+        self.t.write(off, &v.to_le_bytes());
+    }
+
+    pub fn new_unstarted(backend: MockBackend, mem: GuestMemory) -> Self {
+        let dev = NetDevice::new(Box::new(backend), Some(MAC)).unwrap();
+        let t = MmioTransport::new(dev, mem.clone()).unwrap();
+        Driver {
+            t,
+            mem,
+            q: Vec::new(),
+            next_buf: BUF_BASE,
+        }
+    }
+
+    pub fn device_features(&mut self) -> u64 {
+        self.write(0x14, 0);
+        let lo = self.read(0x10);
+        self.write(0x14, 1);
+        let hi = self.read(0x10);
+        u64::from(lo) | (u64::from(hi) << 32)
+    }
+
+    /// Negotiates `want & offered`; returns whether FEATURES_OK stuck.
+    pub fn negotiate(&mut self, want: u64) -> bool {
+        self.write(0x70, 0);
+        self.write(0x70, status::ACKNOWLEDGE);
+        self.write(0x70, status::ACKNOWLEDGE | status::DRIVER);
+        let f = self.device_features() & want;
+        self.write(0x24, 0);
+        self.write(0x20, f as u32);
+        self.write(0x24, 1);
+        self.write(0x20, (f >> 32) as u32);
+        self.write(
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        self.read(0x70) & status::FEATURES_OK != 0
+    }
+
+    /// Sets up queue `i` of `size` entries at a fixed place.
+    pub fn setup_queue(&mut self, i: u32, size: u16) {
+        let base = 0x1_0000 * (u64::from(i) + 1);
+        let gq = GuestQueue {
+            size,
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        };
+        self.write(0x30, i);
+        self.write(0x38, u32::from(size));
+        self.write(0x80, gq.desc as u32);
+        self.write(0x84, 0);
+        self.write(0x90, gq.avail as u32);
+        self.write(0x94, 0);
+        self.write(0xa0, gq.used as u32);
+        self.write(0xa4, 0);
+        self.write(0x44, 1);
+        let i = i as usize;
+        if self.q.len() <= i {
+            self.q.resize(
+                i + 1,
+                GuestQueue {
+                    size: 0,
+                    desc: 0,
+                    avail: 0,
+                    used: 0,
+                    next_desc: 0,
+                    avail_idx: 0,
+                    used_seen: 0,
+                },
+            );
+        }
+        self.q[i] = gq;
+    }
+
+    pub fn driver_ok(&mut self) {
+        let s = self.read(0x70);
+        self.write(0x70, s | status::DRIVER_OK);
+    }
+
+    /// A started device with `queues` queues of 16 entries.
+    pub fn start(backend: MockBackend, want: u64) -> Self {
+        let mem = memory();
+        let mut d = Self::new_unstarted(backend, mem);
+        assert!(d.negotiate(want));
+        let n = d.t.device().queue_max_sizes().len() as u32;
+        for i in 0..n {
+            d.setup_queue(i, 16);
+        }
+        d.driver_ok();
+        assert_eq!(d.read(0x70) & status::DEVICE_NEEDS_RESET, 0);
+        d
+    }
+
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let a = self.next_buf;
+        self.next_buf += (len + 15) & !15;
+        if self.next_buf > MEM_SIZE as u64 - 0x1_0000 {
+            self.next_buf = BUF_BASE;
+        }
+        a
+    }
+
+    pub fn write_desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let g = self.q[q];
+        let a = GuestAddress(g.desc + 16 * u64::from(i));
+        self.mem.write_obj(addr, a).unwrap();
+        self.mem.write_obj(len, GuestAddress(a.0 + 8)).unwrap();
+        self.mem.write_obj(flags, GuestAddress(a.0 + 12)).unwrap();
+        self.mem.write_obj(next, GuestAddress(a.0 + 14)).unwrap();
+    }
+
+    /// Puts `head` in the avail ring and publishes it (no kick).
+    pub fn push_avail(&mut self, q: usize, head: u16) {
+        let g = &mut self.q[q];
+        let slot = g.avail + 4 + 2 * u64::from(g.avail_idx % g.size);
+        g.avail_idx = g.avail_idx.wrapping_add(1);
+        let (idx, avail) = (g.avail_idx, g.avail);
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem.write_obj(idx, GuestAddress(avail + 2)).unwrap();
+    }
+
+    pub fn kick(&mut self, q: usize) {
+        self.write(0x50, q as u32);
+    }
+
+    /// Adds a chain of (addr, len, device-writable) buffers and kicks.
+    pub fn add_chain(&mut self, q: usize, bufs: &[(u64, u32, bool)]) -> u16 {
+        let size = self.q[q].size;
+        let head = self.q[q].next_desc;
+        for (k, &(addr, len, w)) in bufs.iter().enumerate() {
+            let i = (head + k as u16) % size;
+            let last = k + 1 == bufs.len();
+            let flags = if last { 0 } else { 1 } | if w { 2 } else { 0 };
+            self.write_desc(q, i, addr, len, flags, (i + 1) % size);
+        }
+        self.q[q].next_desc = (head + bufs.len() as u16) % size;
+        self.push_avail(q, head);
+        self.kick(q);
+        head
+    }
+
+    /// Sends a frame (vnet header + payload) on tx queue 1.
+    pub fn send(&mut self, payload: &[u8]) -> u16 {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(payload);
+        let a = self.alloc(f.len() as u64);
+        self.mem.write_slice(&f, GuestAddress(a)).unwrap();
+        self.add_chain(1, &[(a, f.len() as u32, false)])
+    }
+
+    /// Offers one rx buffer of `len` bytes on queue 0; returns its address.
+    pub fn give_rx(&mut self, len: u32) -> u64 {
+        let a = self.alloc(u64::from(len));
+        self.add_chain(0, &[(a, len, true)]);
+        a
+    }
+
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.mem
+            .read_obj::<u16>(GuestAddress(self.q[q].used + 2))
+            .unwrap()
+    }
+
+    /// New used entries (id, len), waiting up to 10 s for `n` of them.
+    pub fn wait_used(&mut self, q: usize, n: usize) -> Vec<(u32, u32)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.used_idx(q).wrapping_sub(self.q[q].used_seen) < n as u16 {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} used entries on queue {q}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.take_used(q)
+    }
+
+    pub fn take_used(&mut self, q: usize) -> Vec<(u32, u32)> {
+        let g = self.q[q];
+        let end = self.used_idx(q);
+        let mut out = Vec::new();
+        let mut i = g.used_seen;
+        while i != end {
+            let e = g.used + 4 + 8 * u64::from(i % g.size);
+            let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
+            out.push((id, len));
+            i = i.wrapping_add(1);
+        }
+        self.q[q].used_seen = end;
+        out
+    }
+
+    /// Interrupts fired since the last call.
+    pub fn interrupts(&self) -> u64 {
+        self.t.interrupt_eventfd().read().unwrap_or(0)
+    }
+
+    pub fn needs_reset(&mut self) -> bool {
+        self.read(0x70) & status::DEVICE_NEEDS_RESET != 0
+    }
+
+    /// Waits up to 10 s for DEVICE_NEEDS_RESET.
+    pub fn wait_needs_reset(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.needs_reset() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+}

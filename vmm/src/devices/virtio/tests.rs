@@ -1,0 +1,686 @@
+//! Device and transport tests, driven as a guest driver would: registers
+//! through the transport, rings and buffers written into guest memory, and
+//! frames through a socketpair standing in for the TAP.
+
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::mmio::{MmioState, MmioTransport};
+use super::net::datapath::{
+    MAX_FRAME_LEN, NetStats, RxState, VNET_HDR_LEN, process_ctrl, process_rx, process_tx,
+};
+use super::net::{NetDevice, NetState};
+use super::testing::*;
+use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice, status};
+use crate::devices::bus::BusDevice;
+
+const ALL: u64 = u64::MAX;
+
+fn without(bits: &[u32]) -> u64 {
+    bits.iter().fold(ALL, |f, b| f & !(1u64 << b))
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(payload);
+    f
+}
+
+fn payload(n: usize, tag: u8) -> Vec<u8> {
+    (0..n).map(|i| tag.wrapping_add(i as u8)).collect()
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn registers_identify_a_modern_net_device() {
+    let (b, _p) = mock_backend(1);
+    let mut d = Driver::new_unstarted(b, memory());
+    assert_eq!(d.read(0x000), 0x7472_6976);
+    assert_eq!(d.read(0x004), 2);
+    assert_eq!(d.read(0x008), 1);
+    d.write(0x30, 0);
+    assert_eq!(d.read(0x34), 256);
+    d.write(0x30, 99);
+    assert_eq!(d.read(0x34), 0);
+    let f = d.device_features();
+    assert_ne!(f & (1 << VIRTIO_F_VERSION_1), 0);
+    assert_ne!(f & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+    assert_eq!(f & (1 << VIRTIO_NET_F_MQ), 0, "MQ only with several pairs");
+    let mut mac = [0u8; 6];
+    d.t.read(0x100, &mut mac);
+    assert_eq!(mac, MAC);
+    let mut st = [0u8; 2];
+    d.t.read(0x106, &mut st);
+    assert_eq!(u16::from_le_bytes(st), VIRTIO_NET_S_LINK_UP as u16);
+    // Reads past the config space return zeros, never panic.
+    let mut far = [0xffu8; 8];
+    d.t.read(0xff8, &mut far);
+    assert_eq!(far, [0; 8]);
+    // Registers want 32-bit accesses.
+    let mut two = [0xffu8; 2];
+    d.t.read(0x000, &mut two);
+    assert_eq!(two, [0, 0]);
+}
+
+#[test]
+fn features_without_version_1_or_unoffered_are_refused() {
+    let (b, _p) = mock_backend(1);
+    let mut d = Driver::new_unstarted(b, memory());
+    assert!(!d.negotiate(without(&[VIRTIO_F_VERSION_1])));
+    assert!(d.negotiate(ALL));
+    // A bit the device never offered.
+    d.write(0x70, 0);
+    d.write(0x70, 3);
+    d.write(0x24, 1);
+    d.write(0x20, 1 | (1 << 20));
+    d.write(0x70, 3 | status::FEATURES_OK);
+    assert_eq!(d.read(0x70) & status::FEATURES_OK, 0);
+}
+
+#[test]
+fn tx_frame_reaches_backend_and_is_returned() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, ALL);
+    let pl = payload(60, 1);
+    let head = d.send(&pl);
+    assert_eq!(p[0].recv().expect("frame on the backend"), frame(&pl));
+    assert_eq!(d.wait_used(1, 1), vec![(u32::from(head), 0)]);
+    wait_for("an interrupt", || d.interrupts() > 0);
+    assert_ne!(d.read(0x60) & 1, 0, "InterruptStatus has the vring bit");
+    d.write(0x64, 1);
+    assert_eq!(d.read(0x60) & 1, 0);
+}
+
+#[test]
+fn rx_frame_lands_in_buffer_with_num_buffers() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, ALL);
+    let a = d.give_rx(2048);
+    let pl = payload(100, 7);
+    p[0].send(&frame(&pl));
+    let used = d.wait_used(0, 1);
+    assert_eq!(used, vec![(0, (VNET_HDR_LEN + 100) as u32)]);
+    let mut got = vec![0u8; VNET_HDR_LEN + 100];
+    d.mem.read_slice(&mut got, GuestAddress(a)).unwrap();
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+    assert_eq!(&got[VNET_HDR_LEN..], &pl[..]);
+}
+
+#[test]
+fn rx_merges_small_buffers() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, ALL);
+    let addrs: Vec<u64> = (0..4).map(|_| d.give_rx(100)).collect();
+    let f = frame(&payload(300, 3));
+    p[0].send(&f);
+    let used = d.wait_used(0, 4);
+    assert_eq!(
+        used.iter().map(|u| u.1).collect::<Vec<_>>(),
+        vec![100, 100, 100, 12]
+    );
+    let mut got = Vec::new();
+    for (a, (_, len)) in addrs.iter().zip(&used) {
+        let mut part = vec![0u8; *len as usize];
+        d.mem.read_slice(&mut part, GuestAddress(*a)).unwrap();
+        got.extend(part);
+    }
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 4);
+    assert_eq!(&got[12..], &f[12..]);
+}
+
+#[test]
+fn rx_without_mrg_drops_oversized_frame_and_keeps_buffer() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, without(&[VIRTIO_NET_F_MRG_RXBUF]));
+    d.give_rx(100);
+    p[0].send(&frame(&payload(300, 1)));
+    let small = frame(&payload(30, 9));
+    p[0].send(&small);
+    assert_eq!(d.wait_used(0, 1), vec![(0, small.len() as u32)]);
+}
+
+#[test]
+fn rx_waits_for_buffers() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, ALL);
+    p[0].send(&frame(&payload(50, 2)));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(d.used_idx(0), 0);
+    d.give_rx(1500);
+    assert_eq!(d.wait_used(0, 1), vec![(0, 62)]);
+}
+
+#[test]
+fn hostile_tx_chains_are_dropped_and_device_keeps_working() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, ALL);
+    let buf = d.alloc(0x2_0000);
+    // 0: a descriptor that chains to itself.
+    d.write_desc(1, 0, buf, 20, 1, 0);
+    d.push_avail(1, 0);
+    // 1: outside guest memory.
+    d.write_desc(1, 1, MEM_SIZE as u64 + 0x1000, 100, 0, 0);
+    d.push_avail(1, 1);
+    // 2: zero length.
+    d.write_desc(1, 2, buf, 0, 0, 0);
+    d.push_avail(1, 2);
+    // 3: shorter than the vnet header.
+    d.write_desc(1, 3, buf, 5, 0, 0);
+    d.push_avail(1, 3);
+    // 4: larger than any frame.
+    d.write_desc(1, 4, buf, (MAX_FRAME_LEN + 1) as u32, 0, 0);
+    d.push_avail(1, 4);
+    // 5: device-writable buffer on tx.
+    d.write_desc(1, 5, buf, 64, 2, 0);
+    d.push_avail(1, 5);
+    // 6 -> 7 -> 6: a two-descriptor loop.
+    d.write_desc(1, 6, buf, 20, 1, 7);
+    d.write_desc(1, 7, buf, 20, 1, 6);
+    d.push_avail(1, 6);
+    // 8: next index outside the ring.
+    d.write_desc(1, 8, buf, 20, 1, 200);
+    d.push_avail(1, 8);
+    // A head outside the ring: skipped, never returned.
+    d.push_avail(1, 300);
+    // 9: an indirect table that loops on itself.
+    let ind = d.alloc(64);
+    d.mem.write_obj(buf, GuestAddress(ind)).unwrap();
+    d.mem.write_obj(20u32, GuestAddress(ind + 8)).unwrap();
+    d.mem.write_obj(1u16, GuestAddress(ind + 12)).unwrap();
+    d.mem.write_obj(0u16, GuestAddress(ind + 14)).unwrap();
+    d.write_desc(1, 9, ind, 16, 4, 0);
+    d.push_avail(1, 9);
+    d.q[1].next_desc = 10;
+    d.kick(1);
+    let used = d.wait_used(1, 9);
+    assert!(used.iter().all(|&(_, len)| len == 0));
+    let mut ids: Vec<u32> = used.iter().map(|u| u.0).collect();
+    ids.sort();
+    assert_eq!(ids, vec![0, 1, 2, 3, 4, 5, 6, 8, 9]);
+    assert!(p[0].try_recv().is_none(), "no hostile chain became a frame");
+    assert!(!d.needs_reset());
+    // Overlapping buffers are the guest's business: the frame goes out.
+    let good = frame(&payload(40, 5));
+    d.mem.write_slice(&good, GuestAddress(buf)).unwrap();
+    d.add_chain(1, &[(buf, 12, false), (buf + 12, 40, false)]);
+    assert_eq!(p[0].recv().unwrap(), good);
+    d.wait_used(1, 1);
+    d.t.device_mut().pause().unwrap();
+    let s: NetStats = d.t.device().stats();
+    // Nine bad chains and the head outside the ring.
+    assert_eq!(s.bad_chains, 10);
+    assert_eq!(s.tx_frames, 1);
+}
+
+#[test]
+fn hostile_rx_buffers_are_returned_empty() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, ALL);
+    let buf = d.alloc(4096);
+    d.write_desc(0, 0, buf, 1500, 0, 0); // device-readable
+    d.push_avail(0, 0);
+    d.write_desc(0, 1, buf, 8, 2, 0); // shorter than the header
+    d.push_avail(0, 1);
+    d.write_desc(0, 2, 0xF000_0000, 1500, 2, 0); // outside memory
+    d.push_avail(0, 2);
+    d.write_desc(0, 3, buf, 1500, 2, 0); // good
+    d.push_avail(0, 3);
+    d.q[0].next_desc = 4;
+    d.kick(0);
+    let f = frame(&payload(64, 4));
+    p[0].send(&f);
+    let used = d.wait_used(0, 4);
+    assert_eq!(used, vec![(0, 0), (1, 0), (2, 0), (3, f.len() as u32)]);
+}
+
+#[test]
+fn avail_index_jump_breaks_only_that_queue() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, ALL);
+    let avail = d.q[1].avail;
+    d.mem.write_obj(1000u16, GuestAddress(avail + 2)).unwrap();
+    d.kick(1);
+    assert!(d.wait_needs_reset());
+    // rx still served.
+    d.give_rx(1500);
+    p[0].send(&frame(&payload(20, 1)));
+    assert_eq!(d.wait_used(0, 1), vec![(0, 32)]);
+    // Reset brings the device back.
+    d.write(0x70, 0);
+    assert_eq!(d.read(0x70), 0);
+}
+
+#[test]
+fn notifications_and_queue_writes_outside_their_phase_are_ignored() {
+    let (b, _p) = mock_backend(1);
+    let mut d = Driver::new_unstarted(b, memory());
+    assert!(d.negotiate(ALL));
+    d.setup_queue(0, 16);
+    d.setup_queue(1, 16);
+    d.write(0x50, 1);
+    assert!(
+        d.t.queue_eventfds()[1].read().is_err(),
+        "kick before DRIVER_OK"
+    );
+    d.driver_ok();
+    d.write(0x30, 0);
+    d.write(0x38, 8);
+    assert_eq!(d.read(0x38), 16, "QueueNum is frozen after DRIVER_OK");
+    d.write(0x50, 7); // no such queue
+    assert!(!d.needs_reset());
+}
+
+#[test]
+fn bad_queue_layouts_need_reset() {
+    for (size, desc) in [
+        (12u16, 0x1_0000u64),
+        (512, 0x1_0000),
+        (16, 0xF000_0000),
+        (16, 0x1_0008),
+    ] {
+        let (b, _p) = mock_backend(1);
+        let mut d = Driver::new_unstarted(b, memory());
+        assert!(d.negotiate(ALL));
+        d.setup_queue(0, 16);
+        d.setup_queue(1, 16);
+        d.write(0x30, 1);
+        d.write(0x38, u32::from(size));
+        d.write(0x80, desc as u32);
+        d.driver_ok();
+        assert!(d.needs_reset(), "size {size} desc {desc:#x}");
+        assert!(!d.t.is_active());
+    }
+}
+
+#[test]
+fn driver_ok_without_queue_zero_needs_reset() {
+    let (b, _p) = mock_backend(1);
+    let mut d = Driver::new_unstarted(b, memory());
+    assert!(d.negotiate(ALL));
+    d.setup_queue(1, 16);
+    d.driver_ok();
+    assert!(d.needs_reset());
+}
+
+#[test]
+fn event_idx_suppresses_interrupts() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, ALL);
+    assert_ne!(
+        d.t.device().acked_features() & (1 << VIRTIO_F_RING_EVENT_IDX),
+        0
+    );
+    let used_event = GuestAddress(d.q[1].avail + 4 + 2 * 16);
+    d.mem.write_obj(100u16, used_event).unwrap();
+    d.interrupts();
+    for i in 0..3 {
+        d.send(&payload(20, i));
+        p[0].recv().unwrap();
+    }
+    d.wait_used(1, 3);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(d.interrupts(), 0, "used_event 100 is not crossed");
+    d.mem.write_obj(3u16, used_event).unwrap();
+    d.send(&payload(20, 9));
+    d.wait_used(1, 1);
+    wait_for("an interrupt once used_event is crossed", || {
+        d.interrupts() > 0
+    });
+}
+
+#[test]
+fn offloads_follow_acked_features() {
+    use super::net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO, offload_flags};
+    let (b, _p) = mock_backend(1);
+    let calls = b.offload_calls.clone();
+    let d = Driver::start(b, without(&[VIRTIO_NET_F_GUEST_TSO6]));
+    let acked = d.t.device().acked_features();
+    assert_eq!(calls.lock().unwrap().as_slice(), &[acked]);
+    assert_eq!(offload_flags(acked), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_UFO);
+    assert_eq!(
+        offload_flags(1 << VIRTIO_NET_F_GUEST_TSO4),
+        0,
+        "TSO needs CSUM"
+    );
+    assert_eq!(
+        offload_flags((1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO6)),
+        TUN_F_CSUM | TUN_F_TSO6
+    );
+}
+
+fn ctrl_cmd(d: &mut Driver, q: usize, req: &[u8]) -> u8 {
+    let a = d.alloc(64);
+    d.mem.write_slice(req, GuestAddress(a)).unwrap();
+    let ack = d.alloc(16);
+    d.mem.write_obj(0xeeu8, GuestAddress(ack)).unwrap();
+    d.add_chain(q, &[(a, req.len() as u32, false), (ack, 1, true)]);
+    assert_eq!(d.wait_used(q, 1).len(), 1);
+    d.mem.read_obj(GuestAddress(ack)).unwrap()
+}
+
+#[test]
+fn multiqueue_control_queue_switches_pairs() {
+    let (b, p) = mock_backend(2);
+    let io = b.queues.clone();
+    let mut d = Driver::start(b, ALL);
+    assert_eq!(d.t.device().queue_max_sizes().len(), 5);
+    let acked = d.t.device().acked_features();
+    assert_ne!(acked & (1 << VIRTIO_NET_F_MQ), 0);
+    let mut mp = [0u8; 2];
+    d.t.read(0x108, &mut mp);
+    assert_eq!(u16::from_le_bytes(mp), 2);
+    let on = |i: usize| io[i].enabled.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(on(0) && !on(1), "only pair 0 before VQ_PAIRS_SET");
+    assert_eq!(ctrl_cmd(&mut d, 4, &[4, 0, 2, 0]), VIRTIO_NET_OK as u8);
+    assert!(on(0) && on(1));
+    assert_eq!(ctrl_cmd(&mut d, 4, &[4, 0, 3, 0]), VIRTIO_NET_ERR as u8);
+    assert_eq!(ctrl_cmd(&mut d, 4, &[4, 0, 0, 0]), VIRTIO_NET_ERR as u8);
+    assert_eq!(ctrl_cmd(&mut d, 4, &[9, 9]), VIRTIO_NET_ERR as u8);
+    assert_eq!(ctrl_cmd(&mut d, 4, &[0, 0, 1]), VIRTIO_NET_OK as u8);
+    // Pair 1's tx goes to pair 1's backend queue.
+    let f = frame(&payload(30, 3));
+    let a = d.alloc(64);
+    d.mem.write_slice(&f, GuestAddress(a)).unwrap();
+    d.add_chain(3, &[(a, f.len() as u32, false)]);
+    assert_eq!(p[1].recv().unwrap(), f);
+    assert!(p[0].try_recv().is_none());
+    // Pair 1's rx.
+    let a = d.alloc(2048);
+    d.add_chain(2, &[(a, 2048, true)]);
+    p[1].send(&f);
+    assert_eq!(d.wait_used(2, 1), vec![(0, f.len() as u32)]);
+}
+
+#[test]
+fn save_restore_and_continue() {
+    let (b, p) = mock_backend(1);
+    let io = b.queues.clone();
+    let mut d = Driver::start(b, ALL);
+    d.send(&payload(20, 1));
+    p[0].recv().unwrap();
+    d.wait_used(1, 1);
+    d.give_rx(1500);
+    p[0].send(&frame(&payload(10, 1)));
+    d.wait_used(0, 1);
+    // Pause: a frame sent now waits in the backend.
+    d.t.device_mut().pause().unwrap();
+    p[0].send(&frame(&payload(33, 2)));
+    let mmio = d.t.save().unwrap();
+    let net = d.t.device().save().unwrap();
+    let mmio_ron = ron::to_string(&mmio).unwrap();
+    let net_ron = ron::to_string(&net).unwrap();
+    let mmio2: MmioState = ron::from_str(&mmio_ron).unwrap();
+    let net2: NetState = ron::from_str(&net_ron).unwrap();
+    assert_eq!(mmio2, mmio);
+    assert_eq!(net2, net);
+    assert_eq!(mmio2.queues[1].0.next_avail, 1);
+    assert_eq!(mmio2.queues[0].0.next_used, 1);
+    // A new device and transport on the same backend and memory.
+    let backend = MockBackend {
+        queues: io,
+        offload_calls: Default::default(),
+    };
+    let dev = NetDevice::restore(Box::new(backend), &net2).unwrap();
+    let t = MmioTransport::restore(dev, d.mem.clone(), &mmio2).unwrap();
+    assert!(t.is_active());
+    assert!(!t.device().is_running(), "restored paused");
+    d.t = t;
+    d.t.device_mut().resume().unwrap();
+    let pl = payload(44, 3);
+    d.send(&pl);
+    assert_eq!(p[0].recv().unwrap(), frame(&pl));
+    assert_eq!(d.wait_used(1, 1).len(), 1);
+    assert_eq!(d.used_idx(1), 2);
+    d.give_rx(1500);
+    assert_eq!(d.wait_used(0, 1), vec![(1, 45)]);
+    assert_eq!(d.read(0x70) & 0xf, 0xf);
+}
+
+#[test]
+fn restore_rejects_inconsistent_state() {
+    let (b, _p) = mock_backend(1);
+    let d = Driver::start(b, ALL);
+    let mut net = d.t.device().save().unwrap_err().to_string();
+    assert!(net.contains("pause"));
+    let (b2, _p2) = mock_backend(2);
+    let dev = NetDevice::new(Box::new(b2), None).unwrap();
+    let mut st = dev.save().unwrap();
+    st.version = 99;
+    assert!(NetDevice::restore(Box::new(mock_backend(2).0), &st).is_err());
+    st.version = 1;
+    assert!(NetDevice::restore(Box::new(mock_backend(1).0), &st).is_err());
+    net.clear();
+    let mut m = MmioTransport::new(dev, memory()).unwrap().save().unwrap();
+    m.queues.pop();
+    let dev = NetDevice::new(Box::new(mock_backend(2).0), None).unwrap();
+    assert!(MmioTransport::restore(dev, memory(), &m).is_err());
+}
+
+#[test]
+fn reset_and_reinitialise() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, ALL);
+    d.send(&payload(20, 1));
+    p[0].recv().unwrap();
+    d.write(0x70, 0);
+    assert!(!d.t.is_active());
+    assert!(d.negotiate(ALL));
+    d.setup_queue(0, 16);
+    d.setup_queue(1, 16);
+    d.driver_ok();
+    let pl = payload(21, 2);
+    d.send(&pl);
+    assert_eq!(p[0].recv().unwrap(), frame(&pl));
+}
+
+/// xorshift64*: a tiny deterministic RNG, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn fuzz_budget() -> Duration {
+    let secs = std::env::var("VIRTIO_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(3)
+        .min(10);
+    Duration::from_secs(secs)
+}
+
+/// Random rings and descriptors straight into the datapath: nothing may
+/// panic, whatever the memory holds.
+#[test]
+fn fuzz_datapath_with_random_rings() {
+    let mem = memory();
+    let (io, peer) = sock_pair();
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut rx = RxState::default();
+    let mut stats = NetStats::default();
+    let mut txbuf = vec![0u8; MAX_FRAME_LEN];
+    let deadline = Instant::now() + fuzz_budget();
+    let mut rounds = 0u64;
+    while Instant::now() < deadline {
+        rounds += 1;
+        let size = 1u16 << rng.below(6);
+        let base = 0x1_0000 + rng.below(8) * 0x1_0000;
+        // Random bytes in the rings; descriptors point mostly into memory.
+        for i in 0..u64::from(size) {
+            let addr = match rng.below(4) {
+                0 => rng.next(),
+                _ => rng.below(MEM_SIZE as u64 + 0x1000),
+            };
+            let len = match rng.below(4) {
+                0 => rng.next() as u32,
+                _ => rng.below(3000) as u32,
+            };
+            let flags = rng.below(8) as u16;
+            let next = rng.below(u64::from(size) + 2) as u16;
+            let a = GuestAddress(base + 16 * i);
+            mem.write_obj(addr, a).unwrap();
+            mem.write_obj(len, GuestAddress(a.0 + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(a.0 + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(a.0 + 14)).unwrap();
+        }
+        let avail = base + 0x4000;
+        for i in 0..u64::from(size) + 3 {
+            let head = rng.below(u64::from(size) + 4) as u16;
+            mem.write_obj(head, GuestAddress(avail + 2 * i)).unwrap();
+        }
+        let avail_idx = rng.below(u64::from(size) * 2 + 1) as u16;
+        mem.write_obj(avail_idx, GuestAddress(avail + 2)).unwrap();
+        let mut q = Queue::new(256).unwrap();
+        q.set_size(size);
+        q.set_desc_table_address(Some(base as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some((base + 0x8000) as u32), Some(0));
+        q.set_event_idx(rng.below(2) == 1);
+        q.set_ready(true);
+        match rng.below(3) {
+            0 => {
+                let _ = process_tx(&mut q, &mem, &*io, &mut txbuf, &mut stats);
+                while peer.try_recv().is_some() {}
+            }
+            1 => {
+                let n = rng.below(2000) as usize + 1;
+                peer.try_send(&payload(n, rng.next() as u8));
+                let _ = process_rx(&mut q, &mem, &*io, &mut rx, rng.below(2) == 1, &mut stats);
+            }
+            _ => {
+                let _ = process_ctrl(&mut q, &mem, 4, &mut |n| n < 3, &mut stats);
+            }
+        }
+        let _ = q.needs_notification(&*mem);
+    }
+    assert!(rounds > 100, "fuzz ran only {rounds} rounds");
+    eprintln!("datapath fuzz: {rounds} rounds, {stats:?}");
+}
+
+/// Random register writes and ring contents against the whole device with
+/// its threads; afterwards a reset device must work normally.
+#[test]
+fn fuzz_device_registers_then_still_usable() {
+    let (b, p) = mock_backend(2);
+    let mut d = Driver::start(b, ALL);
+    let mut rng = Rng(0xfeed_beef_0000_0042);
+    let deadline = Instant::now() + fuzz_budget();
+    let regs = [
+        0x14u64, 0x20, 0x24, 0x30, 0x38, 0x44, 0x50, 0x64, 0x70, 0x80, 0x84, 0x90, 0x94, 0xa0,
+        0xa4, 0x100, 0x104,
+    ];
+    while Instant::now() < deadline {
+        match rng.below(6) {
+            0 => {
+                let r = regs[rng.below(regs.len() as u64) as usize];
+                let v = match rng.below(3) {
+                    0 => rng.next() as u32,
+                    1 => rng.below(16) as u32,
+                    _ => 1 << rng.below(32),
+                };
+                d.write(r, v);
+            }
+            1 => {
+                let off = rng.below(0x1000);
+                let mut buf = [0u8; 4];
+                let n = 1usize << rng.below(3);
+                d.t.read(off, &mut buf[..n.min(4)]);
+            }
+            2 => {
+                let q = rng.below(5) as usize;
+                let i = rng.below(16) as u16;
+                let addr = rng.below(MEM_SIZE as u64 + 0x2000);
+                d.write_desc(
+                    q,
+                    i,
+                    addr,
+                    rng.below(4000) as u32,
+                    rng.below(8) as u16,
+                    rng.below(20) as u16,
+                );
+                d.push_avail(q, rng.below(20) as u16);
+                d.kick(q);
+            }
+            3 => {
+                let n = rng.below(1600) as usize + 1;
+                p[rng.below(2) as usize].try_send(&payload(n, 1));
+            }
+            4 => {
+                // Renegotiate from scratch now and then.
+                if d.negotiate(rng.next()) {
+                    for i in 0..5 {
+                        d.setup_queue(i, 1 << rng.below(6));
+                    }
+                    d.driver_ok();
+                }
+            }
+            _ => {
+                for q in &p {
+                    while q.try_recv().is_some() {}
+                }
+            }
+        }
+    }
+    // The device threads are alive and give their queues back.
+    d.t.device_mut().pause().unwrap();
+    d.t.device_mut().resume().unwrap();
+    d.write(0x70, 0);
+    for q in &p {
+        while q.try_recv().is_some() {}
+    }
+    assert!(d.negotiate(ALL));
+    for i in 0..5 {
+        d.setup_queue(i, 16);
+    }
+    // Fresh rings.
+    for g in d.q.iter() {
+        let _ = d.mem.write_slice(&[0u8; 0x3000], GuestAddress(g.desc));
+    }
+    d.driver_ok();
+    assert!(!d.needs_reset());
+    let pl = payload(64, 6);
+    d.send(&pl);
+    assert_eq!(p[0].recv().unwrap(), frame(&pl));
+}
+
+#[test]
+fn rx_frame_waits_until_enough_merged_buffers() {
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::start(b, ALL);
+    d.give_rx(100);
+    let f = frame(&payload(300, 8));
+    p[0].send(&f);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        d.used_idx(0),
+        0,
+        "one 100-byte buffer cannot hold 312 bytes"
+    );
+    // With EVENT_IDX the device asked for a kick past the buffer it saw.
+    let avail_event: u16 = d
+        .mem
+        .read_obj(GuestAddress(d.q[0].used + 4 + 8 * 16))
+        .unwrap();
+    assert_eq!(avail_event, 1);
+    for _ in 0..3 {
+        d.give_rx(100);
+    }
+    assert_eq!(d.wait_used(0, 4).len(), 4);
+}
