@@ -9,6 +9,14 @@ use serde::{Deserialize, Serialize};
 
 pub const NETD_PROTOCOL_VERSION: u32 = 1;
 
+/// Largest frame either side of the netd protocol sends; anything bigger is
+/// malformed and closes the connection.
+pub const NETD_MAX_FRAME: usize = 4096;
+
+/// Length of the virtio-net header netd sets on a TAP opened with `vnet_hdr`
+/// (TUNSETVNETHDRSZ): `virtio_net_hdr_v1`, as virtio 1.0 devices use.
+pub const VNET_HDR_LEN: i32 = 12;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NetdRequest {
     Hello {
@@ -53,6 +61,8 @@ pub enum NetdErrorKind {
     NameInUse,
     /// The kernel refused a step (the message says which).
     System,
+    /// netd serves its maximum number of clients; try again shortly.
+    Busy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

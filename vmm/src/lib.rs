@@ -2,3 +2,4 @@
 //! and tests and fuzz targets reach the devices directly.
 
 pub mod devices;
+pub mod net;
