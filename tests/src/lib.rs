@@ -84,3 +84,4 @@ impl Drop for NetNs {
             .status();
     }
 }
+pub mod netd_harness;
