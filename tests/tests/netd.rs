@@ -594,3 +594,108 @@ fn soak_10000_open_tap_from_32_clients() {
     assert_eq!(grants, TOTAL + 1, "one audit line per request");
     assert_served(&netd, &probe_bin, "vmafter");
 }
+
+#[test]
+fn client_cap_answers_busy_and_recovers() {
+    let (netd, probe_bin) = start("busy", &["--max-clients", "2"]);
+    // The start-up probe's connection may still be counted for a moment.
+    let admitted = || loop {
+        let s = raw_connect(&netd);
+        // A refused (Busy) connection may already be closed: retry.
+        let _ = codec::send(
+            &s,
+            &NetdRequest::Hello {
+                version: NETD_PROTOCOL_VERSION,
+            },
+            &[],
+        );
+        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME) {
+            Ok(r) if matches!(r.msg, NetdResponse::Hello { .. }) => return s,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let a = admitted();
+    let b = admitted();
+    let c = raw_connect(&netd);
+    let m = expect_refusal(&c, NetdErrorKind::Busy);
+    assert!(m.contains("maximum of 2"), "{m}");
+    drop((a, b));
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            let r = probe(
+                &probe_bin,
+                NOBODY,
+                NOBODY,
+                &["tap", &net_opt(&netd, "id=vmbusy")],
+            );
+            r["ok"] == true
+        }),
+        "netd did not recover after the busy period"
+    );
+    assert!(netd.audit_text().contains("kind=Busy"));
+}
+
+#[test]
+fn bad_policy_stops_netd_with_a_reason_and_stale_sockets_are_replaced() {
+    let netd_bin = tests::bin("netd");
+    let dir = std::env::temp_dir().join(format!("netd-startup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("bad.ron");
+    std::fs::write(
+        &policy,
+        r#"(tenants: [(who: Uid(1), names: Prefix("vm"), max_queues: 4, attach: Bridge("nobr"))])"#,
+    )
+    .unwrap();
+    let sock = dir.join("s.sock");
+    let out = std::process::Command::new(&netd_bin)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--policy")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("bridge \"nobr\" is not declared"), "{err}");
+
+    // A regular file at the socket path is never deleted.
+    let good = dir.join("good.ron");
+    std::fs::write(
+        &good,
+        r#"(tenants: [(who: Uid(1), names: Prefix("vm"), max_queues: 1, attach: Routed("10.0.2.1/30"))])"#,
+    )
+    .unwrap();
+    std::fs::write(&sock, "precious").unwrap();
+    let out = std::process::Command::new(&netd_bin)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--policy")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read_to_string(&sock).unwrap(), "precious");
+    std::fs::remove_file(&sock).unwrap();
+
+    // A stale socket (nobody listening) is replaced, and SIGTERM exits 0.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let ns = tests::NetNs::new("stale");
+    let mut child = ns
+        .command(&[netd_bin.to_str().unwrap()])
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--policy")
+        .arg(&good)
+        .spawn()
+        .unwrap();
+    let up = wait_for(Duration::from_secs(20), || {
+        UnixStream::connect(&sock).is_ok()
+    });
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(up, "netd did not replace the stale socket");
+    assert_eq!(st.code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
