@@ -699,3 +699,49 @@ fn bad_policy_stops_netd_with_a_reason_and_stale_sockets_are_replaced() {
     assert_eq!(st.code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Concurrent requests for one name: exactly one wins, the others get
+/// NameInUse, and nobody joins the winner's multi-queue set.
+#[test]
+fn racing_requests_for_one_name_never_share_a_tap() {
+    use vmm::net::netd_client::{NetdClient, NetdClientError};
+    let (netd, _probe) = start("race", &[]);
+    for round in 0..20 {
+        let name = format!("srace{round}");
+        let barrier = std::sync::Barrier::new(8);
+        let results: Vec<_> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    sc.spawn(|| {
+                        let mut c = NetdClient::connect(&netd.socket, Duration::from_secs(60))?;
+                        barrier.wait();
+                        c.open_tap(&name, 2, true, false, None)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        let won: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "round {round}: {results:?}");
+        assert_eq!(won[0].taps.len(), 2);
+        for r in &results {
+            if let Err(e) = r {
+                assert!(
+                    matches!(
+                        e,
+                        NetdClientError::Refused {
+                            kind: NetdErrorKind::NameInUse,
+                            ..
+                        }
+                    ),
+                    "{e}"
+                );
+            }
+        }
+        // The losers were refused before any TUNSETIFF could attach them
+        // (NameInUse above); the winner's TAP is intact.
+        let link = netd.ns.exec(&["ip", "-d", "link", "show", &name]);
+        assert!(link.contains("multi_queue"), "{link}");
+        drop(results);
+    }
+}

@@ -154,17 +154,19 @@ pub struct NetdClient {
 impl NetdClient {
     /// Connects and exchanges Hello; `timeout` bounds each later exchange too.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, NetdClientError> {
-        let sock = UnixStream::connect(path).map_err(|source| NetdClientError::Connect {
+        let connect_err = |source| NetdClientError::Connect {
             path: path.display().to_string(),
             source,
-        })?;
-        let setup = sock
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| sock.set_write_timeout(Some(timeout)));
-        setup.map_err(|source| NetdClientError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        };
+        let sock = UnixStream::connect(path).map_err(connect_err)?;
+        sock.set_read_timeout(Some(timeout))
+            .and_then(|()| sock.set_write_timeout(Some(timeout)))
+            .map_err(connect_err)?;
+        Self::from_stream(sock)
+    }
+
+    /// Exchanges Hello over an already connected socket.
+    pub fn from_stream(sock: UnixStream) -> Result<Self, NetdClientError> {
         let mut c = NetdClient { sock };
         let (resp, _) = c.exchange(&NetdRequest::Hello {
             version: NETD_PROTOCOL_VERSION,
@@ -291,4 +293,140 @@ impl NetdClient {
 pub fn open_tap_for(cfg: &NetConfig) -> Result<TapFds, NetdClientError> {
     let mut c = NetdClient::connect(&cfg.netd_socket, DEFAULT_TIMEOUT)?;
     c.open_tap(&cfg.id, cfg.queues, true, cfg.vhost, cfg.mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// A scripted stand-in for netd: answers Hello, then each later request
+    /// with the next (response, fds) of the script.
+    fn fake_netd(script: Vec<(NetdResponse, Vec<std::fs::File>)>) -> UnixStream {
+        let (client, server) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let _: codec::Received<NetdRequest> = codec::recv(&server, NETD_MAX_FRAME).unwrap();
+            codec::send(
+                &server,
+                &NetdResponse::Hello {
+                    version: NETD_PROTOCOL_VERSION,
+                },
+                &[],
+            )
+            .unwrap();
+            for (resp, files) in script {
+                if codec::recv::<_, NetdRequest>(&server, NETD_MAX_FRAME).is_err() {
+                    return;
+                }
+                let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+                let _ = codec::send(&server, &resp, &fds);
+            }
+        });
+        client
+    }
+
+    fn tap_resp(name: &str, fds: u16) -> NetdResponse {
+        NetdResponse::Tap {
+            name: name.into(),
+            queues: 1,
+            vnet_hdr: true,
+            tap_fds: fds,
+            vhost_fds: 0,
+        }
+    }
+
+    #[test]
+    fn refusal_carries_kind_and_message() {
+        let s = fake_netd(vec![(
+            NetdResponse::Error {
+                kind: NetdErrorKind::NameInUse,
+                message: "taken".into(),
+            },
+            vec![],
+        )]);
+        let mut c = NetdClient::from_stream(s).unwrap();
+        match c.open_tap("vm0", 1, true, false, None) {
+            Err(NetdClientError::Refused {
+                kind: NetdErrorKind::NameInUse,
+                message,
+            }) => {
+                assert_eq!(message, "taken")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_fd_that_is_not_the_tap_is_rejected() {
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let s = fake_netd(vec![(tap_resp("vm0", 1), vec![devnull])]);
+        let mut c = NetdClient::from_stream(s).unwrap();
+        let e = c.open_tap("vm0", 1, true, false, None).unwrap_err();
+        assert!(matches!(e, NetdClientError::Verify(_)), "{e}");
+    }
+
+    #[test]
+    fn mismatched_answers_are_protocol_errors() {
+        let devnull = || std::fs::File::open("/dev/null").unwrap();
+        let s = fake_netd(vec![
+            (tap_resp("vm1", 1), vec![devnull()]),
+            (tap_resp("vm0", 1), vec![]),
+            (NetdResponse::Vhost { vhost_fds: 1 }, vec![]),
+        ]);
+        let mut c = NetdClient::from_stream(s).unwrap();
+        let e = c.open_tap("vm0", 1, true, false, None).unwrap_err();
+        assert!(matches!(e, NetdClientError::Protocol(_)), "{e}");
+        let e = c.open_tap("vm0", 1, true, false, None).unwrap_err();
+        assert!(
+            matches!(e, NetdClientError::Codec(CodecError::FdCount { .. })),
+            "{e}"
+        );
+        let e = c.open_tap("vm0", 1, true, false, None).unwrap_err();
+        assert!(matches!(e, NetdClientError::Protocol(_)), "{e}");
+    }
+
+    #[test]
+    fn real_tap_passes_verification_when_tun_is_usable() {
+        // Needs CAP_NET_ADMIN (the test suite runs as root); skip otherwise.
+        // The TAP lives in a network namespace of this thread's own.
+        std::thread::spawn(verify_real_tap_in_own_netns)
+            .join()
+            .unwrap();
+    }
+
+    fn verify_real_tap_in_own_netns() {
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+            return eprintln!("skipped: unshare(CLONE_NEWNET): {e}");
+        }
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+        {
+            Ok(f) => f,
+            Err(e) => return eprintln!("skipped: /dev/net/tun: {e}"),
+        };
+        let mut ifr = [0u8; 40];
+        let name = format!("vt{}", std::process::id() % 100_000);
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) };
+        if r < 0 {
+            return eprintln!("skipped: TUNSETIFF: {}", io::Error::last_os_error());
+        }
+        verify_tap(&f, &name, 1, false).unwrap();
+        assert!(matches!(
+            verify_tap(&f, "other", 1, false),
+            Err(NetdClientError::Verify(_))
+        ));
+        assert!(matches!(
+            verify_tap(&f, &name, 2, false),
+            Err(NetdClientError::Verify(_))
+        ));
+        assert!(matches!(
+            verify_tap(&f, &name, 1, true),
+            Err(NetdClientError::Verify(_))
+        ));
+    }
 }
