@@ -219,7 +219,8 @@ impl Server {
                         ),
                     );
                     let shown = format!("{:?}", truncate(text, 200));
-                    if !self.finish(stream, peer, &shown, out) {
+                    // Before Hello nothing but Hello is acceptable.
+                    if !self.finish(stream, peer, &shown, out) || !hello_done {
                         return;
                     }
                     continue;

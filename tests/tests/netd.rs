@@ -325,6 +325,15 @@ fn malformed_input_each_followed_by_a_served_client() {
         assert_served(&netd, &probe_bin, "vmm4");
     }
 
+    // Deep nesting within the size cap: refused by the parser's recursion
+    // limit, not a stack overflow in netd's small client threads.
+    let mut s = raw_connect(&netd);
+    hello(&s);
+    s.write_all(&raw_frame("[".repeat(4000).as_bytes()))
+        .unwrap();
+    assert!(closed_by_netd(&mut s, Duration::from_secs(10)));
+    assert_served(&netd, &probe_bin, "vmm9");
+
     // Oversized frame: closed before netd reads (or allocates) the payload.
     let mut s = raw_connect(&netd);
     s.write_all(&(64u32 << 20).to_le_bytes()).unwrap();
