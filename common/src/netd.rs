@@ -2,8 +2,12 @@
 //! TAP and vhost-net fds. Who the client is comes from SO_PEERCRED on the
 //! server side, never from the messages.
 //!
-//! The first frame must be [`NetdRequest::Hello`] with [`NETD_PROTOCOL_VERSION`].
-//! fds come back beside the response frame, in the order the response lists.
+//! The first frame must be [`NetdRequest::Hello`] with [`NETD_PROTOCOL_VERSION`]
+//! (anything else, or another version, is refused with `Version` and the
+//! connection closed). fds come back beside the response frame, in the order
+//! the response lists. Every refusal is a [`NetdResponse::Error`] with a kind
+//! and a message a person can act on; a frame that is not RON at all, or over
+//! [`NETD_MAX_FRAME`], closes the connection without a reply.
 
 use serde::{Deserialize, Serialize};
 

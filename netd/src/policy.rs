@@ -113,7 +113,8 @@ impl Cidr {
 
 /// A syntactically valid Linux interface name that is safe to log and to pass
 /// to the kernel: 1..=15 bytes of ASCII letters, digits, '-', '_' and '.',
-/// and not "." or "..".
+/// and not "." or "..". Excluding '%' matters: the kernel treats "vm%d" in
+/// TUNSETIFF as a template and picks a free name itself.
 pub fn valid_ifname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_IFNAME_LEN
