@@ -2,12 +2,24 @@
 //! TAP and vhost-net fds. Who the client is comes from SO_PEERCRED on the
 //! server side, never from the messages.
 //!
-//! The first frame must be [`NetdRequest::Hello`] with [`NETD_PROTOCOL_VERSION`].
-//! fds come back beside the response frame, in the order the response lists.
+//! The first frame must be [`NetdRequest::Hello`] with [`NETD_PROTOCOL_VERSION`]
+//! (anything else, or another version, is refused with `Version` and the
+//! connection closed). fds come back beside the response frame, in the order
+//! the response lists. Every refusal is a [`NetdResponse::Error`] with a kind
+//! and a message a person can act on; a frame that is not RON at all, or over
+//! [`NETD_MAX_FRAME`], closes the connection without a reply.
 
 use serde::{Deserialize, Serialize};
 
 pub const NETD_PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side of the netd protocol sends; anything bigger is
+/// malformed and closes the connection.
+pub const NETD_MAX_FRAME: usize = 4096;
+
+/// Length of the virtio-net header netd sets on a TAP opened with `vnet_hdr`
+/// (TUNSETVNETHDRSZ): `virtio_net_hdr_v1`, as virtio 1.0 devices use.
+pub const VNET_HDR_LEN: i32 = 12;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NetdRequest {
@@ -53,6 +65,8 @@ pub enum NetdErrorKind {
     NameInUse,
     /// The kernel refused a step (the message says which).
     System,
+    /// netd serves its maximum number of clients; try again shortly.
+    Busy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,1 +1,160 @@
-fn main() {}
+//! netd: the only privileged process of the project. It accepts local clients
+//! on a UNIX socket, identifies them by SO_PEERCRED, checks each request
+//! against a RON policy, creates the TAP (and opens vhost-net), writes an audit
+//! line, hands the fds over with SCM_RIGHTS and closes its own copies.
+//!
+//! `netd --socket PATH --policy FILE [--audit-log FILE]`
+
+mod audit;
+mod iface;
+mod policy;
+mod server;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
+use crate::policy::{Cidr, Policy};
+use crate::server::{Limits, Server};
+
+const USAGE: &str = "usage: netd --socket PATH --policy FILE [--audit-log FILE] \
+[--read-timeout-ms N] [--client-deadline-ms N] [--max-clients N]";
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+struct Args {
+    socket: PathBuf,
+    policy: PathBuf,
+    audit_log: Option<PathBuf>,
+    limits: Limits,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut socket = None;
+    let mut policy = None;
+    let mut audit_log = None;
+    let mut limits = Limits {
+        read_timeout: Duration::from_secs(5),
+        client_deadline: Duration::from_secs(30),
+        max_clients: 64,
+    };
+    let mut it = std::env::args_os().skip(1);
+    while let Some(a) = it.next() {
+        let a = a.to_string_lossy().into_owned();
+        if a == "--help" || a == "-h" {
+            return Err(USAGE.to_string());
+        }
+        let v = it
+            .next()
+            .ok_or_else(|| format!("{a} needs a value\n{USAGE}"))?;
+        let num = |v: &std::ffi::OsStr| -> Result<u64, String> {
+            v.to_str()
+                .and_then(|s| s.parse().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{a} takes a positive number"))
+        };
+        match a.as_str() {
+            "--socket" => socket = Some(PathBuf::from(v)),
+            "--policy" => policy = Some(PathBuf::from(v)),
+            "--audit-log" => audit_log = Some(PathBuf::from(v)),
+            "--read-timeout-ms" => limits.read_timeout = Duration::from_millis(num(&v)?),
+            "--client-deadline-ms" => limits.client_deadline = Duration::from_millis(num(&v)?),
+            "--max-clients" => {
+                limits.max_clients = usize::try_from(num(&v)?).map_err(|e| e.to_string())?
+            }
+            _ => return Err(format!("unknown option {a}\n{USAGE}")),
+        }
+    }
+    Ok(Args {
+        socket: socket.ok_or_else(|| format!("--socket is required\n{USAGE}"))?,
+        policy: policy.ok_or_else(|| format!("--policy is required\n{USAGE}"))?,
+        audit_log,
+        limits,
+    })
+}
+
+/// Binds the socket, replacing a stale one but never a live netd's socket or
+/// a file that is not a socket.
+fn bind(path: &Path) -> Result<UnixListener, String> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!("another server is listening on {}", path.display()));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+    // Any local user may connect; who they are comes from SO_PEERCRED.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    Ok(l)
+}
+
+fn run() -> Result<(), String> {
+    let args = parse_args()?;
+    let policy = Policy::load(&args.policy).map_err(|e| e.to_string())?;
+    for b in &policy.bridges {
+        let addr = b
+            .address
+            .as_deref()
+            .map(Cidr::parse)
+            .transpose()
+            .map_err(|e| format!("bridge {}: {e}", b.name))?;
+        match iface::ensure_bridge(&b.name, addr) {
+            Ok(true) => log::info!("created bridge {}", b.name),
+            Ok(false) => log::info!("bridge {} exists; using it as it is", b.name),
+            Err(e) => return Err(format!("cannot set up bridge {}: {e}", b.name)),
+        }
+    }
+    let audit = audit::AuditLog::open(args.audit_log.as_deref()).map_err(|e| {
+        format!(
+            "cannot open audit log {}: {e}",
+            args.audit_log.as_deref().unwrap_or(Path::new("")).display()
+        )
+    })?;
+    let handler = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &handler) }.map_err(|e| format!("sigaction {sig}: {e}"))?;
+    }
+    let listener = bind(&args.socket)?;
+    log::info!("serving on {}", args.socket.display());
+    let server = Arc::new(Server::new(policy, audit, args.limits));
+    let result = server
+        .run(listener, &STOP)
+        .map_err(|e| format!("accept loop: {e}"));
+    let _ = std::fs::remove_file(&args.socket);
+    log::info!("stopped");
+    result
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

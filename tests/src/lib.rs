@@ -92,3 +92,4 @@ impl Drop for NetNs {
             .status();
     }
 }
+pub mod netd_harness;

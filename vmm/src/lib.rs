@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod memory;
+pub mod net;
 pub mod persist;
 pub mod privileges;
 pub mod vcpu;

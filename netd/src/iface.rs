@@ -1,0 +1,253 @@
+//! Kernel interface set-up through ioctls only (no `ip`, no netlink): TAP
+//! creation on /dev/net/tun, bridge creation and enslaving, addresses, link up.
+//! Everything acts on the network namespace netd runs in.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::policy::{Cidr, MAX_IFNAME_LEN};
+
+// <linux/if_tun.h>
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+const IFF_MULTI_QUEUE: i16 = 0x0100;
+/// Fail with EBUSY instead of attaching to an existing device of that name.
+const IFF_TUN_EXCL: i16 = 0x8000_u16 as i16;
+// <linux/sockios.h>
+const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
+const SIOCSIFADDR: libc::c_ulong = 0x8916;
+const SIOCSIFNETMASK: libc::c_ulong = 0x891c;
+const SIOCBRADDBR: libc::c_ulong = 0x89a0;
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IfaceError {
+    #[error("interface {0:?} already exists")]
+    Exists(String),
+    #[error("{what} for {name:?}: {source}")]
+    Sys {
+        what: &'static str,
+        name: String,
+        source: io::Error,
+    },
+    #[error("/dev/vhost-net is not available on this host: {0}")]
+    VhostUnavailable(io::Error),
+    #[error("cannot open /dev/vhost-net: {0}")]
+    Vhost(io::Error),
+}
+
+fn sys(what: &'static str, name: &str) -> impl FnOnce(io::Error) -> IfaceError {
+    let name = name.to_string();
+    move |source| IfaceError::Sys { what, name, source }
+}
+
+/// `struct ifreq`: a 16-byte name and a 24-byte union.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IfReq {
+    name: [u8; 16],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn new(name: &str) -> Self {
+        let mut r = IfReq {
+            name: [0; 16],
+            data: [0; 24],
+        };
+        let n = name.len().min(MAX_IFNAME_LEN);
+        r.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        r
+    }
+
+    fn set_short(&mut self, v: i16) {
+        self.data[..2].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn short(&self) -> i16 {
+        i16::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    fn set_int(&mut self, v: i32) {
+        self.data[..4].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn set_ipv4(&mut self, a: Ipv4Addr) {
+        // struct sockaddr_in: family, port (BE), address (BE).
+        self.data = [0; 24];
+        self.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        self.data[4..8].copy_from_slice(&a.octets());
+    }
+}
+
+/// ioctl with a `struct ifreq` argument.
+fn ifreq_ioctl(fd: &impl AsRawFd, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {
+    // SAFETY: `ifr` is a valid, writable ifreq of the size every one of these
+    // requests reads or writes; `fd` is open for the duration of the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, ifr as *mut IfReq) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A datagram socket for the SIOC* interface ioctls.
+fn ctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked before being owned.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether an interface of that name exists in netd's namespace.
+pub fn exists(name: &str) -> bool {
+    let Ok(c) = CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+fn ifindex(name: &str) -> Result<i32, IfaceError> {
+    let c = CString::new(name).map_err(|_| IfaceError::Sys {
+        what: "if_nametoindex",
+        name: name.to_string(),
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        return Err(sys("if_nametoindex", name)(io::Error::last_os_error()));
+    }
+    i32::try_from(i)
+        .map_err(|_| sys("if_nametoindex", name)(io::Error::from(io::ErrorKind::InvalidData)))
+}
+
+/// Sets IFF_UP on an interface.
+pub fn link_up(name: &str) -> Result<(), IfaceError> {
+    let s = ctl_socket().map_err(sys("socket", name))?;
+    let mut ifr = IfReq::new(name);
+    ifreq_ioctl(&s, SIOCGIFFLAGS, &mut ifr).map_err(sys("SIOCGIFFLAGS", name))?;
+    ifr.set_short(ifr.short() | libc::IFF_UP as i16);
+    ifreq_ioctl(&s, SIOCSIFFLAGS, &mut ifr).map_err(sys("SIOCSIFFLAGS", name))
+}
+
+/// Puts an IPv4 address with its netmask on an interface.
+pub fn set_address(name: &str, cidr: Cidr) -> Result<(), IfaceError> {
+    let s = ctl_socket().map_err(sys("socket", name))?;
+    let mut ifr = IfReq::new(name);
+    ifr.set_ipv4(cidr.addr);
+    ifreq_ioctl(&s, SIOCSIFADDR, &mut ifr).map_err(sys("SIOCSIFADDR", name))?;
+    let mut ifr = IfReq::new(name);
+    ifr.set_ipv4(cidr.netmask());
+    ifreq_ioctl(&s, SIOCSIFNETMASK, &mut ifr).map_err(sys("SIOCSIFNETMASK", name))
+}
+
+/// Creates a bridge unless an interface of that name exists, then sets its
+/// address (when given) and brings it up. Returns whether it was created.
+pub fn ensure_bridge(name: &str, address: Option<Cidr>) -> Result<bool, IfaceError> {
+    if exists(name) {
+        return Ok(false);
+    }
+    let s = ctl_socket().map_err(sys("socket", name))?;
+    let c = CString::new(name)
+        .map_err(|_| sys("SIOCBRADDBR", name)(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    // SAFETY: SIOCBRADDBR reads a NUL-terminated name from the pointer; `c`
+    // outlives the call.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), SIOCBRADDBR, c.as_ptr()) };
+    if r < 0 {
+        return Err(sys("SIOCBRADDBR", name)(io::Error::last_os_error()));
+    }
+    if let Some(a) = address {
+        set_address(name, a)?;
+    }
+    link_up(name)?;
+    Ok(true)
+}
+
+/// Enslaves `port` to `bridge`.
+pub fn bridge_add_port(bridge: &str, port: &str) -> Result<(), IfaceError> {
+    let s = ctl_socket().map_err(sys("socket", bridge))?;
+    let idx = ifindex(port)?;
+    let mut ifr = IfReq::new(bridge);
+    ifr.set_int(idx);
+    ifreq_ioctl(&s, SIOCBRADDIF, &mut ifr).map_err(sys("SIOCBRADDIF", port))
+}
+
+/// Creates a non-persistent TAP with `queues` queues and returns one fd per
+/// queue. The device disappears when the last of them is closed. An existing
+/// interface of that name is never joined: the first TUNSETIFF uses
+/// IFF_TUN_EXCL, which the kernel checks under the RTNL lock.
+pub fn create_tap(name: &str, queues: u16, vnet_hdr: bool) -> Result<Vec<File>, IfaceError> {
+    if exists(name) {
+        return Err(IfaceError::Exists(name.to_string()));
+    }
+    let mut flags = IFF_TAP | IFF_NO_PI;
+    if vnet_hdr {
+        flags |= IFF_VNET_HDR;
+    }
+    if queues > 1 {
+        flags |= IFF_MULTI_QUEUE;
+    }
+    let mut fds = Vec::with_capacity(usize::from(queues));
+    for q in 0..queues {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(sys("open /dev/net/tun", name))?;
+        let mut ifr = IfReq::new(name);
+        ifr.set_short(if q == 0 { flags | IFF_TUN_EXCL } else { flags });
+        match ifreq_ioctl(&f, TUNSETIFF, &mut ifr) {
+            Ok(()) => {}
+            Err(e) if q == 0 && e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(IfaceError::Exists(name.to_string()));
+            }
+            Err(e) => return Err(sys("TUNSETIFF", name)(e)),
+        }
+        if vnet_hdr {
+            let len: libc::c_int = common::netd::VNET_HDR_LEN;
+            // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
+            let r =
+                unsafe { libc::ioctl(f.as_raw_fd(), TUNSETVNETHDRSZ, &len as *const libc::c_int) };
+            if r < 0 {
+                return Err(sys("TUNSETVNETHDRSZ", name)(io::Error::last_os_error()));
+            }
+        }
+        fds.push(f);
+    }
+    Ok(fds)
+}
+
+/// Opens `n` /dev/vhost-net fds. Absence of the device is its own error so
+/// that the client learns the host cannot do vhost at all.
+pub fn open_vhost(n: u16) -> Result<Vec<File>, IfaceError> {
+    let mut v = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open("/dev/vhost-net")
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => IfaceError::VhostUnavailable(e),
+                _ if e.raw_os_error() == Some(libc::ENODEV) => IfaceError::VhostUnavailable(e),
+                _ => IfaceError::Vhost(e),
+            })?;
+        v.push(f);
+    }
+    Ok(v)
+}

@@ -1,0 +1,5 @@
+//! Networking of the VMM: the `--net` option and the client that gets TAP and
+//! vhost-net fds from the privileged netd.
+
+pub mod config;
+pub mod netd_client;
