@@ -16,7 +16,7 @@ use super::super::{
 };
 use super::backend::{FrameIo, NetBackend};
 use super::datapath::NetStats;
-use super::event_handler::{CtrlQueue, PairWorker, VhostRelay, set_active_pairs};
+use super::event_handler::{CtrlQueue, PairWorker, ThreadHook, VhostRelay, set_active_pairs};
 use super::vhost::VringSetup;
 
 /// Ring size offered for every queue.
@@ -90,6 +90,7 @@ pub struct NetDevice {
     pub(super) restored_pairs: Option<u16>,
     run: Run,
     stats: NetStats,
+    thread_hook: Option<ThreadHook>,
 }
 
 impl NetDevice {
@@ -116,11 +117,18 @@ impl NetDevice {
             restored_pairs: None,
             run: Run::Inactive,
             stats: NetStats::default(),
+            thread_hook: None,
         })
     }
 
     pub fn queue_pairs(&self) -> u16 {
         self.backend.queue_pairs()
+    }
+
+    /// Runs `hook(thread name)` at the start of every device thread (for
+    /// its seccomp filter; see `event_handler::DEVICE_THREAD_SYSCALLS`).
+    pub fn set_thread_hook(&mut self, hook: ThreadHook) {
+        self.thread_hook = Some(hook);
     }
 
     pub fn acked_features(&self) -> u64 {
@@ -217,9 +225,16 @@ impl NetDevice {
                 for w in workers {
                     let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?);
                     let s = stop.clone();
+                    let hook = self.thread_hook.clone();
+                    let name = format!("virtio-net-q{}", w.pair);
                     let h = std::thread::Builder::new()
-                        .name(format!("virtio-net-q{}", w.pair))
-                        .spawn(move || w.run(&s))
+                        .name(name.clone())
+                        .spawn(move || {
+                            if let Some(hook) = hook {
+                                hook(&name);
+                            }
+                            w.run(&s)
+                        })
                         .map_err(NetError::Thread)?;
                     threads.push((stop, h));
                 }
@@ -248,9 +263,15 @@ impl NetDevice {
                 }
                 let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?);
                 let s = stop.clone();
+                let hook = self.thread_hook.clone();
                 let h = std::thread::Builder::new()
                     .name("vhost-net-relay".into())
-                    .spawn(move || relay.run(&s))
+                    .spawn(move || {
+                        if let Some(hook) = hook {
+                            hook("vhost-net-relay");
+                        }
+                        relay.run(&s)
+                    })
                     .map_err(NetError::Thread)?;
                 self.run = Run::KernelRunning(stop, h);
             }

@@ -21,6 +21,36 @@ use super::datapath::{
 };
 use virtio_queue::QueueT;
 
+/// Called first thing in every device thread with the thread's name: the
+/// VMM installs the thread's seccomp filter (and drops anything else) here.
+pub type ThreadHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The system calls a device thread makes once its hook ran (serving the
+/// queues, switching TAP queues, stopping), for its seccomp allow-list.
+/// `ioctl` needs only `tap::DEVICE_THREAD_IOCTLS` (first argument: request).
+/// `unit tests` run the device under exactly this list.
+pub const DEVICE_THREAD_SYSCALLS: &[libc::c_long] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_ioctl,
+    libc::SYS_futex,
+    libc::SYS_close,
+    libc::SYS_sched_yield,
+    // Memory, and the thread's own exit.
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+];
+
 const STOP: u64 = 0;
 const RX_KICK: u64 = 1;
 const TX_KICK: u64 = 2;
