@@ -746,6 +746,11 @@ fn device_threads_run_under_their_seccomp_allow_list() {
         seccompiler::apply_filter(&pr).expect("seccomp filter");
         ap.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }));
+    // Threads exist (and are sandboxed) before the driver shows up.
+    dev.start_threads().unwrap();
+    wait_for("both device threads", || {
+        applied.load(std::sync::atomic::Ordering::SeqCst) == 2
+    });
     let t = MmioTransport::new(dev, mem.clone()).unwrap();
     let mut d = Driver::wrap(t, mem);
     assert!(d.negotiate(ALL));
@@ -753,9 +758,6 @@ fn device_threads_run_under_their_seccomp_allow_list() {
         d.setup_queue(i, 16);
     }
     d.driver_ok();
-    wait_for("both device threads", || {
-        applied.load(std::sync::atomic::Ordering::SeqCst) == 2
-    });
     // tx, rx, a control command (TUNSETQUEUE on the mock is a no-op, so
     // the ioctl path is exercised by the TAP integration test), pause, resume.
     let pl = payload(60, 1);
@@ -771,4 +773,14 @@ fn device_threads_run_under_their_seccomp_allow_list() {
     assert_eq!(p[0].recv().unwrap(), frame(&pl));
     d.write(0x70, 0);
     assert!(!d.needs_reset());
+    // Reactivation reuses the same threads.
+    assert!(d.negotiate(ALL));
+    for i in 0..5 {
+        d.setup_queue(i, 16);
+    }
+    d.driver_ok();
+    d.send(&pl);
+    assert_eq!(p[0].recv().unwrap(), frame(&pl));
+    assert_eq!(applied.load(std::sync::atomic::Ordering::SeqCst), 2);
+    drop(d);
 }
