@@ -78,7 +78,7 @@ struct Ring {
 struct Driver {
     t: MmioTransport<NetDevice>,
     mem: Arc<GuestMemoryMmap>,
-    rings: [Ring; 2],
+    rings: Vec<Ring>,
 }
 
 impl Driver {
@@ -97,6 +97,17 @@ impl Driver {
     }
 
     fn start_backend(backend: Box<dyn NetBackend>) -> Self {
+        Self::start_with(backend, false)
+    }
+
+    /// Rx buffer `id` of rx queue `q` (0 or 2).
+    fn rx_buf(q: usize, id: u16) -> u64 {
+        BUF + (q as u64 / 2) * 0x8_0000 + u64::from(id) * u64::from(BUF_LEN)
+    }
+
+    /// With `mq`, negotiates MQ + CTRL_VQ and sets up both pairs and the
+    /// control queue (the device must expose 5 queues).
+    fn start_with(backend: Box<dyn NetBackend>, mq: bool) -> Self {
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
         let dev = NetDevice::new(backend, Some(GUEST_MAC)).unwrap();
         let t = MmioTransport::new(dev, mem.clone()).unwrap();
@@ -110,7 +121,7 @@ impl Driver {
         let mut d = Driver {
             t,
             mem,
-            rings: [ring(0), ring(1)],
+            rings: (0..if mq { 5 } else { 2 }).map(ring).collect(),
         };
         assert_eq!(d.r(0), 0x7472_6976);
         d.w(0x70, 1);
@@ -121,7 +132,10 @@ impl Driver {
         let hi = d.r(0x10);
         let offered = u64::from(lo) | (u64::from(hi) << 32);
         // VERSION_1, EVENT_IDX, MRG_RXBUF, MAC, STATUS.
-        let want = (1u64 << 32) | (1 << 29) | (1 << 15) | (1 << 5) | (1 << 16);
+        let mut want = (1u64 << 32) | (1 << 29) | (1 << 15) | (1 << 5) | (1 << 16);
+        if mq {
+            want |= (1 << 22) | (1 << 17);
+        }
         assert_eq!(offered & want, want);
         d.w(0x24, 0);
         d.w(0x20, want as u32);
@@ -129,7 +143,7 @@ impl Driver {
         d.w(0x20, (want >> 32) as u32);
         d.w(0x70, 3 | 8);
         assert_ne!(d.r(0x70) & 8, 0, "FEATURES_OK");
-        for i in 0..2 {
+        for i in 0..d.rings.len() {
             let g = d.rings[i];
             d.w(0x30, i as u32);
             d.w(0x38, u32::from(QSIZE));
@@ -144,12 +158,22 @@ impl Driver {
         d.w(0x70, 3 | 8 | 4);
         assert_eq!(d.r(0x70), 3 | 8 | 4, "device running, no reset needed");
         // Every rx descriptor i owns buffer i, all posted.
-        for i in 0..QSIZE {
-            d.desc(0, i, BUF + u64::from(i) * u64::from(BUF_LEN), BUF_LEN, 2);
-            d.push(0, i);
+        for q in d.rx_queues() {
+            for i in 0..QSIZE {
+                d.desc(q, i, Self::rx_buf(q, i), BUF_LEN, 2);
+                d.push(q, i);
+            }
+            d.w(0x50, q as u32);
         }
-        d.w(0x50, 0);
         d
+    }
+
+    fn rx_queues(&self) -> Vec<usize> {
+        if self.rings.len() > 2 {
+            vec![0, 2]
+        } else {
+            vec![0]
+        }
     }
 
     fn desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16) {
@@ -192,19 +216,44 @@ impl Driver {
     /// Received frames (without vnet header); their buffers go back.
     fn recv(&mut self) -> Vec<Vec<u8>> {
         let mut frames = Vec::new();
-        let used = self.used(0);
-        for &(id, len) in &used {
-            let mut f = vec![0u8; len as usize];
-            let a = BUF + u64::from(id) * u64::from(BUF_LEN);
-            self.mem.read_slice(&mut f, GuestAddress(a)).unwrap();
-            assert_eq!(u16::from_le_bytes([f[10], f[11]]), 1, "num_buffers");
-            frames.push(f.split_off(HDR));
-            self.push(0, id);
-        }
-        if !used.is_empty() {
-            self.w(0x50, 0);
+        for q in self.rx_queues() {
+            let used = self.used(q);
+            for &(id, len) in &used {
+                let mut f = vec![0u8; len as usize];
+                let a = Self::rx_buf(q, id);
+                self.mem.read_slice(&mut f, GuestAddress(a)).unwrap();
+                assert_eq!(u16::from_le_bytes([f[10], f[11]]), 1, "num_buffers");
+                frames.push(f.split_off(HDR));
+                self.push(q, id);
+            }
+            if !used.is_empty() {
+                self.w(0x50, q as u32);
+            }
         }
         frames
+    }
+
+    /// Sends a control command on queue 4; returns the device's ack byte.
+    fn ctrl(&mut self, req: &[u8]) -> u8 {
+        let (a, ack) = (0xF0_0000u64, 0xF0_1000u64);
+        self.mem.write_slice(req, GuestAddress(a)).unwrap();
+        self.mem.write_obj(0xeeu8, GuestAddress(ack)).unwrap();
+        let g = self.rings[4].desc;
+        self.mem.write_obj(a, GuestAddress(g)).unwrap();
+        self.mem
+            .write_obj(req.len() as u32, GuestAddress(g + 8))
+            .unwrap();
+        self.mem.write_obj(1u16, GuestAddress(g + 12)).unwrap();
+        self.mem.write_obj(1u16, GuestAddress(g + 14)).unwrap();
+        self.desc(4, 1, ack, 1, 2);
+        self.push(4, 0);
+        self.w(0x50, 4);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.used(4).is_empty() {
+            assert!(Instant::now() < deadline, "control command not answered");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.mem.read_obj(GuestAddress(ack)).unwrap()
     }
 
     /// Sends one frame from tx descriptor `slot`.
@@ -337,6 +386,22 @@ fn multiqueue_tap_with_single_pair_driver_loses_nothing() {
     let mut d = Driver::start_backend(Box::new(tap));
     assert_eq!(d.t.device().queue_max_sizes().len(), 5, "2 pairs + control");
     ping_guest(&ns, "vtap3", &mut d);
+}
+
+/// A two-queue TAP and a driver with MQ that enables both pairs through
+/// the control queue (TUNSETQUEUE attaches the second TAP queue): frames
+/// may arrive on either rx queue, and ping still answers.
+#[test]
+fn multiqueue_tap_with_both_pairs_enabled() {
+    let ns = NetNs::new("vnmq2");
+    let fds = open_tap_queues(&ns, "vtap4", 2);
+    ns.exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", "vtap4"]);
+    ns.exec(&["ip", "link", "set", "vtap4", "up"]);
+    let tap = Tap::from_fds(fds).expect("multiqueue TAP backend");
+    let mut d = Driver::start_with(Box::new(tap), true);
+    assert_eq!(d.ctrl(&[4, 0, 2, 0]), 0, "VQ_PAIRS_SET 2 accepted");
+    assert_eq!(d.ctrl(&[4, 0, 3, 0]), 1, "VQ_PAIRS_SET 3 refused");
+    ping_guest(&ns, "vtap4", &mut d);
 }
 
 #[test]
