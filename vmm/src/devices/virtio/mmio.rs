@@ -32,6 +32,12 @@ pub fn slot(i: u32) -> (u64, u32) {
     (MMIO_BASE + u64::from(i) * MMIO_SIZE, FIRST_GSI + i)
 }
 
+/// The guest command-line entry announcing slot `i` (Linux convention).
+pub fn cmdline_entry(i: u32) -> String {
+    let (base, gsi) = slot(i);
+    format!("virtio_mmio.device=4K@{base:#x}:{gsi}")
+}
+
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x554d_4551; // what QEMU reports; drivers ignore it

@@ -4,6 +4,22 @@
 //! transport (`mmio::MmioTransport`) owns the guest-visible registers and
 //! hands the device its queues, kick `EventFd`s and the interrupt when the
 //! driver sets DRIVER_OK.
+//!
+//! Attaching a `--net` device in slot `i` (what the VMM does):
+//! 1. `net::backend_from_fds(tap_fds, vhost_fds)` on the fds netd sent;
+//!    `NetDevice::new(backend, mac)`; `set_thread_hook` (seccomp for the
+//!    device threads) and `start_threads()` before the VMM sandboxes itself.
+//! 2. `MmioTransport::new(device, guest_memory)`; `(base, gsi) = mmio::slot(i)`.
+//! 3. Register with KVM: each `queue_eventfds()[q]` as an ioeventfd at
+//!    `base + mmio::NOTIFY_OFFSET`, 4 bytes, datamatch `q`; and
+//!    `interrupt_eventfd()` as an irqfd on `gsi`.
+//! 4. Put the transport on the MMIO bus at `base`, length `mmio::MMIO_SIZE`,
+//!    and add `mmio::cmdline_entry(i)` to the guest command line.
+//!
+//! Migration: `device_mut().pause()`, then `save()` of the transport and
+//! `device().save()` of the net device (TAP fds travel beside the RON in
+//! `BackendState::tap_fds` order); on the target `NetDevice::restore` then
+//! `MmioTransport::restore`, register the new eventfds, and `resume()`.
 
 pub mod mmio;
 pub mod net;

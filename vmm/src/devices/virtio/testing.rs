@@ -215,6 +215,10 @@ impl Driver {
     pub fn new_unstarted(backend: MockBackend, mem: GuestMemory) -> Self {
         let dev = NetDevice::new(Box::new(backend), Some(MAC)).unwrap();
         let t = MmioTransport::new(dev, mem.clone()).unwrap();
+        Self::wrap(t, mem)
+    }
+
+    pub fn wrap(t: MmioTransport<NetDevice>, mem: GuestMemory) -> Self {
         Driver {
             t,
             mem,

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{QueueState, QueueT};
@@ -16,7 +15,9 @@ use super::super::{
 };
 use super::backend::{FrameIo, NetBackend};
 use super::datapath::NetStats;
-use super::event_handler::{CtrlQueue, PairWorker, VhostRelay, set_active_pairs};
+use super::event_handler::{
+    CtrlQueue, DeviceThread, Job, PairWorker, ThreadHook, VhostRelay, set_active_pairs,
+};
 use super::vhost::VringSetup;
 
 /// Ring size offered for every queue.
@@ -69,9 +70,10 @@ pub fn offered_features(queue_pairs: u16) -> u64 {
 /// Threads running, or their state kept while paused.
 enum Run {
     Inactive,
-    UserRunning(Vec<(Arc<EventFd>, JoinHandle<PairWorker>)>),
+    /// Jobs running on the first n device threads.
+    UserRunning(usize),
     UserPaused(Vec<PairWorker>),
-    KernelRunning(Arc<EventFd>, JoinHandle<VhostRelay>),
+    KernelRunning,
     KernelPaused(VhostRelay),
 }
 
@@ -90,6 +92,8 @@ pub struct NetDevice {
     pub(super) restored_pairs: Option<u16>,
     run: Run,
     stats: NetStats,
+    thread_hook: Option<ThreadHook>,
+    threads: Vec<DeviceThread>,
 }
 
 impl NetDevice {
@@ -116,11 +120,42 @@ impl NetDevice {
             restored_pairs: None,
             run: Run::Inactive,
             stats: NetStats::default(),
+            thread_hook: None,
+            threads: Vec::new(),
         })
     }
 
     pub fn queue_pairs(&self) -> u16 {
         self.backend.queue_pairs()
+    }
+
+    /// Runs `hook(thread name)` at the start of every device thread (for
+    /// its seccomp filter; see `event_handler::DEVICE_THREAD_SYSCALLS`).
+    /// Set it before `start_threads`.
+    pub fn set_thread_hook(&mut self, hook: ThreadHook) {
+        self.thread_hook = Some(hook);
+    }
+
+    /// Creates the device threads (one per queue pair, or one vhost relay)
+    /// now, before the VMM sandboxes itself; otherwise the first
+    /// activation creates them, on whatever thread activates.
+    pub fn start_threads(&mut self) -> Result<(), NetError> {
+        if !self.threads.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = if self.backend.kernel_datapath().is_some() {
+            vec!["vhost-net-relay".into()]
+        } else {
+            (0..self.queue_pairs())
+                .map(|p| format!("virtio-net-q{p}"))
+                .collect()
+        };
+        for name in names {
+            let t =
+                DeviceThread::spawn(name, self.thread_hook.clone()).map_err(NetError::Thread)?;
+            self.threads.push(t);
+        }
+        Ok(())
     }
 
     pub fn acked_features(&self) -> u64 {
@@ -132,7 +167,7 @@ impl NetDevice {
     }
 
     pub fn is_running(&self) -> bool {
-        matches!(self.run, Run::UserRunning(_) | Run::KernelRunning(..))
+        matches!(self.run, Run::UserRunning(_) | Run::KernelRunning)
     }
 
     /// Counters, as of the last pause (threads own them while running).
@@ -160,20 +195,21 @@ impl NetDevice {
             .collect()
     }
 
-    /// Stops the device threads, keeping queues and a frame in flight.
-    /// Frames arriving meanwhile wait in the TAP.
+    /// Stops the device threads' work, keeping queues and a frame in
+    /// flight. Frames arriving meanwhile wait in the TAP.
     pub fn pause(&mut self) -> Result<(), NetError> {
         match std::mem::replace(&mut self.run, Run::Inactive) {
-            Run::UserRunning(threads) => {
-                for (stop, _) in &threads {
-                    stop.write(1).map_err(NetError::EventFd)?;
+            Run::UserRunning(n) => {
+                let running = self.threads.get(..n).unwrap_or_default();
+                for t in running {
+                    t.request_stop().map_err(NetError::EventFd)?;
                 }
-                let mut workers = Vec::with_capacity(threads.len());
+                let mut workers = Vec::with_capacity(n);
                 let mut lost = false;
-                for (_, h) in threads {
-                    match h.join() {
-                        Ok(w) => workers.push(w),
-                        Err(_) => lost = true,
+                for t in running {
+                    match t.finished() {
+                        Some(Job::Pair(w)) => workers.push(*w),
+                        _ => lost = true,
                     }
                 }
                 self.run = Run::UserPaused(workers);
@@ -181,9 +217,13 @@ impl NetDevice {
                     return Err(NetError::ThreadLost);
                 }
             }
-            Run::KernelRunning(stop, h) => {
-                stop.write(1).map_err(NetError::EventFd)?;
-                let mut relay = h.join().map_err(|_| NetError::ThreadLost)?;
+            Run::KernelRunning => {
+                let t = self.threads.first().ok_or(NetError::ThreadLost)?;
+                t.request_stop().map_err(NetError::EventFd)?;
+                let Some(Job::Relay(relay)) = t.finished() else {
+                    return Err(NetError::ThreadLost);
+                };
+                let mut relay = *relay;
                 let stopped = self.backend.kernel_datapath().map(|k| k.stop()).transpose();
                 let bases = match stopped {
                     Ok(b) => b.unwrap_or_default(),
@@ -208,22 +248,25 @@ impl NetDevice {
         Ok(())
     }
 
-    /// Restarts the device threads after `pause` (or after a restore).
+    /// Restarts the device threads' work after `pause` (or a restore).
     pub fn resume(&mut self) -> Result<(), NetError> {
         self.start_paused = false;
+        self.start_threads()?;
         match std::mem::replace(&mut self.run, Run::Inactive) {
             Run::UserPaused(workers) => {
-                let mut threads = Vec::with_capacity(workers.len());
-                for w in workers {
-                    let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?);
-                    let s = stop.clone();
-                    let h = std::thread::Builder::new()
-                        .name(format!("virtio-net-q{}", w.pair))
-                        .spawn(move || w.run(&s))
-                        .map_err(NetError::Thread)?;
-                    threads.push((stop, h));
+                let n = workers.len();
+                if n > self.threads.len() {
+                    self.run = Run::UserPaused(workers);
+                    return Err(NetError::ThreadLost);
                 }
-                self.run = Run::UserRunning(threads);
+                let mut lost = false;
+                for (w, t) in workers.into_iter().zip(&self.threads) {
+                    lost |= t.start(Job::Pair(Box::new(w))).is_err();
+                }
+                self.run = Run::UserRunning(n);
+                if lost {
+                    return Err(NetError::ThreadLost);
+                }
             }
             Run::KernelPaused(relay) => {
                 let acked = self.acked_features;
@@ -246,13 +289,17 @@ impl NetDevice {
                     self.run = Run::KernelPaused(relay);
                     return Err(e.into());
                 }
-                let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?);
-                let s = stop.clone();
-                let h = std::thread::Builder::new()
-                    .name("vhost-net-relay".into())
-                    .spawn(move || relay.run(&s))
-                    .map_err(NetError::Thread)?;
-                self.run = Run::KernelRunning(stop, h);
+                let Some(t) = self.threads.first() else {
+                    self.run = Run::KernelPaused(relay);
+                    return Err(NetError::ThreadLost);
+                };
+                if let Err(job) = t.start(Job::Relay(Box::new(relay))) {
+                    if let Job::Relay(r) = job {
+                        self.run = Run::KernelPaused(*r);
+                    }
+                    return Err(NetError::ThreadLost);
+                }
+                self.run = Run::KernelRunning;
             }
             other => self.run = other,
         }

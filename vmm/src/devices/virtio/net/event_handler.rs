@@ -21,6 +21,38 @@ use super::datapath::{
 };
 use virtio_queue::QueueT;
 
+/// Called first thing in every device thread with the thread's name: the
+/// VMM installs the thread's seccomp filter (and drops anything else) here.
+pub type ThreadHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The system calls a device thread makes once its hook ran (serving the
+/// queues, switching TAP queues, stopping), for its seccomp allow-list.
+/// `ioctl` needs only `tap::DEVICE_THREAD_IOCTLS` (first argument: request).
+/// `unit tests` run the device under exactly this list.
+pub const DEVICE_THREAD_SYSCALLS: &[libc::c_long] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_ioctl,
+    libc::SYS_futex,
+    libc::SYS_close,
+    // Debug builds of std check an fd with F_GETFD before closing it.
+    libc::SYS_fcntl,
+    libc::SYS_sched_yield,
+    // Memory, and the thread's own exit.
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+];
+
 const STOP: u64 = 0;
 const RX_KICK: u64 = 1;
 const TX_KICK: u64 = 2;
@@ -435,6 +467,84 @@ impl VhostRelay {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Work handed to a device thread.
+pub enum Job {
+    Pair(Box<PairWorker>),
+    Relay(Box<VhostRelay>),
+}
+
+/// A long-lived device thread. It is created before the VMM sandboxes
+/// itself (`NetDevice::start_threads`), runs its hook once, then serves one
+/// job at a time: activation and resume send a job, pause stops it and
+/// gets it back. So activating a device (on a vCPU thread, at the driver's
+/// DRIVER_OK) spawns nothing and needs no thread-creation syscalls.
+pub struct DeviceThread {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    done: std::sync::mpsc::Receiver<Job>,
+    stop: EventFd,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DeviceThread {
+    pub fn spawn(name: String, hook: Option<ThreadHook>) -> std::io::Result<Self> {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
+        let (done_tx, done) = std::sync::mpsc::channel::<Job>();
+        let stop = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
+        let thread_stop = stop.try_clone()?;
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                if let Some(hook) = hook {
+                    hook(&name);
+                }
+                while let Ok(job) = job_rx.recv() {
+                    let finished = match job {
+                        Job::Pair(w) => Job::Pair(Box::new(w.run(&thread_stop))),
+                        Job::Relay(r) => Job::Relay(Box::new(r.run(&thread_stop))),
+                    };
+                    if done_tx.send(finished).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            done,
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Starts `job`; gives it back if the thread is gone.
+    pub fn start(&self, job: Job) -> Result<(), Job> {
+        match &self.jobs {
+            Some(tx) => tx.send(job).map_err(|e| e.0),
+            None => Err(job),
+        }
+    }
+
+    /// Asks the running job to stop (returns at once).
+    pub fn request_stop(&self) -> std::io::Result<()> {
+        self.stop.write(1)
+    }
+
+    /// Waits for the job stopped by `request_stop`.
+    pub fn finished(&self) -> Option<Job> {
+        self.done.recv().ok()
+    }
+}
+
+impl Drop for DeviceThread {
+    fn drop(&mut self) {
+        // Closing the job channel ends the thread once its job (if any) is
+        // stopped; the owner stops jobs before dropping.
+        self.jobs = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
         }
     }
 }

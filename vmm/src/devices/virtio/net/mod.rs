@@ -14,3 +14,27 @@ pub use device::{NetDevice, NetError};
 pub use persist::NetState;
 pub use tap::Tap;
 pub use vhost::VhostNetBackend;
+
+use std::os::fd::OwnedFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("TAP: {0}")]
+    Tap(#[from] tap::TapError),
+    #[error("vhost-net: {0}")]
+    Vhost(#[from] vhost::VhostError),
+}
+
+/// The backend for the fds netd sent with `NetdResponse::Tap`: the TAP
+/// queue fds, then (when vhost was granted) one vhost-net fd per queue.
+pub fn backend_from_fds(
+    tap_fds: Vec<OwnedFd>,
+    vhost_fds: Vec<OwnedFd>,
+) -> Result<Box<dyn NetBackend>, BackendError> {
+    let tap = Tap::from_fds(tap_fds)?;
+    if vhost_fds.is_empty() {
+        return Ok(Box::new(tap));
+    }
+    let files = vhost_fds.into_iter().map(std::fs::File::from).collect();
+    Ok(Box::new(VhostNetBackend::new(tap, files)?))
+}
