@@ -121,7 +121,9 @@ impl NetDevice {
         }
         let n_free = usize::from(tx.size());
         rx.want_interrupt();
-        tx.want_interrupt();
+        // Completed transmissions are reclaimed when sending; the tx
+        // interrupt is wanted only while waiting for ring space.
+        tx.suppress_interrupts();
         mmio_write32(status, s | virtio::STATUS_DRIVER_OK);
         rx.publish();
         Ok(NetDevice {
@@ -174,7 +176,6 @@ impl NetDevice {
             self.tx.flush();
             self.tx.reclaim();
             self.rx.want_interrupt();
-            self.tx.vq.want_interrupt();
             if !self.rx.has_used() {
                 break;
             }
@@ -215,6 +216,7 @@ impl TxQueue {
             } else {
                 arch::sti_hlt();
             }
+            self.vq.suppress_interrupts();
         }
     }
 }
