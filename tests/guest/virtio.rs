@@ -126,6 +126,7 @@ impl Virtqueue {
         bufs: &Dma<Buffers>,
         device_writes: bool,
         event_idx: bool,
+        max_size: usize,
     ) -> Result<Self, &'static str> {
         mmio_write32(base + REG_QUEUE_SEL, u32::from(index));
         if mmio_read32(base + REG_QUEUE_READY) != 0 {
@@ -136,7 +137,7 @@ impl Virtqueue {
             return Err("queue not available");
         }
         // Split rings want a power of two.
-        let mut size = (max as usize).min(QUEUE_SIZE);
+        let mut size = (max as usize).min(QUEUE_SIZE).min(max_size.max(1));
         while !size.is_power_of_two() {
             size &= size - 1;
         }
