@@ -124,7 +124,7 @@ fn start_net(
             .str(" irq ")
             .dec(u64::from(dev.irq))
             .str(": ");
-        match netdev::NetDevice::probe(dev) {
+        match netdev::NetDevice::probe(dev, cfg.tx_queue_max.map_or(usize::MAX, |n| n as usize)) {
             netdev::Probe::NotNet => {
                 line.str("not a network device");
                 serial::line(line.as_bytes());

@@ -15,12 +15,20 @@ use core::ptr::{read_volatile, write_volatile};
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     let mut i = 0;
-    // SAFETY: every access is below n on the caller's valid ranges; x86
-    // allows unaligned u64 accesses.
+    // SAFETY: every access is below n on the caller's valid ranges; the
+    // u64 accesses happen only at 8-byte aligned addresses (dst and src
+    // share their alignment there).
     unsafe {
-        while i + 8 <= n {
-            write_volatile(dst.add(i) as *mut u64, read_volatile(src.add(i) as *const u64));
-            i += 8;
+        if (dst as usize) & 7 == (src as usize) & 7 {
+            while i < n && (dst as usize + i) & 7 != 0 {
+                write_volatile(dst.add(i), read_volatile(src.add(i)));
+                i += 1;
+            }
+            while i + 8 <= n {
+                let w = read_volatile(src.add(i) as *const u64);
+                write_volatile(dst.add(i) as *mut u64, w);
+                i += 8;
+            }
         }
         while i < n {
             write_volatile(dst.add(i), read_volatile(src.add(i)));
@@ -56,8 +64,13 @@ pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
     let b = c as u8;
     let word = u64::from_ne_bytes([b; 8]);
     let mut i = 0;
-    // SAFETY: every access is below n on the caller's valid range.
+    // SAFETY: every access is below n on the caller's valid range; u64
+    // stores only at 8-byte aligned addresses.
     unsafe {
+        while i < n && (dst as usize + i) & 7 != 0 {
+            write_volatile(dst.add(i), b);
+            i += 1;
+        }
         while i + 8 <= n {
             write_volatile(dst.add(i) as *mut u64, word);
             i += 8;

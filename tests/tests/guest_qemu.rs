@@ -246,6 +246,28 @@ fn in_netns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'stati
     .expect("netns thread")
 }
 
+/// A big socket receive buffer (SO_RCVBUFFORCE: tests run as root), so that
+/// a blast is never dropped by the host while the test thread is descheduled.
+fn grow_receive_buffer(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 8 << 20;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a socket we own with a pointer to a live c_int.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
+}
+
 /// The guest on QEMU behind a TAP in a namespace of the test's own.
 struct NetGuest {
     qemu: Qemu,
@@ -280,6 +302,7 @@ impl NetGuest {
             UdpSocket::bind("10.0.1.1:0").expect("bind in namespace")
         });
         sock.set_read_timeout(Some(REPLY_TIMEOUT)).expect("timeout");
+        grow_receive_buffer(&sock);
         NetGuest {
             qemu,
             tap,
@@ -404,39 +427,30 @@ fn ping_and_udp_services_on_qemu() {
     );
 }
 
-#[test]
-fn udp_blast_on_qemu() {
-    if !qemu_available() {
-        return;
-    }
-    // With a heartbeat too: timer and device interrupts share the guest.
-    let g = NetGuest::start("gb", "testguest.heartbeat=100");
+/// Asks the guest for `count` datagrams of `size` bytes and checks that all
+/// of them arrive, each once, with the documented payload.
+fn check_blast(g: &NetGuest, count: u32, size: usize) {
     let (_, _, tx_before, _) = g.stats();
-
-    // 300 datagrams of 512 bytes fit the default socket buffer even if we
-    // read slowly, so none is lost on the host side.
-    const COUNT: u32 = 300;
-    const SIZE: usize = 512;
     g.sock
         .send_to(
-            format!("{COUNT} {SIZE}").as_bytes(),
+            format!("{count} {size}").as_bytes(),
             SocketAddrV4::new(GUEST_IP, 5001),
         )
         .expect("send");
-    let mut seen = vec![false; COUNT as usize];
+    let mut seen = vec![false; count as usize];
     let mut buf = [0u8; 2048];
-    for got in 0..COUNT {
+    for got in 0..count {
         let (n, from) = g.sock.recv_from(&mut buf).unwrap_or_else(|e| {
             panic!(
-                "blast: {got} of {COUNT} datagrams, then {e}; console:\n{}",
+                "blast: {got} of {count} datagrams, then {e}; console:\n{}",
                 g.qemu.console.text()
             )
         });
         assert_eq!(from, SocketAddrV4::new(GUEST_IP, 5001).into());
-        assert_eq!(n, SIZE);
+        assert_eq!(n, size);
         let seq = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
         assert!(
-            seq < COUNT && !seen[seq as usize],
+            seq < count && !seen[seq as usize],
             "bad or repeated sequence number {seq}"
         );
         seen[seq as usize] = true;
@@ -450,7 +464,7 @@ fn udp_blast_on_qemu() {
     }
     let (_, _, tx_after, _) = g.stats();
     assert!(
-        tx_after > tx_before + u64::from(COUNT),
+        tx_after > tx_before + u64::from(count),
         "tx {tx_before} -> {tx_after}"
     );
     // Nothing more than asked for.
@@ -460,6 +474,66 @@ fn udp_blast_on_qemu() {
     assert!(
         g.sock.recv_from(&mut buf).is_err(),
         "more datagrams than requested"
+    );
+    g.sock
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .expect("timeout");
+}
+
+/// The guest's `testguest: blast ...` line for the last blast.
+fn blast_waits(g: &NetGuest) -> u64 {
+    let line = g
+        .qemu
+        .console
+        .wait_line(REPLY_TIMEOUT, |l| l.starts_with("testguest: blast to "))
+        .unwrap_or_else(|| panic!("no blast line:\n{}", g.qemu.console.text()));
+    line.split(' ')
+        .find_map(|w| w.strip_prefix("waits="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad blast line {line:?}"))
+}
+
+#[test]
+fn udp_blast_on_qemu() {
+    if !qemu_available() {
+        return;
+    }
+    // With a heartbeat too: timer and device interrupts share the guest.
+    let g = NetGuest::start("gb", "testguest.heartbeat=100");
+    check_blast(&g, 300, 512);
+    check_blast(&g, 100, 1472);
+
+    let last_tick = |text: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("testguest: tick "))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let next = format!("testguest: tick {}", last_tick(&g.qemu.console.text()) + 2);
+    assert!(
+        g.qemu
+            .console
+            .wait_line(BOOT_TIMEOUT, |l| l == next)
+            .is_some(),
+        "heartbeat stopped after the blasts:\n{}",
+        g.qemu.console.text()
+    );
+}
+
+#[test]
+fn udp_blast_waits_for_ring_space_on_qemu() {
+    if !qemu_available() {
+        return;
+    }
+    // Two tx descriptors: the blast must wait for the device again and
+    // again, and still lose nothing.
+    let g = NetGuest::start("gw", "testguest.txqueue=2");
+    check_blast(&g, 200, 1000);
+    assert!(
+        blast_waits(&g) > 0,
+        "the blast never waited:\n{}",
+        g.qemu.console.text()
     );
 }
 
