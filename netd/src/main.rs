@@ -24,7 +24,7 @@ use crate::policy::{Cidr, Policy};
 use crate::server::{Limits, Server};
 
 const USAGE: &str = "usage: netd --socket PATH --policy FILE [--audit-log FILE] \
-[--read-timeout-ms N] [--client-deadline-ms N] [--max-clients N]";
+[--read-timeout-ms N] [--client-deadline-ms N] [--max-clients N] [--max-clients-per-uid N]";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -46,7 +46,8 @@ fn parse_args() -> Result<Args, String> {
     let mut limits = Limits {
         read_timeout: Duration::from_secs(5),
         client_deadline: Duration::from_secs(30),
-        max_clients: 64,
+        max_clients: 128,
+        max_clients_per_uid: 48,
     };
     let mut it = std::env::args_os().skip(1);
     while let Some(a) = it.next() {
@@ -71,6 +72,9 @@ fn parse_args() -> Result<Args, String> {
             "--client-deadline-ms" => limits.client_deadline = Duration::from_millis(num(&v)?),
             "--max-clients" => {
                 limits.max_clients = usize::try_from(num(&v)?).map_err(|e| e.to_string())?
+            }
+            "--max-clients-per-uid" => {
+                limits.max_clients_per_uid = usize::try_from(num(&v)?).map_err(|e| e.to_string())?
             }
             _ => return Err(format!("unknown option {a}\n{USAGE}")),
         }

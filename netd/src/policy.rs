@@ -304,6 +304,7 @@ mod tests {
             "vm\n",
             "0123456789abcdef",
             "vmé",
+            "vm%d",
         ] {
             assert!(!valid_ifname(bad), "{bad:?}");
         }

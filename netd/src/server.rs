@@ -29,6 +29,9 @@ pub struct Limits {
     pub client_deadline: Duration,
     /// Most clients served at once; more are answered `Busy` and closed.
     pub max_clients: usize,
+    /// Most clients of one uid served at once, so that one tenant cannot
+    /// take every slot.
+    pub max_clients_per_uid: usize,
 }
 
 #[derive(Default)]
@@ -39,6 +42,7 @@ struct Counters {
 }
 
 struct Client {
+    uid: u32,
     deadline: Instant,
     stream: Arc<UnixStream>,
 }
@@ -133,16 +137,23 @@ impl Server {
         let stream = Arc::new(stream);
         {
             let mut clients = self.clients();
-            if clients.len() >= self.limits.max_clients {
+            let of_uid = clients.values().filter(|c| c.uid == peer.uid).count();
+            let full = if clients.len() >= self.limits.max_clients {
+                Some(format!(
+                    "netd is serving its maximum of {} clients; retry shortly",
+                    self.limits.max_clients
+                ))
+            } else if of_uid >= self.limits.max_clients_per_uid {
+                Some(format!(
+                    "uid {} already has the maximum of {} connections to netd; retry shortly",
+                    peer.uid, self.limits.max_clients_per_uid
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = full {
                 drop(clients);
-                let out = Outcome::refuse(
-                    NetdErrorKind::Busy,
-                    None,
-                    format!(
-                        "netd is serving its maximum of {} clients; retry shortly",
-                        self.limits.max_clients
-                    ),
-                );
+                let out = Outcome::refuse(NetdErrorKind::Busy, None, message);
                 let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
                 self.finish(&stream, &peer, "<connection>", out);
                 return;
@@ -150,6 +161,7 @@ impl Server {
             clients.insert(
                 id,
                 Client {
+                    uid: peer.uid,
                     deadline: Instant::now() + self.limits.client_deadline,
                     stream: Arc::clone(&stream),
                 },

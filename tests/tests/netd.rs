@@ -645,6 +645,36 @@ fn client_cap_answers_busy_and_recovers() {
 }
 
 #[test]
+fn one_uid_cannot_take_every_client_slot() {
+    let (netd, probe_bin) = start(
+        "peruid",
+        &["--max-clients", "8", "--max-clients-per-uid", "2"],
+    );
+    let admitted = || loop {
+        let s = raw_connect(&netd);
+        let _ = codec::send(
+            &s,
+            &NetdRequest::Hello {
+                version: NETD_PROTOCOL_VERSION,
+            },
+            &[],
+        );
+        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME) {
+            Ok(r) if matches!(r.msg, NetdResponse::Hello { .. }) => return s,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    // Root (this test) holds its two connections...
+    let held = [admitted(), admitted()];
+    let c = raw_connect(&netd);
+    let m = expect_refusal(&c, NetdErrorKind::Busy);
+    assert!(m.contains("uid 0") && m.contains("maximum of 2"), "{m}");
+    // ...and another tenant is still served meanwhile.
+    assert_served(&netd, &probe_bin, "vmfair");
+    drop(held);
+}
+
+#[test]
 fn bad_policy_stops_netd_with_a_reason_and_stale_sockets_are_replaced() {
     let netd_bin = tests::bin("netd");
     let dir = std::env::temp_dir().join(format!("netd-startup-{}", std::process::id()));

@@ -152,17 +152,40 @@ pub struct NetdClient {
 }
 
 impl NetdClient {
-    /// Connects and exchanges Hello; `timeout` bounds each later exchange too.
+    /// Connects and exchanges Hello; `timeout` bounds each later exchange
+    /// too. While netd answers `Busy` (all its client slots taken), retries
+    /// with a growing pause for up to `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, NetdClientError> {
         let connect_err = |source| NetdClientError::Connect {
             path: path.display().to_string(),
             source,
         };
-        let sock = UnixStream::connect(path).map_err(connect_err)?;
-        sock.set_read_timeout(Some(timeout))
-            .and_then(|()| sock.set_write_timeout(Some(timeout)))
-            .map_err(connect_err)?;
-        Self::from_stream(sock)
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let sock = UnixStream::connect(path).map_err(connect_err)?;
+            sock.set_read_timeout(Some(timeout))
+                .and_then(|()| sock.set_write_timeout(Some(timeout)))
+                .map_err(connect_err)?;
+            match Self::from_stream(sock) {
+                Err(NetdClientError::Refused {
+                    kind: NetdErrorKind::Busy,
+                    message,
+                }) if start.elapsed() + pause < timeout => {
+                    log::debug!("netd busy ({message}); retrying in {pause:?}");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                // netd may close a refused connection before reading Hello.
+                Err(NetdClientError::Codec(CodecError::Closed))
+                    if start.elapsed() + pause < timeout =>
+                {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Exchanges Hello over an already connected socket.
