@@ -63,7 +63,8 @@ impl StartError {
             | StartError::Privilege(PrivilegeError::RootTarget)
             | StartError::Memory(MemoryError::TooLarge { .. })
             | StartError::Serial { .. }
-            | StartError::NotYet(_) => 2,
+            | StartError::NotYet(_)
+            | StartError::Api(ApiError::Bind { .. }) => 2,
             StartError::Boot(BootError::Write(_)) => 1,
             StartError::Boot(_) => 2,
             _ => 1,
