@@ -154,8 +154,9 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
-    /// CPUID from KVM's supported set: our APIC ID, the hypervisor bit, and
-    /// one logical processor per package.
+    /// CPUID from KVM's supported set: our APIC ID, one logical processor
+    /// per package, the hypervisor bit; no VMX (no nested guests) and no
+    /// architectural PMU (its MSRs are not part of the migrated state).
     pub fn configure_cpuid(&self, kvm: &Kvm) -> Result<(), VcpuError> {
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -164,7 +165,13 @@ impl Vcpu {
             match e.function {
                 1 => {
                     e.ebx = (e.ebx & 0x0000_ffff) | (1 << 16) | (u32::from(self.id) << 24);
-                    e.ecx |= 1 << 31;
+                    e.ecx = (e.ecx & !(1 << 5)) | (1 << 31);
+                }
+                0xa => {
+                    e.eax = 0;
+                    e.ebx = 0;
+                    e.ecx = 0;
+                    e.edx = 0;
                 }
                 0xb | 0x1f => e.edx = u32::from(self.id),
                 _ => {}
