@@ -31,7 +31,7 @@ fn build_testguest(out: &Path, target: &Path) {
     for entry in std::fs::read_dir(&src_dir).expect("tests/guest is readable") {
         let path = entry.expect("tests/guest entry").path();
         if path.extension().is_some_and(|e| e == "rs" || e == "ld")
-            && path.file_name().is_some_and(|n| n != "trivial.rs")
+            && path.file_stem().is_some_and(|n| n != "trivial")
         {
             println!("cargo:rerun-if-changed={}", path.display());
         }

@@ -21,6 +21,9 @@ pub struct Config {
     pub ip: Option<([u8; 4], u8)>,
     pub exit: bool,
     pub heartbeat_ms: Option<u32>,
+    /// `testguest.txqueue=N`: use at most N tx descriptors (tests use a
+    /// tiny ring to exercise the wait-for-space path).
+    pub tx_queue_max: Option<u32>,
     /// Keys we could not parse, counted so that the guest can say so.
     pub bad_keys: u32,
 }
@@ -88,6 +91,12 @@ pub fn parse(cmdline: &[u8]) -> Config {
                     .and_then(|ms| u32::try_from(ms).ok())
                     .filter(|&ms| ms > 0);
                 cfg.heartbeat_ms.is_some()
+            }
+            (b"testguest.txqueue", Some(v)) => {
+                cfg.tx_queue_max = parse_u64(v)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|&n| n > 0);
+                cfg.tx_queue_max.is_some()
             }
             _ => true, // someone else's key
         };

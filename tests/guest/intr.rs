@@ -213,10 +213,11 @@ extern "C" fn guest_irq_dispatch(vector: u64) {
                 .get(usize::from(slot))
                 .map_or(0, |b| b.load(Ordering::Acquire));
             if base != 0 {
-                // Acknowledge before the main loop looks at the rings, so
-                // that anything the device adds later raises a new edge.
-                let status = arch::mmio_read32(base + 0x60);
-                arch::mmio_write32(base + 0x64, status);
+                // Acknowledge (used-buffer and config bits alike; acking a
+                // clear bit is harmless, and skipping the InterruptStatus
+                // read saves an exit) before the main loop looks at the
+                // rings, so anything the device adds later raises a new edge.
+                arch::mmio_write32(base + 0x64, 0x3);
             }
             DEVICE_PENDING.fetch_or(1 << slot, Ordering::AcqRel);
             DEVICE_IRQS.fetch_add(1, Ordering::Relaxed);

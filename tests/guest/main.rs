@@ -124,7 +124,7 @@ fn start_net(
             .str(" irq ")
             .dec(u64::from(dev.irq))
             .str(": ");
-        match netdev::NetDevice::probe(dev) {
+        match netdev::NetDevice::probe(dev, cfg.tx_queue_max.map_or(usize::MAX, |n| n as usize)) {
             netdev::Probe::NotNet => {
                 line.str("not a network device");
                 serial::line(line.as_bytes());
@@ -172,7 +172,10 @@ struct Heartbeat {
 impl Heartbeat {
     fn start(ms: u32) -> Self {
         // The PIT period is at most 54 ms: use the largest divisor of ms that fits.
-        let period = (1..=ms.min(54)).rev().find(|p| ms % p == 0).unwrap_or(1);
+        let period = (1..=ms.min(54))
+            .rev()
+            .find(|p| ms.is_multiple_of(*p))
+            .unwrap_or(1);
         intr::start_pit(period);
         Heartbeat {
             irqs_per_tick: u64::from(ms / period).max(1),

@@ -79,7 +79,14 @@ fn put(dst: &mut [u8], off: usize, src: &[u8]) {
 
 /// Internet checksum partial sum (not folded, not inverted).
 fn sum16(mut acc: u64, data: &[u8]) -> u64 {
-    let mut chunks = data.chunks_exact(2);
+    // Eight bytes at a time: a big-endian 32-bit word hi:lo is congruent to
+    // hi + lo modulo 0xffff, which is all the folded sum keeps.
+    let mut wide = data.chunks_exact(8);
+    for c in &mut wide {
+        let w = u64::from_be_bytes(<[u8; 8]>::try_from(c).unwrap_or([0; 8]));
+        acc += (w >> 32) + (w & 0xffff_ffff);
+    }
+    let mut chunks = wide.remainder().chunks_exact(2);
     for c in &mut chunks {
         acc += u64::from(u16::from_be_bytes([
             c.first().copied().unwrap_or(0),
@@ -254,9 +261,10 @@ impl Stack {
         peer.port = sport;
         match dport {
             PORT_ECHO => {
-                if self.send_udp(tx, peer, PORT_ECHO, data.len(), &mut |out| {
+                let sent = self.send_udp(tx, peer, PORT_ECHO, data.len(), &mut |out| {
                     put(out, 0, data)
-                }) {
+                });
+                if sent {
                     self.echo_replies += 1;
                 }
             }
@@ -290,12 +298,15 @@ impl Stack {
         let count = count.min(MAX_BLAST_COUNT);
         let (tx_before, waits_before) = (self.tx_frames, tx.waits());
         let size = (size as usize).min(MAX_UDP_PAYLOAD);
+        let mut pattern = [0u8; MAX_UDP_PAYLOAD];
+        for (i, b) in pattern.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let payload = pattern.get(..size).unwrap_or(&[]);
         for seq in 0..count {
             let seq_bytes = (seq as u32).to_be_bytes();
             self.send_udp(tx, peer, PORT_BLAST, size, &mut |out| {
-                for (i, b) in out.iter_mut().take(size).enumerate() {
-                    *b = i as u8;
-                }
+                put(out, 0, payload);
                 put(out, 0, seq_bytes.get(..size.min(4)).unwrap_or(&[]));
             });
         }
@@ -383,7 +394,10 @@ impl Stack {
             let Some(f) = f.get_mut(..frame_len) else {
                 return 0;
             };
-            f.fill(0);
+            // Every header byte is written below; only padding needs zeros.
+            if let Some(pad) = f.get_mut(ETH_HDR + total..) {
+                pad.fill(0);
+            }
             put(f, 0, &peer.mac);
             put(f, 6, &mac);
             put(f, 12, &ETHERTYPE_IPV4.to_be_bytes());
@@ -396,6 +410,7 @@ impl Stack {
             put(hdr, 6, &[0x40, 0, 64, proto]); // DF, TTL 64
             put(hdr, 12, &ip);
             put(hdr, 16, &peer.ip);
+            put(hdr, 10, &[0, 0]);
             let c = checksum(hdr);
             put(hdr, 10, &c.to_be_bytes());
             if let Some(body) = f.get_mut(ETH_HDR + IP_HDR..ETH_HDR + total) {

@@ -4,7 +4,7 @@
 use crate::arch::{self, mmio_read8, mmio_read32, mmio_write32};
 use crate::cmdline::MmioDevice;
 use crate::net::{Stack, Transmit};
-use crate::virtio::{self, BUF_SIZE, Buffers, Dma, QueueMem, Virtqueue};
+use crate::virtio::{self, BUF_SIZE, Buffers, Dma, QUEUE_SIZE, QueueMem, Virtqueue};
 
 const DEVICE_ID_NET: u32 = 1;
 const F_NET_MAC: u64 = 1 << 5;
@@ -17,6 +17,7 @@ static TX_MEM: Dma<QueueMem> = Dma::new(QueueMem::new());
 static RX_BUFS: Dma<Buffers> = Dma::new(Buffers::new());
 static TX_BUFS: Dma<Buffers> = Dma::new(Buffers::new());
 
+#[allow(clippy::large_enum_variant)] // built once at boot
 pub enum Probe {
     /// No device, or another kind of device, at this address.
     NotNet,
@@ -42,7 +43,7 @@ pub struct TxQueue {
 
 impl NetDevice {
     /// Probes and initialises the device; on failure sets FAILED.
-    pub fn probe(dev: &MmioDevice) -> Probe {
+    pub fn probe(dev: &MmioDevice, tx_queue_max: usize) -> Probe {
         if dev.addr == 0 || dev.addr.saturating_add(0x200) > 0x1_0000_0000 || dev.size < 0x100 {
             return Probe::Failed("address outside 0..4 GiB");
         }
@@ -56,7 +57,7 @@ impl NetDevice {
         if mmio_read32(base + virtio::REG_VERSION) != 2 {
             return Probe::Failed("legacy virtio-mmio (version 1) is not supported");
         }
-        match Self::init(base) {
+        match Self::init(base, tx_queue_max) {
             Ok(d) => Probe::Ready(d),
             Err(e) => {
                 mmio_write32(base + virtio::REG_STATUS, virtio::STATUS_FAILED);
@@ -65,7 +66,7 @@ impl NetDevice {
         }
     }
 
-    fn init(base: usize) -> Result<Self, &'static str> {
+    fn init(base: usize, tx_queue_max: usize) -> Result<Self, &'static str> {
         let status = base + virtio::REG_STATUS;
         mmio_write32(status, 0);
         let mut tries = 0;
@@ -109,8 +110,8 @@ impl NetDevice {
         }
 
         let event_idx = features & virtio::F_RING_EVENT_IDX != 0;
-        let mut rx = Virtqueue::setup(base, 0, &RX_MEM, &RX_BUFS, true, event_idx)?;
-        let tx = Virtqueue::setup(base, 1, &TX_MEM, &TX_BUFS, false, event_idx)?;
+        let mut rx = Virtqueue::setup(base, 0, &RX_MEM, &RX_BUFS, true, event_idx, QUEUE_SIZE)?;
+        let tx = Virtqueue::setup(base, 1, &TX_MEM, &TX_BUFS, false, event_idx, tx_queue_max)?;
         for id in 0..rx.size() {
             rx.push(id, None);
         }
@@ -120,7 +121,9 @@ impl NetDevice {
         }
         let n_free = usize::from(tx.size());
         rx.want_interrupt();
-        tx.want_interrupt();
+        // Completed transmissions are reclaimed when sending; the tx
+        // interrupt is wanted only while waiting for ring space.
+        tx.suppress_interrupts();
         mmio_write32(status, s | virtio::STATUS_DRIVER_OK);
         rx.publish();
         Ok(NetDevice {
@@ -173,7 +176,6 @@ impl NetDevice {
             self.tx.flush();
             self.tx.reclaim();
             self.rx.want_interrupt();
-            self.tx.vq.want_interrupt();
             if !self.rx.has_used() {
                 break;
             }
@@ -184,11 +186,12 @@ impl NetDevice {
 impl TxQueue {
     fn reclaim(&mut self) {
         while let Some((id, _)) = self.vq.pop_used() {
-            if id < self.vq.size() {
-                if let Some(f) = self.free.get_mut(self.n_free) {
-                    *f = id;
-                    self.n_free += 1;
-                }
+            if id >= self.vq.size() {
+                continue; // an id we never gave out: a device bug, ignore it
+            }
+            if let Some(f) = self.free.get_mut(self.n_free) {
+                *f = id;
+                self.n_free += 1;
             }
         }
     }
@@ -213,6 +216,7 @@ impl TxQueue {
             } else {
                 arch::sti_hlt();
             }
+            self.vq.suppress_interrupts();
         }
     }
 }

@@ -38,6 +38,7 @@ pub const F_VERSION_1: u64 = 1 << 32;
 
 const DESC_F_WRITE: u16 = 2;
 const USED_F_NO_NOTIFY: u16 = 1;
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Largest queue we use; a device offering more gets this many.
 pub const QUEUE_SIZE: usize = 256;
@@ -125,6 +126,7 @@ impl Virtqueue {
         bufs: &Dma<Buffers>,
         device_writes: bool,
         event_idx: bool,
+        max_size: usize,
     ) -> Result<Self, &'static str> {
         mmio_write32(base + REG_QUEUE_SEL, u32::from(index));
         if mmio_read32(base + REG_QUEUE_READY) != 0 {
@@ -135,7 +137,7 @@ impl Virtqueue {
             return Err("queue not available");
         }
         // Split rings want a power of two.
-        let mut size = (max as usize).min(QUEUE_SIZE);
+        let mut size = (max as usize).min(QUEUE_SIZE).min(max_size.max(1));
         while !size.is_power_of_two() {
             size &= size - 1;
         }
@@ -210,7 +212,8 @@ impl Virtqueue {
             // SAFETY: inside the descriptor table; writes the len field only.
             unsafe { core::ptr::write_volatile(d as *mut u32, len.min(BUF_SIZE as u32)) };
         }
-        let slot = usize::from(self.avail_idx % self.size);
+        // size is a power of two (setup), so masking is the modulo.
+        let slot = usize::from(self.avail_idx & self.size.wrapping_sub(1));
         wr16(self.avail + 4 + 2 * slot, id);
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
@@ -252,7 +255,7 @@ impl Virtqueue {
             return None;
         }
         arch::mb();
-        let slot = usize::from(self.last_used % self.size);
+        let slot = usize::from(self.last_used & self.size.wrapping_sub(1));
         let e = self.used + 4 + 8 * slot;
         let id = rd32(e);
         let len = rd32(e + 4);
@@ -265,7 +268,21 @@ impl Virtqueue {
     pub fn want_interrupt(&self) {
         if self.event_idx {
             wr16(self.used_event_addr(), self.last_used);
+        } else {
+            wr16(self.avail, 0);
         }
         arch::mb();
+    }
+
+    /// Asks the device not to interrupt for this queue (a hint: a device
+    /// may still do so, which is harmless).
+    pub fn suppress_interrupts(&self) {
+        if self.event_idx {
+            // The event index just behind us is reached only after 65535
+            // more used elements.
+            wr16(self.used_event_addr(), self.last_used.wrapping_sub(1));
+        } else {
+            wr16(self.avail, AVAIL_F_NO_INTERRUPT);
+        }
     }
 }
