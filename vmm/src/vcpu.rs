@@ -288,7 +288,8 @@ impl Vcpu {
         self.fd.set_regs(&regs).map_err(kvm_err("set registers"))
     }
 
-    /// The MSRs to save: those of [`SAVED_MSRS`] that KVM says it can save.
+    /// The MSRs to save: the architectural and kvmclock MSRs this VMM
+    /// migrates, where KVM says it can save them.
     pub fn saveable_msrs(kvm: &Kvm) -> Result<Vec<u32>, VcpuError> {
         let list = kvm
             .get_msr_index_list()
