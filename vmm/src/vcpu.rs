@@ -403,6 +403,8 @@ impl Vcpu {
 /// What the run loop does after an exit.
 enum Next {
     Continue,
+    /// KVM_EXIT_INTERNAL_ERROR: details are read from kvm_run afterwards.
+    InternalError,
     Fail(String),
     Exit(ExitReason),
 }
@@ -438,13 +440,40 @@ fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Next {
         }
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Next::Exit(ExitReason::Reset),
         VcpuExit::Shutdown => Next::Fail("triple fault (KVM_EXIT_SHUTDOWN)".into()),
-        VcpuExit::InternalError => Next::Fail("KVM internal error (emulation failure)".into()),
+        VcpuExit::InternalError => Next::InternalError,
         VcpuExit::FailEntry(reason, cpu) => Next::Fail(format!(
             "KVM entry failure (hardware reason {reason:#x}, cpu {cpu})"
         )),
         VcpuExit::Hlt => Next::Fail("guest halted with no interrupt source".into()),
         other => Next::Fail(format!("unhandled exit {other:?}")),
     }
+}
+
+/// "KVM internal error (suberror N: what)" from the kvm_run page.
+fn internal_error_detail(fd: &mut VcpuFd) -> String {
+    let run = fd.get_kvm_run();
+    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal`
+    // member of the exit union; it is plain integers, any bits are valid.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let what = match internal.suberror {
+        1 => "emulation failure",
+        2 => "simultaneous exceptions",
+        3 => "delivery event",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal
+        .data
+        .iter()
+        .take(n)
+        .map(|d| format!("{d:#x}"))
+        .collect();
+    format!(
+        "KVM internal error (suberror {}: {what}, data [{}])",
+        internal.suberror,
+        data.join(", ")
+    )
 }
 
 /// The vCPU thread body: run until power-off, failure or stop.
@@ -472,9 +501,13 @@ fn run_loop(
             }
             Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
         };
+        let next = match next {
+            Next::InternalError => Next::Fail(internal_error_detail(&mut v.fd)),
+            n => n,
+        };
         match next {
             Next::Continue if exit.is_stopping() => return,
-            Next::Continue => {}
+            Next::Continue | Next::InternalError => {}
             Next::Exit(reason) => {
                 exit.send(reason);
                 return;
