@@ -132,19 +132,28 @@ impl Drop for VmmProcess {
     }
 }
 
+fn group_id(name: &str) -> Option<u32> {
+    let group = std::fs::read_to_string("/etc/group").ok()?;
+    group.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&name)).then(|| f.get(2)?.parse().ok())?
+    })
+}
+
 /// Makes /dev/kvm usable by the `kvm` group (what distributions' udev rules
-/// do) and returns the group's gid. Idempotent.
+/// do) and returns the group's gid. Idempotent; the group is only created
+/// when missing (with retries: parallel tests may hold /etc/group's lock).
 pub fn kvm_group() -> u32 {
-    let st = Command::new("groupadd").args(["-f", "kvm"]).status();
-    assert!(st.is_ok_and(|s| s.success()), "groupadd -f kvm failed");
-    let group = std::fs::read_to_string("/etc/group").expect("read /etc/group");
-    let gid = group
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.first() == Some(&"kvm")).then(|| f.get(2)?.parse().ok())?
-        })
-        .expect("kvm group in /etc/group");
+    let mut tries = 0;
+    let gid = loop {
+        if let Some(gid) = group_id("kvm") {
+            break gid;
+        }
+        let _ = Command::new("groupadd").args(["-f", "kvm"]).status();
+        tries += 1;
+        assert!(tries < 50, "cannot create the kvm group");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let st = Command::new("chgrp").args(["kvm", "/dev/kvm"]).status();
     assert!(st.is_ok_and(|s| s.success()), "chgrp kvm /dev/kvm failed");
     let st = Command::new("chmod").args(["660", "/dev/kvm"]).status();

@@ -115,16 +115,17 @@ fn elf_without_pvh_note(dir: &Path) -> PathBuf {
     p
 }
 
-/// A copy of the trivial guest whose first instruction is `ud2`: the
-/// exception cannot be delivered (no IDT), so the guest dies.
-fn elf_that_faults(dir: &Path) -> PathBuf {
+/// A copy of the trivial guest whose first instruction is replaced by
+/// `code` (2 bytes): `ud2` cannot be delivered without an IDT (triple fault),
+/// `int3` is not even emulated on this nested KVM (internal error).
+fn elf_with_first_instruction(dir: &Path, name: &str, code: [u8; 2]) -> PathBuf {
     let mut elf = std::fs::read(trivial_elf()).unwrap();
     // The first PT_LOAD's file offset holds the entry (the linker script puts
     // .text.boot first, at 1 MiB).
     let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
     let off = u64::from_le_bytes(elf[phoff + 8..phoff + 16].try_into().unwrap()) as usize;
-    elf[off..off + 2].copy_from_slice(&[0x0f, 0x0b]);
-    let p = dir.join("fault.elf");
+    elf[off..off + 2].copy_from_slice(&code);
+    let p = dir.join(name);
     std::fs::write(&p, elf).unwrap();
     p
 }
@@ -268,21 +269,24 @@ fn six_gib_guest_boots_with_small_rss() {
 #[test]
 fn guest_fault_exits_nonzero_with_reason_and_rip() {
     let dir = scratch_dir("fault");
-    let elf = elf_that_faults(&dir);
-    let mut cmd = Command::new(bin("vmm"));
-    cmd.arg("--kernel")
-        .arg(&elf)
-        .args(["--user", "65534:65534"]);
-    let mut vm = VmmProcess::spawn(cmd);
-    let st = vm.wait_exit(BOOT_TIMEOUT);
-    let err = vm.stderr();
-    assert_ne!(st.code(), Some(0), "{err}");
-    assert_ne!(st.code(), None, "killed by a signal: {err}");
-    assert!(err.contains("at RIP 0x1000"), "{err}");
-    assert!(
-        err.contains("triple fault") || err.contains("internal error"),
-        "{err}"
-    );
+    for (name, code) in [("ud2.elf", [0x0f, 0x0b]), ("int3.elf", [0xcc, 0x90])] {
+        let elf = elf_with_first_instruction(&dir, name, code);
+        let mut cmd = Command::new(bin("vmm"));
+        cmd.arg("--kernel")
+            .arg(&elf)
+            .args(["--user", "65534:65534"]);
+        let mut vm = VmmProcess::spawn(cmd);
+        let st = vm.wait_exit(BOOT_TIMEOUT);
+        let err = vm.stderr();
+        assert_ne!(st.code(), Some(0), "{name}: {err}");
+        assert_ne!(st.code(), None, "{name}: killed by a signal: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        assert!(err.contains("at RIP 0x1000"), "{name}: {err}");
+        assert!(
+            err.contains("triple fault") || err.contains("internal error"),
+            "{name}: {err}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

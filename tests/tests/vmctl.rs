@@ -100,6 +100,7 @@ fn pause_stops_heartbeat_and_resume_continues_the_count() {
     assert_eq!(vmctl(&sock, &["shutdown"])["result"], "ok");
     let st = vm.wait_exit(BOOT_TIMEOUT);
     assert!(st.success(), "{st}: {}", vm.stderr());
+    assert!(!sock.exists(), "vmm left its API socket behind");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

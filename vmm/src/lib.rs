@@ -1,5 +1,18 @@
 //! The unprivileged VMM as a library: the `vmm` binary is a thin front end,
 //! and tests and fuzz targets reach the devices directly.
+//!
+//! Start-up (vmm/src/main.rs), in order:
+//! [`config`] parses the command line → [`privileges::check_invocation`] →
+//! open /dev/kvm → [`privileges::drop_to`] (sandbox hook right after) →
+//! [`boot::pvh::check_kernel`] → [`memory::GuestRam`] (memfd, MAP_SHARED) →
+//! [`vm::Vm`] (RAM slots, TSS, irqchip, PIT) → legacy devices (serial, power)
+//! → virtio devices ([`vm::Vm::attach_virtio_mmio`]) → [`boot::pvh::load`]
+//! (kernel, start info, memory map, command line) → [`vcpu::Vcpu`] set up
+//! for the PVH entry → [`api`] thread → vCPU threads → wait for the first
+//! [`vm::ExitReason`].
+//!
+//! Pause/resume is [`control::RunControl`]; the machine's migratable state is
+//! [`persist::MachineState`], read and written through [`persist::Machine`].
 
 pub mod api;
 pub mod boot;

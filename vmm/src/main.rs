@@ -63,7 +63,8 @@ impl StartError {
             | StartError::Privilege(PrivilegeError::RootTarget)
             | StartError::Memory(MemoryError::TooLarge { .. })
             | StartError::Serial { .. }
-            | StartError::NotYet(_) => 2,
+            | StartError::NotYet(_)
+            | StartError::Api(ApiError::Bind { .. }) => 2,
             StartError::Boot(BootError::Write(_)) => 1,
             StartError::Boot(_) => 2,
             _ => 1,
@@ -181,6 +182,11 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
         vcpu: 0,
         message: "exit channel closed".into(),
     });
+    if let Some(path) = &cfg.api_socket {
+        // Best effort: the socket is ours; a stale one would block the next
+        // start at the same path.
+        let _ = std::fs::remove_file(path);
+    }
     // Let the vCPU threads leave KVM_RUN before the process exits (much
     // faster teardown here); don't wait long for a stuck one.
     ctl.stop();

@@ -33,6 +33,10 @@ pub fn check_invocation(user: Option<(u32, u32)>) -> Result<(), PrivilegeError> 
 /// Becomes `uid:gid` for good: no supplementary groups, then gid, then uid
 /// (after setuid the other two would no longer be allowed). Verifies it.
 pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
+    // Started unprivileged as that very user already: nothing to drop.
+    if !getuid().is_root() && getuid().as_raw() == uid && getgid().as_raw() == gid {
+        return Ok(());
+    }
     let err = |what| {
         move |err| PrivilegeError::Drop {
             uid,

@@ -154,8 +154,9 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
-    /// CPUID from KVM's supported set: our APIC ID, the hypervisor bit, and
-    /// one logical processor per package.
+    /// CPUID from KVM's supported set: our APIC ID, one logical processor
+    /// per package, the hypervisor bit; no VMX (no nested guests) and no
+    /// architectural PMU (its MSRs are not part of the migrated state).
     pub fn configure_cpuid(&self, kvm: &Kvm) -> Result<(), VcpuError> {
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -164,7 +165,13 @@ impl Vcpu {
             match e.function {
                 1 => {
                     e.ebx = (e.ebx & 0x0000_ffff) | (1 << 16) | (u32::from(self.id) << 24);
-                    e.ecx |= 1 << 31;
+                    e.ecx = (e.ecx & !(1 << 5)) | (1 << 31);
+                }
+                0xa => {
+                    e.eax = 0;
+                    e.ebx = 0;
+                    e.ecx = 0;
+                    e.edx = 0;
                 }
                 0xb | 0x1f => e.edx = u32::from(self.id),
                 _ => {}
@@ -281,7 +288,8 @@ impl Vcpu {
         self.fd.set_regs(&regs).map_err(kvm_err("set registers"))
     }
 
-    /// The MSRs to save: those of [`SAVED_MSRS`] that KVM says it can save.
+    /// The MSRs to save: the architectural and kvmclock MSRs this VMM
+    /// migrates, where KVM says it can save them.
     pub fn saveable_msrs(kvm: &Kvm) -> Result<Vec<u32>, VcpuError> {
         let list = kvm
             .get_msr_index_list()
@@ -395,6 +403,8 @@ impl Vcpu {
 /// What the run loop does after an exit.
 enum Next {
     Continue,
+    /// KVM_EXIT_INTERNAL_ERROR: details are read from kvm_run afterwards.
+    InternalError,
     Fail(String),
     Exit(ExitReason),
 }
@@ -430,13 +440,40 @@ fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Next {
         }
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Next::Exit(ExitReason::Reset),
         VcpuExit::Shutdown => Next::Fail("triple fault (KVM_EXIT_SHUTDOWN)".into()),
-        VcpuExit::InternalError => Next::Fail("KVM internal error (emulation failure)".into()),
+        VcpuExit::InternalError => Next::InternalError,
         VcpuExit::FailEntry(reason, cpu) => Next::Fail(format!(
             "KVM entry failure (hardware reason {reason:#x}, cpu {cpu})"
         )),
         VcpuExit::Hlt => Next::Fail("guest halted with no interrupt source".into()),
         other => Next::Fail(format!("unhandled exit {other:?}")),
     }
+}
+
+/// "KVM internal error (suberror N: what)" from the kvm_run page.
+fn internal_error_detail(fd: &mut VcpuFd) -> String {
+    let run = fd.get_kvm_run();
+    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal`
+    // member of the exit union; it is plain integers, any bits are valid.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let what = match internal.suberror {
+        1 => "emulation failure",
+        2 => "simultaneous exceptions",
+        3 => "delivery event",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal
+        .data
+        .iter()
+        .take(n)
+        .map(|d| format!("{d:#x}"))
+        .collect();
+    format!(
+        "KVM internal error (suberror {}: {what}, data [{}])",
+        internal.suberror,
+        data.join(", ")
+    )
 }
 
 /// The vCPU thread body: run until power-off, failure or stop.
@@ -464,9 +501,13 @@ fn run_loop(
             }
             Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
         };
+        let next = match next {
+            Next::InternalError => Next::Fail(internal_error_detail(&mut v.fd)),
+            n => n,
+        };
         match next {
             Next::Continue if exit.is_stopping() => return,
-            Next::Continue => {}
+            Next::Continue | Next::InternalError => {}
             Next::Exit(reason) => {
                 exit.send(reason);
                 return;

@@ -268,3 +268,57 @@ impl Vm {
         self.fd.set_clock(&clock).map_err(kvm_err("set clock"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+
+    struct Regs;
+    impl BusDevice for Regs {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    #[test]
+    fn virtio_slots_get_address_gsi_eventfds_and_cmdline() {
+        let mut vm = Vm::new(Kvm::new().unwrap(), GuestRam::new(16 << 20).unwrap()).unwrap();
+        let q0 = EventFd::new(0).unwrap();
+        let q1 = EventFd::new(0).unwrap();
+        let irq = EventFd::new(0).unwrap();
+        let a = vm
+            .attach_virtio_mmio(Arc::new(Mutex::new(Regs)), &[(0, &q0), (1, &q1)], &irq)
+            .unwrap();
+        let b = vm
+            .attach_virtio_mmio(Arc::new(Mutex::new(Regs)), &[], &EventFd::new(0).unwrap())
+            .unwrap();
+        assert_eq!((a.index, a.base, a.gsi), (0, 0xd000_0000, 5));
+        assert_eq!((b.index, b.base, b.gsi), (1, 0xd000_1000, 6));
+        assert_eq!(
+            vm.cmdline_extra,
+            vec![
+                "virtio_mmio.device=4K@0xd0000000:5".to_string(),
+                "virtio_mmio.device=4K@0xd0001000:6".to_string()
+            ]
+        );
+        let mut v = [0u8; 4];
+        assert!(vm.mmio.read(0xd000_1008, &mut v));
+        assert_eq!(v, [8; 4]);
+        // The same ioeventfd address and datamatch cannot be registered twice:
+        // proof that KVM holds the first registration.
+        assert!(
+            vm.register_ioevent(a.base + VIRTIO_MMIO_QUEUE_NOTIFY, 1, &q1)
+                .is_err()
+        );
+        for _ in 2..VIRTIO_MAX_SLOTS {
+            vm.attach_virtio_mmio(Arc::new(Mutex::new(Regs)), &[], &EventFd::new(0).unwrap())
+                .unwrap();
+        }
+        assert!(matches!(
+            vm.attach_virtio_mmio(Arc::new(Mutex::new(Regs)), &[], &EventFd::new(0).unwrap()),
+            Err(VmError::NoVirtioSlot)
+        ));
+    }
+}
