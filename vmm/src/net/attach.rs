@@ -30,7 +30,10 @@ pub enum NetAttachError {
     #[error("{0}")]
     Config(#[from] NetConfigError),
     #[error("--net id={id}: {err}")]
-    Netd { id: String, err: NetdClientError },
+    Netd {
+        id: String,
+        err: Box<NetdClientError>,
+    },
     #[error("--net id={id}: {err}")]
     Backend { id: String, err: BackendError },
     #[error("--net id={id}: {err}")]
@@ -46,14 +49,13 @@ pub enum NetAttachError {
 impl NetAttachError {
     /// True when the user's input is at fault (bad option, policy refusal).
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            NetAttachError::Config(_)
-                | NetAttachError::Netd {
-                    err: NetdClientError::Refused { .. },
-                    ..
-                }
-        )
+        match self {
+            NetAttachError::Config(_) => true,
+            NetAttachError::Netd { err, .. } => {
+                matches!(**err, NetdClientError::Refused { .. })
+            }
+            _ => false,
+        }
     }
 }
 
@@ -113,7 +115,7 @@ fn open_net(config: NetConfig, hook: Option<ThreadHook>) -> Result<OpenedNet, Ne
     let id = config.id.clone();
     let fds = netd_client::open_tap_for(&config).map_err(|err| NetAttachError::Netd {
         id: id.clone(),
-        err,
+        err: Box::new(err),
     })?;
     log::info!(
         "net {id}: TAP {} with {} queue fd(s), {} vhost fd(s)",
