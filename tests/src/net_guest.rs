@@ -303,10 +303,9 @@ impl Drop for ScratchDir {
     }
 }
 
-/// The vmm command line for the test guest `n` on `tap` from `netd`.
+/// The release vmm's command line for the test guest `n` on `tap` from
+/// `netd`.
 pub fn vmm_command(
-    vmm: &Path,
-    guest: &Path,
     netd: &Netd,
     tap: &str,
     n: u8,
@@ -314,6 +313,8 @@ pub fn vmm_command(
     api_socket: Option<&Path>,
     run_as: RunAs,
 ) -> Command {
+    let vmm = crate::bin("vmm");
+    let vmm = vmm.as_path();
     let mut c = match run_as {
         RunAs::RootWithUserOption => {
             let mut c = Command::new(vmm);
@@ -332,7 +333,7 @@ pub fn vmm_command(
         net.push_str(net_extra);
     }
     c.arg("--kernel")
-        .arg(guest)
+        .arg(crate::guest_elf())
         .args(["--cmdline", &format!("testguest.ip={}/24", guest_ip(n))])
         .args(["--net", &net]);
     if let Some(p) = api_socket {

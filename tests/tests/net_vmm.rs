@@ -7,13 +7,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use tests::bin;
 use tests::net_guest::{
     GuestLink, RunAs, ScratchDir, guest_ip, guest_mac, mac_bytes, ping, send_raw_frames,
     start_vmm_guest, udp_frame, vmm_command, wait_ping,
 };
 use tests::netd_harness::{Netd, TEST_POLICY, wait_for};
 use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess};
-use tests::{bin, guest_elf};
 
 /// Per-packet and per-condition waits: generous for a loaded 2-core host.
 const REPLY: Duration = Duration::from_secs(5);
@@ -31,16 +31,7 @@ fn guest(
     api: Option<&Path>,
     run_as: RunAs,
 ) -> (VmmProcess, String) {
-    let cmd = vmm_command(
-        &bin("vmm"),
-        &guest_elf(),
-        netd,
-        tap,
-        n,
-        net_extra,
-        api,
-        run_as,
-    );
+    let cmd = vmm_command(netd, tap, n, net_extra, api, run_as);
     start_vmm_guest(cmd, BOOT_TIMEOUT)
 }
 
