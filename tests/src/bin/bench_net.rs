@@ -65,6 +65,9 @@ fn parse_opts() -> Opts {
     o
 }
 
+/// How a table row reads its number from a guest's results.
+type Metric = fn(&Row) -> f64;
+
 /// One guest's numbers.
 #[derive(Default, Clone)]
 struct Row {
@@ -249,7 +252,7 @@ fn main() {
         "{:<34} {:>12} {:>12} {:>9}",
         "metric", "vmm", "qemu", "vmm/qemu"
     );
-    let rows: [(&str, fn(&Row) -> f64); 9] = [
+    let rows: [(&str, Metric); 9] = [
         ("host->guest 64B pps (taken)", |r| r.h2g_64),
         ("  (sent by host, pps)", |r| r.h2g_64_sent),
         ("host->guest 1400B pps (taken)", |r| r.h2g_1400),
