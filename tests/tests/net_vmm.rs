@@ -113,6 +113,15 @@ fn ping_udp_services_and_blast_through_netd_tap() {
     assert_eq!(nets[0]["mac"], guest_mac(1));
     assert_eq!(nets[0]["queues"], 1);
     assert_eq!(nets[0]["vhost"], false);
+    let out = Command::new(bin("vmctl"))
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("status")
+        .output()
+        .expect("run vmctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!("net vm0: tap vm0 mac {} queues 1 vhost off", guest_mac(1));
+    assert!(text.lines().any(|l| l == want), "{text}");
 
     // netd keeps no fd of the TAP: vmm's exit removes it.
     assert_eq!(tun_fds(&netd), 0, "netd holds TAP fds");
