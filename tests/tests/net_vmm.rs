@@ -279,3 +279,33 @@ fn pause_holds_packets_in_the_tap_until_resume() {
     assert_eq!(back, held, "the held echoes, each once");
     assert_ping(&netd, 1, &vm);
 }
+
+#[test]
+fn net_errors_give_one_line_and_exit_codes() {
+    let netd = netd("nv6");
+    let run = |net: &str| {
+        let out = Command::new(bin("vmm"))
+            .args(["--user", "65534:65534", "--kernel"])
+            .arg(tests::guest_elf())
+            .args(["--net", net])
+            .output()
+            .expect("run vmm");
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        (out.status.code(), err)
+    };
+    let sock = netd.socket.display().to_string();
+    // Refused by netd's policy (the tenant may only use names "vm…").
+    let (code, err) = run(&format!("netd={sock},id=xx0"));
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("xx0") && err.contains("refused"), "{err}");
+    // A malformed option.
+    let (code, err) = run("netd=/x,id=vm0,queues=zero");
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // No netd there.
+    let (code, err) = run(&format!("netd={}.missing,id=vm0", sock));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("netd"), "{err}");
+    assert!(!netd.links().iter().any(|l| l == "xx0"));
+}
