@@ -195,7 +195,18 @@ fn two_guests_on_one_bridge_reach_each_other() {
     assert_eq!(link_a.echo_round_trips(50, 64, REPLY), 50);
     assert_eq!(link_b.echo_round_trips(50, 64, REPLY), 50);
 
-    // The guests only answer, so make A talk to B: echo requests to A that
+    // The probe service (UDP 5002): each guest ARPs for and pings the
+    // other over the bridge, then tells us the MAC that answered.
+    for (from, to) in [(&link_a, 2u8), (&link_b, 1u8)] {
+        let req = guest_ip(to).to_string();
+        let reply = from
+            .call(5002, req.as_bytes(), 10, REPLY)
+            .unwrap_or_else(|| panic!("no probe answer from {} for {req}", from.ip));
+        let text = String::from_utf8_lossy(&reply);
+        assert_eq!(text, format!("probe {req} ok mac={}", guest_mac(to)));
+    }
+
+    // Also a stream the other way round: echo requests to A that
     // claim to come from B (B's MAC and IP, B's discard port). A's replies
     // cross the bridge from TAP vm1 to TAP vm2 and B counts them.
     const N: u32 = 40;
