@@ -149,6 +149,13 @@ pub trait FrameIo: AsRawFd + Send + Sync {
     }
     /// Writes one frame gathered from `iov` (writev).
     fn write_frame_vectored(&self, iov: &IoVecs<'_, Src>) -> io::Result<usize> {
+        if let [one] = iov.iov.as_slice() {
+            // One piece (the usual tx chain): plain write, the kernel's
+            // cheapest path.
+            // SAFETY: the entry is readable memory of iov_len bytes lent
+            // to the list for its lifetime (see `IoVecs`).
+            return cvt(unsafe { libc::write(self.as_raw_fd(), one.iov_base, one.iov_len) });
+        }
         let (p, n) = iov.raw();
         // SAFETY: every entry is readable memory lent to the list for its
         // lifetime (see `IoVecs`), and n <= IOV_MAX.

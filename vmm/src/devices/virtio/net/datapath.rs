@@ -77,6 +77,9 @@ fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result
 /// Where num_buffers sits in the vnet header.
 const NUM_BUFFERS_OFFSET: usize = 10;
 pub const MAX_PLAIN_FRAME_LEN: usize = VNET_HDR_LEN + 1514;
+/// Small frames in a row after which rx lines up space for a plain frame
+/// again.
+const BIG_FRAME_MEMORY: u32 = 256;
 /// Frames delivered per `process_rx` call before the guest is signalled
 /// and the other queues get a turn.
 pub const RX_BATCH: usize = 128;
@@ -90,9 +93,15 @@ const MAX_CHAIN_PIECES: usize = 256;
 pub struct RxState {
     buf: Vec<u8>,
     pending: usize,
-    /// How much buffer space to line up before a read: the largest frame
-    /// the backend can hand over with the offloads the driver acked.
-    frame_limit: usize,
+    /// How much buffer space to line up before a read. Each lined-up
+    /// buffer is one more iovec entry for the kernel to walk, so this is a
+    /// plain Ethernet frame until longer frames show up (guest GSO, a large
+    /// MTU); then the longest seen, until small frames have been the rule
+    /// for a while again. A frame longer than the space lined up is still
+    /// delivered, copied through the bounce buffer.
+    want: usize,
+    /// Frames left before `want` drops back to a plain frame.
+    big_left: u32,
     /// The driver's avail index when buffers last ran short.
     pub seen_avail: u16,
 }
@@ -102,7 +111,8 @@ impl Default for RxState {
         Self {
             buf: vec![0; MAX_FRAME_LEN],
             pending: 0,
-            frame_limit: MAX_FRAME_LEN,
+            want: MAX_PLAIN_FRAME_LEN,
+            big_left: 0,
             seen_avail: 0,
         }
     }
@@ -122,15 +132,29 @@ impl RxState {
         self.pending != 0
     }
 
-    /// Sets how much buffer space to line up per frame: a 64 KiB GSO frame
-    /// when the driver acked guest TSO/UFO, else a plain Ethernet frame.
-    /// (A longer frame is still delivered, through the bounce buffer.)
+    /// Whether the driver acked guest TSO/UFO: then 64 KiB frames are
+    /// expected from the start. (Any frame is delivered either way; one
+    /// longer than the buffers lined up goes through the bounce buffer.)
     pub fn set_guest_gso(&mut self, gso: bool) {
-        self.frame_limit = if gso {
-            MAX_FRAME_LEN
+        if gso {
+            self.saw_frame(MAX_FRAME_LEN);
         } else {
-            MAX_PLAIN_FRAME_LEN
-        };
+            self.want = MAX_PLAIN_FRAME_LEN;
+            self.big_left = 0;
+        }
+    }
+
+    /// Adapts `want` to the length of a frame just read.
+    fn saw_frame(&mut self, len: usize) {
+        if len > MAX_PLAIN_FRAME_LEN {
+            self.want = self.want.max(len.min(MAX_FRAME_LEN));
+            self.big_left = BIG_FRAME_MEMORY;
+        } else if self.big_left > 0 {
+            self.big_left -= 1;
+            if self.big_left == 0 {
+                self.want = MAX_PLAIN_FRAME_LEN;
+            }
+        }
     }
 }
 
@@ -411,7 +435,7 @@ fn rx_loop<'m>(
             st.pending = 0;
             continue;
         }
-        let want = if mrg { st.frame_limit } else { 1 };
+        let want = if mrg { st.want } else { 1 };
         g.gather(q, mem, want, mrg, true, &mut st.seen_avail, stats)?;
         let mut iov: IoVecs<'_, Dest> = IoVecs::from_vec(std::mem::take(&mut store));
         // The bounce buffer always gets the last entry.
@@ -434,6 +458,7 @@ fn rx_loop<'m>(
                 return Ok(RxOutcome::Drained);
             }
         };
+        st.saw_frame(n);
         if n < VNET_HDR_LEN || (n > in_guest && n > MAX_FRAME_LEN) {
             // Too short for a header, or too long to assemble (maybe cut).
             stats.rx_dropped += 1;

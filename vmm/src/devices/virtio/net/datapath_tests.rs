@@ -425,3 +425,36 @@ fn rx_stops_after_a_batch_and_resumes() {
     assert_eq!(r.used().len(), 3);
     assert_eq!(stats.rx_frames as usize, frames);
 }
+
+#[test]
+fn after_a_long_frame_rx_lines_up_space_for_the_largest() {
+    let (mut r, io, peer, mut st, mut stats) = setup();
+    let addrs: Vec<u64> = (0..40).map(|_| r.rx_buf(2048)).collect();
+    // Space for a plain frame is lined up: this one spills, and is copied.
+    let big = frame(3000, 1);
+    peer.send(&big);
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert_eq!(io.reads.lock().unwrap()[0], (2, 2048 + MAX_FRAME_LEN));
+    assert_eq!(r.used(), vec![(0, 2048), (1, 964)]);
+    let mut got = r.read(addrs[0], 2048);
+    got.extend(r.read(addrs[1], 964));
+    assert_eq!(num_buffers(&got), 2);
+    assert_eq!(&got[VNET_HDR_LEN..], &big[VNET_HDR_LEN..]);
+    // From now on that much is lined up for each read (the next read of
+    // the same call found the backend empty).
+    let small = frame(100, 2);
+    peer.send(&small);
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    let reads = io.reads.lock().unwrap().clone();
+    assert_eq!(reads.len(), 4);
+    assert_eq!(reads[2], (3, 2 * 2048 + MAX_FRAME_LEN));
+    assert_eq!(r.used(), vec![(2, 112)]);
+    assert_eq!(r.q.next_avail(), 3);
+    // With guest GSO acked, a 64 KiB frame's worth: 33 buffers.
+    st.set_guest_gso(true);
+    peer.send(&small);
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert_eq!(io.reads.lock().unwrap()[4], (34, 33 * 2048 + MAX_FRAME_LEN));
+    assert_eq!(r.used(), vec![(3, 112)]);
+    assert_eq!((stats.rx_frames, stats.rx_dropped), (3, 0));
+}
