@@ -142,6 +142,11 @@ pub trait FrameIo: AsRawFd + Send + Sync {
     /// Reads one frame scattered over `iov` (readv); returns the bytes
     /// stored, at most `iov.total()` (a longer frame is cut there).
     fn read_frame_vectored(&self, iov: &IoVecs<'_, Dest>) -> io::Result<usize> {
+        if let [one] = iov.iov.as_slice() {
+            // SAFETY: the entry is writable memory of iov_len bytes lent
+            // to the list for its lifetime (see `IoVecs`).
+            return cvt(unsafe { libc::read(self.as_raw_fd(), one.iov_base, one.iov_len) });
+        }
         let (p, n) = iov.raw();
         // SAFETY: every entry of a `Dest` list is writable memory lent to
         // the list for its lifetime (see `IoVecs`), and n <= IOV_MAX.
