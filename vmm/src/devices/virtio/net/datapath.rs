@@ -485,7 +485,9 @@ fn rx_loop<'m>(
         if single && n >= in_guest {
             log::debug!("virtio-net: rx frame longer than {in_guest} bytes dropped");
             stats.rx_dropped += 1;
-            st.saw_frame(MAX_FRAME_LEN);
+            // Its length is unknown: the next long frame spills (and is
+            // copied) and sets how much is lined up after it.
+            st.saw_frame(MAX_PLAIN_FRAME_LEN + 1);
             continue;
         }
         st.saw_frame(n);

@@ -439,18 +439,27 @@ fn after_a_long_frame_rx_lines_up_space_for_the_largest() {
     assert_eq!(io.reads.lock().unwrap()[0], (1, 2048));
     assert!(r.used().is_empty());
     assert_eq!((stats.rx_frames, stats.rx_dropped), (0, 1));
-    // From then on the bounce buffer is behind every read, and the space
-    // for the largest frame is lined up: the next long frame arrives whole.
+    // From then on the bounce buffer is behind every read: the next long
+    // frame spills into it and arrives whole (copied)...
     peer.send(&big);
     rx(&mut r, &io, &mut st, true, &mut stats);
     let reads = io.reads.lock().unwrap().clone();
-    assert_eq!(reads[2], (34, 33 * 2048 + MAX_FRAME_LEN));
+    assert_eq!(reads[2], (2, 2048 + MAX_FRAME_LEN));
     assert_eq!(r.used(), vec![(0, 2048), (1, 964)]);
     let mut got = r.read(addrs[0], 2048);
     got.extend(r.read(addrs[1], 964));
     assert_eq!(num_buffers(&got), 2);
     assert_eq!(&got[VNET_HDR_LEN..], &big[VNET_HDR_LEN..]);
     assert_eq!((stats.rx_frames, stats.rx_dropped), (1, 1));
+    // ...and the next ones go straight into two buffers lined up for them.
+    peer.send(&big);
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert_eq!(io.reads.lock().unwrap()[4], (3, 2 * 2048 + MAX_FRAME_LEN));
+    assert_eq!(r.used(), vec![(2, 2048), (3, 964)]);
+    let mut got = r.read(addrs[2], 2048);
+    got.extend(r.read(addrs[3], 964));
+    assert_eq!(&got[VNET_HDR_LEN..], &big[VNET_HDR_LEN..]);
+    assert_eq!((stats.rx_frames, stats.rx_dropped), (2, 1));
 }
 
 #[test]
