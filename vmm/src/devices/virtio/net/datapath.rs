@@ -74,6 +74,9 @@ fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result
 }
 
 /// Largest frame without guest GSO offloads: header + 1514-byte Ethernet frame.
+/// A VLAN tag: a plain frame with one is this much longer (and must
+/// still not fill a buffer read into alone).
+const VLAN_TAG_LEN: usize = 4;
 /// Where num_buffers sits in the vnet header.
 const NUM_BUFFERS_OFFSET: usize = 10;
 pub const MAX_PLAIN_FRAME_LEN: usize = VNET_HDR_LEN + 1514;
@@ -453,7 +456,7 @@ fn rx_loop<'m>(
             && st.want == MAX_PLAIN_FRAME_LEN
             && g.pieces
                 .front()
-                .is_some_and(|p| p.len() > MAX_PLAIN_FRAME_LEN);
+                .is_some_and(|p| p.len() > MAX_PLAIN_FRAME_LEN + VLAN_TAG_LEN);
         if single {
             if let Some(p) = g.pieces.front() {
                 iov.push_guest(p);

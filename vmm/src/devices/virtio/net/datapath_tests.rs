@@ -495,3 +495,17 @@ fn with_guest_gso_long_frames_are_never_lost() {
     assert_eq!(stats.rx_dropped, 0);
     let _ = addrs;
 }
+
+#[test]
+fn a_vlan_tagged_full_frame_exactly_filling_a_buffer_arrives() {
+    let (mut r, io, peer, mut st, mut stats) = setup();
+    // Linux's smallest plain rx buffer: header + 1518 bytes.
+    let a = r.rx_buf(1530);
+    r.rx_buf(1530);
+    let f = frame(1518, 4);
+    peer.send(&f);
+    rx(&mut r, &io, &mut st, false, &mut stats);
+    assert_eq!(r.used(), vec![(0, 1530)]);
+    assert_eq!(r.read(a, 1530)[VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
+    assert_eq!((stats.rx_frames, stats.rx_dropped), (1, 0));
+}
