@@ -74,12 +74,12 @@ fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result
 }
 
 /// Largest frame without guest GSO offloads: header + 1514-byte Ethernet frame.
+pub const MAX_PLAIN_FRAME_LEN: usize = VNET_HDR_LEN + 1514;
 /// A VLAN tag: a plain frame with one is this much longer (and must
 /// still not fill a buffer read into alone).
 const VLAN_TAG_LEN: usize = 4;
 /// Where num_buffers sits in the vnet header.
 const NUM_BUFFERS_OFFSET: usize = 10;
-pub const MAX_PLAIN_FRAME_LEN: usize = VNET_HDR_LEN + 1514;
 /// Small frames in a row after which rx lines up space for a plain frame
 /// again.
 const BIG_FRAME_MEMORY: u32 = 256;
