@@ -23,6 +23,8 @@ const QSIZE: u16 = 256;
 const MEM: usize = 16 << 20;
 const BUF: u64 = 0x10_0000;
 const BUF_LEN: u32 = 2048;
+/// How long each throughput phase runs.
+const PHASE: Duration = Duration::from_secs(2);
 
 /// Opens a new TAP `name` inside `ns` (TUNSETIFF runs in the netns of the
 /// calling thread, so a helper thread enters it first).
@@ -430,14 +432,55 @@ fn ping_through_vhost_net() {
 
 #[test]
 fn throughput_tx_and_rx_on_tap() {
-    let ns = NetNs::new("vnbench");
-    let tap = open_tap(&ns, "vtap1");
-    ns.exec(&["ip", "link", "set", "vtap1", "up"]);
+    throughput(64, "vnbench", "vtap1");
+}
+
+#[test]
+fn throughput_tx_and_rx_on_tap_1400_bytes() {
+    throughput(1400, "vnbench14", "vtap5");
+}
+
+/// CPU time (user + system, in clock ticks) the thread named `name` has
+/// used so far, from /proc.
+fn thread_cpu_ticks(name: &str) -> Option<u64> {
+    for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
+    }
+    None
+}
+
+/// Nanoseconds of device-thread CPU per frame between two tick readings.
+fn cpu_per_frame(before: Option<u64>, after: Option<u64>, frames: u64) -> String {
+    // SAFETY: sysconf has no memory side effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    match (before, after) {
+        (Some(b), Some(a)) if frames > 0 => {
+            format!("{:.0} ns", (a - b) as f64 * 1e9 / hz / frames as f64)
+        }
+        _ => "n/a".into(),
+    }
+}
+
+/// Prints tx and rx frames/s for `size`-byte Ethernet frames, and the
+/// device thread's CPU time per frame (the datapath's cost, less
+/// sensitive to the load on the machine than the rate).
+fn throughput(size: usize, ns_name: &str, dev: &str) {
+    let ns = NetNs::new(ns_name);
+    let tap = open_tap(&ns, dev);
+    ns.exec(&["ip", "link", "set", dev, "up"]);
     let mut d = Driver::start(tap);
-    let before = link_stat(&ns, "vtap1", "rx", "packets");
-    // 64-byte frames to a MAC nobody owns: the TAP counts them, the
-    // namespace's stack drops them.
-    let mut frame = vec![0u8; 64];
+    let before = link_stat(&ns, dev, "rx", "packets");
+    // Frames to a MAC nobody owns: the TAP counts them, the namespace's
+    // stack drops them.
+    let mut frame = vec![0u8; size];
     frame[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
     frame[6..12].copy_from_slice(&GUEST_MAC);
     frame[12..14].copy_from_slice(&[0x88, 0xb5]);
@@ -448,10 +491,11 @@ fn throughput_tx_and_rx_on_tap() {
         d.mem.write_slice(&f, GuestAddress(a)).unwrap();
         d.desc(1, s, a, f.len() as u32, 0);
     }
+    let cpu0 = thread_cpu_ticks("virtio-net-q0");
     let start = Instant::now();
     let mut sent = 0u64;
     let mut free: Vec<u16> = (0..QSIZE).collect();
-    while start.elapsed() < Duration::from_secs(1) {
+    while start.elapsed() < PHASE {
         while let Some(s) = free.pop() {
             d.push(1, s);
         }
@@ -469,17 +513,18 @@ fn throughput_tx_and_rx_on_tap() {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let counted = link_stat(&ns, "vtap1", "rx", "packets") - before;
+    let cpu = cpu_per_frame(cpu0, thread_cpu_ticks("virtio-net-q0"), sent);
+    let counted = link_stat(&ns, dev, "rx", "packets") - before;
     println!(
-        "virtio-net tx -> TAP, 64-byte frames, simulated guest: {:.0} frames/s ({sent} in {secs:.2} s, TAP counted {counted})",
+        "virtio-net tx -> TAP, {size}-byte frames, simulated guest: {:.0} frames/s, device thread {cpu}/frame ({sent} in {secs:.2} s, TAP counted {counted})",
         sent as f64 / secs
     );
     assert!(sent > 0);
     assert!(counted >= sent, "every returned frame went through the TAP");
 
-    // Host -> guest: a UDP sender in the namespace, 64-byte frames
-    // (22-byte payloads), the simulated guest returning rx buffers.
-    ns.exec(&["ip", "addr", "add", "10.0.1.1/24", "dev", "vtap1"]);
+    // Host -> guest: a UDP sender in the namespace, `size`-byte frames
+    // (42 bytes of headers), the simulated guest returning rx buffers.
+    ns.exec(&["ip", "addr", "add", "10.0.1.1/24", "dev", dev]);
     let mac = "52:54:00:12:34:56";
     ns.exec(&[
         "ip",
@@ -489,13 +534,14 @@ fn throughput_tx_and_rx_on_tap() {
         "lladdr",
         mac,
         "dev",
-        "vtap1",
+        dev,
         "nud",
         "permanent",
     ]);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let path = format!("/var/run/netns/{}", ns.name);
     let st = stop.clone();
+    let payload = vec![0u8; size - 42];
     let sender = std::thread::spawn(move || {
         let nsf = File::open(&path).expect("netns file");
         // SAFETY: setns on a valid netns fd affects only this thread.
@@ -506,23 +552,25 @@ fn throughput_tx_and_rx_on_tap() {
         let sock = std::net::UdpSocket::bind("10.0.1.1:0").unwrap();
         let mut n = 0u64;
         while !st.load(std::sync::atomic::Ordering::Relaxed) {
-            if sock.send_to(&[0u8; 22], "10.0.1.2:9").is_ok() {
+            if sock.send_to(&payload, "10.0.1.2:9").is_ok() {
                 n += 1;
             }
         }
         n
     });
+    let cpu0 = thread_cpu_ticks("virtio-net-q0");
     let start = Instant::now();
     let mut received = 0u64;
-    while start.elapsed() < Duration::from_secs(1) {
+    while start.elapsed() < PHASE {
         let frames = d.recv();
-        received += frames.iter().filter(|f| f.len() == 64).count() as u64;
+        received += frames.iter().filter(|f| f.len() == size).count() as u64;
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_per_frame(cpu0, thread_cpu_ticks("virtio-net-q0"), received);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let offered = sender.join().unwrap();
     println!(
-        "virtio-net TAP -> rx, 64-byte UDP frames, simulated guest: {:.0} frames/s ({received} of {offered} sent in {secs:.2} s)",
+        "virtio-net TAP -> rx, {size}-byte UDP frames, simulated guest: {:.0} frames/s, device thread {cpu}/frame ({received} of {offered} sent in {secs:.2} s)",
         received as f64 / secs
     );
     assert!(received > 0, "frames reached the rx queue");

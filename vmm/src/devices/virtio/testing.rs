@@ -264,6 +264,11 @@ impl Driver {
             avail_idx: 0,
             used_seen: 0,
         };
+        // Fresh rings, as a driver allocates them: a device that starts
+        // serving at DRIVER_OK must not see a previous activation's entries.
+        self.mem
+            .write_slice(&[0u8; 0x3000], GuestAddress(base))
+            .unwrap();
         self.write(0x30, i);
         self.write(0x38, u32::from(size));
         self.write(0x80, gq.desc as u32);

@@ -340,24 +340,32 @@ impl NetDevice {
             None
         };
         let mrg = self.acked_features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let gso = self.acked_features
+            & (bit(VIRTIO_NET_F_GUEST_TSO4)
+                | bit(VIRTIO_NET_F_GUEST_TSO6)
+                | bit(VIRTIO_NET_F_GUEST_UFO))
+            != 0;
         let mut workers = Vec::new();
         for p in 0..pairs {
             let rx = queues.get_mut(2 * p).and_then(Option::take);
             let tx = queues.get_mut(2 * p + 1).and_then(Option::take);
             let io = self.backend.frame_io(p);
             match (rx, tx, io) {
-                (Some(rx), Some(tx), Some(io)) => workers.push(PairWorker::new(
-                    p,
-                    rx,
-                    tx,
-                    if p == 0 { ctrl.take() } else { None },
-                    io,
-                    mem.clone(),
-                    interrupt.clone(),
-                    mrg,
-                    self.active_pairs.clone(),
-                    self.queue_pairs(),
-                )),
+                (Some(rx), Some(tx), Some(io)) => workers.push(
+                    PairWorker::new(
+                        p,
+                        rx,
+                        tx,
+                        if p == 0 { ctrl.take() } else { None },
+                        io,
+                        mem.clone(),
+                        interrupt.clone(),
+                        mrg,
+                        self.active_pairs.clone(),
+                        self.queue_pairs(),
+                    )
+                    .with_guest_gso(gso),
+                ),
                 (rx, _, _) if p == 0 => {
                     return Err(ActivateError::MissingQueue(usize::from(rx.is_some())));
                 }

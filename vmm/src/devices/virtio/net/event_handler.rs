@@ -36,6 +36,9 @@ pub const DEVICE_THREAD_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_read,
     libc::SYS_write,
+    // The TAP datapath: frames scattered straight into / gathered from guest memory.
+    libc::SYS_readv,
+    libc::SYS_writev,
     libc::SYS_ioctl,
     libc::SYS_futex,
     libc::SYS_close,
@@ -65,6 +68,18 @@ pub struct CtrlQueue {
     /// Every pair's frame I/O, to attach/detach TAP queues.
     pub all_io: Vec<Arc<dyn FrameIo>>,
     pub broken: bool,
+}
+
+/// Where a queue pair's rx stands after `PairWorker::handle_rx`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxStatus {
+    /// The backend is drained: the next frame arrives as an epoll event.
+    Idle,
+    /// A frame waits for rx buffers: the driver's kick resumes.
+    WaitingForBuffers,
+    /// A batch went in and the backend may hold more (edge-triggered
+    /// epoll would not say so again).
+    More,
 }
 
 /// Everything one queue pair's thread owns; returned when it stops.
@@ -119,6 +134,13 @@ impl PairWorker {
         }
     }
 
+    /// Whether the driver acked guest TSO/UFO (64 KiB rx frames): sets how
+    /// much rx buffer space is lined up per read.
+    pub fn with_guest_gso(mut self, gso: bool) -> Self {
+        self.rx_state.set_guest_gso(gso);
+        self
+    }
+
     fn broken(&self, what: &str, e: &QueueFault) {
         log::warn!("virtio-net pair {}: {what} queue: {e}", self.pair);
         self.interrupt.set_needs_reset();
@@ -131,11 +153,12 @@ impl PairWorker {
         }
     }
 
-    /// Serves rx until the backend is drained; `true` while a frame waits
-    /// for buffers (notifications are then enabled on the rx queue).
-    pub fn handle_rx(&mut self) -> bool {
+    /// Serves rx until the backend is drained, a frame waits for buffers
+    /// (notifications are then enabled on the rx queue), or a batch went in
+    /// (the guest is signalled once per batch).
+    pub fn handle_rx(&mut self) -> RxStatus {
         if self.rx_broken {
-            return false;
+            return RxStatus::Idle;
         }
         let mem = self.mem.clone();
         loop {
@@ -152,7 +175,7 @@ impl PairWorker {
                 Err(e) => {
                     self.rx_broken = true;
                     self.broken("rx", &e);
-                    return false;
+                    return RxStatus::Idle;
                 }
             };
             if used {
@@ -161,14 +184,15 @@ impl PairWorker {
                 self.rx.queue = q;
             }
             match outcome {
-                RxOutcome::Drained => return false,
+                RxOutcome::Drained => return RxStatus::Idle,
+                RxOutcome::More => return RxStatus::More,
                 RxOutcome::NoBuffers => match self.wait_for_rx_buffers() {
                     Ok(true) => continue,
-                    Ok(false) => return true,
+                    Ok(false) => return RxStatus::WaitingForBuffers,
                     Err(e) => {
                         self.rx_broken = true;
                         self.broken("rx", &e);
-                        return false;
+                        return RxStatus::Idle;
                     }
                 },
             }
@@ -266,11 +290,13 @@ impl PairWorker {
         };
         // Work queued before the thread started (or while it was paused).
         self.handle_tx();
-        let mut rx_waiting = self.handle_rx();
+        let mut rx = self.handle_rx();
         self.handle_ctrl();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let n = match epoll.wait(-1, &mut events) {
+            // After a full rx batch, only look for other work, then go on.
+            let timeout = if rx == RxStatus::More { 0 } else { -1 };
+            let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -279,6 +305,7 @@ impl PairWorker {
                     return self;
                 }
             };
+            let mut rx_served = false;
             for ev in events.iter().take(n) {
                 match ev.data() {
                     STOP => {
@@ -287,10 +314,14 @@ impl PairWorker {
                     }
                     RX_KICK => {
                         let _ = self.rx.kick.read();
-                        rx_waiting = self.handle_rx();
+                        rx = self.handle_rx();
+                        rx_served = true;
                     }
                     // While a frame waits for buffers, only a kick helps.
-                    BACKEND if !rx_waiting => rx_waiting = self.handle_rx(),
+                    BACKEND if rx != RxStatus::WaitingForBuffers => {
+                        rx = self.handle_rx();
+                        rx_served = true;
+                    }
                     TX_KICK => {
                         let _ = self.tx.kick.read();
                         self.handle_tx();
@@ -303,6 +334,9 @@ impl PairWorker {
                     }
                     _ => {}
                 }
+            }
+            if rx == RxStatus::More && !rx_served {
+                rx = self.handle_rx();
             }
         }
     }
