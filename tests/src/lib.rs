@@ -94,3 +94,4 @@ impl Drop for NetNs {
 }
 pub mod net_guest;
 pub mod netd_harness;
+pub mod rng;

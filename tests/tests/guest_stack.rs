@@ -19,6 +19,7 @@ mod intr {
 }
 
 use net::{Stack, Transmit};
+use tests::rng::Rng;
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0xa1, 0xb2, 0xc3];
 const GUEST_IP: [u8; 4] = [10, 0, 1, 2];
@@ -259,20 +260,6 @@ fn oversized_blast_requests_are_clamped() {
     assert_eq!(tx.frames.len(), 2);
 }
 
-/// xorshift64*: deterministic, so a failure reproduces.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[test]
 fn garbage_frames_never_panic() {
     let mut s = stack();
@@ -298,24 +285,24 @@ fn garbage_frames_never_panic() {
     ];
     for round in 0..200_000 {
         let mut f = if round % 4 == 0 {
-            (0..rng.below(1600)).map(|_| rng.next() as u8).collect()
+            (0..rng.index(1600)).map(|_| rng.next() as u8).collect()
         } else {
-            templates[rng.below(templates.len())].clone()
+            templates[rng.index(templates.len())].clone()
         };
         // Mutate a few bytes, biased towards the headers.
-        for _ in 0..rng.below(4) {
+        for _ in 0..rng.index(4) {
             if f.is_empty() {
                 break;
             }
-            let at = if rng.below(2) == 0 {
-                rng.below(f.len().min(48))
+            let at = if rng.index(2) == 0 {
+                rng.index(f.len().min(48))
             } else {
-                rng.below(f.len())
+                rng.index(f.len())
             };
             f[at] = rng.next() as u8;
         }
-        if rng.below(3) == 0 {
-            let keep = rng.below(f.len() + 1);
+        if rng.index(3) == 0 {
+            let keep = rng.index(f.len() + 1);
             f.truncate(keep);
         }
         s.handle(&f, &mut tx);

@@ -14,6 +14,7 @@ use common::netd::{
 use tests::netd_harness::{
     NOBODY, Netd, TEST_POLICY, probe, probe_hold, wait_for, world_exec_copy,
 };
+use tests::rng::Rng;
 
 fn start(tag: &str, extra: &[&str]) -> (Netd, PathBuf) {
     let netd = Netd::start(&tests::bin("netd"), tag, TEST_POLICY, extra);
@@ -388,20 +389,6 @@ fn malformed_input_each_followed_by_a_served_client() {
     assert!(audit.contains("exceeds the limit"), "{audit}");
     assert!(audit.contains("in the middle of a frame"), "{audit}");
     assert!(audit.contains("read timeout"), "{audit}");
-}
-
-/// xorshift64*: deterministic, dependency-free randomness.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// Random bytes, and random mutations of valid requests, into the frame
