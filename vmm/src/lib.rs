@@ -23,5 +23,6 @@ pub mod memory;
 pub mod net;
 pub mod persist;
 pub mod privileges;
+pub mod sandbox;
 pub mod vcpu;
 pub mod vm;

@@ -21,6 +21,7 @@ use vmm::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevic
 use vmm::memory::{self, GuestRam, MemoryError};
 use vmm::persist::Machine;
 use vmm::privileges::{self, PrivilegeError};
+use vmm::sandbox::{self, SandboxError, ThreadKind};
 use vmm::vcpu::{self, Vcpu, VcpuError};
 use vmm::vm::{self, ExitReason, Vm, VmError};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -43,6 +44,8 @@ enum StartError {
     Vcpu(#[from] VcpuError),
     #[error("{0}")]
     Api(#[from] ApiError),
+    #[error("{0}")]
+    Sandbox(#[from] SandboxError),
     #[error("serial output {path}: {err}")]
     Serial { path: String, err: std::io::Error },
     #[error("{0} is not supported by this build yet")]
@@ -111,10 +114,13 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
         return Err(StartError::NotYet("--incoming"));
     }
     let kvm = Kvm::new().map_err(StartError::Kvm)?;
+    // The bounding set needs CAP_SETPCAP, which the uid drop takes away.
+    sandbox::drop_bounding_set();
     if let Some((uid, gid)) = cfg.user {
         privileges::drop_to(uid, gid)?;
     }
-    // Sandbox hook: capabilities, no_new_privs, seccomp, Landlock go here.
+    let report = sandbox::lock_down(&sandbox::Plan::for_config(&cfg))?;
+    log::info!("sandbox: {report:?}");
 
     // Bad kernels fail before a VM exists (tearing one down costs ~20 ms here).
     pvh::check_kernel(&cfg.kernel, cfg.memory)?;
@@ -174,6 +180,8 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
             exit_tx.clone(),
         )?);
     }
+    // Every thread runs under its own filter now; main only waits.
+    sandbox::enter_thread(ThreadKind::Main)?;
     log::info!("guest started after {:?}", started.elapsed());
 
     // A closed channel cannot happen while exit_tx lives here; treat it as
