@@ -209,7 +209,11 @@ fn killed_by_sigsys(st: &WaitStatus) -> bool {
 }
 
 /// The forbidden calls a filter must kill, by name.
-fn forbidden_calls() -> Vec<(&'static str, Box<dyn Fn() -> i64 + Sync>)> {
+/// A forbidden syscall by name, made directly (not through a libc wrapper
+/// that might call something else first).
+type ForbiddenCall = (&'static str, Box<dyn Fn() -> i64 + Sync>);
+
+fn forbidden_calls() -> Vec<ForbiddenCall> {
     vec![
         (
             "socket(AF_INET)",
