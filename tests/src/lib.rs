@@ -92,4 +92,5 @@ impl Drop for NetNs {
             .status();
     }
 }
+pub mod net_guest;
 pub mod netd_harness;

@@ -561,3 +561,45 @@ fn seccomp_option() {
     assert_exited_with(vm.wait_exit(BOOT_TIMEOUT), 2, &vm);
     assert!(vm.stderr().contains("--seccomp"), "{}", vm.stderr());
 }
+
+#[test]
+fn with_net_every_thread_is_sandboxed_and_the_network_works() {
+    use tests::net_guest::{GuestLink, RunAs, ScratchDir, guest_ip, vmm_command, wait_ping};
+    use tests::netd_harness::{Netd, TEST_POLICY};
+    let netd = Netd::start(&bin("netd"), "sbx", TEST_POLICY, &[]);
+    let dir = ScratchDir::new("sbx");
+    let sock = dir.0.join("api.sock");
+    for queues in ["", "queues=2"] {
+        let mut cmd = vmm_command(
+            &netd,
+            "vm0",
+            1,
+            queues,
+            Some(&sock),
+            RunAs::RootWithUserOption,
+        );
+        cmd.env("RUST_BACKTRACE", "1");
+        let mut vm = VmmProcess::spawn(cmd);
+        vm.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
+        assert!(
+            wait_ping(&netd.ns, guest_ip(1), Duration::from_secs(30)),
+            "no ping reply\nstdout:\n{}\nstderr:\n{}",
+            vm.output(),
+            vm.stderr()
+        );
+        let link = GuestLink::new(&netd.ns, guest_ip(1));
+        assert_eq!(link.echo_round_trips(50, 200, Duration::from_secs(5)), 50);
+        let names = assert_all_threads_sandboxed(vm.pid(), true);
+        assert!(
+            names.iter().any(|n| n.starts_with("virtio-net")),
+            "a device thread in {names:?}"
+        );
+        // Pause/resume stop and restart the device threads under the filters.
+        vmctl_ok(&sock, "pause");
+        assert!(vmctl_ok(&sock, "status").contains("Paused"));
+        vmctl_ok(&sock, "resume");
+        assert_eq!(link.echo_round_trips(10, 200, Duration::from_secs(5)), 10);
+        vmctl_ok(&sock, "shutdown");
+        assert_exited_with(vm.wait_exit(BOOT_TIMEOUT), 0, &vm);
+    }
+}

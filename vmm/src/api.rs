@@ -115,17 +115,31 @@ fn respond(req: ApiRequest, ctx: &ApiContext) -> (ApiResponse, bool) {
             vcpus: ctx.vcpus,
             memory_bytes: ctx.memory_bytes,
             uptime_ms: ctx.started.elapsed().as_millis() as u64,
-            nets: Vec::new(),
+            nets: ctx.machine.nets.iter().map(|n| n.status()).collect(),
         }),
+        // vCPUs first, so no driver write races the device pause; frames
+        // arriving meanwhile wait in the TAP queues.
         ApiRequest::Pause => match ctx.control.pause() {
-            Ok(()) => ApiResponse::Ok,
+            Ok(()) => match ctx.machine.pause_devices() {
+                Ok(()) => ApiResponse::Ok,
+                Err(e) => ApiResponse::Error {
+                    message: e.to_string(),
+                },
+            },
             Err(e) => ApiResponse::Error {
                 message: e.to_string(),
             },
         },
+        // Devices first, so the guest finds its queues served.
         ApiRequest::Resume => {
+            let devices = ctx.machine.resume_devices();
             ctx.control.resume();
-            ApiResponse::Ok
+            match devices {
+                Ok(()) => ApiResponse::Ok,
+                Err(e) => ApiResponse::Error {
+                    message: e.to_string(),
+                },
+            }
         }
         ApiRequest::Shutdown => return (ApiResponse::Ok, true),
         ApiRequest::Migrate { .. } => ApiResponse::Error {

@@ -18,7 +18,9 @@ use vmm::config::{ConfigError, SerialTarget, USAGE, VmConfig};
 use vmm::control::{self, RunControl};
 use vmm::devices::power::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT, I8042_PORT_LEN};
 use vmm::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice};
+use vmm::devices::virtio::net::event_handler::ThreadHook;
 use vmm::memory::{self, GuestRam, MemoryError};
+use vmm::net::attach::{self as net_attach, NetAttachError};
 use vmm::persist::Machine;
 use vmm::privileges::{self, PrivilegeError};
 use vmm::sandbox::{self, SandboxError, ThreadKind};
@@ -46,6 +48,8 @@ enum StartError {
     Api(#[from] ApiError),
     #[error("{0}")]
     Sandbox(#[from] SandboxError),
+    #[error("{0}")]
+    Net(#[from] NetAttachError),
     #[error("serial output {path}: {err}")]
     Serial { path: String, err: std::io::Error },
     #[error("{0} is not supported by this build yet")]
@@ -68,6 +72,7 @@ impl StartError {
             | StartError::Serial { .. }
             | StartError::NotYet(_)
             | StartError::Api(ApiError::Bind { .. }) => 2,
+            StartError::Net(e) if e.is_bad_input() => 2,
             StartError::Boot(BootError::Write(_)) => 1,
             StartError::Boot(_) => 2,
             _ => 1,
@@ -107,9 +112,6 @@ fn main() {
 fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
     let started = Instant::now();
     privileges::check_invocation(cfg.user)?;
-    if !cfg.nets.is_empty() {
-        return Err(StartError::NotYet("--net"));
-    }
     if cfg.incoming.is_some() {
         return Err(StartError::NotYet("--incoming"));
     }
@@ -121,6 +123,12 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
     }
     let report = sandbox::lock_down(&sandbox::Plan::for_config(&cfg))?;
     log::info!("sandbox: {report:?}");
+    // TAPs come from netd as the tenant's uid. The device threads start
+    // now, before any vCPU can activate a device: they inherit the sandbox
+    // (setup filter, Landlock, no_new_privs) and narrow it to their own.
+    let device_hook: ThreadHook =
+        Arc::new(|_name: &str| sandbox::enter_thread_or_exit(ThreadKind::Device));
+    let nets = net_attach::open_nets(&cfg.nets, Some(device_hook))?;
 
     // Bad kernels fail before a VM exists (tearing one down costs ~20 ms here).
     pvh::check_kernel(&cfg.kernel, cfg.memory)?;
@@ -131,6 +139,7 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
     let serial = add_legacy_devices(&mut vm, &cfg, &exit_tx)?;
     // Virtio devices attach here (Vm::attach_virtio_mmio) before the
     // command line is written.
+    let nets = net_attach::attach_nets(&mut vm, nets)?;
 
     let mut cmdline = cfg.cmdline.clone();
     for extra in &vm.cmdline_extra {
@@ -156,6 +165,7 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
         vcpus: vec![Arc::new(Mutex::new(boot_vcpu))],
         serial,
         msrs,
+        nets,
     });
     if let Some(path) = &cfg.api_socket {
         api::start(
@@ -201,6 +211,11 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
     let deadline = Instant::now() + Duration::from_millis(200);
     while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_micros(200));
+    }
+    // Stop the device threads before the guest memory goes away with the
+    // process; the TAP fds close with it, and netd holds none.
+    if let Err(e) = machine.pause_devices() {
+        log::warn!("{e}");
     }
     Ok(reason)
 }

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::serial::{SerialDevice, SerialState};
+use crate::devices::virtio::net::NetError;
+use crate::net::attach::{NetAttachment, NetDeviceState};
 use crate::vcpu::{Vcpu, VcpuError, VcpuState};
 use crate::vm::{Vm, VmError, VmState};
 
@@ -31,6 +33,8 @@ pub enum PersistError {
     Serial(String),
     #[error("RON: {0}")]
     Ron(String),
+    #[error("net {id}: {err}")]
+    Net { id: String, err: NetError },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -40,6 +44,9 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialState,
+    /// virtio-net devices in slot order (their TAP fds travel beside).
+    #[serde(default)]
+    pub nets: Vec<NetDeviceState>,
 }
 
 impl MachineState {
@@ -65,10 +72,48 @@ pub struct Machine {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// MSRs carried in each vCPU's state ([`Vcpu::saveable_msrs`]).
     pub msrs: Vec<u32>,
+    /// `--net` devices, in slot order.
+    pub nets: Vec<NetAttachment>,
 }
 
 impl Machine {
-    /// Reads the machine state. The caller pauses the vCPUs first.
+    /// Stops the devices' threads (after the vCPUs are paused): frames
+    /// wait in the TAP queues. Tries every device; reports the first error.
+    pub fn pause_devices(&self) -> Result<(), PersistError> {
+        let mut first = Ok(());
+        for n in &self.nets {
+            if let Err(err) = n.pause() {
+                log::warn!("net {}: pause: {err}", n.config.id);
+                if first.is_ok() {
+                    first = Err(PersistError::Net {
+                        id: n.config.id.clone(),
+                        err,
+                    });
+                }
+            }
+        }
+        first
+    }
+
+    /// Restarts the devices' threads (before the vCPUs resume).
+    pub fn resume_devices(&self) -> Result<(), PersistError> {
+        let mut first = Ok(());
+        for n in &self.nets {
+            if let Err(err) = n.resume() {
+                log::warn!("net {}: resume: {err}", n.config.id);
+                if first.is_ok() {
+                    first = Err(PersistError::Net {
+                        id: n.config.id.clone(),
+                        err,
+                    });
+                }
+            }
+        }
+        first
+    }
+
+    /// Reads the machine state. The caller pauses the vCPUs and the devices
+    /// first.
     pub fn save(&self) -> Result<MachineState, PersistError> {
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
@@ -76,12 +121,23 @@ impl Machine {
             vcpus.push(v.save_state(&self.vm.kvm, &self.msrs)?);
         }
         let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        let nets = self
+            .nets
+            .iter()
+            .map(|n| {
+                n.save().map_err(|err| PersistError::Net {
+                    id: n.config.id.clone(),
+                    err,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(MachineState {
             version: MACHINE_STATE_VERSION,
             memory_bytes: self.vm.ram.size,
             vm: self.vm.save_state()?,
             vcpus,
             serial,
+            nets,
         })
     }
 
@@ -139,6 +195,7 @@ mod tests {
             vcpus: vec![Arc::new(Mutex::new(v))],
             serial: Arc::new(Mutex::new(serial)),
             msrs,
+            nets: Vec::new(),
         }
     }
 

@@ -5,8 +5,13 @@
 //! netd_probe tap NET_OPTION [hold]   (NET_OPTION as vmm's --net takes it)
 //! netd_probe vhost SOCKET QUEUES
 //! netd_probe status SOCKET
+//! netd_probe exec NET_OPTION -- PROGRAM ARGS...   (execs PROGRAM with the
+//!   first TAP fd inherited; `{fd}` in ARGS becomes its number, e.g. QEMU's
+//!   `-netdev tap,fd={fd}`)
 
 use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -64,6 +69,25 @@ fn run(args: &[String]) -> Result<serde_json::Value, String> {
                 Err(e) => refusal(&e),
             })
         }
+        [cmd, opt, sep, program, rest @ ..] if cmd == "exec" && sep == "--" => {
+            let cfg = NetConfig::parse(opt).map_err(|e| e.to_string())?;
+            let t = netd_client::open_tap_for(&cfg).map_err(|e| refusal(&e).to_string())?;
+            let fd = t.taps.first().ok_or("netd sent no TAP fd")?.as_raw_fd();
+            // SAFETY: fcntl on an fd we own; clearing FD_CLOEXEC so that the
+            // program inherits it.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+                return Err(format!(
+                    "cannot clear FD_CLOEXEC: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let args: Vec<String> = rest
+                .iter()
+                .map(|a| a.replace("{fd}", &fd.to_string()))
+                .collect();
+            let err = std::process::Command::new(program).args(&args).exec();
+            Err(format!("cannot exec {program}: {err}"))
+        }
         [cmd, sock] if cmd == "status" => {
             let r = NetdClient::connect(Path::new(sock), netd_client::DEFAULT_TIMEOUT)
                 .and_then(|mut c| c.status());
@@ -73,7 +97,8 @@ fn run(args: &[String]) -> Result<serde_json::Value, String> {
             })
         }
         _ => Err(
-            "usage: netd_probe tap NET_OPTION [hold] | vhost SOCKET QUEUES | status SOCKET".into(),
+            "usage: netd_probe tap NET_OPTION [hold] | vhost SOCKET QUEUES | status SOCKET | exec NET_OPTION -- PROGRAM ARGS..."
+                .into(),
         ),
     }
 }
