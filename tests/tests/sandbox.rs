@@ -376,6 +376,34 @@ fn only_vcpu_threads_may_run_kvm_and_only_setup_may_create_threads() {
 }
 
 #[test]
+fn abort_after_a_panic_is_not_a_seccomp_kill() {
+    // panic=abort ends in abort(): raise(SIGABRT) through rt_sigprocmask,
+    // getpid, gettid and tgkill. Each runtime filter must let it through so
+    // that a panic shows as SIGABRT (with its message), not as SIGSYS.
+    let filters = Filters::compile(SeccompMode::Kill).unwrap();
+    for kind in ThreadKind::ALL {
+        let prog = filters.program(kind).unwrap();
+        let st = in_child(|| {
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: setrlimit reads the struct above; no core file is
+            // left behind by the abort.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+            if seccompiler::apply_filter(prog).is_err() {
+                return 3;
+            }
+            std::process::abort()
+        });
+        assert!(
+            matches!(st, WaitStatus::Signaled(_, Signal::SIGABRT, _)),
+            "abort under {kind:?}: {st:?}"
+        );
+    }
+}
+
+#[test]
 fn landlock_denies_dev_net_tun_even_to_root() {
     // The same restriction vmm applies to itself, in a child that is still
     // root (CAP_DAC_OVERRIDE): the open fails because of Landlock alone.
