@@ -33,6 +33,10 @@ pub enum SandboxError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("sandbox: set up twice")]
     Twice,
+    #[error(
+        "sandbox: {0} threads exist at lock-down; Landlock and no_new_privs would miss all but one"
+    )]
+    Threads(usize),
 }
 
 /// What to lock down and how.
@@ -70,6 +74,13 @@ fn install_panic_hook() {
 /// Steps 2 to 4 on the calling (main) thread, which must be the only thread.
 /// After this, threads started by the process call [`enter_thread`].
 pub fn lock_down(plan: &Plan) -> Result<Report, SandboxError> {
+    // Landlock, no_new_privs and the capability sets are per thread.
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        let n = tasks.count();
+        if n > 1 {
+            return Err(SandboxError::Threads(n));
+        }
+    }
     caps::clear_all()?;
     // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
