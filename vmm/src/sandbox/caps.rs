@@ -37,11 +37,43 @@ pub fn drop_bounding_set() -> usize {
         }
     }
     if refused > 0 {
-        log::info!(
-            "{refused} capabilities stay in the bounding set (dropping them needs CAP_SETPCAP)"
-        );
+        log::debug!("{refused} capabilities stay in the bounding set (no CAP_SETPCAP)");
     }
     refused
+}
+
+/// How many capabilities the bounding set still holds.
+pub fn bounding_set_len() -> usize {
+    (0..64)
+        // SAFETY: PR_CAPBSET_READ takes an integer and touches no memory.
+        .map(|cap| unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) })
+        .take_while(|&r| r >= 0)
+        .filter(|&r| r == 1)
+        .count()
+}
+
+/// Started unprivileged, the bounding set can only be emptied from inside a
+/// user namespace of our own, where we hold CAP_SETPCAP over ourselves. The
+/// namespace maps our uid and gid to themselves (so files, netd's
+/// SO_PEERCRED and /proc show the same ids); the capabilities it grants are
+/// cleared right after by [`clear_all`]. Must run single-threaded. Best
+/// effort: hosts may forbid unprivileged user namespaces.
+pub fn drop_bounding_set_in_user_namespace() -> std::io::Result<()> {
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    // SAFETY: unshare takes flags only; the process is single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::fs::write("/proc/self/setgroups", "deny")?;
+    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))?;
+    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))?;
+    match drop_bounding_set() {
+        0 => Ok(()),
+        n => Err(std::io::Error::other(format!(
+            "{n} capabilities stay in the bounding set"
+        ))),
+    }
 }
 
 /// Clears the ambient, inheritable, effective and permitted sets of the

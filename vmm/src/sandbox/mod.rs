@@ -1,6 +1,8 @@
 //! The vmm sandbox, applied in this order (see [`lock_down`]):
 //! 1. while still root: the capability bounding set is emptied
 //!    ([`caps::drop_bounding_set`], before [`crate::privileges::drop_to`]);
+//!    started unprivileged, inside a user namespace of our own instead
+//!    (the only way the kernel allows), at lock-down;
 //! 2. after the uid drop: every other capability set cleared, no_new_privs;
 //! 3. Landlock ([`landlock`]): the filesystem shrinks to the files named on
 //!    the command line, no TCP, no abstract sockets, no signals outward;
@@ -79,6 +81,12 @@ pub fn lock_down(plan: &Plan) -> Result<Report, SandboxError> {
         let n = tasks.count();
         if n > 1 {
             return Err(SandboxError::Threads(n));
+        }
+    }
+    if caps::bounding_set_len() > 0 {
+        match caps::drop_bounding_set_in_user_namespace() {
+            Ok(()) => log::info!("bounding set emptied inside a user namespace of our own"),
+            Err(e) => log::info!("capability bounding set kept ({e}); no_new_privs covers execve"),
         }
     }
     caps::clear_all()?;
