@@ -3,12 +3,14 @@
 //! this program starts in a namespace of its own; plus the rate of a plain
 //! host loop writing frames to a TAP, as the ceiling. Prints a table.
 //!
-//! bench_net [--burst-ms N] [--bursts N] [--echoes N] [--pings N] [--skip-qemu]
+//! bench_net [--burst-ms N] [--bursts N] [--echoes N] [--pings N] [--rounds N] [--skip-qemu]
 //!
 //! Run as root after `cargo build --release --workspace`. Guest code that
 //! runs for more than ~20 ms without idling drops into slow instruction
 //! emulation on this nested KVM, so host->guest floods are split into short
-//! bursts with idle gaps, and blasts are sized to last well under a second.
+//! bursts with idle gaps (each timed until the guest has drained it), and
+//! blasts are sized to last well under a second. The host's 2 cores are
+//! shared with whatever else runs: compare vmm and QEMU within one run.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -30,15 +32,17 @@ struct Opts {
     bursts: u32,
     echoes: u32,
     pings: u32,
+    rounds: u32,
     qemu: bool,
 }
 
 fn parse_opts() -> Opts {
     let mut o = Opts {
-        burst: Duration::from_millis(100),
-        bursts: 10,
+        burst: Duration::from_millis(20),
+        bursts: 20,
         echoes: 2000,
         pings: 200,
+        rounds: 3,
         qemu: true,
     };
     let mut args = std::env::args().skip(1);
@@ -53,10 +57,11 @@ fn parse_opts() -> Opts {
             "--bursts" => o.bursts = num("--bursts") as u32,
             "--echoes" => o.echoes = num("--echoes") as u32,
             "--pings" => o.pings = num("--pings") as u32,
+            "--rounds" => o.rounds = (num("--rounds") as u32).max(1),
             "--skip-qemu" => o.qemu = false,
             _ => {
                 eprintln!(
-                    "usage: bench_net [--burst-ms N] [--bursts N] [--echoes N] [--pings N] [--skip-qemu]"
+                    "usage: bench_net [--burst-ms N] [--bursts N] [--echoes N] [--pings N] [--rounds N] [--skip-qemu]"
                 );
                 std::process::exit(2);
             }
@@ -83,15 +88,32 @@ struct Row {
     lost: String,
 }
 
-/// Floods port 9 (discard) in bursts; returns (frames the guest took per
-/// second of sending, datagrams sent per second).
+/// The stats request sent right after a burst queues behind the burst's
+/// frames in the TAP (FIFO), so its reply marks the moment the guest has
+/// taken everything before it. Short per-try timeout: when the TAP queue was
+/// full the request itself may have been dropped. Returns (rx, tries).
+fn stats_after_burst(link: &GuestLink) -> (u64, u64) {
+    for tries in 1..=200u64 {
+        if let Some(reply) = link.call(5000, b"", 1, Duration::from_millis(20))
+            && let Ok(st) = tests::net_guest::GuestStats::parse(&reply)
+        {
+            return (st.rx, tries);
+        }
+    }
+    panic!("no stats reply after a burst");
+}
+
+/// Floods port 9 (discard) in bursts; each burst is timed from its first
+/// datagram to the stats reply queued behind its last, so frames still
+/// waiting in the TAP when sending stops count only once taken. Returns
+/// (frames the guest took per second, datagrams the host sent per second).
 fn host_to_guest(link: &GuestLink, size: usize, o: &Opts) -> (f64, f64) {
     let payload = vec![0x5au8; size];
-    let before = link.stats().expect("stats before").rx;
-    let mut sent = 0u64;
-    let mut sending = Duration::ZERO;
     let to = std::net::SocketAddrV4::new(link.ip, 9);
+    let (mut taken, mut sent) = (0u64, 0u64);
+    let (mut busy, mut sending) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..o.bursts {
+        let (before, _) = stats_after_burst(link);
         let t0 = Instant::now();
         while t0.elapsed() < o.burst {
             // A full socket buffer (ENOBUFS) is the host's limit: go on.
@@ -100,14 +122,17 @@ fn host_to_guest(link: &GuestLink, size: usize, o: &Opts) -> (f64, f64) {
             }
         }
         sending += t0.elapsed();
-        // Idle gap: the guest drains its queue and goes back to hlt.
-        std::thread::sleep(Duration::from_millis(200));
+        let (after, tries) = stats_after_burst(link);
+        busy += t0.elapsed();
+        // Each stats request is a received frame too.
+        taken += after.saturating_sub(before).saturating_sub(tries);
+        // Idle gap: the guest goes back to hlt.
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let after = link.stats().expect("stats after").rx;
-    // The stats request itself is one received frame.
-    let took = after.saturating_sub(before).saturating_sub(1);
-    let secs = sending.as_secs_f64();
-    (took as f64 / secs, sent as f64 / secs)
+    (
+        taken as f64 / busy.as_secs_f64(),
+        sent as f64 / sending.as_secs_f64(),
+    )
 }
 
 /// Blast from the guest: datagrams per second received by the host
@@ -116,6 +141,36 @@ fn guest_to_host(link: &GuestLink, count: u32, size: usize) -> (f64, u32) {
     let (seen, took) = link.blast(count, size, Duration::from_secs(3));
     let got = seen.iter().filter(|s| **s).count() as u32;
     (f64::from(got) / took.as_secs_f64().max(1e-6), count - got)
+}
+
+/// Each metric's median over the rounds; losses of all rounds.
+fn median_row(rows: &[Row]) -> Row {
+    let med = |f: Metric| {
+        let mut v: Vec<f64> = rows.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        percentile(&v, 0.5)
+    };
+    let lost: Vec<&str> = rows
+        .iter()
+        .map(|r| r.lost.as_str())
+        .filter(|l| *l != "none")
+        .collect();
+    Row {
+        h2g_64: med(|r| r.h2g_64),
+        h2g_64_sent: med(|r| r.h2g_64_sent),
+        h2g_1400: med(|r| r.h2g_1400),
+        h2g_1400_sent: med(|r| r.h2g_1400_sent),
+        g2h_64: med(|r| r.g2h_64),
+        g2h_1400: med(|r| r.g2h_1400),
+        echo_rps: med(|r| r.echo_rps),
+        ping_p50: med(|r| r.ping_p50),
+        ping_p99: med(|r| r.ping_p99),
+        lost: if lost.is_empty() {
+            "none".into()
+        } else {
+            lost.join("; ")
+        },
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -152,9 +207,13 @@ fn measure(netd: &Netd, n: u8, o: &Opts) -> Row {
         lost.push(format!("ping {}", o.pings - got));
     }
 
+    std::thread::sleep(Duration::from_millis(500));
     (r.h2g_64, r.h2g_64_sent) = host_to_guest(&link, 64, o);
+    std::thread::sleep(Duration::from_millis(500));
     (r.h2g_1400, r.h2g_1400_sent) = host_to_guest(&link, 1400, o);
 
+    // Let the guest settle in hlt after the floods.
+    std::thread::sleep(Duration::from_secs(1));
     let (pps, l) = guest_to_host(&link, 1000, 64);
     r.g2h_64 = pps;
     if l > 0 {
@@ -211,16 +270,14 @@ fn main() {
     let ceiling_64 = raw_tap_rate(&netd, "s0", 64, Duration::from_millis(500));
     let ceiling_1400 = raw_tap_rate(&netd, "s1", 1400, Duration::from_millis(500));
 
-    eprintln!("bench_net: vmm guest ...");
+    // Both guests run at once (the idle one sits in hlt) and are measured
+    // in turns, round after round: load from elsewhere on the host then
+    // hits both alike, and the medians are compared.
     let (vm, _) = start_vmm_guest(
         vmm_command(&netd, "vm1", 1, "", None, RunAs::RootWithUserOption),
         BOOT_TIMEOUT,
     );
-    let vmm_row = measure(&netd, 1, &o);
-    drop(vm); // killed: its TAP goes before the next guest starts
-
-    let qemu_row = if o.qemu && qemu_available() {
-        eprintln!("bench_net: QEMU guest ...");
+    let qemu = if o.qemu && qemu_available() {
         let mut q = VmmProcess::spawn(qemu_command(
             &bin("netd_probe"),
             &guest_elf(),
@@ -229,13 +286,33 @@ fn main() {
             2,
         ));
         q.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
-        let r = measure(&netd, 2, &o);
-        drop(q);
-        Some(r)
+        Some(q)
     } else {
         eprintln!("bench_net: QEMU skipped");
         None
     };
+    let mut vmm_rows = Vec::new();
+    let mut qemu_rows = Vec::new();
+    for round in 1..=o.rounds {
+        eprintln!("bench_net: round {round}/{}: vmm", o.rounds);
+        let r = measure(&netd, 1, &o);
+        if r.lost != "none" {
+            eprintln!(
+                "bench_net: vmm guest console:\n{}\n{}",
+                vm.output(),
+                vm.stderr()
+            );
+        }
+        vmm_rows.push(r);
+        if qemu.is_some() {
+            eprintln!("bench_net: round {round}/{}: QEMU", o.rounds);
+            qemu_rows.push(measure(&netd, 2, &o));
+        }
+    }
+    drop(vm);
+    drop(qemu);
+    let vmm_row = median_row(&vmm_rows);
+    let qemu_row = (!qemu_rows.is_empty()).then(|| median_row(&qemu_rows));
 
     let cpu = Command::new("nproc")
         .output()
@@ -244,8 +321,8 @@ fn main() {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "bench_net: same test guest, netd TAP on a bridge, {cpu} host CPUs; host->guest floods in {} bursts of {:?}",
-        o.bursts, o.burst
+        "bench_net: same test guest, netd TAP on a bridge, {cpu} host CPUs; medians of {} rounds; host->guest floods in {} bursts of {:?}",
+        o.rounds, o.bursts, o.burst
     );
     let _ = writeln!(
         out,

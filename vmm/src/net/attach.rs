@@ -10,6 +10,7 @@
 //! hook), [`attach_nets`] where the VM takes its virtio devices. [`NetAttachment`] then pauses, resumes, reports
 //! and saves each device for the API and for migration.
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,12 @@ pub enum NetAttachError {
     EventFd { id: String, err: std::io::Error },
     #[error("--net id={id}: {err}")]
     Vm { id: String, err: VmError },
+    #[error("--net id={id}: restored into slot {slot:?}, saved in {saved:?}")]
+    SlotMoved {
+        id: String,
+        saved: VirtioSlot,
+        slot: VirtioSlot,
+    },
 }
 
 impl NetAttachError {
@@ -67,6 +74,9 @@ pub struct OpenedNet {
     pub tap: String,
     pub mac: [u8; 6],
     device: NetDevice,
+    /// Set for a device restored from a saved state: the transport is
+    /// rebuilt from it at attach time.
+    saved: Option<(VirtioSlot, MmioState)>,
 }
 
 /// A locally administered unicast MAC (52:54:00 like QEMU, then random).
@@ -124,27 +134,96 @@ fn open_net(config: NetConfig, hook: Option<ThreadHook>) -> Result<OpenedNet, Ne
         fds.taps.len(),
         fds.vhost.len()
     );
-    let backend = backend_from_fds(fds.taps, fds.vhost).map_err(|err| NetAttachError::Backend {
-        id: id.clone(),
-        err,
-    })?;
-    let mac = config.mac.unwrap_or_else(random_mac);
-    let mut device = NetDevice::new(backend, Some(mac)).map_err(|err| NetAttachError::Device {
-        id: id.clone(),
-        err,
-    })?;
-    if let Some(h) = hook {
-        device.set_thread_hook(h);
+    OpenedNet::from_fds(config, fds.name, fds.taps, fds.vhost, hook)
+}
+
+impl OpenedNet {
+    /// A new device on TAP (and vhost-net) fds that are already open.
+    pub fn from_fds(
+        config: NetConfig,
+        tap: String,
+        taps: Vec<OwnedFd>,
+        vhost: Vec<OwnedFd>,
+        hook: Option<ThreadHook>,
+    ) -> Result<Self, NetAttachError> {
+        let id = config.id.clone();
+        let backend = backend_from_fds(taps, vhost).map_err(|err| NetAttachError::Backend {
+            id: id.clone(),
+            err,
+        })?;
+        let mac = config.mac.unwrap_or_else(random_mac);
+        let device = NetDevice::new(backend, Some(mac)).map_err(|err| NetAttachError::Device {
+            id: id.clone(),
+            err,
+        })?;
+        Self::start(config, tap, mac, device, hook, None)
     }
-    device
-        .start_threads()
-        .map_err(|err| NetAttachError::Device { id, err })?;
-    Ok(OpenedNet {
-        config,
-        tap: fds.name,
-        mac,
-        device,
-    })
+
+    /// A saved device (migration target) on the TAP fds that came beside
+    /// its state, in `state.net.backend.tap_fds` order. It stays paused
+    /// until [`NetAttachment::resume`].
+    pub fn restore_from_fds(
+        config: NetConfig,
+        taps: Vec<OwnedFd>,
+        vhost: Vec<OwnedFd>,
+        state: &NetDeviceState,
+        hook: Option<ThreadHook>,
+    ) -> Result<Self, NetAttachError> {
+        let id = config.id.clone();
+        if state.version != NET_DEVICE_STATE_VERSION {
+            return Err(NetAttachError::Device {
+                id,
+                err: NetError::State(format!(
+                    "net device state version {} (expected {NET_DEVICE_STATE_VERSION})",
+                    state.version
+                )),
+            });
+        }
+        let backend = backend_from_fds(taps, vhost).map_err(|err| NetAttachError::Backend {
+            id: id.clone(),
+            err,
+        })?;
+        let device =
+            NetDevice::restore(backend, &state.net).map_err(|err| NetAttachError::Device {
+                id: id.clone(),
+                err,
+            })?;
+        let saved = Some((state.slot, state.mmio.clone()));
+        Self::start(
+            config,
+            state.tap.clone(),
+            state.net.mac,
+            device,
+            hook,
+            saved,
+        )
+    }
+
+    fn start(
+        config: NetConfig,
+        tap: String,
+        mac: [u8; 6],
+        mut device: NetDevice,
+        hook: Option<ThreadHook>,
+        saved: Option<(VirtioSlot, MmioState)>,
+    ) -> Result<Self, NetAttachError> {
+        if let Some(h) = hook {
+            device.set_thread_hook(h);
+        }
+        device
+            .start_threads()
+            .map_err(|err| NetAttachError::Device {
+                id: config.id.clone(),
+                err,
+            })?;
+        Ok(OpenedNet {
+            config,
+            tap,
+            mac,
+            device,
+            saved,
+        })
+    }
 }
 
 /// A net device in the VM: its slot and its transport (shared with the MMIO
@@ -169,11 +248,14 @@ pub fn attach_nets(
 fn attach_net(vm: &mut Vm, net: OpenedNet) -> Result<NetAttachment, NetAttachError> {
     let id = net.config.id.clone();
     let mem = Arc::new(vm.ram.memory.clone());
-    let transport =
-        MmioTransport::new(net.device, mem).map_err(|err| NetAttachError::Transport {
-            id: id.clone(),
-            err,
-        })?;
+    let transport = match &net.saved {
+        None => MmioTransport::new(net.device, mem),
+        Some((_, state)) => MmioTransport::restore(net.device, mem, state),
+    }
+    .map_err(|err| NetAttachError::Transport {
+        id: id.clone(),
+        err,
+    })?;
     let kicks: Vec<Arc<EventFd>> = transport.queue_eventfds().to_vec();
     let irq = transport
         .interrupt_eventfd()
@@ -190,7 +272,16 @@ fn attach_net(vm: &mut Vm, net: OpenedNet) -> Result<NetAttachment, NetAttachErr
         .collect();
     let slot = vm
         .attach_virtio_mmio(transport.clone(), &notifiers, &irq)
-        .map_err(|err| NetAttachError::Vm { id, err })?;
+        .map_err(|err| NetAttachError::Vm {
+            id: id.clone(),
+            err,
+        })?;
+    // The guest found the device at its saved address: it must stay there.
+    if let Some((saved, _)) = net.saved
+        && saved != slot
+    {
+        return Err(NetAttachError::SlotMoved { id, saved, slot });
+    }
     log::info!(
         "net {}: TAP {} in virtio-mmio slot {} at {:#x}, GSI {}",
         net.config.id,
@@ -266,5 +357,156 @@ impl NetAttachment {
             mmio,
             net,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+    use kvm_ioctls::Kvm;
+    use std::os::fd::AsRawFd;
+
+    /// A TAP with vnet header in a network namespace of the calling thread's
+    /// own (needs root, as the test suite runs); None when unavailable.
+    fn own_netns_tap(name: &str) -> Option<OwnedFd> {
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+            eprintln!("skipped: unshare(CLONE_NEWNET): {e}");
+            return None;
+        }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .ok()?;
+        let mut ifr = [0u8; 40];
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+        ifr[16..18].copy_from_slice(&(0x0002i16 | 0x1000 | 0x4000).to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) };
+        if r < 0 {
+            eprintln!("skipped: TUNSETIFF: {}", std::io::Error::last_os_error());
+            return None;
+        }
+        Some(OwnedFd::from(f))
+    }
+
+    fn config(id: &str) -> NetConfig {
+        NetConfig::parse(&format!("netd=/nonexistent,id={id},mac=52:54:00:aa:bb:cc")).unwrap()
+    }
+
+    fn write32(vm: &Vm, base: u64, off: u64, v: u32) {
+        assert!(vm.mmio.write(base + off, &v.to_le_bytes()));
+    }
+
+    /// Plays a driver on the MMIO bus: VERSION_1, rx/tx queues of 16
+    /// entries, DRIVER_OK (which starts the device's work).
+    fn drive_to_driver_ok(vm: &Vm, base: u64) {
+        write32(vm, base, 0x70, 1 | 2);
+        write32(vm, base, 0x24, 1);
+        write32(vm, base, 0x20, 1); // VERSION_1 (bit 32)
+        write32(vm, base, 0x70, 1 | 2 | 8);
+        for q in 0..2u32 {
+            let at = 0x1_0000 * u64::from(q + 1);
+            write32(vm, base, 0x30, q);
+            write32(vm, base, 0x38, 16);
+            write32(vm, base, 0x80, at as u32);
+            write32(vm, base, 0x90, (at + 0x1000) as u32);
+            write32(vm, base, 0xa0, (at + 0x2000) as u32);
+            write32(vm, base, 0x44, 1);
+        }
+        write32(vm, base, 0x70, 1 | 2 | 8 | 4);
+    }
+
+    fn save_restore_in_own_netns() {
+        let Some(tap) = own_netns_tap("vmsave0") else {
+            return;
+        };
+        let dup = tap.try_clone().unwrap();
+        let mut vm = Vm::new(Kvm::new().unwrap(), GuestRam::new(16 << 20).unwrap()).unwrap();
+        let opened =
+            OpenedNet::from_fds(config("vmsave0"), "vmsave0".into(), vec![tap], vec![], None)
+                .unwrap();
+        let nets = attach_nets(&mut vm, vec![opened]).unwrap();
+        let net = &nets[0];
+        assert_eq!(net.slot.base, 0xd000_0000);
+        assert_eq!(vm.cmdline_extra, vec!["virtio_mmio.device=4K@0xd0000000:5"]);
+        drive_to_driver_ok(&vm, net.slot.base);
+        assert!(net.is_running(), "DRIVER_OK starts the device threads");
+        assert!(matches!(net.save(), Err(NetError::Running)));
+        let st = net.status();
+        assert_eq!(
+            (st.tap.as_str(), st.mac.as_str()),
+            ("vmsave0", "52:54:00:aa:bb:cc")
+        );
+
+        net.pause().unwrap();
+        let state = net.save().unwrap();
+        assert_eq!(state.mmio.status, 1 | 2 | 8 | 4);
+        assert!(state.mmio.queues[0].0.ready);
+        assert_eq!(state.mmio.queues[1].0.desc_table, 0x2_0000);
+        let text = ron::to_string(&state).unwrap();
+        let back: NetDeviceState = ron::from_str(&text).unwrap();
+        assert_eq!(back, state);
+
+        // A second VM (as a migration target would build) on the same TAP.
+        let mut vm2 = Vm::new(Kvm::new().unwrap(), GuestRam::new(16 << 20).unwrap()).unwrap();
+        let restored =
+            OpenedNet::restore_from_fds(config("vmsave0"), vec![dup], vec![], &back, None).unwrap();
+        let nets2 = attach_nets(&mut vm2, vec![restored]).unwrap();
+        assert!(!nets2[0].is_running(), "a restored device waits for resume");
+        assert_eq!(nets2[0].save().unwrap(), state);
+        nets2[0].resume().unwrap();
+        assert!(nets2[0].is_running());
+        nets2[0].pause().unwrap();
+
+        // A state from another layout is refused.
+        let mut moved = state.clone();
+        moved.slot.index = 3;
+        let t3 = own_tap_dup(&nets2[0]);
+        let r = OpenedNet::restore_from_fds(config("vmsave0"), vec![t3], vec![], &moved, None)
+            .and_then(|o| attach_nets(&mut vm2, vec![o]));
+        assert!(r.is_err());
+    }
+
+    fn own_tap_dup(net: &NetAttachment) -> OwnedFd {
+        let t = net.lock();
+        let io = t.device().backend().frame_io(0).unwrap();
+        // SAFETY: the fd is open while `io` lives; dup makes an owned copy.
+        let fd = unsafe { libc::dup(io.as_raw_fd()) };
+        assert!(fd >= 0);
+        // SAFETY: dup returned a new fd that nothing else owns.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn net_device_saves_and_restores_on_its_tap() {
+        // The namespace belongs to this helper thread only.
+        std::thread::spawn(save_restore_in_own_netns)
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn bad_net_option_is_bad_input() {
+        let e = open_nets(&["id=vm0".to_string()], None).err().unwrap();
+        assert!(e.is_bad_input(), "{e}");
+        let e = open_nets(&["netd=/nonexistent/sock,id=vm0".to_string()], None)
+            .err()
+            .unwrap();
+        assert!(!e.is_bad_input(), "{e}");
+        assert!(e.to_string().contains("vm0"), "{e}");
+    }
+
+    #[test]
+    fn macs_format_and_random_ones_are_local_unicast() {
+        assert_eq!(
+            format_mac(&[0x52, 0x54, 0, 1, 0xab, 0xff]),
+            "52:54:00:01:ab:ff"
+        );
+        let m = random_mac();
+        assert_eq!(m[0] & 1, 0, "unicast");
+        assert_eq!(m[0] & 2, 2, "locally administered");
     }
 }
