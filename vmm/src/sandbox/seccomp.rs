@@ -192,6 +192,49 @@ mod tests {
         assert_eq!(kvm_run["args"][0]["val"].as_u64(), Some(0xae80));
     }
 
+    /// The device filter covers what the virtio-net device says its
+    /// threads call (a new entry there must come here too).
+    #[test]
+    fn device_policy_covers_the_device_threads_syscalls() {
+        use crate::devices::virtio::net::event_handler::DEVICE_THREAD_SYSCALLS;
+        let names: &[(libc::c_long, &str)] = &[
+            (libc::SYS_epoll_create1, "epoll_create1"),
+            (libc::SYS_epoll_ctl, "epoll_ctl"),
+            (libc::SYS_epoll_wait, "epoll_wait"),
+            (libc::SYS_epoll_pwait, "epoll_pwait"),
+            (libc::SYS_read, "read"),
+            (libc::SYS_write, "write"),
+            (libc::SYS_ioctl, "ioctl"),
+            (libc::SYS_futex, "futex"),
+            (libc::SYS_close, "close"),
+            (libc::SYS_fcntl, "fcntl"),
+            (libc::SYS_sched_yield, "sched_yield"),
+            (libc::SYS_mmap, "mmap"),
+            (libc::SYS_munmap, "munmap"),
+            (libc::SYS_mprotect, "mprotect"),
+            (libc::SYS_madvise, "madvise"),
+            (libc::SYS_brk, "brk"),
+            (libc::SYS_rt_sigprocmask, "rt_sigprocmask"),
+            (libc::SYS_sigaltstack, "sigaltstack"),
+            (libc::SYS_exit, "exit"),
+        ];
+        let doc: serde_json::Value = serde_json::from_str(ThreadKind::Device.policy()).unwrap();
+        let listed: Vec<&str> = doc["device"]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["syscall"].as_str())
+            .collect();
+        for nr in DEVICE_THREAD_SYSCALLS {
+            let name = names
+                .iter()
+                .find(|(n, _)| n == nr)
+                .map(|(_, name)| *name)
+                .unwrap_or_else(|| panic!("syscall {nr} is new: add it to device.json and here"));
+            assert!(listed.contains(&name), "{name} missing in device.json");
+        }
+    }
+
     #[test]
     fn mode_parses() {
         assert_eq!("kill".parse(), Ok(SeccompMode::Kill));
