@@ -12,6 +12,12 @@
 //! 1,000,000) to the sender's address and port, from port 5001. Payload: the
 //! datagram's sequence number (from 0) as a big-endian u32 in the first four
 //! bytes (as far as size allows), then bytes i % 256 at offset i.
+//!
+//! UDP 5002 probe: request `A.B.C.D`; the guest asks for that address with
+//! an ARP request, then pings it (ICMP echo), and answers the requester
+//! `probe A.B.C.D ok mac=<mac>` once the echo reply is back. One probe at a
+//! time (a new request replaces the pending one); no timeout: a requester
+//! that gets no answer asks again.
 
 use crate::text::TextBuf;
 
@@ -41,6 +47,9 @@ pub const PORT_ECHO: u16 = 7;
 pub const PORT_DISCARD: u16 = 9;
 pub const PORT_STATS: u16 = 5000;
 pub const PORT_BLAST: u16 = 5001;
+pub const PORT_PROBE: u16 = 5002;
+/// ICMP echo identifier of the probe's pings.
+const PROBE_ICMP_ID: u16 = 0x7e57;
 
 pub struct Stack {
     pub mac: [u8; 6],
@@ -51,6 +60,16 @@ pub struct Stack {
     pub echo_replies: u64,
     pub discarded: u64,
     ip_id: u16,
+    probe: Option<Probe>,
+}
+
+/// A pending UDP 5002 probe: who asked, whom to reach, what is known.
+#[derive(Clone, Copy)]
+struct Probe {
+    requester: Peer,
+    target: [u8; 4],
+    target_mac: Option<[u8; 6]>,
+    seq: u16,
 }
 
 /// Where a reply goes: the requester's MAC, IP and (for UDP) port.
@@ -127,6 +146,7 @@ impl Stack {
             echo_replies: 0,
             discarded: 0,
             ip_id: 0,
+            probe: None,
         }
     }
 
@@ -151,6 +171,11 @@ impl Stack {
     }
 
     fn arp(&mut self, eth_src: [u8; 6], p: &[u8], tx: &mut dyn Transmit) {
+        // Ethernet/IPv4 reply to the probe's request.
+        if p.get(0..8) == Some(&[0, 1, 8, 0, 6, 4, 0, 2][..]) {
+            self.probe_arp_reply(p, tx);
+            return;
+        }
         // Ethernet/IPv4 request for our address.
         if p.get(0..8) != Some(&[0, 1, 8, 0, 6, 4, 0, 1][..]) {
             return;
@@ -221,6 +246,11 @@ impl Stack {
     }
 
     fn icmp(&mut self, peer: Peer, msg: &[u8], tx: &mut dyn Transmit) {
+        // Echo reply (type 0) to the probe's ping.
+        if msg.len() >= 8 && msg.get(0..2) == Some(&[0, 0][..]) && checksum(msg) == 0 {
+            self.probe_echo_reply(peer, msg, tx);
+            return;
+        }
         // Echo request, type 8 code 0, with a valid checksum.
         if msg.len() < 8 || msg.get(0..2) != Some(&[8, 0][..]) || checksum(msg) != 0 {
             return;
@@ -281,6 +311,7 @@ impl Stack {
                 });
             }
             PORT_BLAST => self.blast(peer, data, tx),
+            PORT_PROBE => self.probe_start(peer, data, tx),
             _ => {}
         }
     }
@@ -327,6 +358,94 @@ impl Stack {
         line.str(" irqs=")
             .dec(crate::intr::DEVICE_IRQS.load(core::sync::atomic::Ordering::Relaxed));
         crate::serial::line(line.as_bytes());
+    }
+
+    /// UDP 5002: remembers the request and broadcasts an ARP request for
+    /// the target.
+    fn probe_start(&mut self, requester: Peer, request: &[u8], tx: &mut dyn Transmit) {
+        let word = request
+            .split(|&c| c == b' ' || c == b'\n' || c == b'\r' || c == 0)
+            .find(|w| !w.is_empty());
+        let Some(target) = word.and_then(crate::text::parse_ipv4) else {
+            return;
+        };
+        self.probe = Some(Probe {
+            requester,
+            target,
+            target_mac: None,
+            seq: 0,
+        });
+        let (mac, ip) = (self.mac, self.ip);
+        let sent = tx.send(&mut |f: &mut [u8]| {
+            let Some(f) = f.get_mut(..ETH_MIN_FRAME) else {
+                return 0;
+            };
+            f.fill(0);
+            put(f, 0, &[0xff; 6]);
+            put(f, 6, &mac);
+            put(f, 12, &ETHERTYPE_ARP.to_be_bytes());
+            put(f, 14, &[0, 1, 8, 0, 6, 4, 0, 1]);
+            put(f, 22, &mac);
+            put(f, 28, &ip);
+            put(f, 38, &target);
+            ETH_MIN_FRAME
+        });
+        self.count_tx(sent);
+    }
+
+    /// An ARP reply from the probe's target: ping it.
+    fn probe_arp_reply(&mut self, p: &[u8], tx: &mut dyn Transmit) {
+        let (Some(sha), Some(spa), Some(tpa)) = (arr::<6>(p, 8), arr::<4>(p, 14), arr::<4>(p, 24))
+        else {
+            return;
+        };
+        let Some(mut probe) = self.probe else { return };
+        if tpa != self.ip || spa != probe.target {
+            return;
+        }
+        probe.target_mac = Some(sha);
+        probe.seq = probe.seq.wrapping_add(1);
+        self.probe = Some(probe);
+        let to = Peer {
+            mac: sha,
+            ip: spa,
+            port: 0,
+        };
+        let seq = probe.seq;
+        self.send_ip(tx, to, PROTO_ICMP, 16, &mut |out: &mut [u8]| {
+            let Some(out) = out.get_mut(..16) else { return };
+            out.fill(0x5a);
+            put(out, 0, &[8, 0, 0, 0]);
+            put(out, 4, &PROBE_ICMP_ID.to_be_bytes());
+            put(out, 6, &seq.to_be_bytes());
+            let c = checksum(out);
+            put(out, 2, &c.to_be_bytes());
+        });
+    }
+
+    /// The target's echo reply: tell the requester.
+    fn probe_echo_reply(&mut self, from: Peer, msg: &[u8], tx: &mut dyn Transmit) {
+        let Some(probe) = self.probe else { return };
+        let (Some(id), Some(seq)) = (be16(msg, 4), be16(msg, 6)) else {
+            return;
+        };
+        if from.ip != probe.target || id != PROBE_ICMP_ID || seq != probe.seq {
+            return;
+        }
+        let Some(mac) = probe.target_mac else { return };
+        self.probe = None;
+        let mut t = TextBuf::<128>::new();
+        t.str("probe ").ipv4(probe.target).str(" ok mac=");
+        for (i, b) in mac.iter().enumerate() {
+            if i > 0 {
+                t.byte(b':');
+            }
+            t.hex(u64::from(*b), 2);
+        }
+        let text = t.as_bytes();
+        self.send_udp(tx, probe.requester, PORT_PROBE, text.len(), &mut |out| {
+            put(out, 0, text)
+        });
     }
 
     fn count_tx(&mut self, sent: bool) {

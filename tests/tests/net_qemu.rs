@@ -49,3 +49,47 @@ fn qemu_guest_on_a_netd_tap_fd_answers_ping_and_echo() {
         netd.links()
     );
 }
+
+#[test]
+fn guests_on_vmm_and_on_qemu_share_a_bridge_and_reach_each_other() {
+    use tests::net_guest::{RunAs, guest_mac, start_vmm_guest, vmm_command};
+    use tests::vmm_process::BOOT_TIMEOUT;
+    if !qemu_available() {
+        eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        return;
+    }
+    let netd = Netd::start(&bin("netd"), "nq2", TEST_POLICY, &[]);
+    let (vm, _) = start_vmm_guest(
+        vmm_command(&netd, "vm1", 1, "", None, RunAs::RootWithUserOption),
+        BOOT_TIMEOUT,
+    );
+    let mut qemu = VmmProcess::spawn(qemu_command(
+        &bin("netd_probe"),
+        &guest_elf(),
+        &netd,
+        "vm2",
+        2,
+    ));
+    qemu.wait_for_line("testguest: up boot_id=", SETTLE);
+    for n in [1, 2] {
+        assert!(
+            wait_ping(&netd.ns, guest_ip(n), SETTLE),
+            "guest {n} does not answer ping\nvmm:\n{}\nqemu:\n{}\n{}",
+            vm.output(),
+            qemu.output(),
+            qemu.stderr()
+        );
+    }
+    // Each guest ARPs for and pings the other (UDP 5002 probe).
+    for (from, to) in [(1u8, 2u8), (2, 1)] {
+        let link = GuestLink::new(&netd.ns, guest_ip(from));
+        let req = guest_ip(to).to_string();
+        let reply = link
+            .call(5002, req.as_bytes(), 10, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no probe answer from guest {from} for {req}"));
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            format!("probe {req} ok mac={}", guest_mac(to))
+        );
+    }
+}

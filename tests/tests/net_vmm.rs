@@ -113,6 +113,15 @@ fn ping_udp_services_and_blast_through_netd_tap() {
     assert_eq!(nets[0]["mac"], guest_mac(1));
     assert_eq!(nets[0]["queues"], 1);
     assert_eq!(nets[0]["vhost"], false);
+    let out = Command::new(bin("vmctl"))
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("status")
+        .output()
+        .expect("run vmctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!("net vm0: tap vm0 mac {} queues 1 vhost off", guest_mac(1));
+    assert!(text.lines().any(|l| l == want), "{text}");
 
     // netd keeps no fd of the TAP: vmm's exit removes it.
     assert_eq!(tun_fds(&netd), 0, "netd holds TAP fds");
@@ -186,7 +195,18 @@ fn two_guests_on_one_bridge_reach_each_other() {
     assert_eq!(link_a.echo_round_trips(50, 64, REPLY), 50);
     assert_eq!(link_b.echo_round_trips(50, 64, REPLY), 50);
 
-    // The guests only answer, so make A talk to B: echo requests to A that
+    // The probe service (UDP 5002): each guest ARPs for and pings the
+    // other over the bridge, then tells us the MAC that answered.
+    for (from, to) in [(&link_a, 2u8), (&link_b, 1u8)] {
+        let req = guest_ip(to).to_string();
+        let reply = from
+            .call(5002, req.as_bytes(), 10, REPLY)
+            .unwrap_or_else(|| panic!("no probe answer from {} for {req}", from.ip));
+        let text = String::from_utf8_lossy(&reply);
+        assert_eq!(text, format!("probe {req} ok mac={}", guest_mac(to)));
+    }
+
+    // Also a stream the other way round: echo requests to A that
     // claim to come from B (B's MAC and IP, B's discard port). A's replies
     // cross the bridge from TAP vm1 to TAP vm2 and B counts them.
     const N: u32 = 40;
@@ -269,4 +289,34 @@ fn pause_holds_packets_in_the_tap_until_resume() {
     back.sort();
     assert_eq!(back, held, "the held echoes, each once");
     assert_ping(&netd, 1, &vm);
+}
+
+#[test]
+fn net_errors_give_one_line_and_exit_codes() {
+    let netd = netd("nv6");
+    let run = |net: &str| {
+        let out = Command::new(bin("vmm"))
+            .args(["--user", "65534:65534", "--kernel"])
+            .arg(tests::guest_elf())
+            .args(["--net", net])
+            .output()
+            .expect("run vmm");
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        (out.status.code(), err)
+    };
+    let sock = netd.socket.display().to_string();
+    // Refused by netd's policy (the tenant may only use names "vm…").
+    let (code, err) = run(&format!("netd={sock},id=xx0"));
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("xx0") && err.contains("refused"), "{err}");
+    // A malformed option.
+    let (code, err) = run("netd=/x,id=vm0,queues=zero");
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // No netd there.
+    let (code, err) = run(&format!("netd={}.missing,id=vm0", sock));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("netd"), "{err}");
+    assert!(!netd.links().iter().any(|l| l == "xx0"));
 }

@@ -3,10 +3,12 @@
 //!
 //! Start-up (vmm/src/main.rs), in order:
 //! [`config`] parses the command line → [`privileges::check_invocation`] →
-//! open /dev/kvm → [`privileges::drop_to`] (sandbox hook right after) →
+//! open /dev/kvm → [`privileges::drop_to`] → [`net::attach::open_nets`]
+//! (TAPs from netd as the tenant's uid, device threads started) → sandbox →
 //! [`boot::pvh::check_kernel`] → [`memory::GuestRam`] (memfd, MAP_SHARED) →
 //! [`vm::Vm`] (RAM slots, TSS, irqchip, PIT) → legacy devices (serial, power)
-//! → virtio devices ([`vm::Vm::attach_virtio_mmio`]) → [`boot::pvh::load`]
+//! → virtio devices ([`net::attach::attach_nets`] through
+//! [`vm::Vm::attach_virtio_mmio`]) → [`boot::pvh::load`]
 //! (kernel, start info, memory map, command line) → [`vcpu::Vcpu`] set up
 //! for the PVH entry → [`api`] thread → vCPU threads → wait for the first
 //! [`vm::ExitReason`].

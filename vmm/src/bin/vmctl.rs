@@ -95,13 +95,24 @@ fn print(resp: &ApiResponse, json: bool) -> bool {
         ApiResponse::Status(s) => (
             true,
             format!(
-                "state: {:?}\npid: {}\nvcpus: {}\nmemory_bytes: {}\nuptime_ms: {}\nnets: {}",
+                "state: {:?}\npid: {}\nvcpus: {}\nmemory_bytes: {}\nuptime_ms: {}\nnets: {}{}",
                 s.state,
                 s.pid,
                 s.vcpus,
                 s.memory_bytes,
                 s.uptime_ms,
-                s.nets.len()
+                s.nets.len(),
+                s.nets
+                    .iter()
+                    .map(|n| format!(
+                        "\nnet {}: tap {} mac {} queues {} vhost {}",
+                        n.id,
+                        n.tap,
+                        n.mac,
+                        n.queues,
+                        if n.vhost { "on" } else { "off" }
+                    ))
+                    .collect::<String>()
             ),
             serde_json::to_value(s).unwrap_or_default(),
         ),
