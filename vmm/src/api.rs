@@ -45,7 +45,10 @@ pub fn start(path: &Path, ctx: ApiContext) -> Result<(), ApiError> {
     std::thread::Builder::new()
         .name("api".into())
         .stack_size(API_STACK_SIZE)
-        .spawn(move || serve(listener, ctx))
+        .spawn(move || {
+            crate::sandbox::enter_thread_or_exit(crate::sandbox::ThreadKind::Api);
+            serve(listener, ctx)
+        })
         .map_err(ApiError::Thread)?;
     Ok(())
 }

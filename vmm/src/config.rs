@@ -3,11 +3,14 @@
 
 use std::path::PathBuf;
 
+use crate::sandbox::SeccompMode;
+
 /// Guest RAM when `--memory` is not given.
 pub const DEFAULT_MEMORY: u64 = 128 << 20;
 
 pub const USAGE: &str = "usage: vmm --kernel FILE [--cmdline STR] [--memory SIZE] [--vcpus N] \
-[--serial stdout|FILE] [--api-socket PATH] [--net netd=SOCK,id=ID[,...]] [--incoming PATH] [--user UID:GID]";
+[--serial stdout|FILE] [--api-socket PATH] [--net netd=SOCK,id=ID[,...]] [--incoming PATH] [--user UID:GID] \
+[--seccomp kill|log]";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialTarget {
@@ -27,6 +30,8 @@ pub struct VmConfig {
     pub nets: Vec<String>,
     pub incoming: Option<PathBuf>,
     pub user: Option<(u32, u32)>,
+    /// What a forbidden syscall does: kill (default) or log (debugging).
+    pub seccomp: SeccompMode,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -51,6 +56,8 @@ pub enum ConfigError {
     TooManyVcpus(u8),
     #[error("invalid --user '{0}': expected UID:GID")]
     BadUser(String),
+    #[error("invalid --seccomp '{0}': expected kill or log")]
+    BadSeccomp(String),
 }
 
 /// Parses a size like `4096`, `256M`, `6G` (binary multiples).
@@ -88,6 +95,7 @@ impl VmConfig {
         let mut nets = Vec::new();
         let mut incoming = None;
         let mut user = None;
+        let mut seccomp = None;
         let mut it = args.into_iter();
         while let Some(arg) = it.next() {
             if arg == "--help" || arg == "-h" {
@@ -107,6 +115,7 @@ impl VmConfig {
                 "--net",
                 "--incoming",
                 "--user",
+                "--seccomp",
             ];
             if !known.contains(&name.as_str()) {
                 return Err(ConfigError::UnknownOption(arg));
@@ -144,6 +153,12 @@ impl VmConfig {
                 "--api-socket" => set(&mut api_socket, PathBuf::from(value), &name)?,
                 "--net" => nets.push(value),
                 "--incoming" => set(&mut incoming, PathBuf::from(value), &name)?,
+                "--seccomp" => {
+                    let m: SeccompMode = value
+                        .parse()
+                        .map_err(|_| ConfigError::BadSeccomp(value.clone()))?;
+                    set(&mut seccomp, m, &name)?
+                }
                 _ => set(&mut user, parse_user(&value)?, &name)?,
             }
         }
@@ -170,6 +185,7 @@ impl VmConfig {
             nets,
             incoming,
             user,
+            seccomp: seccomp.unwrap_or_default(),
         }))
     }
 }
@@ -229,5 +245,12 @@ mod tests {
         );
         assert!(parse(&["--kernel", "k", "--user", "65534"]).is_err());
         assert_eq!(parse(&["--help"]), Ok(None));
+        assert_eq!(c.seccomp, SeccompMode::Kill);
+        let c = parse(&["--kernel", "k", "--seccomp=log"]).unwrap().unwrap();
+        assert_eq!(c.seccomp, SeccompMode::Log);
+        assert_eq!(
+            parse(&["--kernel", "k", "--seccomp", "off"]),
+            Err(ConfigError::BadSeccomp("off".into()))
+        );
     }
 }

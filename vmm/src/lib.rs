@@ -3,15 +3,18 @@
 //!
 //! Start-up (vmm/src/main.rs), in order:
 //! [`config`] parses the command line → [`privileges::check_invocation`] →
-//! open /dev/kvm → [`privileges::drop_to`] → [`net::attach::open_nets`]
-//! (TAPs from netd as the tenant's uid, device threads started) → sandbox →
+//! open /dev/kvm → [`sandbox::drop_bounding_set`] → [`privileges::drop_to`]
+//! → [`sandbox::lock_down`] (capabilities, no_new_privs, Landlock, the
+//! `setup` seccomp filter) → [`net::attach::open_nets`] (TAPs from netd as
+//! the tenant's uid, device threads started, each installing its filter) →
 //! [`boot::pvh::check_kernel`] → [`memory::GuestRam`] (memfd, MAP_SHARED) →
 //! [`vm::Vm`] (RAM slots, TSS, irqchip, PIT) → legacy devices (serial, power)
 //! → virtio devices ([`net::attach::attach_nets`] through
 //! [`vm::Vm::attach_virtio_mmio`]) → [`boot::pvh::load`]
 //! (kernel, start info, memory map, command line) → [`vcpu::Vcpu`] set up
-//! for the PVH entry → [`api`] thread → vCPU threads → wait for the first
-//! [`vm::ExitReason`].
+//! for the PVH entry → [`api`] thread → vCPU threads (each thread installs
+//! its own filter first, [`sandbox::enter_thread`]) → the main thread's
+//! `main` filter → wait for the first [`vm::ExitReason`].
 //!
 //! Pause/resume is [`control::RunControl`]; the machine's migratable state is
 //! [`persist::MachineState`], read and written through [`persist::Machine`].
@@ -25,5 +28,6 @@ pub mod memory;
 pub mod net;
 pub mod persist;
 pub mod privileges;
+pub mod sandbox;
 pub mod vcpu;
 pub mod vm;

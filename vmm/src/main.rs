@@ -18,10 +18,12 @@ use vmm::config::{ConfigError, SerialTarget, USAGE, VmConfig};
 use vmm::control::{self, RunControl};
 use vmm::devices::power::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT, I8042_PORT_LEN};
 use vmm::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice};
+use vmm::devices::virtio::net::event_handler::ThreadHook;
 use vmm::memory::{self, GuestRam, MemoryError};
 use vmm::net::attach::{self as net_attach, NetAttachError};
 use vmm::persist::Machine;
 use vmm::privileges::{self, PrivilegeError};
+use vmm::sandbox::{self, SandboxError, ThreadKind};
 use vmm::vcpu::{self, Vcpu, VcpuError};
 use vmm::vm::{self, ExitReason, Vm, VmError};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -44,6 +46,8 @@ enum StartError {
     Vcpu(#[from] VcpuError),
     #[error("{0}")]
     Api(#[from] ApiError),
+    #[error("{0}")]
+    Sandbox(#[from] SandboxError),
     #[error("{0}")]
     Net(#[from] NetAttachError),
     #[error("serial output {path}: {err}")]
@@ -112,13 +116,19 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
         return Err(StartError::NotYet("--incoming"));
     }
     let kvm = Kvm::new().map_err(StartError::Kvm)?;
+    // The bounding set needs CAP_SETPCAP, which the uid drop takes away.
+    sandbox::drop_bounding_set();
     if let Some((uid, gid)) = cfg.user {
         privileges::drop_to(uid, gid)?;
     }
-    // TAPs come from netd as the tenant's uid; device threads start before
-    // the sandbox so they get their own filters, not the creator's.
-    let nets = net_attach::open_nets(&cfg.nets, None)?;
-    // Sandbox hook: capabilities, no_new_privs, seccomp, Landlock go here.
+    let report = sandbox::lock_down(&sandbox::Plan::for_config(&cfg))?;
+    log::info!("sandbox: {report:?}");
+    // TAPs come from netd as the tenant's uid. The device threads start
+    // now, before any vCPU can activate a device: they inherit the sandbox
+    // (setup filter, Landlock, no_new_privs) and narrow it to their own.
+    let device_hook: ThreadHook =
+        Arc::new(|_name: &str| sandbox::enter_thread_or_exit(ThreadKind::Device));
+    let nets = net_attach::open_nets(&cfg.nets, Some(device_hook))?;
 
     // Bad kernels fail before a VM exists (tearing one down costs ~20 ms here).
     pvh::check_kernel(&cfg.kernel, cfg.memory)?;
@@ -180,6 +190,8 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
             exit_tx.clone(),
         )?);
     }
+    // Every thread runs under its own filter now; main only waits.
+    sandbox::enter_thread(ThreadKind::Main)?;
     log::info!("guest started after {:?}", started.elapsed());
 
     // A closed channel cannot happen while exit_tx lives here; treat it as

@@ -18,6 +18,7 @@ use crate::boot::pvh::PvhEntry;
 use crate::control::RunControl;
 use crate::devices::bus::Bus;
 use crate::memory::GuestMemoryMmap;
+use crate::sandbox::ThreadKind;
 use crate::vm::{ExitReason, ExitSender, Vm};
 
 /// A boot GDT in low RAM (below the PVH start info), as the PVH ABI expects
@@ -539,6 +540,13 @@ pub fn spawn(
         .name(format!("vcpu{id}"))
         .stack_size(VCPU_STACK_SIZE)
         .spawn(move || {
+            if let Err(e) = crate::sandbox::enter_thread(ThreadKind::Vcpu) {
+                exit.send(ExitReason::VcpuFailed {
+                    vcpu: id,
+                    message: e.to_string(),
+                });
+                return;
+            }
             run_loop(vcpu, pio, mmio, ctl.clone(), exit);
             ctl.thread_exited();
         })

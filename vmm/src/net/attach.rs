@@ -1,12 +1,13 @@
 //! `--net` end to end: ask netd for the TAP (as the unprivileged user, so
 //! netd's policy sees the tenant's uid), build the virtio-net device and
-//! start its threads (before the sandbox: threads created later inherit the
-//! creating thread's filter), then, once the VM exists, put its virtio-mmio
-//! transport in a slot with ioeventfds, irqfd and the command-line entry.
+//! start its threads (before any vCPU runs: a device activated by the guest
+//! would otherwise create them on the vCPU thread, under its filter), then,
+//! once the VM exists, put its virtio-mmio transport in a slot with
+//! ioeventfds, irqfd and the command-line entry.
 //!
-//! Two steps because the sandbox goes between them:
-//! [`open_nets`] right after the user drop, [`attach_nets`] where the VM
-//! takes its virtio devices. [`NetAttachment`] then pauses, resumes, reports
+//! Two steps: [`open_nets`] right after the sandbox is up (the device
+//! threads inherit it and narrow it with their own filter through the
+//! hook), [`attach_nets`] where the VM takes its virtio devices. [`NetAttachment`] then pauses, resumes, reports
 //! and saves each device for the API and for migration.
 
 use std::os::fd::OwnedFd;
@@ -105,8 +106,8 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 
 /// Parses each `--net` value, gets its TAP from netd, and builds the device
 /// with its threads started (`hook` runs first in each device thread, e.g.
-/// to install its seccomp filter). Call after the user drop and before the
-/// sandbox.
+/// to install its seccomp filter). Call after the user drop and the
+/// sandbox's lock-down, before the vCPU threads.
 pub fn open_nets(
     values: &[String],
     hook: Option<ThreadHook>,
