@@ -204,6 +204,8 @@ mod tests {
             (libc::SYS_epoll_pwait, "epoll_pwait"),
             (libc::SYS_read, "read"),
             (libc::SYS_write, "write"),
+            (libc::SYS_readv, "readv"),
+            (libc::SYS_writev, "writev"),
             (libc::SYS_ioctl, "ioctl"),
             (libc::SYS_futex, "futex"),
             (libc::SYS_close, "close"),
