@@ -353,13 +353,18 @@ pub fn start_vmm_guest(cmd: Command, timeout: Duration) -> (VmmProcess, String) 
     (p, id)
 }
 
+/// Whether QEMU is installed; says why a test skips when it is not.
 pub fn qemu_available() -> bool {
-    Command::new(QEMU)
+    let ok = Command::new(QEMU)
         .arg("--version")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP: {QEMU} is not installed (apt-get install qemu-system-x86)");
+    }
+    ok
 }
 
 /// QEMU microvm with the test guest `n` on a TAP that netd hands to

@@ -6,34 +6,20 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use tests::net_guest::{QEMU, grow_receive_buffer, in_netns, qemu_available};
 use tests::{NetNs, guest_elf};
 
-const QEMU: &str = "qemu-system-x86_64";
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 const HOST_CIDR: &str = "10.0.1.1/24";
 const GUEST_MAC: &str = "52:54:00:a1:b2:c3";
 /// Generous: the CI machine has 2 cores shared with parallel tests.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn qemu_available() -> bool {
-    let ok = Command::new(QEMU)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIP: {QEMU} is not installed (apt-get install qemu-system-x86)");
-    }
-    ok
-}
 
 /// The serial console of a running guest, collected line by line.
 #[derive(Default)]
@@ -231,41 +217,6 @@ fn tap_name() -> String {
         std::process::id() % 100_000,
         TAP_SEQ.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// Runs `f` on a thread that entered `ns`'s network namespace; sockets made
-/// there stay in that namespace.
-fn in_netns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
-
-/// A big socket receive buffer (SO_RCVBUFFORCE: tests run as root), so that
-/// a blast is never dropped by the host while the test thread is descheduled.
-fn grow_receive_buffer(sock: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let size: libc::c_int = 8 << 20;
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt on a socket we own with a pointer to a live c_int.
-        let r = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&raw const size).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            return;
-        }
-    }
 }
 
 /// The guest on QEMU behind a TAP in a namespace of the test's own.

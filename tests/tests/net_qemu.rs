@@ -16,7 +16,6 @@ const SETTLE: Duration = Duration::from_secs(60);
 #[test]
 fn qemu_guest_on_a_netd_tap_fd_answers_ping_and_echo() {
     if !qemu_available() {
-        eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
         return;
     }
     let netd = Netd::start(&bin("netd"), "nq1", TEST_POLICY, &[]);
@@ -55,7 +54,6 @@ fn guests_on_vmm_and_on_qemu_share_a_bridge_and_reach_each_other() {
     use tests::net_guest::{RunAs, guest_mac, start_vmm_guest, vmm_command};
     use tests::vmm_process::BOOT_TIMEOUT;
     if !qemu_available() {
-        eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
         return;
     }
     let netd = Netd::start(&bin("netd"), "nq2", TEST_POLICY, &[]);
