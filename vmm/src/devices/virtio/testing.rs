@@ -35,23 +35,7 @@ impl AsRawFd for SockIo {
     }
 }
 
-fn cvt(r: isize) -> io::Result<usize> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
 impl FrameIo for SockIo {
-    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: buf is valid for buf.len() bytes.
-        cvt(unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
-    }
-    fn write_frame(&self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: buf is valid for buf.len() bytes.
-        cvt(unsafe { libc::write(self.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
-    }
     fn set_enabled(&self, on: bool) -> io::Result<()> {
         self.enabled.store(on, Ordering::SeqCst);
         Ok(())

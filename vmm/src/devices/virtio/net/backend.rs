@@ -137,8 +137,16 @@ fn cvt(r: isize) -> io::Result<usize> {
 /// One queue pair's frames, each read or written whole, vnet header first.
 /// Non-blocking: reads fail with `WouldBlock` when nothing is queued.
 pub trait FrameIo: AsRawFd + Send + Sync {
-    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize>;
-    fn write_frame(&self, buf: &[u8]) -> io::Result<usize>;
+    /// Reads one frame into `buf` (a longer frame is cut there).
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is valid for writes of buf.len() bytes.
+        cvt(unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+    }
+    /// Writes `buf` as one frame.
+    fn write_frame(&self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: buf is valid for reads of buf.len() bytes.
+        cvt(unsafe { libc::write(self.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
+    }
     /// Reads one frame scattered over `iov` (readv); returns the bytes
     /// stored, at most `iov.total()` (a longer frame is cut there).
     fn read_frame_vectored(&self, iov: &IoVecs<'_, Dest>) -> io::Result<usize> {
