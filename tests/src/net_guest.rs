@@ -15,6 +15,21 @@ use crate::vmm_process::{VmmProcess, as_nobody_with_kvm, kvm_group};
 /// The bridge's host address (TEST_POLICY / policy/netd.ron).
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
 pub const QEMU: &str = "qemu-system-x86_64";
+/// QEMU microvm as the reference peer: the PVH guest, serial on stdio, and
+/// isa-debug-exit so that the guest's `out 0x501` ends QEMU.
+pub const QEMU_MICROVM_ARGS: &[&str] = &[
+    "-accel",
+    "kvm",
+    "-M",
+    "microvm,acpi=off",
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-serial",
+    "stdio",
+    "-device",
+    "isa-debug-exit,iobase=0x501",
+];
 
 /// Guest `n` (1-based) of a test: its address and MAC.
 pub fn guest_ip(n: u8) -> Ipv4Addr {
@@ -385,19 +400,11 @@ pub fn qemu_command(probe: &Path, guest: &Path, netd: &Netd, tap: &str, n: u8) -
         &format!("netd={},id={tap}", netd.socket.display()),
         "--",
         QEMU,
-        "-accel",
-        "kvm",
-        "-M",
-        "microvm,acpi=off",
+    ])
+    .args(QEMU_MICROVM_ARGS)
+    .args([
         "-m",
         "128M",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0x501",
         "-global",
         "virtio-mmio.force-legacy=false",
         "-netdev",

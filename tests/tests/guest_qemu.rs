@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use tests::net_guest::{QEMU, grow_receive_buffer, in_netns, qemu_available};
+use tests::net_guest::{QEMU, QEMU_MICROVM_ARGS, grow_receive_buffer, in_netns, qemu_available};
 use tests::{NetNs, guest_elf};
 
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
@@ -84,26 +84,9 @@ impl Qemu {
             elf.display()
         );
         let elf = elf.to_str().expect("utf-8 path").to_owned();
-        let mut args = vec![
-            QEMU,
-            "-accel",
-            "kvm",
-            "-M",
-            "microvm,acpi=off",
-            "-m",
-            "128M",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-device",
-            "isa-debug-exit,iobase=0x501",
-            "-kernel",
-            &elf,
-            "-append",
-            cmdline,
-        ];
+        let mut args = vec![QEMU];
+        args.extend_from_slice(QEMU_MICROVM_ARGS);
+        args.extend_from_slice(&["-m", "128M", "-kernel", &elf, "-append", cmdline]);
         args.extend_from_slice(extra);
         let mut cmd = match ns {
             Some(ns) => ns.command(&args),

@@ -10,6 +10,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tests::net_guest::{QEMU, QEMU_MICROVM_ARGS};
+
 struct Sample {
     first_byte: Option<Duration>,
     total: Duration,
@@ -92,22 +94,8 @@ fn main() {
         }
         results[0].1.push(run_once(c));
 
-        let mut q = Command::new("qemu-system-x86_64");
-        q.args([
-            "-accel",
-            "kvm",
-            "-M",
-            "microvm,acpi=off",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-device",
-            "isa-debug-exit,iobase=0x501",
-            "-kernel",
-        ])
-        .arg(&guest);
+        let mut q = Command::new(QEMU);
+        q.args(QEMU_MICROVM_ARGS).arg("-kernel").arg(&guest);
         if !cmdline.is_empty() {
             q.args(["-append", &cmdline]);
         }

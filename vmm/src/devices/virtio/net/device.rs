@@ -320,6 +320,22 @@ impl NetDevice {
         c
     }
 
+    /// The control queue (after the rx/tx pairs) when MQ was negotiated and
+    /// the driver set it up.
+    fn take_ctrl(&self, queues: &mut [Option<ActiveQueue>]) -> Option<CtrlQueue> {
+        if !self.has_ctrl() {
+            return None;
+        }
+        let q = queues
+            .get_mut(2 * usize::from(self.queue_pairs()))
+            .and_then(Option::take)?;
+        Some(CtrlQueue {
+            queue: q,
+            all_io: self.all_io(),
+            broken: false,
+        })
+    }
+
     fn build_user(
         &mut self,
         mem: GuestMemory,
@@ -327,18 +343,7 @@ impl NetDevice {
         mut queues: Vec<Option<ActiveQueue>>,
     ) -> Result<Run, ActivateError> {
         let pairs = usize::from(self.queue_pairs());
-        let mut ctrl = if self.has_ctrl() {
-            queues
-                .get_mut(2 * pairs)
-                .and_then(Option::take)
-                .map(|q| CtrlQueue {
-                    queue: q,
-                    all_io: self.all_io(),
-                    broken: false,
-                })
-        } else {
-            None
-        };
+        let mut ctrl = self.take_ctrl(&mut queues);
         let mrg = self.acked_features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
         let gso = self.acked_features
             & (bit(VIRTIO_NET_F_GUEST_TSO4)
@@ -382,18 +387,7 @@ impl NetDevice {
         mut queues: Vec<Option<ActiveQueue>>,
     ) -> Result<Run, ActivateError> {
         let pairs = usize::from(self.queue_pairs());
-        let ctrl = if self.has_ctrl() {
-            queues
-                .get_mut(2 * pairs)
-                .and_then(Option::take)
-                .map(|q| CtrlQueue {
-                    queue: q,
-                    all_io: self.all_io(),
-                    broken: false,
-                })
-        } else {
-            None
-        };
+        let ctrl = self.take_ctrl(&mut queues);
         // The kernel serves the pairs the driver set up, in order.
         let mut rings = Vec::new();
         for p in 0..pairs {
