@@ -32,6 +32,8 @@ pub enum RunState {
     Running,
     Paused,
     ShuttingDown,
+    /// A migration holds the machine (vCPUs stopped while it sends).
+    Migrating,
     Migrated,
 }
 
@@ -56,14 +58,43 @@ pub struct VmStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationReport {
-    /// "ok", or the reason the migration failed (the source then resumed).
+    /// "ok", or the reason the migration failed (the source then resumed,
+    /// unless the failure came after the commit: then the guest is lost).
     pub result: String,
-    /// Source vCPU pause to target vCPU resume.
+    /// Source vCPU pause to target vCPU resume (CLOCK_MONOTONIC of both
+    /// processes), 0 when the guest never paused.
     pub downtime_us: u64,
+    /// vmctl's request to the reply.
     pub total_us: u64,
     pub memory_bytes: u64,
+    /// Bytes of the machine state document.
     pub state_bytes: u64,
+    /// fds sent with SCM_RIGHTS (memfd, TAP queues, API socket).
+    pub fds_passed: u32,
     pub backend_transfer: bool,
+    /// The phases, in microseconds.
+    pub phases: MigrationPhases,
+}
+
+/// Where a migration's time went (microseconds). `pause` to `resume` make
+/// up the downtime.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationPhases {
+    /// Connecting to the target.
+    pub connect_us: u64,
+    /// Hello sent to Ready received: the target maps RAM and builds the
+    /// machine while the guest runs.
+    pub prepare_us: u64,
+    /// Stopping vCPUs and device threads.
+    pub pause_us: u64,
+    /// Reading the state and encoding it as RON.
+    pub save_us: u64,
+    /// State sent to Loaded received.
+    pub load_us: u64,
+    /// Of that, the target decoding and restoring.
+    pub restore_us: u64,
+    /// Commit sent to the target's vCPUs running again.
+    pub resume_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

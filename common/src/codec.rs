@@ -92,10 +92,24 @@ pub fn send<S: AsFd, T: Serialize>(
     msg: &T,
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), CodecError> {
+    send_encoded(sock, &encode(msg)?, fds)
+}
+
+/// Encodes `msg` as a frame's payload (RON), e.g. to know its size before
+/// sending it with [`send_encoded`].
+pub fn encode<T: Serialize>(msg: &T) -> Result<String, CodecError> {
+    Ok(ron::to_string(msg)?)
+}
+
+/// Sends a payload made by [`encode`] as one frame with `fds` attached.
+pub fn send_encoded<S: AsFd>(
+    sock: &S,
+    payload: &str,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), CodecError> {
     if fds.len() > MAX_FDS {
         return Err(CodecError::TooManyFds { max: MAX_FDS });
     }
-    let payload = ron::to_string(msg)?;
     let len = u32::try_from(payload.len()).map_err(|_| CodecError::TooLarge {
         len: payload.len(),
         max: u32::MAX as usize,

@@ -3,4 +3,5 @@
 
 pub mod api;
 pub mod codec;
+pub mod migration;
 pub mod netd;

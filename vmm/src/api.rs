@@ -4,14 +4,14 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::api::{API_VERSION, ApiRequest, ApiResponse, RunState, VmStatus};
+use common::api::{API_VERSION, ApiRequest, ApiResponse};
 use common::codec::{self, CodecError, DEFAULT_MAX_FRAME};
 
-use crate::control::RunControl;
-use crate::persist::Machine;
-use crate::vm::{ExitReason, ExitSender};
+use crate::migration::source::MigrationWorker;
+use crate::runtime::Runtime;
+use crate::vm::ExitReason;
 
 const API_STACK_SIZE: usize = 128 * 1024;
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,22 +26,22 @@ pub enum ApiError {
 
 /// What the API reports and acts on.
 pub struct ApiContext {
-    pub control: Arc<RunControl>,
-    pub exit: ExitSender,
-    pub vcpus: u8,
-    pub memory_bytes: u64,
-    pub started: Instant,
-    /// For snapshots (migration): save/restore while paused.
-    pub machine: Arc<Machine>,
+    pub runtime: Arc<Runtime>,
+    /// Runs `migrate` requests on its own thread.
+    pub migration: Arc<MigrationWorker>,
 }
 
-/// Binds the socket now (so errors reach the user at start) and serves it
-/// from a thread.
-pub fn start(path: &Path, ctx: ApiContext) -> Result<(), ApiError> {
-    let listener = UnixListener::bind(path).map_err(|err| ApiError::Bind {
+/// Binds the socket now, so errors reach the user at start.
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+    UnixListener::bind(path).map_err(|err| ApiError::Bind {
         path: path.to_path_buf(),
         err,
-    })?;
+    })
+}
+
+/// Serves `listener` (bound here, or taken over from a migration source)
+/// from the API thread.
+pub fn spawn(listener: UnixListener, ctx: ApiContext) -> Result<(), ApiError> {
     std::thread::Builder::new()
         .name("api".into())
         .stack_size(API_STACK_SIZE)
@@ -56,17 +56,24 @@ pub fn start(path: &Path, ctx: ApiContext) -> Result<(), ApiError> {
 fn serve(listener: UnixListener, ctx: ApiContext) {
     for conn in listener.incoming() {
         match conn {
-            Ok(s) => {
-                if let Err(e) = handle_connection(&s, &ctx) {
-                    log::info!("API connection ended: {e}");
-                }
-            }
+            Ok(s) => match handle_connection(&s, &ctx) {
+                Ok(Served::Continue) => {}
+                // The guest is gone to another vmm, which serves this
+                // socket from now on: accept nothing more here.
+                Ok(Served::Migrated) => return,
+                Err(e) => log::info!("API connection ended: {e}"),
+            },
             Err(e) => log::warn!("API accept failed: {e}"),
         }
     }
 }
 
-fn handle_connection(sock: &UnixStream, ctx: &ApiContext) -> Result<(), CodecError> {
+enum Served {
+    Continue,
+    Migrated,
+}
+
+fn handle_connection(sock: &UnixStream, ctx: &ApiContext) -> Result<Served, CodecError> {
     sock.set_read_timeout(Some(PEER_TIMEOUT))?;
     sock.set_write_timeout(Some(PEER_TIMEOUT))?;
     let hello = codec::recv::<_, ApiRequest>(sock, DEFAULT_MAX_FRAME)?;
@@ -82,69 +89,57 @@ fn handle_connection(sock: &UnixStream, ctx: &ApiContext) -> Result<(), CodecErr
         }
         other => {
             let message = format!("expected Hello with API version {API_VERSION}, got {other:?}");
-            return codec::send(sock, &ApiResponse::Error { message }, &[]);
+            codec::send(sock, &ApiResponse::Error { message }, &[])?;
+            return Ok(Served::Continue);
         }
     }
     loop {
         let req = match codec::recv::<_, ApiRequest>(sock, DEFAULT_MAX_FRAME) {
             Ok(r) => r.msg,
-            Err(CodecError::Closed) => return Ok(()),
+            Err(CodecError::Closed) => return Ok(Served::Continue),
             Err(e) => return Err(e),
         };
-        let (resp, shutdown) = respond(req, ctx);
-        codec::send(sock, &resp, &[])?;
-        if shutdown {
-            ctx.exit.send(ExitReason::ApiShutdown);
-            return Ok(());
+        let (resp, then) = respond(req, ctx);
+        let sent = codec::send(sock, &resp, &[]);
+        // The reason to exit goes out even when vmctl left early.
+        if let Some(reason) = then {
+            let migrated = matches!(reason, ExitReason::Migrated { .. });
+            ctx.runtime.exit.send(reason);
+            sent?;
+            return Ok(if migrated {
+                Served::Migrated
+            } else {
+                Served::Continue
+            });
         }
+        sent?;
     }
 }
 
-fn respond(req: ApiRequest, ctx: &ApiContext) -> (ApiResponse, bool) {
+fn error(e: impl ToString) -> ApiResponse {
+    ApiResponse::Error {
+        message: e.to_string(),
+    }
+}
+
+/// The answer, and how this process ends after sending it (if it does).
+fn respond(req: ApiRequest, ctx: &ApiContext) -> (ApiResponse, Option<ExitReason>) {
+    let rt = &ctx.runtime;
     let resp = match req {
-        ApiRequest::Hello { .. } => ApiResponse::Error {
-            message: "Hello was already exchanged".into(),
-        },
-        ApiRequest::Status => ApiResponse::Status(VmStatus {
-            state: if ctx.control.is_paused() {
-                RunState::Paused
-            } else {
-                RunState::Running
-            },
-            pid: std::process::id(),
-            vcpus: ctx.vcpus,
-            memory_bytes: ctx.memory_bytes,
-            uptime_ms: ctx.started.elapsed().as_millis() as u64,
-            nets: ctx.machine.nets.iter().map(|n| n.status()).collect(),
-        }),
-        // vCPUs first, so no driver write races the device pause; frames
-        // arriving meanwhile wait in the TAP queues.
-        ApiRequest::Pause => match ctx.control.pause() {
-            Ok(()) => match ctx.machine.pause_devices() {
-                Ok(()) => ApiResponse::Ok,
-                Err(e) => ApiResponse::Error {
-                    message: e.to_string(),
-                },
-            },
-            Err(e) => ApiResponse::Error {
-                message: e.to_string(),
-            },
-        },
-        // Devices first, so the guest finds its queues served.
-        ApiRequest::Resume => {
-            let devices = ctx.machine.resume_devices();
-            ctx.control.resume();
-            match devices {
-                Ok(()) => ApiResponse::Ok,
-                Err(e) => ApiResponse::Error {
-                    message: e.to_string(),
-                },
-            }
+        ApiRequest::Hello { .. } => error("Hello was already exchanged"),
+        ApiRequest::Status => ApiResponse::Status(rt.status()),
+        ApiRequest::Pause => rt.pause().map_or_else(error, |()| ApiResponse::Ok),
+        ApiRequest::Resume => rt.resume().map_or_else(error, |()| ApiResponse::Ok),
+        ApiRequest::Shutdown => return (ApiResponse::Ok, Some(ExitReason::ApiShutdown)),
+        ApiRequest::Migrate {
+            to,
+            backend_transfer,
+        } => {
+            let out = ctx
+                .migration
+                .migrate(std::path::Path::new(&to), backend_transfer);
+            return (ApiResponse::Migrated(out.report), out.exit);
         }
-        ApiRequest::Shutdown => return (ApiResponse::Ok, true),
-        ApiRequest::Migrate { .. } => ApiResponse::Error {
-            message: "migration is not supported yet".into(),
-        },
     };
-    (resp, false)
+    (resp, None)
 }

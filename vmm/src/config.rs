@@ -20,6 +20,8 @@ pub enum SerialTarget {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
+    /// Empty for a migration target started without `--kernel` (it is
+    /// never loaded there).
     pub kernel: PathBuf,
     pub cmdline: String,
     pub memory: u64,
@@ -175,8 +177,14 @@ impl VmConfig {
             1 => {}
             n => return Err(ConfigError::TooManyVcpus(n)),
         }
+        // A migration target gets its guest from the source: no kernel.
+        let kernel = match (kernel, &incoming) {
+            (Some(k), _) => k,
+            (None, Some(_)) => PathBuf::new(),
+            (None, None) => return Err(ConfigError::NoKernel),
+        };
         Ok(Some(VmConfig {
-            kernel: kernel.ok_or(ConfigError::NoKernel)?,
+            kernel,
             cmdline: cmdline.unwrap_or_default(),
             memory,
             vcpus,

@@ -66,8 +66,18 @@ impl Default for RunControl {
 
 impl RunControl {
     pub fn new() -> Self {
+        Self::with_state(RUN)
+    }
+
+    /// vCPUs park as soon as they start (a migrated guest that was paused,
+    /// or one that waits for the migration's commit).
+    pub fn new_paused() -> Self {
+        Self::with_state(PAUSE)
+    }
+
+    fn with_state(want: u8) -> Self {
         RunControl {
-            want: AtomicU8::new(RUN),
+            want: AtomicU8::new(want),
             inner: Mutex::new(Inner {
                 threads: Vec::new(),
                 parked: 0,

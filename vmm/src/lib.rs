@@ -21,13 +21,16 @@
 
 pub mod api;
 pub mod boot;
+pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
 pub mod memory;
+pub mod migration;
 pub mod net;
 pub mod persist;
 pub mod privileges;
+pub mod runtime;
 pub mod sandbox;
 pub mod vcpu;
 pub mod vm;

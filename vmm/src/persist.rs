@@ -1,10 +1,21 @@
 //! The whole machine's state as one versioned serde tree (what a local
-//! migration sends as RON beside the memfd): VM-wide KVM state, every vCPU,
-//! and the devices. Each piece is defined beside its owner; this module only
-//! gathers them and restores them in the right order.
+//! migration sends as RON after the pause): VM-wide KVM state, every vCPU,
+//! and the devices. Each piece is defined beside its owner and implements
+//! [`Persist`]; this module gathers them, restores them in the right order,
+//! and owns the one format version of the whole document.
+//!
+//! Compatibility: a document carries its [`FormatVersion`]. A reader takes
+//! the same major and any minor up to its own ([`FormatVersion::can_read`]);
+//! fields added in a minor carry `#[serde(default)]`. A newer document is
+//! refused with a message that says so. Every released format has a RON
+//! fixture under `tests/fixtures/` that the tests load.
+//!
+//! fds never go into the RON: they travel beside it (SCM_RIGHTS) in the
+//! order of an [`FdTable`], and the state names them by index in that table.
 
 use std::sync::{Arc, Mutex};
 
+use common::migration::{FdRole, FormatVersion};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::serial::{SerialDevice, SerialState};
@@ -13,7 +24,19 @@ use crate::net::attach::{NetAttachment, NetDeviceState};
 use crate::vcpu::{Vcpu, VcpuError, VcpuState};
 use crate::vm::{Vm, VmError, VmState};
 
-pub const MACHINE_STATE_VERSION: u32 = 1;
+/// The machine state format this build writes (and the newest it reads).
+pub const MACHINE_STATE_FORMAT: FormatVersion = FormatVersion { major: 1, minor: 0 };
+
+/// Symmetric save and restore of one component. `save` reads a quiescent
+/// (paused) component; `restore` writes a saved state into a freshly built,
+/// not yet running component of the same shape. Components are shared
+/// handles (KVM fds, devices behind a mutex), hence `&self` for both.
+pub trait Persist {
+    type State;
+    type Error;
+    fn save(&self) -> Result<Self::State, Self::Error>;
+    fn restore(&self, state: &Self::State) -> Result<(), Self::Error>;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -23,12 +46,19 @@ pub enum PersistError {
     Vcpu(#[from] VcpuError),
     #[error("the vCPUs must be paused to save or restore state")]
     NotPaused,
-    #[error("unsupported machine state version {0}")]
-    Version(u32),
+    #[error(
+        "machine state format {got} cannot be read by this vmm (format {MACHINE_STATE_FORMAT}): {why}"
+    )]
+    Format {
+        got: FormatVersion,
+        why: &'static str,
+    },
     #[error("state has {got} vCPUs, this VM {expected}")]
     VcpuCount { expected: usize, got: usize },
     #[error("state is for {got} bytes of RAM, this VM has {expected}")]
     MemorySize { expected: u64, got: u64 },
+    #[error("state has {got} NICs, this VM {expected}")]
+    NetCount { expected: usize, got: usize },
     #[error("serial: {0}")]
     Serial(String),
     #[error("RON: {0}")]
@@ -37,16 +67,57 @@ pub enum PersistError {
     Net { id: String, err: NetError },
 }
 
+/// The fds that travel beside a machine state, in order; the state refers
+/// to each by its index here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FdTable {
+    pub roles: Vec<FdRole>,
+}
+
+impl FdTable {
+    /// Adds `role` and returns its index.
+    pub fn push(&mut self, role: FdRole) -> usize {
+        self.roles.push(role);
+        self.roles.len() - 1
+    }
+
+    /// The index of `role`, if present.
+    pub fn index_of(&self, role: &FdRole) -> Option<usize> {
+        self.roles.iter().position(|r| r == role)
+    }
+
+    /// The index of TAP queue `queue` of NIC `net`.
+    pub fn tap_queue(&self, net: &str, queue: u16) -> Option<usize> {
+        self.index_of(&FdRole::TapQueue {
+            net: net.to_string(),
+            queue,
+        })
+    }
+}
+
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MachineState {
-    pub version: u32,
+    pub format: FormatVersion,
     pub memory_bytes: u64,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialState,
     /// virtio-net devices in slot order (their TAP fds travel beside).
-    #[serde(default)]
     pub nets: Vec<NetDeviceState>,
+}
+
+/// Checks that this build can read a document of `got`.
+pub fn check_format(got: FormatVersion) -> Result<(), PersistError> {
+    if MACHINE_STATE_FORMAT.can_read(got) {
+        return Ok(());
+    }
+    let why = if got.major != MACHINE_STATE_FORMAT.major {
+        "another major version"
+    } else {
+        "it is newer: upgrade the target vmm"
+    };
+    Err(PersistError::Format { got, why })
 }
 
 impl MachineState {
@@ -54,12 +125,44 @@ impl MachineState {
         ron::to_string(self).map_err(|e| PersistError::Ron(e.to_string()))
     }
 
+    /// Parses a document, checking its format first (so a newer one is
+    /// reported as such, not as an unknown field).
     pub fn from_ron(text: &str) -> Result<Self, PersistError> {
-        let s: MachineState = ron::from_str(text).map_err(|e| PersistError::Ron(e.to_string()))?;
-        if s.version != MACHINE_STATE_VERSION {
-            return Err(PersistError::Version(s.version));
+        #[derive(Deserialize)]
+        struct Header {
+            format: FormatVersion,
         }
-        Ok(s)
+        // A struct that ignores all but `format` (RON skips the others).
+        let header: Header = ron::Options::default()
+            .from_str(text)
+            .map_err(|e| PersistError::Ron(e.to_string()))?;
+        check_format(header.format)?;
+        ron::from_str(text).map_err(|e| PersistError::Ron(e.to_string()))
+    }
+}
+
+impl Persist for Vm {
+    type State = VmState;
+    type Error = VmError;
+    fn save(&self) -> Result<VmState, VmError> {
+        self.save_state()
+    }
+    fn restore(&self, state: &VmState) -> Result<(), VmError> {
+        self.restore_state(state)
+    }
+}
+
+impl Persist for Mutex<SerialDevice> {
+    type State = SerialState;
+    type Error = PersistError;
+    fn save(&self) -> Result<SerialState, PersistError> {
+        Ok(self.lock().unwrap_or_else(|p| p.into_inner()).save())
+    }
+    fn restore(&self, state: &SerialState) -> Result<(), PersistError> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_registers(state)
+            .map_err(PersistError::Serial)
     }
 }
 
@@ -80,27 +183,22 @@ impl Machine {
     /// Stops the devices' threads (after the vCPUs are paused): frames
     /// wait in the TAP queues. Tries every device; reports the first error.
     pub fn pause_devices(&self) -> Result<(), PersistError> {
-        let mut first = Ok(());
-        for n in &self.nets {
-            if let Err(err) = n.pause() {
-                log::warn!("net {}: pause: {err}", n.config.id);
-                if first.is_ok() {
-                    first = Err(PersistError::Net {
-                        id: n.config.id.clone(),
-                        err,
-                    });
-                }
-            }
-        }
-        first
+        self.each_net(|n| n.pause())
     }
 
     /// Restarts the devices' threads (before the vCPUs resume).
     pub fn resume_devices(&self) -> Result<(), PersistError> {
+        self.each_net(|n| n.resume())
+    }
+
+    fn each_net(
+        &self,
+        f: impl Fn(&NetAttachment) -> Result<(), NetError>,
+    ) -> Result<(), PersistError> {
         let mut first = Ok(());
         for n in &self.nets {
-            if let Err(err) = n.resume() {
-                log::warn!("net {}: resume: {err}", n.config.id);
+            if let Err(err) = f(n) {
+                log::warn!("net {}: {err}", n.config.id);
                 if first.is_ok() {
                     first = Err(PersistError::Net {
                         id: n.config.id.clone(),
@@ -112,42 +210,60 @@ impl Machine {
         first
     }
 
-    /// Reads the machine state. The caller pauses the vCPUs and the devices
-    /// first.
-    pub fn save(&self) -> Result<MachineState, PersistError> {
+    /// The fds a migration sends beside this machine's state: the RAM
+    /// memfd, then every TAP queue of every NIC (with backend transfer).
+    pub fn fd_table(&self, with_taps: bool) -> FdTable {
+        let mut t = FdTable::default();
+        t.push(FdRole::GuestRam);
+        if with_taps {
+            for n in &self.nets {
+                for q in 0..n.queue_pairs() {
+                    t.push(FdRole::TapQueue {
+                        net: n.config.id.clone(),
+                        queue: q,
+                    });
+                }
+            }
+        }
+        t
+    }
+
+    /// Reads the machine state, naming fds by their index in `fds`. The
+    /// caller pauses the vCPUs and the devices first.
+    pub fn save(&self, fds: &FdTable) -> Result<MachineState, PersistError> {
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
             let v = v.try_lock().map_err(|_| PersistError::NotPaused)?;
             vcpus.push(v.save_state(&self.vm.kvm, &self.msrs)?);
         }
-        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
         let nets = self
             .nets
             .iter()
             .map(|n| {
-                n.save().map_err(|err| PersistError::Net {
+                n.save_with(fds).map_err(|err| PersistError::Net {
                     id: n.config.id.clone(),
                     err,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(MachineState {
-            version: MACHINE_STATE_VERSION,
+            format: MACHINE_STATE_FORMAT,
             memory_bytes: self.vm.ram.size,
-            vm: self.vm.save_state()?,
+            vm: Persist::save(&*self.vm)?,
             vcpus,
-            serial,
+            serial: self.serial.save()?,
             nets,
         })
     }
 
     /// Writes a saved state into this freshly built (not yet running)
     /// machine of the same shape: VM-wide state first (the LAPIC restore in
-    /// each vCPU relies on the irqchip), then the vCPUs, then the devices.
-    pub fn restore(&self, s: &MachineState) -> Result<(), PersistError> {
-        if s.version != MACHINE_STATE_VERSION {
-            return Err(PersistError::Version(s.version));
-        }
+    /// each vCPU relies on the irqchip), then the vCPUs, then the devices,
+    /// which stay paused until [`Machine::resume_devices`]. `fds` is the
+    /// table the TAP fds came in (backend transfer), `None` when the NICs
+    /// run on TAPs of their own.
+    pub fn restore(&self, s: &MachineState, fds: Option<&FdTable>) -> Result<(), PersistError> {
+        check_format(s.format)?;
         if s.vcpus.len() != self.vcpus.len() {
             return Err(PersistError::VcpuCount {
                 expected: self.vcpus.len(),
@@ -160,15 +276,25 @@ impl Machine {
                 got: s.memory_bytes,
             });
         }
-        self.vm.restore_state(&s.vm)?;
+        if s.nets.len() != self.nets.len() {
+            return Err(PersistError::NetCount {
+                expected: self.nets.len(),
+                got: s.nets.len(),
+            });
+        }
+        Persist::restore(&*self.vm, &s.vm)?;
         for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
             let v = v.try_lock().map_err(|_| PersistError::NotPaused)?;
             v.restore_state(st)?;
         }
-        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        serial
-            .restore_registers(&s.serial)
-            .map_err(PersistError::Serial)
+        self.serial.restore(&s.serial)?;
+        for (n, st) in self.nets.iter().zip(&s.nets) {
+            n.restore_with(st, fds).map_err(|err| PersistError::Net {
+                id: n.config.id.clone(),
+                err,
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -182,7 +308,7 @@ mod tests {
 
     fn machine() -> Machine {
         let vm = Vm::new(Kvm::new().unwrap(), GuestRam::new(32 << 20).unwrap()).unwrap();
-        let v = Vcpu::new(&vm, 0).unwrap();
+        let v = Vcpu::new(&vm.fd, 0).unwrap();
         let entry = PvhEntry {
             entry: 0x10_0000,
             start_info: 0x6000,
@@ -199,6 +325,10 @@ mod tests {
         }
     }
 
+    fn table() -> FdTable {
+        machine().fd_table(true)
+    }
+
     #[test]
     fn machine_state_round_trips_through_ron_into_a_new_vm() {
         let a = machine();
@@ -206,11 +336,11 @@ mod tests {
             use crate::devices::bus::BusDevice;
             a.serial.lock().unwrap().write(7, &[0x42]);
         }
-        let text = a.save().unwrap().to_ron().unwrap();
+        let text = a.save(&table()).unwrap().to_ron().unwrap();
         let state = MachineState::from_ron(&text).unwrap();
         let b = machine();
-        b.restore(&state).unwrap();
-        let again = b.save().unwrap();
+        b.restore(&state, None).unwrap();
+        let again = b.save(&table()).unwrap();
         assert_eq!(again.serial, state.serial);
         assert_eq!(again.serial.scratch, 0x42);
         assert_eq!(again.vcpus[0].regs.rip, 0x10_0000);
@@ -221,26 +351,88 @@ mod tests {
     }
 
     #[test]
-    fn wrong_version_and_shape_are_refused() {
+    fn wrong_shape_is_refused() {
         let a = machine();
-        let mut s = a.save().unwrap();
+        let mut s = a.save(&table()).unwrap();
         s.memory_bytes += 4096;
         assert!(matches!(
-            a.restore(&s),
+            a.restore(&s, None),
             Err(PersistError::MemorySize { .. })
         ));
-        s.version = 7;
-        let text = s.to_ron().unwrap();
+        s.memory_bytes -= 4096;
+        s.vcpus.clear();
         assert!(matches!(
-            MachineState::from_ron(&text),
-            Err(PersistError::Version(7))
+            a.restore(&s, None),
+            Err(PersistError::VcpuCount { .. })
         ));
+    }
+
+    #[test]
+    fn format_rules_same_major_older_or_equal_minor() {
+        let a = machine();
+        let mut s = a.save(&table()).unwrap();
+        let with = |s: &mut MachineState, major, minor| {
+            s.format = FormatVersion { major, minor };
+            MachineState::from_ron(&s.to_ron().unwrap())
+        };
+        let newer = with(
+            &mut s,
+            MACHINE_STATE_FORMAT.major,
+            MACHINE_STATE_FORMAT.minor + 1,
+        );
+        let e = newer.err().unwrap().to_string();
+        assert!(e.contains("newer"), "{e}");
+        let other = with(&mut s, MACHINE_STATE_FORMAT.major + 1, 0);
+        assert!(matches!(other, Err(PersistError::Format { .. })));
+        assert!(
+            with(
+                &mut s,
+                MACHINE_STATE_FORMAT.major,
+                MACHINE_STATE_FORMAT.minor
+            )
+            .is_ok()
+        );
+        // A newer document is named as such even when it has fields this
+        // build does not know.
+        let text = s.to_ron().unwrap().replacen(
+            &format!("minor:{}", MACHINE_STATE_FORMAT.minor),
+            &format!("minor:{}", MACHINE_STATE_FORMAT.minor + 1),
+            1,
+        );
+        let text = text.replacen("memory_bytes:", "future_field:1,memory_bytes:", 1);
+        let e = MachineState::from_ron(&text).err().unwrap().to_string();
+        assert!(e.contains("newer"), "{e}");
     }
 
     #[test]
     fn save_refuses_a_running_vcpu() {
         let a = machine();
         let _running = a.vcpus[0].lock().unwrap();
-        assert!(matches!(a.save(), Err(PersistError::NotPaused)));
+        assert!(matches!(a.save(&table()), Err(PersistError::NotPaused)));
+    }
+
+    /// Every released state format: its fixture must still load (see
+    /// `tests/fixtures/README.md` for how one is captured).
+    const FIXTURES: &[(&str, &str)] = &[(
+        "1.0",
+        include_str!("../../tests/fixtures/machine-state-1.0.ron"),
+    )];
+
+    #[test]
+    fn every_released_format_fixture_loads() {
+        for (version, text) in FIXTURES {
+            let s = MachineState::from_ron(text)
+                .unwrap_or_else(|e| panic!("fixture {version} no longer loads: {e}"));
+            assert_eq!(s.format.to_string(), *version);
+            assert_eq!(s.vcpus.len(), 1);
+            assert_eq!(s.nets.len(), 1, "the fixtures carry a NIC");
+            assert_eq!(s.nets[0].net.backend.tap_fds, vec![1]);
+            // And it restores into a machine of its shape.
+            let m = machine();
+            let mut shaped = MachineState::from_ron(text).unwrap();
+            shaped.nets.clear();
+            m.restore(&shaped, None)
+                .unwrap_or_else(|e| panic!("fixture {version} does not restore: {e}"));
+        }
     }
 }

@@ -10,7 +10,7 @@ use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -19,7 +19,7 @@ use crate::control::RunControl;
 use crate::devices::bus::Bus;
 use crate::memory::GuestMemoryMmap;
 use crate::sandbox::ThreadKind;
-use crate::vm::{ExitReason, ExitSender, Vm};
+use crate::vm::{ExitReason, ExitSender};
 
 /// A boot GDT in low RAM (below the PVH start info), as the PVH ABI expects
 /// flat 32-bit code and data segments.
@@ -147,9 +147,8 @@ fn segment(selector: u16, type_: u8, s: u8, db: u8, limit: u32, g: u8) -> kvm_se
 }
 
 impl Vcpu {
-    pub fn new(vm: &Vm, id: u8) -> Result<Self, VcpuError> {
+    pub fn new(vm: &VmFd, id: u8) -> Result<Self, VcpuError> {
         let fd = vm
-            .fd
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("create vCPU"))?;
         Ok(Vcpu { id, fd })
@@ -477,6 +476,22 @@ fn internal_error_detail(fd: &mut VcpuFd) -> String {
     )
 }
 
+/// Lets KVM finish the instruction of the last port or MMIO exit (an `in`
+/// gets its value, RIP moves on) without running the guest further, so a
+/// paused vCPU's saved registers are complete (KVM API: "userspace should
+/// ensure that the operation is completed before performing a live
+/// migration").
+fn complete_pending_io(vcpu: &Mutex<Vcpu>) {
+    let mut v = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+    v.fd.set_kvm_immediate_exit(1);
+    // With immediate_exit set KVM_RUN completes pending I/O, then returns
+    // EINTR before entering the guest.
+    if v.fd.run().is_ok() {
+        log::debug!("vCPU {}: an exit while completing I/O", v.id);
+    }
+    v.fd.set_kvm_immediate_exit(0);
+}
+
 /// The vCPU thread body: run until power-off, failure or stop.
 fn run_loop(
     vcpu: Arc<Mutex<Vcpu>>,
@@ -486,17 +501,29 @@ fn run_loop(
     exit: ExitSender,
 ) {
     ctl.register_current_thread();
+    // The last KVM_RUN came back with an exit (port, MMIO) whose
+    // instruction KVM completes only on the next KVM_RUN.
+    let mut exit_pending = false;
     loop {
-        if ctl.pending() && !ctl.park() {
-            return;
+        if ctl.pending() {
+            if std::mem::take(&mut exit_pending) {
+                complete_pending_io(&vcpu);
+            }
+            if !ctl.park() {
+                return;
+            }
         }
         // Held for one KVM_RUN and its exit: a pauser that has seen the
         // thread park can take the lock and save the state.
         let mut v = vcpu.lock().unwrap_or_else(|p| p.into_inner());
         let id = v.id;
         let next = match v.fd.run() {
-            Ok(e) => handle_exit(e, &pio, &mmio),
+            Ok(e) => {
+                exit_pending = true;
+                handle_exit(e, &pio, &mmio)
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                exit_pending = false;
                 v.fd.set_kvm_immediate_exit(0);
                 Next::Continue
             }
@@ -551,66 +578,4 @@ pub fn spawn(
             ctl.thread_exited();
         })
         .map_err(VcpuError::Thread)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::memory::GuestRam;
-
-    fn vm() -> Vm {
-        Vm::new(Kvm::new().unwrap(), GuestRam::new(16 << 20).unwrap()).unwrap()
-    }
-
-    #[test]
-    fn state_round_trips_through_ron() {
-        let a = vm();
-        let v = Vcpu::new(&a, 0).unwrap();
-        let entry = PvhEntry {
-            entry: 0x10_0000,
-            start_info: 0x6000,
-        };
-        v.configure_pvh(&a.kvm, &a.ram.memory, entry).unwrap();
-        let msrs = Vcpu::saveable_msrs(&a.kvm).unwrap();
-        let s = v.save_state(&a.kvm, &msrs).unwrap();
-        assert_eq!(s.regs.rip, 0x10_0000);
-        assert_eq!(s.regs.rbx, 0x6000);
-        let text = ron::to_string(&s).unwrap();
-        let back: VcpuState = ron::from_str(&text).unwrap();
-        assert_eq!(ron::to_string(&back).unwrap(), text);
-
-        // Restored into a vCPU of another VM, the state reads back the same.
-        let b = vm();
-        let w = Vcpu::new(&b, 0).unwrap();
-        w.restore_state(&back).unwrap();
-        let again = w.save_state(&b.kvm, &msrs).unwrap();
-        for (x, y) in [
-            (ron::to_string(&again.regs), ron::to_string(&s.regs)),
-            (ron::to_string(&again.sregs), ron::to_string(&s.sregs)),
-            (ron::to_string(&again.lapic), ron::to_string(&s.lapic)),
-            (ron::to_string(&again.mp_state), ron::to_string(&s.mp_state)),
-        ] {
-            assert_eq!(x.unwrap(), y.unwrap());
-        }
-
-        let vs = a.save_state().unwrap();
-        let text = ron::to_string(&vs).unwrap();
-        let back: crate::vm::VmState = ron::from_str(&text).unwrap();
-        b.restore_state(&back).unwrap();
-        let vs2 = b.save_state().unwrap();
-        assert_eq!(
-            ron::to_string(&vs2.ioapic).unwrap(),
-            ron::to_string(&vs.ioapic).unwrap()
-        );
-    }
-
-    #[test]
-    fn unsupported_version_is_refused() {
-        let a = vm();
-        let v = Vcpu::new(&a, 0).unwrap();
-        let msrs = Vcpu::saveable_msrs(&a.kvm).unwrap();
-        let mut s = v.save_state(&a.kvm, &msrs).unwrap();
-        s.version = 99;
-        assert!(matches!(v.restore_state(&s), Err(VcpuError::Version(99))));
-    }
 }

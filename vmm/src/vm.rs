@@ -60,13 +60,18 @@ pub enum ExitReason {
     ApiShutdown,
     /// The guest cannot go on (internal error, triple fault, unhandled exit).
     VcpuFailed { vcpu: u8, message: String },
+    /// A migration handed the guest to a target vmm. `keep_api_socket`:
+    /// the target serves this process's API socket, whose path must stay.
+    Migrated { keep_api_socket: bool },
+    /// A migration committed but the target never resumed the guest.
+    MigrationLost { reason: String },
 }
 
 impl ExitReason {
     /// The process exit code this reason maps to.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::VcpuFailed { .. } => 1,
+            ExitReason::VcpuFailed { .. } | ExitReason::MigrationLost { .. } => 1,
             _ => 0,
         }
     }
@@ -144,33 +149,72 @@ pub struct Vm {
     virtio_slots: u32,
 }
 
+/// A KVM VM with its platform (TSS, identity map, irqchip, PIT) but no RAM
+/// yet: what a migration target builds before the source has sent the
+/// guest's memfd.
+pub struct VmShell {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+}
+
+impl VmShell {
+    pub fn new(kvm: Kvm) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(VmError::Create)?;
+        create_platform(&fd)?;
+        Ok(VmShell { kvm, fd })
+    }
+
+    /// Registers `ram` with KVM: the VM is complete.
+    pub fn with_ram(self, ram: GuestRam) -> Result<Vm, VmError> {
+        register_ram(&self.fd, &ram)?;
+        Ok(Vm::assemble(self.kvm, self.fd, ram))
+    }
+}
+
+/// Puts every RAM region in a KVM memory slot.
+fn register_ram(fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
+    for (slot, region) in ram.memory.iter().enumerate() {
+        let mem = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `ram`, which the
+        // Vm keeps for as long as the VM fd (and so the slot) exists.
+        unsafe { fd.set_user_memory_region(mem) }.map_err(kvm_err("set user memory region"))?;
+    }
+    Ok(())
+}
+
+/// TSS, identity map, in-kernel irqchip and PIT.
+fn create_platform(fd: &VmFd) -> Result<(), VmError> {
+    fd.set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_err("set TSS address"))?;
+    fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("set identity map address"))?;
+    fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit).map_err(kvm_err("create PIT"))
+}
+
 impl Vm {
-    /// Creates the VM with its irqchip, PIT and RAM slots.
+    /// Creates the VM with its RAM slots, irqchip and PIT. RAM goes in
+    /// first: on this nested KVM that is ~5 ms cheaper than after the
+    /// irqchip.
     pub fn new(kvm: Kvm, ram: GuestRam) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::Create)?;
-        for (slot, region) in ram.memory.iter().enumerate() {
-            let mem = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `ram`, which the
-            // Vm keeps for as long as the VM fd (and so the slot) exists.
-            unsafe { fd.set_user_memory_region(mem) }.map_err(kvm_err("set user memory region"))?;
-        }
-        fd.set_tss_address(TSS_ADDRESS)
-            .map_err(kvm_err("set TSS address"))?;
-        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
-            .map_err(kvm_err("set identity map address"))?;
-        fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
-        Ok(Vm {
+        register_ram(&fd, &ram)?;
+        create_platform(&fd)?;
+        Ok(Self::assemble(kvm, fd, ram))
+    }
+
+    fn assemble(kvm: Kvm, fd: VmFd, ram: GuestRam) -> Self {
+        Vm {
             kvm,
             fd: Arc::new(fd),
             ram,
@@ -178,7 +222,7 @@ impl Vm {
             mmio: Bus::new(),
             cmdline_extra: Vec::new(),
             virtio_slots: 0,
-        })
+        }
     }
 
     /// Signals `evt` when the guest writes `datamatch` (32-bit) at MMIO `addr`.

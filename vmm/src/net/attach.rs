@@ -21,10 +21,12 @@ use common::api::NetStatus;
 use super::config::{NetConfig, NetConfigError};
 use super::netd_client::{self, NetdClientError};
 use crate::devices::virtio::mmio::{MmioError, MmioState, MmioTransport};
+use crate::devices::virtio::net::FrameIo;
 use crate::devices::virtio::net::event_handler::ThreadHook;
 use crate::devices::virtio::net::{
     BackendError, BackendKind, NetDevice, NetError, NetState, backend_from_fds,
 };
+use crate::persist::FdTable;
 use crate::vm::{VirtioSlot, Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,12 +48,6 @@ pub enum NetAttachError {
     EventFd { id: String, err: std::io::Error },
     #[error("--net id={id}: {err}")]
     Vm { id: String, err: VmError },
-    #[error("--net id={id}: restored into slot {slot:?}, saved in {saved:?}")]
-    SlotMoved {
-        id: String,
-        saved: VirtioSlot,
-        slot: VirtioSlot,
-    },
 }
 
 impl NetAttachError {
@@ -74,9 +70,6 @@ pub struct OpenedNet {
     pub tap: String,
     pub mac: [u8; 6],
     device: NetDevice,
-    /// Set for a device restored from a saved state: the transport is
-    /// rebuilt from it at attach time.
-    saved: Option<(VirtioSlot, MmioState)>,
 }
 
 /// A locally administered unicast MAC (52:54:00 like QEMU, then random).
@@ -156,47 +149,7 @@ impl OpenedNet {
             id: id.clone(),
             err,
         })?;
-        Self::start(config, tap, mac, device, hook, None)
-    }
-
-    /// A saved device (migration target) on the TAP fds that came beside
-    /// its state, in `state.net.backend.tap_fds` order. It stays paused
-    /// until [`NetAttachment::resume`].
-    pub fn restore_from_fds(
-        config: NetConfig,
-        taps: Vec<OwnedFd>,
-        vhost: Vec<OwnedFd>,
-        state: &NetDeviceState,
-        hook: Option<ThreadHook>,
-    ) -> Result<Self, NetAttachError> {
-        let id = config.id.clone();
-        if state.version != NET_DEVICE_STATE_VERSION {
-            return Err(NetAttachError::Device {
-                id,
-                err: NetError::State(format!(
-                    "net device state version {} (expected {NET_DEVICE_STATE_VERSION})",
-                    state.version
-                )),
-            });
-        }
-        let backend = backend_from_fds(taps, vhost).map_err(|err| NetAttachError::Backend {
-            id: id.clone(),
-            err,
-        })?;
-        let device =
-            NetDevice::restore(backend, &state.net).map_err(|err| NetAttachError::Device {
-                id: id.clone(),
-                err,
-            })?;
-        let saved = Some((state.slot, state.mmio.clone()));
-        Self::start(
-            config,
-            state.tap.clone(),
-            state.net.mac,
-            device,
-            hook,
-            saved,
-        )
+        Self::start(config, tap, mac, device, hook)
     }
 
     fn start(
@@ -205,7 +158,6 @@ impl OpenedNet {
         mac: [u8; 6],
         mut device: NetDevice,
         hook: Option<ThreadHook>,
-        saved: Option<(VirtioSlot, MmioState)>,
     ) -> Result<Self, NetAttachError> {
         if let Some(h) = hook {
             device.set_thread_hook(h);
@@ -221,7 +173,6 @@ impl OpenedNet {
             tap,
             mac,
             device,
-            saved,
         })
     }
 }
@@ -248,14 +199,11 @@ pub fn attach_nets(
 fn attach_net(vm: &mut Vm, net: OpenedNet) -> Result<NetAttachment, NetAttachError> {
     let id = net.config.id.clone();
     let mem = Arc::new(vm.ram.memory.clone());
-    let transport = match &net.saved {
-        None => MmioTransport::new(net.device, mem),
-        Some((_, state)) => MmioTransport::restore(net.device, mem, state),
-    }
-    .map_err(|err| NetAttachError::Transport {
-        id: id.clone(),
-        err,
-    })?;
+    let transport =
+        MmioTransport::new(net.device, mem).map_err(|err| NetAttachError::Transport {
+            id: id.clone(),
+            err,
+        })?;
     let kicks: Vec<Arc<EventFd>> = transport.queue_eventfds().to_vec();
     let irq = transport
         .interrupt_eventfd()
@@ -276,12 +224,6 @@ fn attach_net(vm: &mut Vm, net: OpenedNet) -> Result<NetAttachment, NetAttachErr
             id: id.clone(),
             err,
         })?;
-    // The guest found the device at its saved address: it must stay there.
-    if let Some((saved, _)) = net.saved
-        && saved != slot
-    {
-        return Err(NetAttachError::SlotMoved { id, saved, slot });
-    }
     log::info!(
         "net {}: TAP {} in virtio-mmio slot {} at {:#x}, GSI {}",
         net.config.id,
@@ -344,10 +286,39 @@ impl NetAttachment {
         }
     }
 
-    /// The device's state; it must be paused.
-    pub fn save(&self) -> Result<NetDeviceState, NetError> {
+    pub fn queue_pairs(&self) -> u16 {
+        self.lock().device().queue_pairs()
+    }
+
+    /// Each queue pair's frame I/O (the TAP queue fds), in pair order.
+    pub fn frame_ios(&self) -> Vec<Arc<dyn FrameIo>> {
         let t = self.lock();
-        let net = t.device().save()?;
+        let b = t.device().backend();
+        (0..usize::from(b.queue_pairs()))
+            .filter_map(|p| b.frame_io(p))
+            .collect()
+    }
+
+    /// Signals every queue's ioeventfd once, as a guest notification
+    /// would: a restored device then looks at buffers the driver made
+    /// available while the machine was paused.
+    pub fn kick_all_queues(&self) {
+        for (i, k) in self.lock().queue_eventfds().iter().enumerate() {
+            if let Err(e) = k.write(1) {
+                log::warn!("net {}: cannot kick queue {i}: {e}", self.config.id);
+            }
+        }
+    }
+
+    /// The device's state, naming its TAP fds by their index in `fds`
+    /// (none when the TAP does not travel); it must be paused.
+    pub fn save_with(&self, fds: &FdTable) -> Result<NetDeviceState, NetError> {
+        let t = self.lock();
+        let mut net = t.device().save()?;
+        net.backend.tap_fds = (0..net.queue_pairs)
+            .map(|q| fds.tap_queue(&self.config.id, q))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default();
         let mmio = t.save().map_err(|e| NetError::State(e.to_string()))?;
         Ok(NetDeviceState {
             version: NET_DEVICE_STATE_VERSION,
@@ -357,6 +328,44 @@ impl NetAttachment {
             mmio,
             net,
         })
+    }
+
+    /// Loads a saved state into this freshly attached device. `fds` is the
+    /// table the device's TAP fds came in (backend transfer), or `None`
+    /// when it runs on a TAP of its own (the classic path). Nothing touches
+    /// the TAP until [`NetAttachment::resume`].
+    pub fn restore_with(&self, s: &NetDeviceState, fds: Option<&FdTable>) -> Result<(), NetError> {
+        let bad = |m: String| Err(NetError::State(m));
+        if s.version != NET_DEVICE_STATE_VERSION {
+            return bad(format!(
+                "net device state version {} (expected {NET_DEVICE_STATE_VERSION})",
+                s.version
+            ));
+        }
+        if s.slot != self.slot {
+            return bad(format!(
+                "saved in virtio-mmio slot {:?}, attached in {:?}",
+                s.slot, self.slot
+            ));
+        }
+        if let Some(fds) = fds {
+            if s.id != self.config.id {
+                return bad(format!("state is for NIC {:?}", s.id));
+            }
+            let mine: Option<Vec<usize>> = (0..self.queue_pairs())
+                .map(|q| fds.tap_queue(&self.config.id, q))
+                .collect();
+            if mine.as_ref() != Some(&s.net.backend.tap_fds) {
+                return bad(format!(
+                    "state names TAP fds {:?}, the device was built on {:?}",
+                    s.net.backend.tap_fds, mine
+                ));
+            }
+        }
+        let mut t = self.lock();
+        t.device_mut().restore_state(&s.net)?;
+        t.restore_state(&s.mmio)
+            .map_err(|e| NetError::State(e.to_string()))
     }
 }
 
@@ -434,7 +443,10 @@ mod tests {
         assert_eq!(vm.cmdline_extra, vec!["virtio_mmio.device=4K@0xd0000000:5"]);
         drive_to_driver_ok(&vm, net.slot.base);
         assert!(net.is_running(), "DRIVER_OK starts the device threads");
-        assert!(matches!(net.save(), Err(NetError::Running)));
+        assert!(matches!(
+            net.save_with(&FdTable::default()),
+            Err(NetError::Running)
+        ));
         let st = net.status();
         assert_eq!(
             (st.tap.as_str(), st.mac.as_str()),
@@ -442,7 +454,7 @@ mod tests {
         );
 
         net.pause().unwrap();
-        let state = net.save().unwrap();
+        let state = net.save_with(&FdTable::default()).unwrap();
         assert_eq!(state.mmio.status, 1 | 2 | 8 | 4);
         assert!(state.mmio.queues[0].0.ready);
         assert_eq!(state.mmio.queues[1].0.desc_table, 0x2_0000);
@@ -450,24 +462,28 @@ mod tests {
         let back: NetDeviceState = ron::from_str(&text).unwrap();
         assert_eq!(back, state);
 
-        // A second VM (as a migration target would build) on the same TAP.
+        // A second VM (as a migration target builds it) on the same TAP,
+        // the state loaded into the freshly attached device.
         let mut vm2 = Vm::new(Kvm::new().unwrap(), GuestRam::new(16 << 20).unwrap()).unwrap();
-        let restored =
-            OpenedNet::restore_from_fds(config("vmsave0"), vec![dup], vec![], &back, None).unwrap();
-        let nets2 = attach_nets(&mut vm2, vec![restored]).unwrap();
+        let fresh =
+            OpenedNet::from_fds(config("vmsave0"), "vmsave0".into(), vec![dup], vec![], None)
+                .unwrap();
+        let nets2 = attach_nets(&mut vm2, vec![fresh]).unwrap();
+        nets2[0].restore_with(&back, None).unwrap();
         assert!(!nets2[0].is_running(), "a restored device waits for resume");
-        assert_eq!(nets2[0].save().unwrap(), state);
+        assert_eq!(nets2[0].save_with(&FdTable::default()).unwrap(), state);
         nets2[0].resume().unwrap();
         assert!(nets2[0].is_running());
         nets2[0].pause().unwrap();
 
         // A state from another layout is refused.
-        let mut moved = state.clone();
-        moved.slot.index = 3;
         let t3 = own_tap_dup(&nets2[0]);
-        let r = OpenedNet::restore_from_fds(config("vmsave0"), vec![t3], vec![], &moved, None)
-            .and_then(|o| attach_nets(&mut vm2, vec![o]));
-        assert!(r.is_err());
+        let other =
+            OpenedNet::from_fds(config("vmsave0"), "vmsave0".into(), vec![t3], vec![], None)
+                .unwrap();
+        let nets3 = attach_nets(&mut vm2, vec![other]).unwrap();
+        assert_eq!(nets3[0].slot.index, 1);
+        assert!(nets3[0].restore_with(&state, None).is_err());
     }
 
     fn own_tap_dup(net: &NetAttachment) -> OwnedFd {

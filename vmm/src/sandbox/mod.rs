@@ -130,10 +130,10 @@ impl Plan {
     /// The sandbox for a VMM started with `cfg`: it reads the kernel, writes
     /// the serial file, owns the API (and incoming migration) socket.
     pub fn for_config(cfg: &crate::config::VmConfig) -> Self {
-        let mut fs = FsPlan {
-            read_files: vec![cfg.kernel.clone()],
-            ..Default::default()
-        };
+        let mut fs = FsPlan::default();
+        if cfg.incoming.is_none() {
+            fs.read_files.push(cfg.kernel.clone());
+        }
         if let crate::config::SerialTarget::File(p) = &cfg.serial {
             fs.write_files.push(p.clone());
         }

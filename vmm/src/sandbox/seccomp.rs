@@ -47,15 +47,19 @@ pub enum ThreadKind {
     Device,
     /// The control socket (vmctl).
     Api,
+    /// A migration: the source's sending thread, and the target's main
+    /// thread from Ready until the guest runs.
+    Migration,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Setup,
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Device,
         ThreadKind::Api,
+        ThreadKind::Migration,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +69,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Device => "device",
             ThreadKind::Api => "api",
+            ThreadKind::Migration => "migration",
         }
     }
 
@@ -76,6 +81,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => include_str!("../../../policy/seccomp/vcpu.json"),
             ThreadKind::Device => include_str!("../../../policy/seccomp/device.json"),
             ThreadKind::Api => include_str!("../../../policy/seccomp/api.json"),
+            ThreadKind::Migration => include_str!("../../../policy/seccomp/migration.json"),
         }
     }
 }

@@ -417,14 +417,26 @@ impl<D: VirtioDevice> MmioTransport<D> {
         })
     }
 
-    /// Rebuilds a transport around a restored device. When the saved driver
-    /// had reached DRIVER_OK the device is activated with the saved queues;
-    /// a device restored paused starts no thread until resumed.
+    /// Rebuilds a transport around a restored device (see
+    /// [`MmioTransport::restore_state`]).
     pub fn restore(device: D, mem: GuestMemory, state: &MmioState) -> Result<Self, MmioError> {
+        let mut t = Self::new(device, mem)?;
+        t.restore_state(state)?;
+        Ok(t)
+    }
+
+    /// Loads a saved state into this fresh transport (its device already
+    /// restored). When the saved driver had reached DRIVER_OK the device is
+    /// activated with the saved queues; a device restored paused starts no
+    /// work until resumed.
+    pub fn restore_state(&mut self, state: &MmioState) -> Result<(), MmioError> {
         if state.version != MMIO_STATE_VERSION {
             return Err(MmioError::Version(state.version));
         }
-        let mut t = Self::new(device, mem)?;
+        if self.active {
+            return Err(MmioError::NotPaused);
+        }
+        let t = self;
         if state.queues.len() != t.queues.len() {
             return Err(MmioError::QueueCount {
                 found: state.queues.len(),
@@ -470,7 +482,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 .activate(t.mem.clone(), t.interrupt.clone(), active)?;
             t.active = true;
         }
-        Ok(t)
+        Ok(())
     }
 }
 

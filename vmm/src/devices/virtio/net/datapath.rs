@@ -138,6 +138,25 @@ impl RxState {
         self.pending != 0
     }
 
+    /// The frame (vnet header first) read from the backend that waits for
+    /// rx buffers, if any: it travels in a migration's state.
+    pub fn pending_frame(&self) -> Option<&[u8]> {
+        self.buf.get(..self.pending).filter(|f| !f.is_empty())
+    }
+
+    /// Puts a migrated frame back in the bounce buffer; refuses an empty
+    /// or over-long one.
+    pub fn set_pending_frame(&mut self, frame: &[u8]) -> bool {
+        match self.buf.get_mut(..frame.len()) {
+            Some(dst) if !frame.is_empty() => {
+                dst.copy_from_slice(frame);
+                self.pending = frame.len();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the driver acked guest TSO/UFO: then 64 KiB frames are
     /// expected from the start. (Any frame is delivered either way; one
     /// longer than the buffers lined up goes through the bounce buffer.)

@@ -90,6 +90,12 @@ pub struct NetDevice {
     pub(super) start_paused: bool,
     /// Pairs the restored driver had enabled, applied at activation.
     pub(super) restored_pairs: Option<u16>,
+    /// Frames a migrated device had read but not yet delivered, per pair.
+    pub(super) restored_rx: Vec<Vec<u8>>,
+    /// A restored device touches its backend (offloads, TAP queue
+    /// attachment) only when it resumes: until the migration commits, the
+    /// TAP is still the source's.
+    backend_setup_on_resume: bool,
     run: Run,
     stats: NetStats,
     thread_hook: Option<ThreadHook>,
@@ -118,6 +124,8 @@ impl NetDevice {
             active_pairs: Arc::new(AtomicU16::new(1)),
             start_paused: false,
             restored_pairs: None,
+            restored_rx: Vec::new(),
+            backend_setup_on_resume: false,
             run: Run::Inactive,
             stats: NetStats::default(),
             thread_hook: None,
@@ -183,6 +191,23 @@ impl NetDevice {
             }),
             _ => self.stats,
         }
+    }
+
+    /// Per pair, the frame a paused device read but has not delivered.
+    pub(super) fn pending_rx(&self) -> Vec<Vec<u8>> {
+        let Run::UserPaused(workers) = &self.run else {
+            return Vec::new();
+        };
+        let mut out = vec![Vec::new(); usize::from(self.queue_pairs())];
+        for w in workers {
+            if let (Some(slot), Some(f)) = (out.get_mut(w.pair), w.rx_state.pending_frame()) {
+                *slot = f.to_vec();
+            }
+        }
+        while out.last().is_some_and(Vec::is_empty) {
+            out.pop();
+        }
+        out
     }
 
     fn has_ctrl(&self) -> bool {
@@ -252,6 +277,10 @@ impl NetDevice {
     pub fn resume(&mut self) -> Result<(), NetError> {
         self.start_paused = false;
         self.start_threads()?;
+        if std::mem::take(&mut self.backend_setup_on_resume) {
+            self.setup_backend(self.active_pairs.load(Ordering::SeqCst))
+                .map_err(|e| NetError::State(e.to_string()))?;
+        }
         match std::mem::replace(&mut self.run, Run::Inactive) {
             Run::UserPaused(workers) => {
                 let n = workers.len();
@@ -302,6 +331,19 @@ impl NetDevice {
                 self.run = Run::KernelRunning;
             }
             other => self.run = other,
+        }
+        Ok(())
+    }
+
+    /// Offloads the driver acked, and the TAP queues of `pairs` attached.
+    fn setup_backend(&mut self, pairs: u16) -> Result<(), ActivateError> {
+        self.backend
+            .set_offload(self.acked_features)
+            .map_err(|e| ActivateError::Backend(format!("TUNSETOFFLOAD: {e}")))?;
+        if !set_active_pairs(&self.all_io(), pairs, &self.active_pairs) {
+            return Err(ActivateError::Backend(
+                "cannot attach/detach TAP queues".into(),
+            ));
         }
         Ok(())
     }
@@ -369,7 +411,8 @@ impl NetDevice {
                         self.active_pairs.clone(),
                         self.queue_pairs(),
                     )
-                    .with_guest_gso(gso),
+                    .with_guest_gso(gso)
+                    .with_pending_rx(self.restored_rx.get(p).map(Vec::as_slice)),
                 ),
                 (rx, _, _) if p == 0 => {
                     return Err(ActivateError::MissingQueue(usize::from(rx.is_some())));
@@ -467,15 +510,13 @@ impl VirtioDevice for NetDevice {
         if !matches!(self.run, Run::Inactive) {
             return Err(ActivateError::AlreadyActive);
         }
-        self.backend
-            .set_offload(self.acked_features)
-            .map_err(|e| ActivateError::Backend(format!("TUNSETOFFLOAD: {e}")))?;
         // Until the driver asks for more (VQ_PAIRS_SET), one pair (§5.1.6.5.5).
         let pairs = self.restored_pairs.take().unwrap_or(1);
-        if !set_active_pairs(&self.all_io(), pairs, &self.active_pairs) {
-            return Err(ActivateError::Backend(
-                "cannot attach/detach TAP queues".into(),
-            ));
+        if self.start_paused {
+            self.active_pairs.store(pairs, Ordering::SeqCst);
+            self.backend_setup_on_resume = true;
+        } else {
+            self.setup_backend(pairs)?;
         }
         let run = if self.backend.kernel_datapath().is_some() {
             self.build_kernel(mem, interrupt, queues)?

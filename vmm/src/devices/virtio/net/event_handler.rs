@@ -141,6 +141,21 @@ impl PairWorker {
         self
     }
 
+    /// A frame a migrated device had read but not delivered (vnet header
+    /// first); it goes to the guest before anything newer.
+    pub fn with_pending_rx(mut self, frame: Option<&[u8]>) -> Self {
+        if let Some(f) = frame.filter(|f| !f.is_empty())
+            && !self.rx_state.set_pending_frame(f)
+        {
+            log::warn!(
+                "virtio-net pair {}: migrated rx frame of {} bytes dropped",
+                self.pair,
+                f.len()
+            );
+        }
+        self
+    }
+
     fn broken(&self, what: &str, e: &QueueFault) {
         log::warn!("virtio-net pair {}: {what} queue: {e}", self.pair);
         self.interrupt.set_needs_reset();

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 
 use super::backend::{BackendState, NetBackend};
-use super::device::{NetDevice, NetError};
+use super::device::{NetDevice, NetError, offered_features};
 
 pub const NET_STATE_VERSION: u32 = 1;
 
@@ -21,6 +21,11 @@ pub struct NetState {
     pub acked_features: u64,
     pub active_pairs: u16,
     pub backend: BackendState,
+    /// Per queue pair, a frame already read from the TAP that waits for rx
+    /// buffers (vnet header first; empty when none). It is delivered by the
+    /// restored device before anything newer, so a migration loses none.
+    #[serde(default)]
+    pub rx_pending: Vec<Vec<u8>>,
 }
 
 impl NetDevice {
@@ -38,39 +43,63 @@ impl NetDevice {
             acked_features: self.acked_features,
             active_pairs: self.active_pairs.load(Ordering::SeqCst),
             backend: self.backend.state(),
+            rx_pending: self.pending_rx(),
         })
     }
 
-    /// Rebuilds a device on `backend` (made from the fds that came beside
-    /// the state). It stays paused through the transport's restore until
-    /// `resume`.
-    pub fn restore(backend: Box<dyn NetBackend>, state: &NetState) -> Result<Self, NetError> {
+    /// Loads a saved state into this device, freshly built on the backend
+    /// made from the fds that came beside the state (not yet activated). It
+    /// stays paused through the transport's restore until `resume`, and
+    /// touches the backend only then.
+    pub fn restore_state(&mut self, state: &NetState) -> Result<(), NetError> {
         if state.version != NET_STATE_VERSION {
             return Err(NetError::State(format!(
                 "version {} (expected {NET_STATE_VERSION})",
                 state.version
             )));
         }
-        if backend.queue_pairs() != state.queue_pairs {
+        if self.is_running() {
+            return Err(NetError::Running);
+        }
+        if self.queue_pairs() != state.queue_pairs {
             return Err(NetError::State(format!(
                 "{} queue pairs saved, backend has {}",
                 state.queue_pairs,
-                backend.queue_pairs()
+                self.queue_pairs()
             )));
         }
-        let mut d = NetDevice::new(backend, Some(state.mac))?;
+        if state.rx_pending.len() > usize::from(state.queue_pairs) {
+            return Err(NetError::State(format!(
+                "{} pending rx frames for {} queue pairs",
+                state.rx_pending.len(),
+                state.queue_pairs
+            )));
+        }
         // The driver's features must still be served here.
-        if state.acked_features & !d.avail_features != 0 {
+        let offered = self
+            .backend
+            .filter_features(offered_features(state.queue_pairs));
+        if state.acked_features & !offered != 0 {
             return Err(NetError::State(format!(
                 "driver features {:#x} not all offered ({:#x})",
-                state.acked_features, d.avail_features
+                state.acked_features, offered
             )));
         }
-        d.avail_features = state.avail_features & d.avail_features | state.acked_features;
-        d.acked_features = state.acked_features;
-        d.link_up = state.link_up;
-        d.start_paused = true;
-        d.restored_pairs = Some(state.active_pairs.clamp(1, state.queue_pairs));
+        self.mac = state.mac;
+        self.avail_features = state.avail_features & offered | state.acked_features;
+        self.acked_features = state.acked_features;
+        self.link_up = state.link_up;
+        self.start_paused = true;
+        self.restored_pairs = Some(state.active_pairs.clamp(1, state.queue_pairs));
+        self.restored_rx = state.rx_pending.clone();
+        Ok(())
+    }
+
+    /// Rebuilds a device on `backend` from a saved state (see
+    /// [`NetDevice::restore_state`]).
+    pub fn restore(backend: Box<dyn NetBackend>, state: &NetState) -> Result<Self, NetError> {
+        let mut d = NetDevice::new(backend, Some(state.mac))?;
+        d.restore_state(state)?;
         Ok(d)
     }
 }

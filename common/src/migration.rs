@@ -1,0 +1,204 @@
+//! The local live-migration protocol: a source vmm hands a running guest to
+//! a fresh target vmm on the same host over a UNIX stream socket, with the
+//! shared frame codec ([`crate::codec`]). Guest RAM is a memfd both
+//! processes map, so no page is copied; the TAP queue fds move with
+//! SCM_RIGHTS (backend transfer) and netd is never asked.
+//!
+//! ```text
+//!  source vmm (running guest)                      target vmm (--incoming PATH)
+//!  ─────────────────────────                       ───────────────────────────
+//!                                                  sandboxed, VM shell, vCPU and
+//!                                                  device threads parked, listening
+//!  connect ──────────────────────────────────────► accept: SO_PEERCRED uid must be
+//!                                                  its own (or root), else refused
+//!  Hello{versions, shape, fds}  + [memfd, TAP fds…, API listener?]
+//!                               ─────────────────► check versions and shape, map the
+//!                                                  memfd, register RAM with KVM,
+//!                                                  check every fd's type
+//!                               ◄───────────────── Ready | Refused{reason}
+//!  ── guest still running up to here: a refusal costs it nothing ──
+//!  pause vCPUs, then device threads (frames wait in the TAP)
+//!  State(machine state, one RON document)
+//!                               ─────────────────► restore into the pre-built VM
+//!                               ◄───────────────── Loaded | Failed{reason}
+//!  Commit ───────────────────────────────────────► (source never runs the guest again)
+//!                                                  devices resume (every queue kicked
+//!                                                  once), vCPUs resume
+//!                               ◄───────────────── Resumed{at_ns}
+//!  reply to vmctl, exit 0
+//! ```
+//!
+//! Any failure before Commit (a refusal, garbage, a dead or silent target,
+//! a timeout) makes the source resume on its own fds; the target exits
+//! non-zero. After Commit the guest belongs to the target: if the target
+//! dies before Resumed, the guest is lost with it (the source does not run
+//! it again, because it cannot know whether the target already did).
+//!
+//! Versions: [`MIGRATION_PROTOCOL_VERSION`] must match exactly. The machine
+//! state's [`FormatVersion`] must have the same major, and a minor no newer
+//! than the target's; the target says so in Refused while the source runs.
+
+use serde::{Deserialize, Serialize};
+
+pub const MIGRATION_PROTOCOL_VERSION: u32 = 1;
+
+/// Cap on one frame: the machine state document (a few hundred KiB with
+/// several vCPUs and NICs) and a frame that carries a frame in flight.
+pub const MIGRATION_MAX_FRAME: usize = 8 << 20;
+
+/// Version of the machine state document (`vmm::persist::MachineState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FormatVersion {
+    pub major: u16,
+    pub minor: u16,
+}
+
+impl FormatVersion {
+    /// Whether a reader of `self` can load a document written as `written`:
+    /// same major, and not newer.
+    pub fn can_read(self, written: FormatVersion) -> bool {
+        written.major == self.major && written.minor <= self.minor
+    }
+}
+
+impl std::fmt::Display for FormatVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// One guest RAM region: where the guest sees it, how long it is, and
+/// where it starts in the memfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RamRegion {
+    pub guest_addr: u64,
+    pub len: u64,
+    pub memfd_offset: u64,
+}
+
+/// One NIC as both sides must agree on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetShape {
+    pub id: String,
+    pub mac: [u8; 6],
+    pub queues: u16,
+    pub vhost: bool,
+}
+
+/// What the target must have been started with to take the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineShape {
+    pub memory_bytes: u64,
+    pub ram: Vec<RamRegion>,
+    pub vcpus: u8,
+    pub nets: Vec<NetShape>,
+}
+
+/// What each fd beside [`SourceMsg::Hello`] is, in order. The state
+/// document refers to them by their index in this list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum FdRole {
+    /// The guest RAM memfd.
+    GuestRam,
+    /// One queue of a NIC's TAP (backend transfer).
+    TapQueue { net: String, queue: u16 },
+    /// The source's listening API socket; a target started without
+    /// `--api-socket` serves it (the path keeps answering), others close it.
+    ApiListener,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum SourceMsg<S> {
+    Hello {
+        protocol: u32,
+        format: FormatVersion,
+        vmm_version: String,
+        shape: MachineShape,
+        /// TAP fds come along (true) or the target uses its own (the
+        /// classic path: a new TAP from netd, announced with RARP).
+        backend_transfer: bool,
+        /// The guest's vCPUs were paused by the user before the migration:
+        /// the target keeps them paused.
+        paused: bool,
+        fds: Vec<FdRole>,
+    },
+    /// The machine state, sent after the pause.
+    State(S),
+    /// The guest is the target's from now on.
+    Commit,
+    /// The source gives up (and resumes the guest itself).
+    Abort { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum TargetMsg {
+    /// The target is prepared: RAM mapped and registered, fds checked.
+    Ready {
+        vmm_version: String,
+        /// The target was started without `--api-socket` and serves the
+        /// source's listening socket from now on: the source must leave
+        /// the path in place when it exits.
+        takes_api_socket: bool,
+    },
+    Refused {
+        reason: String,
+    },
+    /// The state is restored into the target's VM; nothing runs yet.
+    Loaded {
+        /// Microseconds the target spent decoding and restoring.
+        restore_us: u64,
+    },
+    Failed {
+        reason: String,
+    },
+    /// The target's vCPUs run (or stay parked for a paused guest).
+    Resumed {
+        /// CLOCK_MONOTONIC, in ns, when the target released its vCPUs.
+        at_ns: u64,
+    },
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock both processes share on one
+/// host, for the downtime (source pause → target resume).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_compatibility_rules() {
+        let me = FormatVersion { major: 1, minor: 2 };
+        assert!(me.can_read(FormatVersion { major: 1, minor: 0 }));
+        assert!(me.can_read(FormatVersion { major: 1, minor: 2 }));
+        assert!(!me.can_read(FormatVersion { major: 1, minor: 3 }));
+        assert!(!me.can_read(FormatVersion { major: 2, minor: 0 }));
+        assert!(!me.can_read(FormatVersion { major: 0, minor: 9 }));
+    }
+
+    #[test]
+    fn messages_round_trip_and_refuse_unknown_fields() {
+        let m: SourceMsg<()> = SourceMsg::Abort { reason: "x".into() };
+        let t = ron::to_string(&m).unwrap();
+        assert_eq!(ron::from_str::<SourceMsg<()>>(&t).unwrap(), m);
+        let bad = "Ready(vmm_version: \"1\", takes_api_socket: false, extra: 1)";
+        assert!(ron::from_str::<TargetMsg>(bad).is_err());
+    }
+}

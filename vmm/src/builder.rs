@@ -1,0 +1,604 @@
+//! Building a VM, two ways, sharing every step they have in common (as
+//! Firecracker's `builder.rs` does): [`build_for_boot`] loads a kernel,
+//! [`build_for_incoming`] takes a running guest from a source vmm (see
+//! [`crate::migration::target`]). Both return a [`Vmm`], whose
+//! [`Vmm::wait`] is the rest of the process's life. `main.rs` only parses
+//! the command line and maps the outcome to an exit code.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::api::RunState;
+use common::migration::FdRole;
+use kvm_ioctls::Kvm;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::api::{self, ApiContext, ApiError};
+use crate::boot::pvh::{self, BootError};
+use crate::config::{ConfigError, SerialTarget, VmConfig};
+use crate::control::{self, RunControl};
+use crate::devices::power::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice};
+use crate::devices::virtio::net::event_handler::ThreadHook;
+use crate::memory::{self, GuestRam, MemoryError};
+use crate::migration::announce;
+use crate::migration::shape_mismatch;
+use crate::migration::source::MigrationWorker;
+use crate::migration::target::{Incoming, Source, TargetError};
+use crate::net::attach::{self as net_attach, NetAttachError, OpenedNet};
+use crate::net::config::NetConfig;
+use crate::net::netd_client;
+use crate::persist::Machine;
+use crate::privileges::{self, PrivilegeError};
+use crate::runtime::Runtime;
+use crate::sandbox::{self, SandboxError, ThreadKind};
+use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::vm::{self, ExitReason, ExitSender, Vm, VmError, VmShell};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Privilege(#[from] PrivilegeError),
+    #[error("cannot open /dev/kvm: {0}")]
+    Kvm(kvm_ioctls::Error),
+    #[error("{0}")]
+    Memory(#[from] MemoryError),
+    #[error("{0}")]
+    Boot(#[from] BootError),
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    #[error("{0}")]
+    Vcpu(#[from] VcpuError),
+    #[error("{0}")]
+    Api(#[from] ApiError),
+    #[error("{0}")]
+    Sandbox(#[from] SandboxError),
+    #[error("{0}")]
+    Net(#[from] NetAttachError),
+    #[error("serial output {path}: {err}")]
+    Serial { path: String, err: std::io::Error },
+    #[error("incoming migration: {0}")]
+    Incoming(#[from] TargetError),
+    #[error("{what}: {err}")]
+    Io {
+        what: &'static str,
+        err: std::io::Error,
+    },
+}
+
+impl BuildError {
+    /// Bad input from the user is 2; everything else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            BuildError::Config(_)
+            | BuildError::Privilege(PrivilegeError::RootWithoutUser)
+            | BuildError::Privilege(PrivilegeError::RootTarget)
+            | BuildError::Memory(MemoryError::TooLarge { .. })
+            | BuildError::Serial { .. }
+            | BuildError::Api(ApiError::Bind { .. })
+            | BuildError::Incoming(TargetError::Bind { .. }) => 2,
+            BuildError::Net(e) if e.is_bad_input() => 2,
+            BuildError::Boot(BootError::Write(_)) => 1,
+            BuildError::Boot(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |err| BuildError::Io { what, err }
+}
+
+/// A built VM with its threads running (or parked, for a paused guest).
+pub struct Vmm {
+    pub runtime: Arc<Runtime>,
+    exit_rx: Receiver<ExitReason>,
+    vcpu_threads: Vec<JoinHandle<()>>,
+    /// The API socket path this process created (removed at exit).
+    api_socket: Option<PathBuf>,
+}
+
+/// Opens /dev/kvm, drops to the user and locks the process down (Landlock,
+/// capabilities, no_new_privs, the `setup` seccomp filter).
+fn enter_sandbox(cfg: &VmConfig) -> Result<Kvm, BuildError> {
+    privileges::check_invocation(cfg.user)?;
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    // The bounding set needs CAP_SETPCAP, which the uid drop takes away.
+    sandbox::drop_bounding_set();
+    if let Some((uid, gid)) = cfg.user {
+        privileges::drop_to(uid, gid)?;
+    }
+    let report = sandbox::lock_down(&sandbox::Plan::for_config(cfg))?;
+    log::info!("sandbox: {report:?}");
+    Ok(kvm)
+}
+
+/// Device threads inherit the sandbox and narrow it to their own filter.
+fn device_hook() -> ThreadHook {
+    Arc::new(|_name: &str| sandbox::enter_thread_or_exit(ThreadKind::Device))
+}
+
+/// Boots `cfg.kernel`.
+pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
+    let kvm = enter_sandbox(cfg)?;
+    // TAPs come from netd as the tenant's uid. The device threads start
+    // now, before any vCPU can activate a device.
+    let nets = net_attach::open_nets(&cfg.nets, Some(device_hook()))?;
+    // Bad kernels fail before a VM exists (tearing one down costs ~20 ms).
+    pvh::check_kernel(&cfg.kernel, cfg.memory)?;
+    memory::check_host_limit(cfg.memory)?;
+    let api = bind_api(cfg)?;
+    let ram = GuestRam::new(cfg.memory)?;
+    let mut vm = Vm::new(kvm, ram)?;
+    let (exit_tx, exit_rx) = vm::exit_channel();
+    let serial = add_legacy_devices(&mut vm, open_serial(cfg)?, &exit_tx)?;
+    let nets = net_attach::attach_nets(&mut vm, nets)?;
+
+    let mut cmdline = cfg.cmdline.clone();
+    for extra in &vm.cmdline_extra {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(extra);
+    }
+    let entry = pvh::load(&vm.ram, &cfg.kernel, &cmdline)?;
+    let boot_vcpu = Vcpu::new(&vm.fd, 0)?;
+    boot_vcpu.configure_pvh(&vm.kvm, &vm.ram.memory, entry)?;
+    let parts = Parts {
+        vm,
+        vcpus: vec![boot_vcpu],
+        serial,
+        nets,
+        exit_tx,
+        exit_rx,
+    };
+    let vmm = launch(parts, api, RunState::Running, started)?;
+    enter_main_filter()?;
+    log::info!("guest started after {:?}", started.elapsed());
+    Ok(vmm)
+}
+
+/// Where the API is served from.
+enum ApiSocket {
+    None,
+    /// `--api-socket`, bound by this process.
+    Own(UnixListener, PathBuf),
+    /// The source's listening socket, taken over in a migration.
+    Adopted(UnixListener),
+}
+
+fn bind_api(cfg: &VmConfig) -> Result<ApiSocket, BuildError> {
+    Ok(match &cfg.api_socket {
+        Some(p) => ApiSocket::Own(api::bind(p)?, p.clone()),
+        None => ApiSocket::None,
+    })
+}
+
+fn open_serial(cfg: &VmConfig) -> Result<Box<dyn Write + Send>, BuildError> {
+    Ok(match &cfg.serial {
+        // A duplicate of fd 1 as a File: unbuffered, each guest byte is
+        // written at once.
+        SerialTarget::Stdout => Box::new(File::from(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|err| BuildError::Serial {
+                    path: "stdout".into(),
+                    err,
+                })?,
+        )),
+        SerialTarget::File(p) => Box::new(File::create(p).map_err(|err| BuildError::Serial {
+            path: p.display().to_string(),
+            err,
+        })?),
+    })
+}
+
+/// Serial on 0x3f8 (IRQ 4 by irqfd) and the two power-off ports.
+fn add_legacy_devices(
+    vm: &mut Vm,
+    out: Box<dyn Write + Send>,
+    exit: &ExitSender,
+) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("create the serial irqfd"))?;
+    vm.register_irqfd(&irq, SERIAL_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, out)));
+    vm.pio
+        .insert(SERIAL_PORT, SERIAL_PORT_LEN, serial.clone())
+        .map_err(VmError::from)?;
+    vm.pio
+        .insert(
+            DEBUG_EXIT_PORT,
+            1,
+            Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+        )
+        .map_err(VmError::from)?;
+    vm.pio
+        .insert(
+            I8042_PORT,
+            I8042_PORT_LEN,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )
+        .map_err(VmError::from)?;
+    Ok(serial)
+}
+
+/// A complete machine, not yet running.
+struct Parts {
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<SerialDevice>>,
+    nets: Vec<net_attach::NetAttachment>,
+    exit_tx: ExitSender,
+    exit_rx: Receiver<ExitReason>,
+}
+
+/// Starts the machine's threads: the migration worker, the API, the vCPUs
+/// (parked unless `state` is Running). The caller is still under the `setup`
+/// filter (these are the last threads this process creates).
+fn launch(
+    mut p: Parts,
+    api: ApiSocket,
+    state: RunState,
+    started: Instant,
+) -> Result<Vmm, BuildError> {
+    control::install_kick_handler().map_err(io_err("install the vCPU kick handler"))?;
+    // A migration target's vCPUs park at once, until the commit.
+    let ctl = Arc::new(if state == RunState::Running {
+        RunControl::new()
+    } else {
+        RunControl::new_paused()
+    });
+    let pio = Arc::new(std::mem::take(&mut p.vm.pio));
+    let mmio = Arc::new(std::mem::take(&mut p.vm.mmio));
+    let msrs = Vcpu::saveable_msrs(&p.vm.kvm)?;
+    let machine = Arc::new(Machine {
+        vm: Arc::new(p.vm),
+        vcpus: p
+            .vcpus
+            .into_iter()
+            .map(|v| Arc::new(Mutex::new(v)))
+            .collect(),
+        serial: p.serial,
+        msrs,
+        nets: p.nets,
+    });
+    let (listener, own_path) = match api {
+        ApiSocket::None => (None, None),
+        ApiSocket::Own(l, path) => (Some(l), Some(path)),
+        ApiSocket::Adopted(l) => (Some(l), None),
+    };
+    let api_dup: Option<OwnedFd> = match &listener {
+        Some(l) => Some(
+            l.as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("duplicate the API socket"))?,
+        ),
+        None => None,
+    };
+    let runtime = Arc::new(Runtime::new(
+        machine.clone(),
+        ctl.clone(),
+        p.exit_tx.clone(),
+        started,
+        api_dup,
+        state,
+    ));
+    let worker = Arc::new(
+        MigrationWorker::spawn(runtime.clone()).map_err(io_err("start the migration thread"))?,
+    );
+    if let Some(l) = listener {
+        api::spawn(
+            l,
+            ApiContext {
+                runtime: runtime.clone(),
+                migration: worker,
+            },
+        )?;
+    }
+    let mut vcpu_threads = Vec::new();
+    for v in &machine.vcpus {
+        vcpu_threads.push(vcpu::spawn(
+            v.clone(),
+            pio.clone(),
+            mmio.clone(),
+            ctl.clone(),
+            p.exit_tx.clone(),
+        )?);
+    }
+    Ok(Vmm {
+        runtime,
+        exit_rx: p.exit_rx,
+        vcpu_threads,
+        api_socket: own_path,
+    })
+}
+
+fn enter_main_filter() -> Result<(), BuildError> {
+    // Every thread runs under its own filter now; main only waits.
+    Ok(sandbox::enter_thread(ThreadKind::Main)?)
+}
+
+/// A NIC of a migration target before the source's Hello: its config
+/// and, on the classic path, the TAP netd gave this process.
+struct PendingNet {
+    config: NetConfig,
+    own_tap: Option<netd_client::TapFds>,
+}
+
+/// Takes a running guest from a source vmm: listens on `cfg.incoming`,
+/// builds the machine once a source says Hello (while its guest still
+/// runs), restores the state it sends after pausing, and resumes the
+/// guest when it commits.
+pub fn build_for_incoming(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
+    let kvm = enter_sandbox(cfg)?;
+    let configs = cfg
+        .nets
+        .iter()
+        .map(|v| NetConfig::parse(v))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(NetAttachError::from)?;
+    // The classic path (backend-transfer=off) gets a TAP of its own from
+    // netd now; with backend transfer netd is not asked at all.
+    let mut pending = Vec::with_capacity(configs.len());
+    for config in configs {
+        let own_tap = if config.backend_transfer {
+            None
+        } else {
+            Some(
+                netd_client::open_tap_for(&config).map_err(|err| NetAttachError::Netd {
+                    id: config.id.clone(),
+                    err: Box::new(err),
+                })?,
+            )
+        };
+        pending.push(PendingNet { config, own_tap });
+    }
+    memory::check_host_limit(cfg.memory)?;
+    let shell = VmShell::new(kvm)?;
+    let vcpus = (0..cfg.vcpus)
+        .map(|i| Vcpu::new(&shell.fd, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let serial_out = open_serial(cfg)?;
+    let own_api = bind_api(cfg)?;
+    let incoming_path = cfg.incoming.clone().unwrap_or_default();
+    let incoming = Incoming::bind(&incoming_path)?;
+    log::info!("waiting for a migration on {}", incoming_path.display());
+
+    let mut source = incoming.accept()?;
+    let t = Instant::now();
+    let (parts, api) = match prepare(cfg, &mut source, shell, vcpus, serial_out, pending, own_api) {
+        Ok(x) => x,
+        Err(Prepare::Refuse(reason)) => return Err(source.refuse(reason).into()),
+        Err(Prepare::Fail(e)) => {
+            let _ = source.refuse(e.to_string());
+            return Err(e);
+        }
+    };
+    let takes_api_socket = matches!(api, ApiSocket::Adopted(_));
+    let paused = source.hello.paused;
+    let vmm = launch(parts, api, RunState::Migrating, started)?;
+    log::info!("incoming: prepared in {:?}", t.elapsed());
+    source.ready(takes_api_socket)?;
+
+    // From here the guest's state arrives: only the migration list applies.
+    sandbox::enter_thread(ThreadKind::Migration)?;
+    let machine = vmm.runtime.machine.clone();
+    let fds = source
+        .hello
+        .backend_transfer
+        .then(|| source.hello.fds.clone());
+    source.load(|state| {
+        machine
+            .restore(state, fds.as_ref())
+            .map_err(|e| e.to_string())
+    })?;
+    source.await_commit()?;
+    if paused {
+        vmm.runtime.set_state(RunState::Paused);
+    } else {
+        machine
+            .resume_devices()
+            .map_err(|e| BuildError::Incoming(TargetError::Load(e.to_string())))?;
+        for n in &machine.nets {
+            n.kick_all_queues();
+        }
+        vmm.runtime.control.resume();
+        vmm.runtime.set_state(RunState::Running);
+    }
+    if let Err(e) = source.resumed() {
+        // The guest runs here either way.
+        log::warn!("incoming: could not tell the source: {e}");
+    }
+    if !source.hello.backend_transfer {
+        for n in &machine.nets {
+            if let Some(io) = n.frame_ios().first() {
+                announce::announce(&**io, n.mac, common::netd::VNET_HDR_LEN as usize);
+            }
+        }
+    }
+    drop(incoming);
+    enter_main_filter()?;
+    log::info!("incoming: guest running after {:?}", started.elapsed());
+    Ok(vmm)
+}
+
+enum Prepare {
+    /// The source's guest does not fit this target.
+    Refuse(String),
+    Fail(BuildError),
+}
+
+impl<E: Into<BuildError>> From<E> for Prepare {
+    fn from(e: E) -> Self {
+        Prepare::Fail(e.into())
+    }
+}
+
+/// Greeted → everything built: checks the shape and the fds, maps the
+/// memfd and registers it with KVM, attaches the devices (on the
+/// transferred TAP fds, or this process's own) with their ioeventfds and
+/// irqfds. The guest runs on at the source all the while.
+fn prepare(
+    cfg: &VmConfig,
+    source: &mut Source,
+    shell: VmShell,
+    vcpus: Vec<Vcpu>,
+    serial_out: Box<dyn Write + Send>,
+    pending: Vec<PendingNet>,
+    own_api: ApiSocket,
+) -> Result<(Parts, ApiSocket), Prepare> {
+    let configs: Vec<NetConfig> = pending.iter().map(|p| p.config.clone()).collect();
+    let hello = &source.hello;
+    if let Some(m) = shape_mismatch(
+        &hello.shape,
+        hello.backend_transfer,
+        cfg.memory,
+        cfg.vcpus,
+        &configs,
+    ) {
+        return Err(Prepare::Refuse(m));
+    }
+    let backend_transfer = hello.backend_transfer;
+    let shape = hello.shape.clone();
+    let memfd = source.take_memfd().map_err(Prepare::Refuse)?;
+    let adopted = source.take_api_listener().map_err(Prepare::Refuse)?;
+    let api = match (own_api, adopted) {
+        (ApiSocket::None, Some(l)) => ApiSocket::Adopted(l),
+        // Started with --api-socket: the source's socket is not needed.
+        (own, _) => own,
+    };
+    let ram = GuestRam::from_memfd(Arc::new(memfd), cfg.memory)?;
+    let mut vm = shell.with_ram(ram)?;
+    let (exit_tx, exit_rx) = vm::exit_channel();
+    let serial = add_legacy_devices(&mut vm, serial_out, &exit_tx)?;
+    let mut opened = Vec::with_capacity(pending.len());
+    for (p, s) in pending.into_iter().zip(&shape.nets) {
+        let mut config = p.config;
+        config.mac = Some(s.mac);
+        let (tap, taps, vhost) = if backend_transfer {
+            let mut taps = Vec::with_capacity(usize::from(s.queues));
+            for q in 0..s.queues {
+                let role = FdRole::TapQueue {
+                    net: s.id.clone(),
+                    queue: q,
+                };
+                let fd = source
+                    .take(&role)
+                    .ok_or_else(|| Prepare::Refuse(format!("no fd for {role:?}")))?;
+                taps.push(fd);
+            }
+            let vhost = if config.vhost {
+                open_vhost(&config)?
+            } else {
+                Vec::new()
+            };
+            (s.id.clone(), taps, vhost)
+        } else {
+            let own = p
+                .own_tap
+                .ok_or_else(|| Prepare::Refuse(format!("NIC {} has no TAP", config.id)))?;
+            (own.name, own.taps, own.vhost)
+        };
+        let net = OpenedNet::from_fds(config, tap, taps, vhost, Some(device_hook()));
+        match net {
+            Ok(n) => opened.push(n),
+            // A fd that is no TAP, or a TAP of another name: the source's fault.
+            Err(e) if backend_transfer => return Err(Prepare::Refuse(e.to_string())),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if backend_transfer {
+        for n in &opened {
+            if n.tap != n.config.id {
+                return Err(Prepare::Refuse(format!(
+                    "NIC {}: the fds sent are queues of TAP {:?}",
+                    n.config.id, n.tap
+                )));
+            }
+        }
+    }
+    let nets = net_attach::attach_nets(&mut vm, opened)?;
+    Ok((
+        Parts {
+            vm,
+            vcpus,
+            serial,
+            nets,
+            exit_tx,
+            exit_rx,
+        },
+        api,
+    ))
+}
+
+/// vhost-net fds for a migration target: bound to the process that sets
+/// their owner, so the source's cannot be reused. Asked of netd while the
+/// guest still runs at the source; the TAP is not touched.
+fn open_vhost(config: &NetConfig) -> Result<Vec<OwnedFd>, BuildError> {
+    let netd = |err| NetAttachError::Netd {
+        id: config.id.clone(),
+        err: Box::new(err),
+    };
+    let mut c = netd_client::NetdClient::connect(&config.netd_socket, netd_client::DEFAULT_TIMEOUT)
+        .map_err(netd)?;
+    Ok(c.open_vhost(config.queues).map_err(netd)?)
+}
+
+impl Vmm {
+    /// Waits for the first exit reason, then ends the threads in order.
+    pub fn wait(self) -> ExitReason {
+        // A closed channel cannot happen while the runtime holds a sender;
+        // treat it as a failure rather than a clean power-off just in case.
+        let reason = self.exit_rx.recv().unwrap_or(ExitReason::VcpuFailed {
+            vcpu: 0,
+            message: "exit channel closed".into(),
+        });
+        let keep_api = matches!(
+            reason,
+            ExitReason::Migrated {
+                keep_api_socket: true
+            }
+        );
+        if let Some(path) = &self.api_socket
+            && !keep_api
+        {
+            // Best effort: the socket is ours; a stale one would block the
+            // next start at the same path.
+            let _ = std::fs::remove_file(path);
+        }
+        // Let the vCPU threads leave KVM_RUN before the process exits (much
+        // faster teardown here); don't wait long for a stuck one.
+        let ctl = &self.runtime.control;
+        ctl.stop();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while self.vcpu_threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // Stop the device threads before the guest memory goes away with
+        // the process; the TAP fds close with it, and netd holds none. After
+        // a migration they are already stopped, and the TAP is the target's.
+        if let Err(e) = self.runtime.machine.pause_devices() {
+            log::warn!("{e}");
+        }
+        reason
+    }
+}
+
+/// Builds the VM `cfg` asks for: a boot, or an incoming migration.
+pub fn build(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
+    if cfg.incoming.is_some() {
+        build_for_incoming(cfg, started)
+    } else {
+        build_for_boot(cfg, started)
+    }
+}
