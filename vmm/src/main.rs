@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::process::exit;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use vmm::api::{self, ApiContext, ApiError};
@@ -19,6 +19,8 @@ use vmm::control::{self, RunControl};
 use vmm::devices::power::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT, I8042_PORT_LEN};
 use vmm::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice};
 use vmm::devices::virtio::net::event_handler::ThreadHook;
+use vmm::exit::{self as vm_exit, SignalWatch};
+use vmm::inputs;
 use vmm::memory::{self, GuestRam, MemoryError};
 use vmm::net::attach::{self as net_attach, NetAttachError};
 use vmm::persist::Machine;
@@ -82,7 +84,7 @@ impl StartError {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cfg = match VmConfig::parse(std::env::args().skip(1)) {
+    let cfg = match VmConfig::parse(std::env::args_os().skip(1)) {
         Ok(Some(cfg)) => cfg,
         Ok(None) => {
             println!("{USAGE}");
@@ -111,6 +113,7 @@ fn main() {
 
 fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
     let started = Instant::now();
+    cfg.check_files()?;
     privileges::check_invocation(cfg.user)?;
     if cfg.incoming.is_some() {
         return Err(StartError::NotYet("--incoming"));
@@ -123,6 +126,10 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
     }
     let report = sandbox::lock_down(&sandbox::Plan::for_config(&cfg))?;
     log::info!("sandbox: {report:?}");
+    let signals = SignalWatch::start().map_err(|err| StartError::Io {
+        what: "start the signal thread",
+        err,
+    })?;
     // TAPs come from netd as the tenant's uid. The device threads start
     // now, before any vCPU can activate a device: they inherit the sandbox
     // (setup filter, Landlock, no_new_privs) and narrow it to their own.
@@ -136,6 +143,7 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
     let ram = GuestRam::new(cfg.memory)?;
     let mut vm = Vm::new(kvm, ram)?;
     let (exit_tx, exit_rx) = vm::exit_channel();
+    signals.deliver_to(exit_tx.clone());
     let serial = add_legacy_devices(&mut vm, &cfg, &exit_tx)?;
     // Virtio devices attach here (Vm::attach_virtio_mmio) before the
     // command line is written.
@@ -200,23 +208,7 @@ fn run(cfg: VmConfig) -> Result<ExitReason, StartError> {
         vcpu: 0,
         message: "exit channel closed".into(),
     });
-    if let Some(path) = &cfg.api_socket {
-        // Best effort: the socket is ours; a stale one would block the next
-        // start at the same path.
-        let _ = std::fs::remove_file(path);
-    }
-    // Let the vCPU threads leave KVM_RUN before the process exits (much
-    // faster teardown here); don't wait long for a stuck one.
-    ctl.stop();
-    let deadline = Instant::now() + Duration::from_millis(200);
-    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    // Stop the device threads before the guest memory goes away with the
-    // process; the TAP fds close with it, and netd holds none.
-    if let Err(e) = machine.pause_devices() {
-        log::warn!("{e}");
-    }
+    vm_exit::teardown(cfg.api_socket.as_deref(), &ctl, &threads);
     Ok(reason)
 }
 
@@ -238,10 +230,14 @@ fn add_legacy_devices(
                     err,
                 })?,
         )),
-        SerialTarget::File(p) => Box::new(File::create(p).map_err(|err| StartError::Serial {
-            path: p.display().to_string(),
-            err,
-        })?),
+        SerialTarget::File(p) => {
+            Box::new(
+                inputs::open_serial(p, true).map_err(|err| StartError::Serial {
+                    path: p.display().to_string(),
+                    err,
+                })?,
+            )
+        }
     };
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|err| StartError::Io {
         what: "create the serial irqfd",
