@@ -338,7 +338,7 @@ fn teardown_runs_under_the_main_filter() {
             c2.register_current_thread();
             let _ = tx.send(());
             // Stands in for KVM_RUN: sleeps until kicked out and stopped.
-            while !(c2.pending() && !c2.park()) {
+            while !c2.pending() || c2.park() {
                 std::thread::sleep(Duration::from_millis(1));
             }
             c2.thread_exited();

@@ -31,6 +31,16 @@ fn vmm_with_user() -> Command {
     c
 }
 
+/// vmm started as uid 65534 with the kvm group.
+fn vmm_as_nobody() -> Command {
+    let mut c = as_nobody_with_kvm(&bin("vmm"));
+    c.env_remove("RUST_LOG").env_remove("RUST_BACKTRACE");
+    c
+}
+
+/// How a vmm command starts.
+type Start = fn() -> Command;
+
 /// Runs `cmd` to the end (bounded) and returns its status and stderr.
 fn run(cmd: Command) -> (ExitStatus, String) {
     let mut p = VmmProcess::spawn(cmd);
@@ -101,14 +111,7 @@ fn a_fifo_or_directory_as_kernel_or_serial_is_refused_at_once() {
 
     // As root with --user and as uid 65534 from the start: neither may
     // block in an open (the uid decides whether the open even gets to wait).
-    let starts: [(&str, fn() -> Command); 2] = [
-        ("--user", vmm_with_user),
-        ("uid 65534", || {
-            let mut c = as_nobody_with_kvm(&bin("vmm"));
-            c.env_remove("RUST_LOG");
-            c
-        }),
-    ];
+    let starts: [(&str, Start); 2] = [("--user", vmm_with_user), ("uid 65534", vmm_as_nobody)];
     for (how, start) in starts {
         let mut c = start();
         c.arg("--kernel").arg(&fifo);
