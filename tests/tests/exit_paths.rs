@@ -441,3 +441,37 @@ fn power_off_with_a_nic_many_times() {
         netd.links()
     );
 }
+
+/// SIGTERM while vmm is still setting up (here: waiting for a netd that
+/// accepted but never answers) ends it at once with the same code 0.
+#[test]
+fn sigterm_during_set_up_exits_0() {
+    let dir = ScratchDir::new("earlyterm");
+    let sock = dir.0.join("silent-netd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let st = Command::new("chmod")
+        .arg("666")
+        .arg(&sock)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut c = as_nobody_with_kvm(&bin("vmm"));
+    c.arg("--kernel")
+        .arg(tests::guest_elf())
+        .arg("--net")
+        .arg(format!("netd={},id=vm0", sock.display()))
+        .env_remove("RUST_LOG");
+    let mut vm = VmmProcess::spawn(c);
+    // vmm is in its netd handshake once it connected.
+    let (_conn, _) = listener.accept().unwrap();
+    // SAFETY: kill(2) on our own child (setpriv execs vmm).
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
+    let st = vm.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "{st} (0: stopped by SIGTERM; a netd timeout would be an error): {}",
+        vm.stderr()
+    );
+    assert_eq!(vm.stderr(), "", "nothing to report on a requested stop");
+}
