@@ -1,7 +1,9 @@
 //! Rate-limited warnings for failures a guest can repeat at will (a serial
-//! byte written to `/dev/full` fails once per byte): the first occurrence is
-//! logged, later ones are counted, and at most one summary line per interval
-//! reports how many were held back.
+//! byte written to `/dev/full` fails once per byte; a driver can break and
+//! reset a virtio device in a loop): the first occurrence is logged, later
+//! ones are counted, and at most one summary line per interval reports how
+//! many were held back. [`warn_limited!`] takes a limiter the caller keeps;
+//! [`warn_rate_limited!`] keeps one per call site.
 
 use std::time::{Duration, Instant};
 
@@ -63,6 +65,22 @@ macro_rules! warn_limited {
             None => {}
         }
     };
+}
+
+/// [`warn_limited!`] with a limiter of the call site's own (one per
+/// process: one vmm runs one VM), for places that have no state to keep
+/// one in, such as failures a guest can make a device repeat.
+#[macro_export]
+macro_rules! warn_rate_limited {
+    ($($arg:tt)+) => {{
+        static LIMITER: ::std::sync::Mutex<$crate::ratelimit::WarnLimiter> = ::std::sync::Mutex::new(
+            $crate::ratelimit::WarnLimiter::new($crate::ratelimit::DEFAULT_INTERVAL),
+        );
+        let mut limiter = LIMITER
+            .lock()
+            .unwrap_or_else(::std::sync::PoisonError::into_inner);
+        $crate::warn_limited!(limiter, $($arg)+);
+    }};
 }
 
 #[cfg(test)]
