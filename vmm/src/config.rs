@@ -3,7 +3,8 @@
 //! The arguments come as `OsString`s (`std::env::args_os`): paths may be any
 //! bytes, every other value must be UTF-8 and is refused, not panicked on.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use crate::inputs::{self, InputError};
@@ -114,17 +115,22 @@ impl VmConfig {
         let text = |a: &OsString| a.to_string_lossy().into_owned();
         let mut it = args.into_iter().map(Into::into);
         while let Some(raw) = it.next() {
-            let arg = raw
-                .to_str()
-                .map(str::to_string)
-                .ok_or_else(|| ConfigError::NotUtf8(text(&raw)))?;
+            // `--name=value`: the value may be a path of any bytes.
+            let bytes = raw.as_bytes();
+            let (name, inline) = match bytes.iter().position(|&b| b == b'=') {
+                Some(i) if bytes.starts_with(b"--") => (
+                    bytes.get(..i).unwrap_or_default(),
+                    Some(OsStr::from_bytes(bytes.get(i + 1..).unwrap_or_default()).to_os_string()),
+                ),
+                _ => (bytes, None),
+            };
+            let name = std::str::from_utf8(name)
+                .map_err(|_| ConfigError::NotUtf8(text(&raw)))?
+                .to_string();
+            let arg = text(&raw);
             if arg == "--help" || arg == "-h" {
                 return Ok(None);
             }
-            let (name, inline) = match arg.split_once('=') {
-                Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(OsString::from(v))),
-                _ => (arg.clone(), None),
-            };
             let known = [
                 "--kernel",
                 "--cmdline",
@@ -300,6 +306,10 @@ mod tests {
         let args = |v: Vec<OsString>| VmConfig::parse(v);
         // A path may be any bytes.
         let c = args(vec!["--kernel".into(), bad()]).unwrap().unwrap();
+        assert_eq!(c.kernel.as_os_str(), bad().as_os_str());
+        let mut inline = OsString::from("--kernel=");
+        inline.push(bad());
+        let c = args(vec![inline]).unwrap().unwrap();
         assert_eq!(c.kernel.as_os_str(), bad().as_os_str());
         // Other values and option names must be text.
         for v in [
