@@ -2,8 +2,8 @@
 //! byte written to `/dev/full` fails once per byte; a driver can break and
 //! reset a virtio device in a loop): the first occurrence is logged, later
 //! ones are counted, and at most one summary line per interval reports how
-//! many were held back. [`warn_limited!`] takes a limiter the caller keeps;
-//! [`warn_rate_limited!`] keeps one per call site.
+//! many were held back. [`crate::warn_limited!`] takes a limiter the caller keeps;
+//! [`crate::warn_rate_limited!`] keeps one per call site.
 
 use std::time::{Duration, Instant};
 
