@@ -113,7 +113,6 @@ pub fn open_serial(path: &Path, truncate: bool) -> io::Result<File> {
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o644)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
