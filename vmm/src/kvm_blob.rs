@@ -60,7 +60,7 @@ fn nibble(c: u8) -> Option<u8> {
 /// at most `size_of::<T>()` bytes.
 fn decode<T: Pod>(s: &str) -> Option<T> {
     let h = s.as_bytes();
-    if h.len() % 2 != 0 || h.len() / 2 > size_of::<T>() {
+    if !h.len().is_multiple_of(2) || h.len() / 2 > size_of::<T>() {
         return None;
     }
     let mut bytes = vec![0u8; size_of::<T>()];

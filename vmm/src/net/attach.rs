@@ -312,12 +312,15 @@ impl NetAttachment {
 
     /// The device's state, naming its TAP fds by their index in `fds`
     /// (none when the TAP does not travel); it must be paused.
-    pub fn save_with(&self, fds: &FdTable) -> Result<NetDeviceState, NetError> {
+    pub fn save_with(&self, fds: Option<&FdTable>) -> Result<NetDeviceState, NetError> {
         let t = self.lock();
         let mut net = t.device().save()?;
-        net.backend.tap_fds = (0..net.queue_pairs)
-            .map(|q| fds.tap_queue(&self.config.id, q))
-            .collect::<Option<Vec<_>>>()
+        net.backend.tap_fds = fds
+            .and_then(|fds| {
+                (0..net.queue_pairs)
+                    .map(|q| fds.tap_queue(&self.config.id, q))
+                    .collect::<Option<Vec<_>>>()
+            })
             .unwrap_or_default();
         let mmio = t.save().map_err(|e| NetError::State(e.to_string()))?;
         Ok(NetDeviceState {
@@ -443,10 +446,7 @@ mod tests {
         assert_eq!(vm.cmdline_extra, vec!["virtio_mmio.device=4K@0xd0000000:5"]);
         drive_to_driver_ok(&vm, net.slot.base);
         assert!(net.is_running(), "DRIVER_OK starts the device threads");
-        assert!(matches!(
-            net.save_with(&FdTable::default()),
-            Err(NetError::Running)
-        ));
+        assert!(matches!(net.save_with(None), Err(NetError::Running)));
         let st = net.status();
         assert_eq!(
             (st.tap.as_str(), st.mac.as_str()),
@@ -454,7 +454,7 @@ mod tests {
         );
 
         net.pause().unwrap();
-        let state = net.save_with(&FdTable::default()).unwrap();
+        let state = net.save_with(None).unwrap();
         assert_eq!(state.mmio.status, 1 | 2 | 8 | 4);
         assert!(state.mmio.queues[0].0.ready);
         assert_eq!(state.mmio.queues[1].0.desc_table, 0x2_0000);
@@ -471,7 +471,7 @@ mod tests {
         let nets2 = attach_nets(&mut vm2, vec![fresh]).unwrap();
         nets2[0].restore_with(&back, None).unwrap();
         assert!(!nets2[0].is_running(), "a restored device waits for resume");
-        assert_eq!(nets2[0].save_with(&FdTable::default()).unwrap(), state);
+        assert_eq!(nets2[0].save_with(None).unwrap(), state);
         nets2[0].resume().unwrap();
         assert!(nets2[0].is_running());
         nets2[0].pause().unwrap();
