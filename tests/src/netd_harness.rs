@@ -163,17 +163,22 @@ pub struct HeldTap {
 }
 
 impl HeldTap {
-    /// Closes the probe's stdin, making it drop its fds and exit.
+    /// Closes the probe's stdin, making it drop its fds and exit; kills it
+    /// if it has not exited within 20 s.
     pub fn release(mut self) {
         self.stdin.take();
-        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Drop kills it if it is still there.
     }
 }
 
 impl Drop for HeldTap {
     fn drop(&mut self) {
         self.stdin.take();
-        let _ = self.child.wait();
+        crate::kill_and_reap(&mut self.child);
     }
 }
 
@@ -220,14 +225,4 @@ pub fn probe_hold(probe_bin: &Path, uid: u32, gid: u32, net: &str) -> HeldTap {
     }
 }
 
-/// Polls `cond` until it holds or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    cond()
-}
+pub use crate::wait_for;

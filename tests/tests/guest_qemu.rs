@@ -2,7 +2,8 @@
 //! guest follows PVH, virtio-mmio (modern) and virtio-net, so that our own
 //! vmm is not only tested against a guest that shares its mistakes.
 //!
-//! Skipped (with a message) only when qemu-system-x86_64 is not installed.
+//! Without qemu-system-x86_64 each test fails where `REQUIRE_QEMU=1` (CI
+//! sets it) and is otherwise skipped loudly (`tests::prereq`).
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};

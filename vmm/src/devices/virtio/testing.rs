@@ -420,3 +420,33 @@ impl Driver {
         false
     }
 }
+
+/// For unit tests that need root's powers (a network namespace of their own,
+/// a TAP) when the host refuses them: a failure where `REQUIRE_NETNS=1`
+/// promises them (`.ci/run` sets it; the suite runs as root), otherwise a
+/// skip reported where the harness does not hide it (fd 2, not captured like
+/// `eprintln!`) and appended to `$TESTS_SKIP_LOG` when set.
+pub fn netns_unavailable(what: &str, reason: impl std::fmt::Display) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed>")
+        .to_string();
+    assert!(
+        std::env::var("REQUIRE_NETNS").as_deref() != Ok("1"),
+        "{test}: {what} failed although REQUIRE_NETNS=1 promises it: {reason}"
+    );
+    let line =
+        format!("SKIP {test}: {what}: {reason} (set REQUIRE_NETNS=1 to make this a failure)\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    if let Some(path) = std::env::var_os("TESTS_SKIP_LOG") {
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            panic!("cannot append to TESTS_SKIP_LOG {path:?}: {e}");
+        }
+    }
+}
