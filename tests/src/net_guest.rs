@@ -266,7 +266,15 @@ pub fn ping(
             &ip.to_string(),
         ])
         .output()
-        .expect("run ping (apt-get install iputils-ping)");
+        .expect("run ip netns exec ... ping");
+    // ping exits 0 (all answered) or 1 (some lost); anything else means it
+    // did not run (not installed: `ip netns exec` cannot exec it) or failed.
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "ping did not run ({}): {} (apt-get install iputils-ping)",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let rtts: Vec<f64> = text
         .lines()
