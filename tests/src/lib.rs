@@ -28,16 +28,13 @@ pub fn target_dir() -> PathBuf {
 /// setup error: a plain `cargo test` must not run stale binaries.
 pub fn bin(name: &str) -> PathBuf {
     let p = target_dir().join("release").join(name);
-    const BUILD: &str = "run `cargo build --release --workspace` first (the README's test command does)";
+    const BUILD: &str =
+        "run `cargo build --release --workspace` first (the README's test command does)";
     let built = std::fs::metadata(&p)
         .and_then(|m| m.modified())
         .unwrap_or_else(|e| panic!("{}: {e}: {BUILD}", p.display()));
     if let Some(newer) = stale_because(&p.with_extension("d"), built) {
-        panic!(
-            "{} is older than {}: {BUILD}",
-            p.display(),
-            newer.display()
-        );
+        panic!("{} is older than {}: {BUILD}", p.display(), newer.display());
     }
     p
 }
@@ -45,8 +42,12 @@ pub fn bin(name: &str) -> PathBuf {
 /// The first source named in the dep-info file `dep_info` that changed after
 /// `built` (a source that vanished counts as changed).
 fn stale_because(dep_info: &Path, built: std::time::SystemTime) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(dep_info)
-        .unwrap_or_else(|e| panic!("{}: {e} (cargo writes it with the binary)", dep_info.display()));
+    let text = std::fs::read_to_string(dep_info).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (cargo writes it with the binary)",
+            dep_info.display()
+        )
+    });
     let first = text.lines().next().unwrap_or_default();
     let deps = first.split_once(": ").map_or("", |(_, d)| d);
     // Paths are separated by spaces; a space inside a path is `\ `.
@@ -126,8 +127,18 @@ pub fn output_within(mut cmd: Command, timeout: Duration) -> Output {
             v
         })
     };
-    let out = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
-    let err = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {

@@ -91,7 +91,10 @@ pub fn require_or_skip(p: Prerequisite, what: &str) -> bool {
         "{test}: {what} needs {p:?}, which {}=1 promises, but {reason}",
         p.env()
     );
-    report_skip(&format!("{test}: {what}: {reason} (set {}=1 to make this a failure)", p.env()));
+    report_skip(&format!(
+        "{test}: {what}: {reason} (set {}=1 to make this a failure)",
+        p.env()
+    ));
     false
 }
 

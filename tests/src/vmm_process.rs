@@ -155,7 +155,8 @@ fn group_id(name: &str) -> Option<u32> {
 /// set-up fails here, with the commands that fix it.
 pub fn kvm_group() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    const FIX: &str = "set up the host as .ci/run does: groupadd -f kvm; chgrp kvm /dev/kvm; chmod 660 /dev/kvm";
+    const FIX: &str =
+        "set up the host as .ci/run does: groupadd -f kvm; chgrp kvm /dev/kvm; chmod 660 /dev/kvm";
     let gid = group_id("kvm").unwrap_or_else(|| panic!("there is no kvm group: {FIX}"));
     let m = std::fs::metadata("/dev/kvm").unwrap_or_else(|e| panic!("/dev/kvm: {e}"));
     assert!(

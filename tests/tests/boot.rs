@@ -14,7 +14,6 @@ fn is_banner(line: &str) -> bool {
     rest.len() == 16 && rest.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-
 #[test]
 fn boots_testguest_as_unprivileged_user_in_kvm_group() {
     let mut cmd = as_nobody_with_kvm(&bin("vmm"));

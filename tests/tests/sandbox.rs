@@ -623,7 +623,10 @@ fn bad_api_requests_are_answered_and_the_vm_keeps_running() {
         err.starts_with("vmctl: error: ") || err.starts_with("vmctl: result: "),
         "not an answer of the vmm: {err}"
     );
-    assert!(err.trim().len() > "vmctl: error: ".len(), "no reason: {err}");
+    assert!(
+        err.trim().len() > "vmctl: error: ".len(),
+        "no reason: {err}"
+    );
     // The same over the wire: one reply, not a dropped connection.
     let s = UnixStream::connect(&sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
