@@ -140,7 +140,7 @@ fn bad_input_gives_one_line_and_exit_code_2() {
     let dir = tmp.path();
     let not_elf = dir.join("not-elf");
     std::fs::write(&not_elf, "this is not a kernel\n").unwrap();
-    let no_pvh = elf_without_pvh_note(&dir);
+    let no_pvh = elf_without_pvh_note(dir);
     let trivial = trivial_elf();
     let too_big = format!("{}G", host_memory_bytes() / (1 << 30) * 2 + 2);
     let user = ["--user", "65534:65534"];
@@ -264,7 +264,7 @@ fn guest_fault_exits_nonzero_with_reason_and_rip() {
     let tmp = TempDir::new("boot-fault");
     let dir = tmp.path();
     for (name, code) in [("ud2.elf", [0x0f, 0x0b]), ("int3.elf", [0xcc, 0x90])] {
-        let elf = elf_with_first_instruction(&dir, name, code);
+        let elf = elf_with_first_instruction(dir, name, code);
         let mut cmd = Command::new(bin("vmm"));
         cmd.arg("--kernel")
             .arg(&elf)

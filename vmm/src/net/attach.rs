@@ -373,7 +373,11 @@ mod tests {
     fn own_netns_tap(name: &str) -> Option<OwnedFd> {
         use crate::devices::virtio::testing::netns_unavailable;
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-            netns_unavailable("unshare(CLONE_NEWNET)", e);
+            netns_unavailable(
+                "net::attach::tests (a TAP of its own)",
+                "unshare(CLONE_NEWNET)",
+                e,
+            );
             return None;
         }
         let f = match std::fs::OpenOptions::new()
@@ -383,7 +387,11 @@ mod tests {
         {
             Ok(f) => f,
             Err(e) => {
-                netns_unavailable("open /dev/net/tun", e);
+                netns_unavailable(
+                    "net::attach::tests (a TAP of its own)",
+                    "open /dev/net/tun",
+                    e,
+                );
                 return None;
             }
         };
@@ -394,7 +402,11 @@ mod tests {
         // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) };
         if r < 0 {
-            netns_unavailable("TUNSETIFF", std::io::Error::last_os_error());
+            netns_unavailable(
+                "net::attach::tests (a TAP of its own)",
+                "TUNSETIFF",
+                std::io::Error::last_os_error(),
+            );
             return None;
         }
         Some(OwnedFd::from(f))

@@ -421,7 +421,11 @@ mod tests {
     fn verify_real_tap_in_own_netns() {
         use crate::devices::virtio::testing::netns_unavailable;
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-            return netns_unavailable("unshare(CLONE_NEWNET)", e);
+            return netns_unavailable(
+                "net::netd_client::tests::real_tap_passes_verification_when_tun_is_usable",
+                "unshare(CLONE_NEWNET)",
+                e,
+            );
         }
         let f = match std::fs::OpenOptions::new()
             .read(true)
@@ -429,7 +433,13 @@ mod tests {
             .open("/dev/net/tun")
         {
             Ok(f) => f,
-            Err(e) => return netns_unavailable("open /dev/net/tun", e),
+            Err(e) => {
+                return netns_unavailable(
+                    "net::netd_client::tests::real_tap_passes_verification_when_tun_is_usable",
+                    "open /dev/net/tun",
+                    e,
+                );
+            }
         };
         let mut ifr = [0u8; 40];
         let name = format!("vt{}", std::process::id() % 100_000);
@@ -438,7 +448,11 @@ mod tests {
         // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) };
         if r < 0 {
-            return netns_unavailable("TUNSETIFF", io::Error::last_os_error());
+            return netns_unavailable(
+                "net::netd_client::tests::real_tap_passes_verification_when_tun_is_usable",
+                "TUNSETIFF",
+                io::Error::last_os_error(),
+            );
         }
         verify_tap(&f, &name, 1, false).unwrap();
         assert!(matches!(

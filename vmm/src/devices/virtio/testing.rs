@@ -461,12 +461,9 @@ impl Driver {
 /// promises them (`.ci/run` sets it; the suite runs as root), otherwise a
 /// skip reported where the harness does not hide it (fd 2, not captured like
 /// `eprintln!`) and appended to `$TESTS_SKIP_LOG` when set.
-pub fn netns_unavailable(what: &str, reason: impl std::fmt::Display) {
+/// `test` names the test (its helper thread has no name of its own).
+pub fn netns_unavailable(test: &str, what: &str, reason: impl std::fmt::Display) {
     use std::io::Write;
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("<unnamed>")
-        .to_string();
     assert!(
         std::env::var("REQUIRE_NETNS").as_deref() != Ok("1"),
         "{test}: {what} failed although REQUIRE_NETNS=1 promises it: {reason}"
