@@ -380,17 +380,33 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     /// A TAP with vnet header in a network namespace of the calling thread's
-    /// own (needs root, as the test suite runs); None when unavailable.
+    /// own (needs root, as the test suite runs); None (a reported skip, or a
+    /// failure where REQUIRE_NETNS=1) when unavailable.
     fn own_netns_tap(name: &str) -> Option<OwnedFd> {
+        use crate::devices::virtio::testing::netns_unavailable;
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-            eprintln!("skipped: unshare(CLONE_NEWNET): {e}");
+            netns_unavailable(
+                "net::attach::tests (a TAP of its own)",
+                "unshare(CLONE_NEWNET)",
+                e,
+            );
             return None;
         }
-        let f = std::fs::OpenOptions::new()
+        let f = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/net/tun")
-            .ok()?;
+        {
+            Ok(f) => f,
+            Err(e) => {
+                netns_unavailable(
+                    "net::attach::tests (a TAP of its own)",
+                    "open /dev/net/tun",
+                    e,
+                );
+                return None;
+            }
+        };
         let mut ifr = [0u8; 40];
         ifr[..name.len()].copy_from_slice(name.as_bytes());
         // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
@@ -398,7 +414,11 @@ mod tests {
         // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) };
         if r < 0 {
-            eprintln!("skipped: TUNSETIFF: {}", std::io::Error::last_os_error());
+            netns_unavailable(
+                "net::attach::tests (a TAP of its own)",
+                "TUNSETIFF",
+                std::io::Error::last_os_error(),
+            );
             return None;
         }
         Some(OwnedFd::from(f))
