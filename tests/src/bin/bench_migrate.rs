@@ -4,7 +4,8 @@
 //! new TAP), at two RAM sizes, each under a 1,000 pps UDP echo stream.
 //! Prints a table; asserts nothing about speed.
 //!
-//! bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N] [--skip-qemu]
+//! bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N]
+//!               [--paths transfer,classic,qemu] [--skip-qemu] [--verbose]
 //!
 //! Run as root after `cargo build --release --workspace`. It starts its own
 //! netd in a network namespace. Each migration's target becomes the next
@@ -50,7 +51,10 @@ struct Opts {
     qemu_runs: usize,
     sizes: Vec<String>,
     pps: u32,
-    qemu: bool,
+    /// Which chains to run: "transfer", "classic", "qemu".
+    paths: Vec<String>,
+    /// One line per migration: downtime and where the lost datagrams were.
+    verbose: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -59,9 +63,10 @@ fn parse_opts() -> Opts {
         qemu_runs: 20,
         sizes: vec!["256M".into(), "16G".into()],
         pps: 1000,
-        qemu: true,
+        paths: vec!["transfer".into(), "classic".into(), "qemu".into()],
+        verbose: false,
     };
-    let usage = "usage: bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N] [--skip-qemu]";
+    let usage = "usage: bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N] [--paths transfer,classic,qemu] [--skip-qemu] [--verbose]";
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -81,7 +86,9 @@ fn parse_opts() -> Opts {
             "--qemu-runs" => o.qemu_runs = num(value()).max(1),
             "--sizes" => o.sizes = value().split(',').map(str::to_string).collect(),
             "--pps" => o.pps = num(value()).max(1) as u32,
-            "--skip-qemu" => o.qemu = false,
+            "--paths" => o.paths = value().split(',').map(str::to_string).collect(),
+            "--skip-qemu" => o.paths.retain(|p| p != "qemu"),
+            "--verbose" => o.verbose = true,
             _ => {
                 eprintln!("{usage}");
                 std::process::exit(2);
@@ -142,11 +149,23 @@ impl Series {
     /// (sent, lost during migrations, most lost in one migration, lost
     /// outside them).
     fn losses(&self) -> (usize, usize, usize, usize) {
+        let per = self.lost_per_migration();
+        let outside =
+            self.stream.as_ref().map_or(0, |s| s.lost().len()) - per.iter().sum::<usize>();
+        (
+            self.stream.as_ref().map_or(0, StreamResult::sent),
+            per.iter().sum(),
+            per.iter().copied().max().unwrap_or(0),
+            outside,
+        )
+    }
+
+    /// Datagrams lost in each migration's window.
+    fn lost_per_migration(&self) -> Vec<usize> {
         let Some(s) = &self.stream else {
-            return (0, 0, 0, 0);
+            return Vec::new();
         };
         let mut per = vec![0usize; self.windows.len()];
-        let mut outside = 0;
         for t in s.lost() {
             match self
                 .windows
@@ -154,15 +173,10 @@ impl Series {
                 .position(|(a, b)| t >= *a && t <= *b + LOSS_WINDOW_TAIL)
             {
                 Some(i) => per[i] += 1,
-                None => outside += 1,
+                None => {}
             }
         }
-        (
-            s.sent(),
-            per.iter().sum(),
-            per.iter().copied().max().unwrap_or(0),
-            outside,
-        )
+        per
     }
 }
 
@@ -278,7 +292,7 @@ fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pp
     // source's is gone once it exits, so three names in turn suffice.
     let tap = |i: usize| {
         if classic {
-            format!("vm{n}c{}", i % 3)
+            format!("vm{n}c{i}")
         } else {
             format!("vm{n}")
         }
@@ -320,6 +334,14 @@ fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pp
     eprintln!();
     s.stream = Some(stream.stop());
     s.boot_ids.1 = boot_id(netd, n);
+    if s.boot_ids.1 != s.boot_ids.0 {
+        eprintln!(
+            "bench_migrate: {} {ram}: the guest no longer answers as before; last vmm's serial:\n{}\nstderr:\n{}",
+            s.label,
+            current.output(),
+            current.stderr()
+        );
+    }
     vmctl(&api, "shutdown");
     let _ = current.wait_exit(MIGRATION_TIMEOUT);
     s
@@ -621,6 +643,45 @@ fn print_table(series: &[Series], o: &Opts) {
             s.boot_ids.0,
             s.boot_ids.1
         );
+        if o.verbose {
+            print_timeline(&mut out, s);
+        }
+        let lossy: Vec<String> = s
+            .lost_per_migration()
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l > 0)
+            .map(|(i, l)| format!("#{}: {l}", i + 1))
+            .collect();
+        if !lossy.is_empty() {
+            let _ = writeln!(out, "  lost by migration: {}", lossy.join(", "));
+        }
+    }
+}
+
+/// Each migration's downtime, and the lost datagrams sent from its start
+/// to the next one's (milliseconds after its start).
+fn print_timeline(out: &mut impl Write, s: &Series) {
+    let lost = s
+        .stream
+        .as_ref()
+        .map(StreamResult::lost)
+        .unwrap_or_default();
+    for (i, (start, end)) in s.windows.iter().enumerate() {
+        let next = s.windows.get(i + 1).map(|w| w.0);
+        let after: Vec<String> = lost
+            .iter()
+            .filter(|t| **t >= *start && next.is_none_or(|n| **t < n))
+            .map(|t| format!("{:.0}", (*t - *start).as_secs_f64() * 1000.0))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  #{:<3} downtime {:>8.3} ms, reply after {:>8.3} ms, lost sent at +ms: [{}]",
+            i + 1,
+            ms(s.downtime_us.get(i).copied().unwrap_or(f64::NAN)),
+            (*end - *start).as_secs_f64() * 1000.0,
+            after.join(" ")
+        );
     }
 }
 
@@ -631,10 +692,19 @@ fn main() {
     let mut series = Vec::new();
     for ram in &o.sizes {
         for classic in [false, true] {
+            if !o
+                .paths
+                .iter()
+                .any(|p| p == if classic { "classic" } else { "transfer" })
+            {
+                continue;
+            }
             series.push(vmm_series(&netd, &dir.0, ram, classic, o.runs, o.pps));
         }
     }
-    if o.qemu && qemu_available() {
+    if !o.paths.iter().any(|p| p == "qemu") {
+        eprintln!("bench_migrate: QEMU not asked for");
+    } else if qemu_available() {
         for ram in &o.sizes {
             series.push(qemu_series(&netd, &dir.0, ram, o.qemu_runs, o.pps));
         }
