@@ -167,13 +167,12 @@ impl Series {
         };
         let mut per = vec![0usize; self.windows.len()];
         for t in s.lost() {
-            match self
+            if let Some(i) = self
                 .windows
                 .iter()
                 .position(|(a, b)| t >= *a && t <= *b + LOSS_WINDOW_TAIL)
             {
-                Some(i) => per[i] += 1,
-                None => {}
+                per[i] += 1;
             }
         }
         per
@@ -536,7 +535,16 @@ fn ms(us: f64) -> f64 {
     us / 1000.0
 }
 
-fn print_table(series: &[Series], o: &Opts) {
+/// The host's 1-minute load average (other work on the 2 cores shows in
+/// every number here).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn print_table(series: &[Series], o: &Opts, load_before: &str) {
     let mut out = std::io::stdout().lock();
     let cpu = Command::new("nproc")
         .output()
@@ -544,7 +552,8 @@ fn print_table(series: &[Series], o: &Opts) {
         .unwrap_or_default();
     let _ = writeln!(
         out,
-        "bench_migrate: chained local migrations of the test guest, {cpu} host CPUs, {} pps UDP echo stream during each chain",
+        "bench_migrate: chained local migrations of the test guest, {cpu} host CPUs (load average {load_before} before, {} after), {} pps UDP echo stream during each chain",
+        load_average(),
         o.pps
     );
     let _ = writeln!(
@@ -687,6 +696,7 @@ fn print_timeline(out: &mut impl Write, s: &Series) {
 
 fn main() {
     let o = parse_opts();
+    let load_before = load_average();
     let netd = Netd::start(&bin("netd"), "bm", TEST_POLICY, &[]);
     let dir = ScratchDir::new("bm");
     let mut series = Vec::new();
@@ -711,5 +721,5 @@ fn main() {
     } else {
         eprintln!("bench_migrate: QEMU skipped");
     }
-    print_table(&series, &o);
+    print_table(&series, &o, &load_before);
 }
