@@ -25,6 +25,7 @@ pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod kvm_blob;
 pub mod memory;
 pub mod migration;
 pub mod net;

@@ -125,19 +125,26 @@ impl MachineState {
         ron::to_string(self).map_err(|e| PersistError::Ron(e.to_string()))
     }
 
-    /// Parses a document, checking its format first (so a newer one is
-    /// reported as such, not as an unknown field).
+    /// Parses a document. One of another format is reported as such (not
+    /// as an unknown field): its header is read when the whole fails.
     pub fn from_ron(text: &str) -> Result<Self, PersistError> {
-        #[derive(Deserialize)]
-        struct Header {
-            format: FormatVersion,
+        match ron::from_str::<MachineState>(text) {
+            Ok(s) => {
+                check_format(s.format)?;
+                Ok(s)
+            }
+            Err(e) => {
+                #[derive(Deserialize)]
+                struct Header {
+                    format: FormatVersion,
+                }
+                // Ignores all fields but `format`.
+                if let Ok(h) = ron::from_str::<Header>(text) {
+                    check_format(h.format)?;
+                }
+                Err(PersistError::Ron(e.to_string()))
+            }
         }
-        // A struct that ignores all but `format` (RON skips the others).
-        let header: Header = ron::Options::default()
-            .from_str(text)
-            .map_err(|e| PersistError::Ron(e.to_string()))?;
-        check_format(header.format)?;
-        ron::from_str(text).map_err(|e| PersistError::Ron(e.to_string()))
     }
 }
 

@@ -129,9 +129,13 @@ impl VirtioSlot {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmState {
     pub version: u32,
+    #[serde(with = "crate::kvm_blob")]
     pub pic_master: kvm_irqchip,
+    #[serde(with = "crate::kvm_blob")]
     pub pic_slave: kvm_irqchip,
+    #[serde(with = "crate::kvm_blob")]
     pub ioapic: kvm_irqchip,
+    #[serde(with = "crate::kvm_blob")]
     pub pit: kvm_bindings::kvm_pit_state2,
     pub clock: kvm_bindings::kvm_clock_data,
 }
