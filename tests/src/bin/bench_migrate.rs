@@ -117,6 +117,9 @@ struct Series {
     qemu_reported_ms: Vec<f64>,
     /// Migration request start and reply.
     windows: Vec<(Instant, Instant)>,
+    /// When each migration's source was seen gone, and when the next
+    /// target listened.
+    marks: Vec<(Option<Instant>, Option<Instant>)>,
     stream: Option<StreamResult>,
     /// How the sources ended ("exit 0", "SIGSYS", ...), counted.
     source_exits: BTreeMap<String, usize>,
@@ -134,6 +137,7 @@ impl Series {
             phases: Vec::new(),
             qemu_reported_ms: Vec::new(),
             windows: Vec::new(),
+            marks: Vec::new(),
             stream: None,
             source_exits: BTreeMap::new(),
             boot_ids: (String::new(), String::new()),
@@ -317,6 +321,9 @@ fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pp
         let mut target =
             VmmProcess::spawn(vmm_target(netd, &tap(i + 1), n, ram, &incoming, classic));
         wait_for_socket(&mut target, &incoming, "vmm target");
+        if let Some(m) = s.marks.last_mut() {
+            m.1 = Some(Instant::now());
+        }
         let t0 = Instant::now();
         let report = vmctl_migrate(&api, &incoming, classic);
         s.windows.push((t0, Instant::now()));
@@ -331,6 +338,7 @@ fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pp
         s.total_us.push(report.total_us as f64);
         s.phases.push(report.phases);
         let st = current.wait_exit(MIGRATION_TIMEOUT);
+        s.marks.push((Some(Instant::now()), None));
         s.note_exit(st);
         current = target;
     }
@@ -473,6 +481,9 @@ fn qemu_series(netd: &Netd, dir: &Path, ram: &str, runs: usize, pps: u32) -> Ser
         ));
         let mut tq = Qmp::connect(&qmp_path(i + 1), BOOT_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e}\ntarget stderr:\n{}", target.stderr()));
+        if let Some(m) = s.marks.last_mut() {
+            m.1 = Some(Instant::now());
+        }
         ignore_shared(&mut tq);
         tq.execute("migrate-incoming", json!({ "uri": uri }))
             .expect("migrate-incoming");
@@ -521,6 +532,7 @@ fn qemu_series(netd: &Netd, dir: &Path, ram: &str, runs: usize, pps: u32) -> Ser
         // The source stays in postmigrate: end it.
         let _ = qmp.execute("quit", Value::Null);
         let st = current.wait_exit(MIGRATION_TIMEOUT);
+        s.marks.push((Some(Instant::now()), None));
         s.note_exit(st);
         current = target;
         qmp = tq;
@@ -708,12 +720,19 @@ fn print_timeline(out: &mut impl Write, s: &Series) {
             .filter(|t| **t >= *start && next.is_none_or(|n| **t < n))
             .map(|t| format!("{:.0}", (*t - *start).as_secs_f64() * 1000.0))
             .collect();
+        let rel = |t: Option<Instant>| {
+            t.map(|t| format!("{:.0}", (t - *start).as_secs_f64() * 1000.0))
+                .unwrap_or_else(|| "-".into())
+        };
+        let (gone, next) = s.marks.get(i).copied().unwrap_or((None, None));
         let _ = writeln!(
             out,
-            "  #{:<3} downtime {:>8.3} ms, reply after {:>8.3} ms, lost sent at +ms: [{}]",
+            "  #{:<3} downtime {:>8.3} ms, reply at +{:.0}, source gone at +{}, next target listening at +{}; lost sent at +ms: [{}]",
             i + 1,
             ms(s.downtime_us.get(i).copied().unwrap_or(f64::NAN)),
             (*end - *start).as_secs_f64() * 1000.0,
+            rel(gone),
+            rel(next),
             after.join(" ")
         );
     }
