@@ -725,9 +725,19 @@ fn print_timeline(out: &mut impl Write, s: &Series) {
                 .unwrap_or_else(|| "-".into())
         };
         let (gone, next) = s.marks.get(i).copied().unwrap_or((None, None));
+        let phases = s
+            .phases
+            .get(i)
+            .map(|p| {
+                format!(
+                    " (pause {} save {} load {} resume {} us)",
+                    p.pause_us, p.save_us, p.load_us, p.resume_us
+                )
+            })
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  #{:<3} downtime {:>8.3} ms, reply at +{:.0}, source gone at +{}, next target listening at +{}; lost sent at +ms: [{}]",
+            "  #{:<3} downtime {:>8.3} ms{phases}, reply at +{:.0}, source gone at +{}, next target listening at +{}; lost sent at +ms: [{}]",
             i + 1,
             ms(s.downtime_us.get(i).copied().unwrap_or(f64::NAN)),
             (*end - *start).as_secs_f64() * 1000.0,
