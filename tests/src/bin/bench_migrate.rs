@@ -595,11 +595,12 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
     );
     let _ = writeln!(
         out,
-        "{:<22} {:>5} {:>4} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
+        "{:<22} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
         "path",
         "RAM",
         "runs",
         "down p50",
+        "down p90",
         "down p99",
         "down max",
         "total p50",
@@ -608,18 +609,19 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
     );
     let _ = writeln!(
         out,
-        "{:<22} {:>5} {:>4} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
-        "", "", "", "(ms)", "(ms)", "(ms)", "(ms)", "(in migr.)", ""
+        "{:<22} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
+        "", "", "", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)", "(in migr.)", ""
     );
     for s in series {
         let (sent, lost, max_one, _) = s.losses();
         let _ = writeln!(
             out,
-            "{:<22} {:>5} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>10.3} {:>11} {:>9}",
+            "{:<22} {:>5} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10.3} {:>11} {:>9}",
             s.label,
             s.ram,
             s.downtime_us.len(),
             ms(percentile(&s.downtime_us, 0.5)),
+            ms(percentile(&s.downtime_us, 0.9)),
             ms(percentile(&s.downtime_us, 0.99)),
             ms(percentile(&s.downtime_us, 1.0)),
             ms(percentile(&s.total_us, 0.5)),
