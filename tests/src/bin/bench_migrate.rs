@@ -26,6 +26,7 @@ use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::api::{MigrationPhases, MigrationReport};
@@ -33,7 +34,7 @@ use serde_json::{Value, json};
 use tests::echo_stream::{EchoStream, StreamResult};
 use tests::net_guest::{
     GuestLink, QEMU, QEMU_MICROVM_ARGS, RunAs, ScratchDir, guest_ip, guest_mac, qemu_available,
-    start_vmm_guest, vmm_command, wait_ping,
+    vmm_command, wait_ping,
 };
 use tests::netd_harness::{NOBODY, Netd, TEST_POLICY};
 use tests::qmp::{Qmp, event_time_us, realtime_us};
@@ -234,6 +235,64 @@ fn start_stream(netd: &Netd, n: u8, pps: u32) -> EchoStream {
     stream
 }
 
+// ---------------------------------------------------------- leftovers ---
+
+/// What a failed run must not leave behind. Release builds abort on panic,
+/// so the Drop guards (Netd, ScratchDir, VmmProcess) never run then: the
+/// panic hook removes these instead.
+struct Leftovers {
+    pids: Vec<u32>,
+    netns: Vec<String>,
+    paths: Vec<PathBuf>,
+}
+
+static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
+    pids: Vec::new(),
+    netns: Vec::new(),
+    paths: Vec::new(),
+});
+
+fn leftovers() -> std::sync::MutexGuard<'static, Leftovers> {
+    LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn install_cleanup_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        // try_lock: the panicking thread may hold the lock.
+        let Ok(l) = LEFTOVERS.try_lock() else {
+            return;
+        };
+        for pid in &l.pids {
+            // SAFETY: kill(2) on a child of ours that was not reaped yet
+            // (reaped ones leave the list), so the pid is still its.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        for ns in &l.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        for p in &l.paths {
+            let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
+        }
+    }));
+}
+
+/// Spawns a vmm or QEMU child that the panic hook kills.
+fn spawn(cmd: Command) -> VmmProcess {
+    let p = VmmProcess::spawn(cmd);
+    leftovers().pids.push(p.pid());
+    p
+}
+
+/// Waits for a child to exit (reaping it).
+fn reap(p: &mut VmmProcess) -> ExitStatus {
+    let st = p.wait_exit(MIGRATION_TIMEOUT);
+    let pid = p.pid();
+    leftovers().pids.retain(|q| *q != pid);
+    st
+}
+
 // ---------------------------------------------------------------- vmm ---
 
 /// A vmm waiting for a migration on `incoming`, with the same guest shape.
@@ -308,7 +367,8 @@ fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pp
     let api = dir.join(format!("api-{tag}.sock"));
     let mut cmd = vmm_command(netd, &tap(0), n, "", Some(&api), RunAs::RootWithUserOption);
     cmd.args(["--memory", ram]);
-    let (mut current, _) = start_vmm_guest(cmd, BOOT_TIMEOUT);
+    let mut current = spawn(cmd);
+    current.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
     assert!(
         wait_ping(&netd.ns, guest_ip(n), Duration::from_secs(30)),
         "guest {n} does not answer ping"
@@ -318,8 +378,7 @@ fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pp
     for i in 0..runs {
         eprint!("\rbench_migrate: {} {ram}: {}/{runs} ", s.label, i + 1);
         let incoming = dir.join(format!("mig-{tag}-{i}.sock"));
-        let mut target =
-            VmmProcess::spawn(vmm_target(netd, &tap(i + 1), n, ram, &incoming, classic));
+        let mut target = spawn(vmm_target(netd, &tap(i + 1), n, ram, &incoming, classic));
         wait_for_socket(&mut target, &incoming, "vmm target");
         if let Some(m) = s.marks.last_mut() {
             m.1 = Some(Instant::now());
@@ -337,7 +396,7 @@ fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pp
         s.downtime_us.push(report.downtime_us as f64);
         s.total_us.push(report.total_us as f64);
         s.phases.push(report.phases);
-        let st = current.wait_exit(MIGRATION_TIMEOUT);
+        let st = reap(&mut current);
         s.marks.push((Some(Instant::now()), None));
         s.note_exit(st);
         current = target;
@@ -354,7 +413,7 @@ fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pp
         );
     }
     vmctl(&api, "shutdown");
-    let _ = current.wait_exit(MIGRATION_TIMEOUT);
+    let _ = reap(&mut current);
     s
 }
 
@@ -443,11 +502,12 @@ fn qemu_series(netd: &Netd, dir: &Path, ram: &str, runs: usize, pps: u32) -> Ser
         "/dev/shm/bench-migrate-{}-{ram}",
         std::process::id()
     )));
+    leftovers().paths.push(shm.0.clone());
     let _ = std::fs::remove_file(&shm.0);
     let tap = |i: usize| format!("vm{n}q{}", i % 3);
     let qmp_path = |i: usize| dir.join(format!("qmp-{ram}-{i}.sock"));
 
-    let mut current = VmmProcess::spawn(qemu_command(
+    let mut current = spawn(qemu_command(
         netd,
         &tap(0),
         n,
@@ -470,7 +530,7 @@ fn qemu_series(netd: &Netd, dir: &Path, ram: &str, runs: usize, pps: u32) -> Ser
             "unix:{}",
             dir.join(format!("qmig-{ram}-{i}.sock")).display()
         );
-        let target = VmmProcess::spawn(qemu_command(
+        let target = spawn(qemu_command(
             netd,
             &tap(i + 1),
             n,
@@ -531,7 +591,7 @@ fn qemu_series(netd: &Netd, dir: &Path, ram: &str, runs: usize, pps: u32) -> Ser
         }
         // The source stays in postmigrate: end it.
         let _ = qmp.execute("quit", Value::Null);
-        let st = current.wait_exit(MIGRATION_TIMEOUT);
+        let st = reap(&mut current);
         s.marks.push((Some(Instant::now()), None));
         s.note_exit(st);
         current = target;
@@ -541,7 +601,7 @@ fn qemu_series(netd: &Netd, dir: &Path, ram: &str, runs: usize, pps: u32) -> Ser
     s.stream = Some(stream.stop());
     s.boot_ids.1 = boot_id(netd, n);
     let _ = qmp.execute("quit", Value::Null);
-    let _ = current.wait_exit(MIGRATION_TIMEOUT);
+    let _ = reap(&mut current);
     s
 }
 
@@ -753,11 +813,19 @@ fn print_timeline(out: &mut impl Write, s: &Series) {
 fn main() {
     let o = parse_opts();
     let load_before = load_average();
+    install_cleanup_on_panic();
     let netd = Netd::start(&bin("netd"), "bm", TEST_POLICY, &[]);
+    {
+        let mut l = leftovers();
+        l.pids.push(netd.pid());
+        l.netns.push(netd.ns.name.clone());
+        l.paths.push(netd.dir.clone());
+    }
     if o.pin_bridge_mac {
         pin_bridge_mac(&netd);
     }
     let dir = ScratchDir::new("bm");
+    leftovers().paths.push(dir.0.clone());
     let mut series = Vec::new();
     for ram in &o.sizes {
         for classic in [false, true] {
