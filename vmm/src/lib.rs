@@ -2,10 +2,12 @@
 //! and tests and fuzz targets reach the devices directly.
 //!
 //! Start-up (vmm/src/main.rs), in order:
-//! [`config`] parses the command line → [`privileges::check_invocation`] →
+//! [`config`] parses the command line (`args_os`) and checks the kinds of
+//! the files it names ([`inputs`]) → [`privileges::check_invocation`] →
 //! open /dev/kvm → [`sandbox::drop_bounding_set`] → [`privileges::drop_to`]
 //! → [`sandbox::lock_down`] (capabilities, no_new_privs, Landlock, the
-//! `setup` seccomp filter) → [`net::attach::open_nets`] (TAPs from netd as
+//! `setup` seccomp filter) → [`exit::SignalWatch`] (SIGTERM/SIGINT blocked,
+//! one thread takes them) → [`net::attach::open_nets`] (TAPs from netd as
 //! the tenant's uid, device threads started, each installing its filter) →
 //! [`boot::pvh::check_kernel`] → [`memory::GuestRam`] (memfd, MAP_SHARED) →
 //! [`vm::Vm`] (RAM slots, TSS, irqchip, PIT) → legacy devices (serial, power)
@@ -14,7 +16,8 @@
 //! (kernel, start info, memory map, command line) → [`vcpu::Vcpu`] set up
 //! for the PVH entry → [`api`] thread → vCPU threads (each thread installs
 //! its own filter first, [`sandbox::enter_thread`]) → the main thread's
-//! `main` filter → wait for the first [`vm::ExitReason`].
+//! `main` filter → wait for the first [`vm::ExitReason`] →
+//! [`exit::teardown`] → exit with the reason's code (the table in [`exit`]).
 //!
 //! Pause/resume is [`control::RunControl`]; the machine's migratable state is
 //! [`persist::MachineState`], read and written through [`persist::Machine`].
@@ -25,12 +28,15 @@ pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod exit;
+pub mod inputs;
 pub mod kvm_blob;
 pub mod memory;
 pub mod migration;
 pub mod net;
 pub mod persist;
 pub mod privileges;
+pub mod ratelimit;
 pub mod runtime;
 pub mod sandbox;
 pub mod vcpu;

@@ -7,8 +7,8 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs,
-    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -374,8 +374,8 @@ impl Vcpu {
         if s.version != VCPU_STATE_VERSION {
             return Err(VcpuError::Version(s.version));
         }
-        let cpuid = CpuId::from_entries(&s.cpuid)
-            .map_err(|e| VcpuError::Cpuid(format!("{e:?}")))?;
+        let cpuid =
+            CpuId::from_entries(&s.cpuid).map_err(|e| VcpuError::Cpuid(format!("{e:?}")))?;
         self.fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
         self.fd
             .set_mp_state(s.mp_state)
