@@ -234,6 +234,8 @@ impl Drop for NetNs {
             .status();
     }
 }
+pub mod echo_stream;
 pub mod net_guest;
 pub mod netd_harness;
+pub mod qmp;
 pub mod rng;

@@ -911,3 +911,22 @@ fn device_threads_run_under_their_seccomp_allow_list() {
     assert_eq!(applied.load(std::sync::atomic::Ordering::SeqCst), 2);
     drop(d);
 }
+
+/// An interrupt the driver had not acknowledged when the state was saved
+/// may never have reached the source's irqchip (irqfd injection is
+/// asynchronous): restoring raises it again, and a clean status raises
+/// nothing.
+#[test]
+fn restored_pending_interrupt_is_raised_again() {
+    let irq = super::Interrupt::new().unwrap();
+    irq.restore(super::INT_VRING, false);
+    assert_eq!(irq.eventfd().read().unwrap(), 1);
+    assert_eq!(irq.status(), super::INT_VRING);
+
+    let quiet = super::Interrupt::new().unwrap();
+    quiet.restore(0, false);
+    assert!(
+        quiet.eventfd().read().is_err(),
+        "nothing pending, no interrupt"
+    );
+}
