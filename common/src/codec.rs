@@ -263,12 +263,13 @@ impl<'a> FrameReader<'a> {
         let mut filled = 0;
         while filled < buf.len() {
             self.wait_readable()?;
-            let (n, truncated) = match recv_some(self.fd, &mut buf[filled..], &mut self.fds, self.cmsg_fds) {
-                Ok(r) => r,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::ECONNRESET) => return Err(CodecError::Truncated),
-                Err(e) => return Err(CodecError::from_errno(e)),
-            };
+            let (n, truncated) =
+                match recv_some(self.fd, &mut buf[filled..], &mut self.fds, self.cmsg_fds) {
+                    Ok(r) => r,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::ECONNRESET) => return Err(CodecError::Truncated),
+                    Err(e) => return Err(CodecError::from_errno(e)),
+                };
             if truncated {
                 return Err(CodecError::FdsTruncated);
             }
@@ -438,7 +439,10 @@ mod tests {
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(&2u32.to_le_bytes()).unwrap();
         a.write_all(&[0xff, 0xfe]).unwrap();
-        assert!(matches!(recv::<_, Msg>(&b, 100, 0), Err(CodecError::NotUtf8)));
+        assert!(matches!(
+            recv::<_, Msg>(&b, 100, 0),
+            Err(CodecError::NotUtf8)
+        ));
     }
 
     #[test]
@@ -458,7 +462,10 @@ mod tests {
         let (_a, b) = UnixStream::pair().unwrap();
         b.set_read_timeout(Some(std::time::Duration::from_millis(20)))
             .unwrap();
-        assert!(matches!(recv::<_, Msg>(&b, 100, 0), Err(CodecError::Timeout)));
+        assert!(matches!(
+            recv::<_, Msg>(&b, 100, 0),
+            Err(CodecError::Timeout)
+        ));
     }
 
     /// A pipe whose write end is sent around: once every copy of the write
@@ -494,7 +501,10 @@ mod tests {
         send_raw(&a, &frame_bytes("Hello(version:1)"), &copies);
         drop(w);
         let e = recv::<_, Msg>(&b, 100, 4).unwrap_err();
-        assert!(matches!(e, CodecError::TooManyFds { max: 4, got: 200 }), "{e}");
+        assert!(
+            matches!(e, CodecError::TooManyFds { max: 4, got: 200 }),
+            "{e}"
+        );
         assert!(write_end_closed_everywhere(&r));
     }
 
@@ -505,7 +515,10 @@ mod tests {
         send(&a, &Msg::Hello { version: 1 }, &[w.as_fd()]).unwrap();
         drop(w);
         let e = recv::<_, Msg>(&b, 100, 0).unwrap_err();
-        assert!(matches!(e, CodecError::TooManyFds { max: 0, got: 1 }), "{e}");
+        assert!(
+            matches!(e, CodecError::TooManyFds { max: 0, got: 1 }),
+            "{e}"
+        );
         assert!(write_end_closed_everywhere(&r));
     }
 
@@ -513,7 +526,11 @@ mod tests {
     fn fds_the_kernel_installed_before_truncating_are_closed() {
         let (r, w) = pipe();
         let (a, b) = UnixStream::pair().unwrap();
-        send_raw(&a, &frame_bytes("Hello(version:1)"), &vec![w.as_raw_fd(); 100]);
+        send_raw(
+            &a,
+            &frame_bytes("Hello(version:1)"),
+            &vec![w.as_raw_fd(); 100],
+        );
         drop(w);
         let mut reader = FrameReader::new(b.as_fd(), 1000, None);
         reader.cmsg_fds = 10;
@@ -524,7 +541,12 @@ mod tests {
 
     #[test]
     fn well_formed_ron_of_another_type_is_unexpected() {
-        for text in ["42", "Hello(version: \"x\")", "Hello(version: 1, extra: 2)", "Bye"] {
+        for text in [
+            "42",
+            "Hello(version: \"x\")",
+            "Hello(version: 1, extra: 2)",
+            "Bye",
+        ] {
             let (mut a, b) = UnixStream::pair().unwrap();
             a.write_all(&frame_bytes(text)).unwrap();
             let e = recv::<_, Msg>(&b, 100, 0).unwrap_err();
@@ -547,13 +569,8 @@ mod tests {
             }
         });
         let t0 = Instant::now();
-        let e = recv_until::<_, Msg>(
-            &b,
-            1000,
-            0,
-            t0 + std::time::Duration::from_millis(200),
-        )
-        .unwrap_err();
+        let e = recv_until::<_, Msg>(&b, 1000, 0, t0 + std::time::Duration::from_millis(200))
+            .unwrap_err();
         assert!(matches!(e, CodecError::Deadline), "{e}");
         assert!(t0.elapsed() < std::time::Duration::from_secs(2));
         drop(b);

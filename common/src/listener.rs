@@ -222,7 +222,10 @@ mod tests {
             assert_eq!(peer.pid, std::process::id() as i32);
             assert!(peer.is_owner_or_root(peer.uid));
         }
-        assert!(Listener::bind(&d.join("s600"), 0o600).is_err(), "path exists");
+        assert!(
+            Listener::bind(&d.join("s600"), 0o600).is_err(),
+            "path exists"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

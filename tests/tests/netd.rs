@@ -56,7 +56,7 @@ fn hello(s: &UnixStream) {
         &[],
     )
     .unwrap();
-    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME).unwrap();
+    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME, 0).unwrap();
     assert_eq!(
         r.msg,
         NetdResponse::Hello {
@@ -66,7 +66,7 @@ fn hello(s: &UnixStream) {
 }
 
 fn expect_refusal(s: &UnixStream, kind: NetdErrorKind) -> String {
-    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME).expect("a reply");
+    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME, 0).expect("a reply");
     assert!(r.fds.is_empty());
     match r.msg {
         NetdResponse::Error { kind: k, message } if k == kind => message,
@@ -312,7 +312,7 @@ fn malformed_input_each_followed_by_a_served_client() {
     .unwrap();
     expect_refusal(&s, NetdErrorKind::InvalidRequest);
     codec::send(&s, &NetdRequest::Status, &[]).unwrap();
-    let r: codec::Received<NetdResponse> = codec::recv(&s, NETD_MAX_FRAME).unwrap();
+    let r: codec::Received<NetdResponse> = codec::recv(&s, NETD_MAX_FRAME, 0).unwrap();
     assert!(matches!(r.msg, NetdResponse::Status { .. }), "{:?}", r.msg);
     drop(s);
     assert_served(&netd, &probe_bin, "vmm3");
@@ -454,7 +454,7 @@ fn frame_decoder_never_panics_on_random_input() {
             .unwrap();
         a.write_all(&frame).unwrap();
         drop(a);
-        match codec::recv::<_, NetdRequest>(&b, NETD_MAX_FRAME) {
+        match codec::recv::<_, NetdRequest>(&b, NETD_MAX_FRAME, 0) {
             Ok(_) => decoded += 1,
             Err(_) => errors += 1,
         }
@@ -490,7 +490,7 @@ fn live_netd_survives_random_frames() {
             }
         };
         let _ = (&s).write_all(&raw_frame(&payload));
-        let _ = codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME);
+        let _ = codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME, 0);
     }
     eprintln!("{n} random frames sent");
     assert_served(&netd, &probe_bin, "vmfz");
@@ -605,7 +605,7 @@ fn client_cap_answers_busy_and_recovers() {
             },
             &[],
         );
-        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME) {
+        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME, 0) {
             Ok(r) if matches!(r.msg, NetdResponse::Hello { .. }) => return s,
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
@@ -646,7 +646,7 @@ fn one_uid_cannot_take_every_client_slot() {
             },
             &[],
         );
-        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME) {
+        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME, 0) {
             Ok(r) if matches!(r.msg, NetdResponse::Hello { .. }) => return s,
             _ => std::thread::sleep(Duration::from_millis(50)),
         }

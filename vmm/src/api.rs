@@ -1,25 +1,38 @@
 //! The `--api-socket` server: vmctl's requests (common::api) on a UNIX
-//! socket, one thread, one connection at a time (requests are quick).
+//! socket created 0600 whatever the umask, for the vmm's own uid and root
+//! only (checked by SO_PEERCRED before anything is read).
+//!
+//! A few API threads (each under the api seccomp filter, started while
+//! thread creation is still allowed) accept connections, so that a client
+//! that stalls does not keep the others waiting; each connection has a read
+//! timeout and an overall deadline. Requests themselves run one at a time.
 
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::api::{API_VERSION, ApiRequest, ApiResponse, RunState, VmStatus};
 use common::codec::{self, CodecError, DEFAULT_MAX_FRAME};
+use common::listener::{ConnLimits, Connection, ListenError, Listener, PeerCred};
 
 use crate::control::RunControl;
 use crate::persist::Machine;
 use crate::vm::{ExitReason, ExitSender};
 
 const API_STACK_SIZE: usize = 128 * 1024;
-const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once (one thread each).
+pub const API_THREADS: usize = 4;
+/// Longest wait for the peer in one read or write.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection may take to send its requests, however it paces
+/// its bytes.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("cannot listen on API socket {path}: {err}")]
-    Bind { path: PathBuf, err: std::io::Error },
+    #[error("cannot listen on API socket {}: {err}", path.display())]
+    Bind { path: PathBuf, err: ListenError },
     #[error("cannot start the API thread: {0}")]
     Thread(std::io::Error),
 }
@@ -35,67 +48,145 @@ pub struct ApiContext {
     pub machine: Arc<Machine>,
 }
 
+/// What the API threads share.
+struct Server {
+    listener: Listener,
+    ctx: ApiContext,
+    /// The uid the vmm runs as: with root, the only peer served.
+    owner: u32,
+    /// Requests act one at a time (pause, resume, migrate...).
+    acting: Mutex<()>,
+}
+
 /// Binds the socket now (so errors reach the user at start) and serves it
-/// from a thread.
+/// from [`API_THREADS`] threads.
 pub fn start(path: &Path, ctx: ApiContext) -> Result<(), ApiError> {
-    let listener = UnixListener::bind(path).map_err(|err| ApiError::Bind {
+    let listener = Listener::bind(path, 0o600).map_err(|err| ApiError::Bind {
         path: path.to_path_buf(),
         err,
     })?;
-    std::thread::Builder::new()
-        .name("api".into())
-        .stack_size(API_STACK_SIZE)
-        .spawn(move || {
-            crate::sandbox::enter_thread_or_exit(crate::sandbox::ThreadKind::Api);
-            serve(listener, ctx)
-        })
-        .map_err(ApiError::Thread)?;
+    let server = Arc::new(Server {
+        listener,
+        ctx,
+        owner: nix::unistd::geteuid().as_raw(),
+        acting: Mutex::new(()),
+    });
+    for _ in 0..API_THREADS {
+        let server = Arc::clone(&server);
+        std::thread::Builder::new()
+            .name("api".into())
+            .stack_size(API_STACK_SIZE)
+            .spawn(move || {
+                crate::sandbox::enter_thread_or_exit(crate::sandbox::ThreadKind::Api);
+                server.serve()
+            })
+            .map_err(ApiError::Thread)?;
+    }
     Ok(())
 }
 
-fn serve(listener: UnixListener, ctx: ApiContext) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(s) => {
-                if let Err(e) = handle_connection(&s, &ctx) {
-                    log::info!("API connection ended: {e}");
-                }
-            }
-            Err(e) => log::warn!("API accept failed: {e}"),
-        }
-    }
-}
-
-fn handle_connection(sock: &UnixStream, ctx: &ApiContext) -> Result<(), CodecError> {
-    sock.set_read_timeout(Some(PEER_TIMEOUT))?;
-    sock.set_write_timeout(Some(PEER_TIMEOUT))?;
-    let hello = codec::recv::<_, ApiRequest>(sock, DEFAULT_MAX_FRAME)?;
-    match hello.msg {
-        ApiRequest::Hello { version } if version == API_VERSION => {
-            codec::send(
-                sock,
-                &ApiResponse::Hello {
-                    version: API_VERSION,
-                },
-                &[],
-            )?;
-        }
-        other => {
-            let message = format!("expected Hello with API version {API_VERSION}, got {other:?}");
-            return codec::send(sock, &ApiResponse::Error { message }, &[]);
-        }
-    }
-    loop {
-        let req = match codec::recv::<_, ApiRequest>(sock, DEFAULT_MAX_FRAME) {
-            Ok(r) => r.msg,
-            Err(CodecError::Closed) => return Ok(()),
-            Err(e) => return Err(e),
+impl Server {
+    fn serve(&self) {
+        let limits = ConnLimits {
+            io_timeout: PEER_TIMEOUT,
+            lifetime: CONNECTION_DEADLINE,
         };
-        let (resp, shutdown) = respond(req, ctx);
-        codec::send(sock, &resp, &[])?;
-        if shutdown {
-            ctx.exit.send(ExitReason::ApiShutdown);
-            return Ok(());
+        loop {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::debug!("API accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if !peer.is_owner_or_root(self.owner) {
+                self.refuse_peer(stream, peer);
+                continue;
+            }
+            let conn = match Connection::new(stream, peer, limits) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::info!("API connection: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = self.handle_connection(&conn) {
+                log::info!("API connection ended: {e}");
+            }
+        }
+    }
+
+    /// One short answer, without reading or waiting, then the connection closes.
+    fn refuse_peer(&self, stream: UnixStream, peer: PeerCred) {
+        log::info!("API: refused uid {} (pid {})", peer.uid, peer.pid);
+        if stream.set_nonblocking(true).is_ok() {
+            let message = format!(
+                "uid {} may not use this API: only uid {} and root may",
+                peer.uid, self.owner
+            );
+            let _ = codec::send(&stream, &ApiResponse::Error { message }, &[]);
+        }
+    }
+
+    /// Receives a request; requests carry no fds. Well-formed RON that is
+    /// not a request, and fds, are answered with an error (`Ok(None)` when
+    /// the connection can go on).
+    fn next_request(&self, conn: &Connection) -> Result<Option<ApiRequest>, CodecError> {
+        match conn.recv::<ApiRequest>(DEFAULT_MAX_FRAME, 0) {
+            Ok(r) => Ok(Some(r.msg)),
+            Err(CodecError::Unexpected(detail)) => {
+                let message = format!(
+                    "not a request of API version {API_VERSION}: {}",
+                    detail.chars().take(160).collect::<String>()
+                );
+                conn.send(&ApiResponse::Error { message }, &[])?;
+                Ok(None)
+            }
+            Err(e @ (CodecError::TooManyFds { .. } | CodecError::FdsTruncated)) => {
+                let message = format!("{e}: API requests carry no file descriptors");
+                let _ = conn.send(&ApiResponse::Error { message }, &[]);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn handle_connection(&self, conn: &Connection) -> Result<(), CodecError> {
+        match self.next_request(conn)? {
+            Some(ApiRequest::Hello { version }) if version == API_VERSION => {
+                conn.send(
+                    &ApiResponse::Hello {
+                        version: API_VERSION,
+                    },
+                    &[],
+                )?;
+            }
+            Some(other) => {
+                let message =
+                    format!("expected Hello with API version {API_VERSION}, got {other:?}");
+                return conn.send(&ApiResponse::Error { message }, &[]);
+            }
+            // Answered already; only Hello may come first.
+            None => return Ok(()),
+        }
+        loop {
+            let req = match self.next_request(conn) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(CodecError::Closed) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let (resp, shutdown) = {
+                let _one_at_a_time = self.acting.lock().unwrap_or_else(|e| e.into_inner());
+                respond(req, &self.ctx)
+            };
+            conn.send(&resp, &[])?;
+            if shutdown {
+                self.ctx.exit.send(ExitReason::ApiShutdown);
+                return Ok(());
+            }
         }
     }
 }
