@@ -27,7 +27,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, getsockopt, sendmsg, sockopt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -228,6 +228,9 @@ struct FrameReader<'a> {
     fd: BorrowedFd<'a>,
     max_fds: usize,
     deadline: Option<Instant>,
+    /// The socket's read timeout (SO_RCVTIMEO), which still bounds each wait
+    /// for bytes when there is a deadline.
+    idle: Option<std::time::Duration>,
     /// fds received so far, owned (closed on any error).
     fds: Vec<OwnedFd>,
     /// Room for this many fds per `recvmsg` (SCM_MAX_FD but in unit tests).
@@ -236,10 +239,20 @@ struct FrameReader<'a> {
 
 impl<'a> FrameReader<'a> {
     fn new(fd: BorrowedFd<'a>, max_fds: usize, deadline: Option<Instant>) -> Self {
+        let idle = deadline
+            .and_then(|_| getsockopt(&fd, sockopt::ReceiveTimeout).ok())
+            .map(|tv| {
+                std::time::Duration::new(
+                    u64::try_from(tv.tv_sec()).unwrap_or(0),
+                    u32::try_from(tv.tv_usec()).unwrap_or(0).saturating_mul(1000),
+                )
+            })
+            .filter(|d| !d.is_zero());
         FrameReader {
             fd,
             max_fds,
             deadline,
+            idle,
             fds: Vec::new(),
             cmsg_fds: SCM_MAX_FD,
         }
@@ -291,18 +304,26 @@ impl<'a> FrameReader<'a> {
         Ok(())
     }
 
-    /// With a deadline, waits until the socket is readable or it passes.
+    /// With a deadline, waits until the socket is readable, failing with
+    /// `Deadline` when it passes or `Timeout` after the socket's read timeout.
     fn wait_readable(&self) -> Result<(), CodecError> {
         let Some(deadline) = self.deadline else {
             return Ok(());
         };
+        let idle_until = self.idle.map(|d| Instant::now() + d);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
                 return Err(CodecError::Deadline);
             }
+            let wait = match idle_until {
+                Some(t) if t <= now => return Err(CodecError::Timeout),
+                Some(t) => left.min(t - now),
+                None => left,
+            };
             // Round up so that a sub-millisecond rest is not a busy loop.
-            let ms = u32::try_from(left.as_millis() + 1).unwrap_or(u32::MAX);
+            let ms = u32::try_from(wait.as_millis() + 1).unwrap_or(u32::MAX);
             let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
             let mut pfd = [PollFd::new(self.fd, PollFlags::POLLIN)];
             match poll(&mut pfd, timeout) {

@@ -15,7 +15,7 @@ pub const MAX_IFNAME_LEN: usize = 15;
 /// one frame (`common::codec::MAX_FDS`).
 pub const MAX_QUEUES: u16 = 16;
 /// `max_taps` when a tenant entry does not say.
-pub const DEFAULT_MAX_TAPS: u32 = 16;
+pub const DEFAULT_MAX_TAPS: u32 = 64;
 /// Upper bound on `max_taps` (a Linux bridge takes at most 1024 ports).
 pub const MAX_TAPS_LIMIT: u32 = 1024;
 

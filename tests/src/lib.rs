@@ -92,6 +92,7 @@ impl Drop for NetNs {
             .status();
     }
 }
+pub mod hostile;
 pub mod net_guest;
 pub mod netd_harness;
 pub mod rng;
