@@ -244,7 +244,9 @@ impl<'a> FrameReader<'a> {
             .map(|tv| {
                 std::time::Duration::new(
                     u64::try_from(tv.tv_sec()).unwrap_or(0),
-                    u32::try_from(tv.tv_usec()).unwrap_or(0).saturating_mul(1000),
+                    u32::try_from(tv.tv_usec())
+                        .unwrap_or(0)
+                        .saturating_mul(1000),
                 )
             })
             .filter(|d| !d.is_zero());

@@ -90,7 +90,12 @@ fn fd_floods_leave_no_fd_in_netd() {
         let r = run_hostile(
             &bins.hostile,
             *uid,
-            &["fdflood", netd.socket.to_str().unwrap(), "40", &fds.to_string()],
+            &[
+                "fdflood",
+                netd.socket.to_str().unwrap(),
+                "40",
+                &fds.to_string(),
+            ],
         );
         assert_eq!(kinds(&r), ["UnknownTenant"], "{r}");
     }
@@ -98,7 +103,13 @@ fn fd_floods_leave_no_fd_in_netd() {
     let r = run_hostile(
         &bins.hostile,
         NOBODY,
-        &["fdflood", netd.socket.to_str().unwrap(), "40", "120", "hello"],
+        &[
+            "fdflood",
+            netd.socket.to_str().unwrap(),
+            "40",
+            "120",
+            "hello",
+        ],
     );
     assert_eq!(r["kinds"]["InvalidRequest"], 40, "{r}");
 
@@ -114,7 +125,13 @@ fn fd_floods_leave_no_fd_in_netd() {
     codec::send(&s, &NetdRequest::Status, &gift).unwrap();
     let r: codec::Received<NetdResponse> = codec::recv(&s, NETD_MAX_FRAME, 0).unwrap();
     assert!(
-        matches!(r.msg, NetdResponse::Error { kind: NetdErrorKind::InvalidRequest, .. }),
+        matches!(
+            r.msg,
+            NetdResponse::Error {
+                kind: NetdErrorKind::InvalidRequest,
+                ..
+            }
+        ),
         "{:?}",
         r.msg
     );
@@ -167,10 +184,16 @@ fn amplification_is_bounded_and_rate_limited() {
     let audit = netd.audit_text();
     assert!(summarised, "no summary of suppressed lines:\n{audit}");
     let grew = audit_bytes(&netd) - audit0;
-    assert!(grew < 96 * 1024, "audit log grew by {grew} bytes for 2020 requests");
+    assert!(
+        grew < 96 * 1024,
+        "audit log grew by {grew} bytes for 2020 requests"
+    );
     let longest = audit.lines().map(str::len).max().unwrap_or(0);
     assert!(longest <= 1024, "an audit line of {longest} bytes");
-    assert!(audit.contains("...(3900 bytes)"), "names are cut, not dropped");
+    assert!(
+        audit.contains("...(3900 bytes)"),
+        "names are cut, not dropped"
+    );
     assert_served(&netd, &bins, "vmafter");
 }
 
@@ -182,7 +205,14 @@ fn strangers_hold_no_slots_and_tenants_keep_a_reserve() {
     let (netd, bins) = start(
         "slots",
         TEST_POLICY,
-        &["--max-clients", "12", "--max-clients-per-uid", "12", "--tenant-reserve", "3"],
+        &[
+            "--max-clients",
+            "12",
+            "--max-clients-per-uid",
+            "12",
+            "--tenant-reserve",
+            "3",
+        ],
     );
     let (base, _) = baseline(&netd, &bins);
     let sock = netd.socket.to_str().unwrap().to_string();
@@ -206,7 +236,9 @@ fn strangers_hold_no_slots_and_tenants_keep_a_reserve() {
         .iter()
         .map(|&uid| {
             let (bin, sock) = (bins.hostile.clone(), sock.clone());
-            std::thread::spawn(move || run_hostile(&bin, uid, &["mixed", &sock, "5", &uid.to_string()]))
+            std::thread::spawn(move || {
+                run_hostile(&bin, uid, &["mixed", &sock, "5", &uid.to_string()])
+            })
         })
         .collect();
     let t0 = std::time::Instant::now();
@@ -215,7 +247,10 @@ fn strangers_hold_no_slots_and_tenants_keep_a_reserve() {
         max_threads = max_threads.max(thread_count(netd.pid()));
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(max_threads, 1, "netd ran {max_threads} threads for strangers");
+    assert_eq!(
+        max_threads, 1,
+        "netd ran {max_threads} threads for strangers"
+    );
     let mut served = 0;
     while floods.iter().any(|f| !f.is_finished()) {
         assert_served(&netd, &bins, &format!("vmdur{served}"));
@@ -291,7 +326,9 @@ fn max_taps_caps_a_tenant_without_netd_holding_fds() {
     assert_served(&netd, &bins, "vmother");
     // One TAP gone: a new one is allowed.
     held.pop();
-    let ok = wait_for(Duration::from_secs(10), || !netd.links().iter().any(|l| l == "st2"));
+    let ok = wait_for(Duration::from_secs(10), || {
+        !netd.links().iter().any(|l| l == "st2")
+    });
     assert!(ok, "st2 did not vanish");
     held.push(c.open_tap("st3", 1, true, false, None).unwrap());
     drop((held, c));
@@ -322,7 +359,13 @@ fn unknown_fields_and_wrong_types_get_an_error_reply() {
         let r: codec::Received<NetdResponse> = codec::recv(&s, NETD_MAX_FRAME, 0)
             .unwrap_or_else(|e| panic!("no reply to {text}: {e}"));
         assert!(
-            matches!(r.msg, NetdResponse::Error { kind: NetdErrorKind::InvalidRequest, .. }),
+            matches!(
+                r.msg,
+                NetdResponse::Error {
+                    kind: NetdErrorKind::InvalidRequest,
+                    ..
+                }
+            ),
             "{text}: {:?}",
             r.msg
         );
@@ -337,10 +380,17 @@ fn unknown_fields_and_wrong_types_get_an_error_reply() {
     // Before Hello: an error reply, then the connection closes.
     let s = UnixStream::connect(&netd.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    (&s).write_all(&raw_frame(r#"Hello(version: "1")"#)).unwrap();
+    (&s).write_all(&raw_frame(r#"Hello(version: "1")"#))
+        .unwrap();
     let r: codec::Received<NetdResponse> = codec::recv(&s, NETD_MAX_FRAME, 0).unwrap();
     assert!(
-        matches!(r.msg, NetdResponse::Error { kind: NetdErrorKind::InvalidRequest, .. }),
+        matches!(
+            r.msg,
+            NetdResponse::Error {
+                kind: NetdErrorKind::InvalidRequest,
+                ..
+            }
+        ),
         "{:?}",
         r.msg
     );

@@ -118,10 +118,15 @@ impl Server {
         }
     }
 
-    /// One short answer, without reading or waiting, then the connection closes.
+    /// One short answer, without reading and barely waiting, then the
+    /// connection closes.
     fn refuse_peer(&self, stream: UnixStream, peer: PeerCred) {
         log::info!("API: refused uid {} (pid {})", peer.uid, peer.pid);
-        if stream.set_nonblocking(true).is_ok() {
+        // A short send timeout (setsockopt; FIONBIO is not in the api filter).
+        if stream
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .is_ok()
+        {
             let message = format!(
                 "uid {} may not use this API: only uid {} and root may",
                 peer.uid, self.owner

@@ -52,11 +52,7 @@ impl Tally {
     /// Reads one reply frame (raw, to measure it) and notes its kind.
     fn read_reply(&mut self, s: &UnixStream) {
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        match codec::recv_frame(
-            std::os::fd::AsFd::as_fd(s),
-            1 << 20,
-            codec::MAX_FDS,
-        ) {
+        match codec::recv_frame(std::os::fd::AsFd::as_fd(s), 1 << 20, codec::MAX_FDS) {
             Ok((payload, _fds)) => {
                 self.replies += 1;
                 self.max_reply_bytes = self.max_reply_bytes.max(payload.len() + 4);
@@ -134,7 +130,11 @@ fn do_hello(s: &UnixStream, t: &mut Tally) -> bool {
 
 fn fdflood(sock: &Path, conns: u64, fds: usize, hello: bool, t: &mut Tally) {
     let null = std::fs::File::open("/dev/null").expect("open /dev/null");
-    let status = frame(ron::to_string(&NetdRequest::Status).expect("encode").as_bytes());
+    let status = frame(
+        ron::to_string(&NetdRequest::Status)
+            .expect("encode")
+            .as_bytes(),
+    );
     for _ in 0..conns {
         let Some(s) = t.connect(sock) else { continue };
         if hello && !do_hello(&s, t) {
@@ -147,7 +147,9 @@ fn fdflood(sock: &Path, conns: u64, fds: usize, hello: bool, t: &mut Tally) {
 
 fn garbage(sock: &Path, conns: u64, rng: &mut Rng, t: &mut Tally) {
     for _ in 0..conns {
-        let Some(mut s) = t.connect(sock) else { continue };
+        let Some(mut s) = t.connect(sock) else {
+            continue;
+        };
         let mut junk: Vec<u8> = (0..rng.below(300)).map(|_| rng.next() as u8).collect();
         if rng.below(2) == 0 {
             junk = frame(&junk);
