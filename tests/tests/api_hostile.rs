@@ -239,6 +239,14 @@ fn api_refuses_fds_unknown_fields_and_wrong_types() {
         fd_count(pid)
     );
 
+    // An unknown field in the first Hello: an error, not a session.
+    let s = connect(&sock);
+    (&s).write_all(&raw_frame(&format!("Hello(version: {API_VERSION}, evil: true)")))
+        .unwrap();
+    let r = codec::recv::<_, ApiResponse>(&s, DEFAULT_MAX_FRAME, 0).unwrap();
+    assert!(matches!(r.msg, ApiResponse::Error { .. }), "{:?}", r.msg);
+    drop(s);
+
     let s = connect(&sock);
     hello(&s);
     for text in [
