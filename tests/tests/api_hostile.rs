@@ -241,8 +241,10 @@ fn api_refuses_fds_unknown_fields_and_wrong_types() {
 
     // An unknown field in the first Hello: an error, not a session.
     let s = connect(&sock);
-    (&s).write_all(&raw_frame(&format!("Hello(version: {API_VERSION}, evil: true)")))
-        .unwrap();
+    (&s).write_all(&raw_frame(&format!(
+        "Hello(version: {API_VERSION}, evil: true)"
+    )))
+    .unwrap();
     let r = codec::recv::<_, ApiResponse>(&s, DEFAULT_MAX_FRAME, 0).unwrap();
     assert!(matches!(r.msg, ApiResponse::Error { .. }), "{:?}", r.msg);
     drop(s);
