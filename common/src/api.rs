@@ -3,12 +3,18 @@
 //! One request, one response per connection is enough for every command, but
 //! the server also accepts several requests on one connection. The first
 //! frame must be [`ApiRequest::Hello`] with [`API_VERSION`].
+//!
+//! Only the vmm's own uid and root may connect (the socket is created 0600
+//! and the server checks SO_PEERCRED). A request carries no fds; unknown
+//! fields and well-formed RON of another type are answered with
+//! [`ApiResponse::Error`]. Each connection has an overall deadline.
 
 use serde::{Deserialize, Serialize};
 
 pub const API_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum ApiRequest {
     Hello {
         version: u32,

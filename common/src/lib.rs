@@ -1,7 +1,9 @@
 //! Shared by netd, vmm and vmctl: the frame codec and the three protocols
-//! carried over it (netd requests, the control API, and the migration stream).
+//! carried over it (netd requests, the control API, and the migration stream),
+//! and the listener every server socket is created and accepted through.
 
 pub mod api;
 pub mod codec;
+pub mod listener;
 pub mod migration;
 pub mod netd;

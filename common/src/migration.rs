@@ -46,6 +46,10 @@ pub const MIGRATION_PROTOCOL_VERSION: u32 = 1;
 /// several vCPUs and NICs) and a frame that carries a frame in flight.
 pub const MIGRATION_MAX_FRAME: usize = 8 << 20;
 
+/// Most fds a Hello may carry: the memfd, the TAP queues of every NIC,
+/// the API socket.
+pub const MIGRATION_MAX_FDS: usize = crate::codec::MAX_FDS;
+
 /// Version of the machine state document (`vmm::persist::MachineState`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,9 +5,16 @@
 //! The first frame must be [`NetdRequest::Hello`] with [`NETD_PROTOCOL_VERSION`]
 //! (anything else, or another version, is refused with `Version` and the
 //! connection closed). fds come back beside the response frame, in the order
-//! the response lists. Every refusal is a [`NetdResponse::Error`] with a kind
-//! and a message a person can act on; a frame that is not RON at all, or over
-//! [`NETD_MAX_FRAME`], closes the connection without a reply.
+//! the response lists; a client sends none (a request carrying fds is
+//! refused and the fds closed unread). Every refusal is a
+//! [`NetdResponse::Error`] with a kind and a message a person can act on,
+//! bounded in size: also well-formed RON that is not a request (wrong type,
+//! unknown variant, unknown or missing field). A frame that is not RON at
+//! all, or over [`NETD_MAX_FRAME`], closes the connection without a reply.
+//!
+//! netd decides who the peer is before reading anything: a uid/gid with no
+//! tenant entry gets one `UnknownTenant` error right after connecting and is
+//! disconnected, whatever it sends.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +28,9 @@ pub const NETD_MAX_FRAME: usize = 4096;
 /// (TUNSETVNETHDRSZ): `virtio_net_hdr_v1`, as virtio 1.0 devices use.
 pub const VNET_HDR_LEN: i32 = 12;
 
+/// Unknown fields are refused (`InvalidRequest`), never ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum NetdRequest {
     Hello {
         version: u32,
@@ -67,6 +76,9 @@ pub enum NetdErrorKind {
     System,
     /// netd serves its maximum number of clients; try again shortly.
     Busy,
+    /// The tenant already has its policy's `max_taps` TAPs; one must go
+    /// (its last fd closed) before another is created.
+    TooManyTaps,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

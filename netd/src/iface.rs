@@ -120,7 +120,8 @@ pub fn exists(name: &str) -> bool {
     unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
-fn ifindex(name: &str) -> Result<i32, IfaceError> {
+/// The ifindex of an interface in netd's namespace.
+pub fn index_of(name: &str) -> Result<u32, IfaceError> {
     let c = CString::new(name).map_err(|_| IfaceError::Sys {
         what: "if_nametoindex",
         name: name.to_string(),
@@ -131,8 +132,20 @@ fn ifindex(name: &str) -> Result<i32, IfaceError> {
     if i == 0 {
         return Err(sys("if_nametoindex", name)(io::Error::last_os_error()));
     }
-    i32::try_from(i)
-        .map_err(|_| sys("if_nametoindex", name)(io::Error::from(io::ErrorKind::InvalidData)))
+    Ok(i)
+}
+
+/// Whether an interface with this ifindex exists in netd's namespace.
+pub fn index_exists(index: u32) -> bool {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into `buf`.
+    let r = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if !r.is_null() {
+        return true;
+    }
+    // ENXIO: no such interface. Any other failure (no socket left for the
+    // query) must not free a place: count the TAP as still there.
+    io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO)
 }
 
 /// Sets IFF_UP on an interface.
@@ -180,7 +193,8 @@ pub fn ensure_bridge(name: &str, address: Option<Cidr>) -> Result<bool, IfaceErr
 /// Enslaves `port` to `bridge`.
 pub fn bridge_add_port(bridge: &str, port: &str) -> Result<(), IfaceError> {
     let s = ctl_socket().map_err(sys("socket", bridge))?;
-    let idx = ifindex(port)?;
+    let idx = i32::try_from(index_of(port)?)
+        .map_err(|_| sys("if_nametoindex", port)(io::Error::from(io::ErrorKind::InvalidData)))?;
     let mut ifr = IfReq::new(bridge);
     ifr.set_int(idx);
     ifreq_ioctl(&s, SIOCBRADDIF, &mut ifr).map_err(sys("SIOCBRADDIF", port))

@@ -9,22 +9,26 @@ mod audit;
 mod iface;
 mod policy;
 mod server;
+mod slots;
+mod taps;
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::listener::Listener;
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
 use crate::policy::{Cidr, Policy};
 use crate::server::{Limits, Server};
 
 const USAGE: &str = "usage: netd --socket PATH --policy FILE [--audit-log FILE] \
-[--read-timeout-ms N] [--client-deadline-ms N] [--max-clients N] [--max-clients-per-uid N]";
+[--read-timeout-ms N] [--client-deadline-ms N] [--max-clients N] [--max-clients-per-uid N] \
+[--tenant-reserve N]";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -47,7 +51,8 @@ fn parse_args() -> Result<Args, String> {
         read_timeout: Duration::from_secs(5),
         client_deadline: Duration::from_secs(30),
         max_clients: 128,
-        max_clients_per_uid: 48,
+        max_clients_per_uid: 32,
+        tenant_reserve: 8,
     };
     let mut it = std::env::args_os().skip(1);
     while let Some(a) = it.next() {
@@ -76,6 +81,9 @@ fn parse_args() -> Result<Args, String> {
             "--max-clients-per-uid" => {
                 limits.max_clients_per_uid = usize::try_from(num(&v)?).map_err(|e| e.to_string())?
             }
+            "--tenant-reserve" => {
+                limits.tenant_reserve = usize::try_from(num(&v)?).map_err(|e| e.to_string())?
+            }
             _ => return Err(format!("unknown option {a}\n{USAGE}")),
         }
     }
@@ -87,9 +95,10 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
-/// Binds the socket, replacing a stale one but never a live netd's socket or
-/// a file that is not a socket.
-fn bind(path: &Path) -> Result<UnixListener, String> {
+/// Binds the socket (mode 0666: any local user may connect; who they are
+/// comes from SO_PEERCRED), replacing a stale one but never a live netd's
+/// socket or a file that is not a socket.
+fn bind(path: &Path) -> Result<Listener, String> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(format!(
@@ -103,11 +112,7 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
         std::fs::remove_file(path)
             .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
     }
-    let l = UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
-    // Any local user may connect; who they are comes from SO_PEERCRED.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
-    Ok(l)
+    Listener::bind(path, 0o666).map_err(|e| e.to_string())
 }
 
 fn run() -> Result<(), String> {

@@ -14,6 +14,14 @@ pub const MAX_IFNAME_LEN: usize = 15;
 /// Upper bound on `max_queues`: a TAP fd and a vhost fd per queue must fit in
 /// one frame (`common::codec::MAX_FDS`).
 pub const MAX_QUEUES: u16 = 16;
+/// `max_taps` when a tenant entry does not say.
+pub const DEFAULT_MAX_TAPS: u32 = 64;
+/// Upper bound on `max_taps` (a Linux bridge takes at most 1024 ports).
+pub const MAX_TAPS_LIMIT: u32 = 1024;
+
+fn default_max_taps() -> u32 {
+    DEFAULT_MAX_TAPS
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -55,6 +63,9 @@ pub struct Tenant {
     pub who: Who,
     pub names: NameRule,
     pub max_queues: u16,
+    /// Most TAPs of this tenant that exist at once.
+    #[serde(default = "default_max_taps")]
+    pub max_taps: u32,
     #[serde(default)]
     pub vhost: bool,
     pub attach: Attach,
@@ -212,6 +223,9 @@ impl Policy {
             if t.max_queues == 0 || t.max_queues > MAX_QUEUES {
                 return bad(format!("{ctx}: max_queues must be 1..={MAX_QUEUES}"));
             }
+            if t.max_taps == 0 || t.max_taps > MAX_TAPS_LIMIT {
+                return bad(format!("{ctx}: max_taps must be 1..={MAX_TAPS_LIMIT}"));
+            }
             match &t.names {
                 NameRule::Prefix(p) => {
                     if p.is_empty() || p.len() >= MAX_IFNAME_LEN || !valid_ifname(p) {
@@ -255,11 +269,17 @@ impl Policy {
 
     /// The tenant for a peer: an entry for its uid first, else one for its
     /// primary gid.
+    #[cfg(test)]
     pub fn tenant_for(&self, uid: u32, gid: u32) -> Option<&Tenant> {
+        self.tenant_index_for(uid, gid).map(|i| &self.tenants[i])
+    }
+
+    /// The position in `tenants` of [`Policy::tenant_for`]'s entry.
+    pub fn tenant_index_for(&self, uid: u32, gid: u32) -> Option<usize> {
         self.tenants
             .iter()
-            .find(|t| t.who == Who::Uid(uid))
-            .or_else(|| self.tenants.iter().find(|t| t.who == Who::Gid(gid)))
+            .position(|t| t.who == Who::Uid(uid))
+            .or_else(|| self.tenants.iter().position(|t| t.who == Who::Gid(gid)))
     }
 }
 
@@ -275,6 +295,7 @@ mod tests {
         p.validate().unwrap();
         let t = p.tenant_for(65534, 65534).unwrap();
         assert_eq!(t.max_queues, 4);
+        assert_eq!(t.max_taps, DEFAULT_MAX_TAPS);
         assert!(t.vhost);
         assert!(t.names.allows("vm0"));
         assert!(!t.names.allows("vm"));
@@ -366,6 +387,14 @@ mod tests {
                 "twice",
             ),
             (r#"(tenants: [], extra: 1)"#, "extra"),
+            (
+                r#"(tenants: [(who: Uid(1), names: Prefix("vm"), max_queues: 1, max_taps: 0, attach: Routed("10.0.2.1/30"))])"#,
+                "max_taps",
+            ),
+            (
+                r#"(tenants: [(who: Uid(1), names: Prefix("vm"), max_queues: 1, max_taps: 5000, attach: Routed("10.0.2.1/30"))])"#,
+                "max_taps",
+            ),
         ];
         for (text, want) in cases {
             let err = check(text).unwrap_err();

@@ -1,26 +1,41 @@
-//! The accept loop and the per-client protocol: a thread per client (capped),
-//! a read timeout per frame and an overall deadline per connection, every
-//! request checked against the policy and audited before the reply.
+//! The accept loop and the per-client protocol.
+//!
+//! The peer is identified first (SO_PEERCRED, then the policy's tenant
+//! entry) before a byte is read: a peer with no tenant entry gets one short
+//! `UnknownTenant` refusal from the accept loop and is disconnected, holding
+//! no slot and no thread. A tenant's connection takes a slot ([`Slots`]: a
+//! cap per uid, a reserve per tenant) and a thread, has a read timeout and an
+//! overall deadline, and sends no fds (any it sends are closed unread and the
+//! connection refused). Every request is checked against the policy and
+//! audited before the reply; what a peer can cause to be written beyond
+//! grants is rate-limited per uid.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use common::codec::{self, CodecError};
+use common::listener::{ConnLimits, Connection, Listener, PeerCred};
 use common::netd::{
     NETD_MAX_FRAME, NETD_PROTOCOL_VERSION, NetdErrorKind, NetdRequest, NetdResponse,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
-use crate::audit::{AuditLog, Peer};
+use crate::audit::{AuditLog, Peer, bounded, truncate};
 use crate::iface::{self, IfaceError};
-use crate::policy::{Attach, Cidr, Policy, valid_ifname};
+use crate::policy::{Attach, Cidr, Policy, Tenant, valid_ifname};
+use crate::slots::{SlotRefusal, Slots};
+use crate::taps::TapLedger;
+
+/// Longest refusal message sent or logged, in bytes.
+const MAX_MESSAGE: usize = 320;
+/// Bytes of a decoder error quoted back (it may echo client text).
+const MAX_DECODE_DETAIL: usize = 120;
 
 pub struct Limits {
     /// Longest wait for the next part of a frame.
@@ -29,9 +44,11 @@ pub struct Limits {
     pub client_deadline: Duration,
     /// Most clients served at once; more are answered `Busy` and closed.
     pub max_clients: usize,
-    /// Most clients of one uid served at once, so that one tenant cannot
+    /// Most clients of one uid served at once, so that one uid cannot
     /// take every slot.
     pub max_clients_per_uid: usize,
+    /// Slots kept for each tenant that others cannot take.
+    pub tenant_reserve: usize,
 }
 
 #[derive(Default)]
@@ -41,18 +58,15 @@ struct Counters {
     refused: AtomicU64,
 }
 
-struct Client {
-    uid: u32,
-    deadline: Instant,
-    stream: Arc<UnixStream>,
-}
-
 pub struct Server {
     policy: Policy,
     audit: AuditLog,
     limits: Limits,
     counters: Counters,
-    clients: Mutex<HashMap<u64, Client>>,
+    slots: Mutex<Slots>,
+    taps: TapLedger,
+    /// Open tenant connections, to shut them down when netd stops.
+    streams: Mutex<HashMap<u64, Arc<UnixStream>>>,
 }
 
 /// What a request earns: a response, the fds that go with it, and the result
@@ -64,8 +78,13 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// A refusal; `iface` is the client's name as sent (bounded here), the
+    /// message netd's own text.
     fn refuse(kind: NetdErrorKind, iface: Option<&str>, message: String) -> Self {
-        let iface = iface.map(|n| format!(" iface={n:?}")).unwrap_or_default();
+        let message = truncate(&message, MAX_MESSAGE).to_string();
+        let iface = iface
+            .map(|n| format!(" iface={}", bounded(n)))
+            .unwrap_or_default();
         Outcome {
             audit: format!("result=refused kind={kind:?}{iface} message={message:?}"),
             response: NetdResponse::Error { kind, message },
@@ -78,36 +97,77 @@ impl Outcome {
     }
 }
 
+fn peer_of(c: PeerCred) -> Peer {
+    Peer {
+        pid: c.pid,
+        uid: c.uid,
+        gid: c.gid,
+    }
+}
+
+/// A request as the audit log shows it: every client string bounded.
+fn describe(req: &NetdRequest) -> String {
+    match req {
+        NetdRequest::Hello { version } => format!("Hello {{ version: {version} }}"),
+        NetdRequest::Status => "Status".to_string(),
+        NetdRequest::OpenVhost { queues } => format!("OpenVhost {{ queues: {queues} }}"),
+        NetdRequest::OpenTap {
+            name,
+            queues,
+            vnet_hdr,
+            vhost,
+            mac,
+        } => format!(
+            "OpenTap {{ name: {}, queues: {queues}, vnet_hdr: {vnet_hdr}, vhost: {vhost}, mac: {mac:?} }}",
+            bounded(name)
+        ),
+    }
+}
+
 impl Server {
     pub fn new(policy: Policy, audit: AuditLog, limits: Limits) -> Self {
+        let tenants = policy.tenants.len();
         Server {
+            slots: Mutex::new(Slots::new(
+                limits.max_clients,
+                limits.max_clients_per_uid,
+                limits.tenant_reserve,
+                tenants,
+            )),
+            taps: TapLedger::new(tenants),
             policy,
             audit,
             limits,
             counters: Counters::default(),
-            clients: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
         }
     }
 
-    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Client>> {
-        // The map stays consistent under every operation done while locked.
-        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    fn slots(&self) -> MutexGuard<'_, Slots> {
+        // Slots stay consistent under every operation done while locked.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn streams(&self) -> MutexGuard<'_, HashMap<u64, Arc<UnixStream>>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Serves until `stop` becomes true.
-    pub fn run(self: &Arc<Self>, listener: UnixListener, stop: &AtomicBool) -> io::Result<()> {
+    pub fn run(self: &Arc<Self>, listener: Listener, stop: &AtomicBool) -> io::Result<()> {
         listener.set_nonblocking(true)?;
         let mut next_id = 0u64;
         while !stop.load(Ordering::SeqCst) {
-            self.reap_overdue();
+            if let Err(e) = self.audit.flush_summaries() {
+                log::error!("audit log: {e}");
+            }
             let mut pfd = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
             match poll(&mut pfd, PollTimeout::from(200u16)) {
                 Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
                 Ok(_) => {}
                 Err(e) => return Err(e.into()),
             }
-            let stream = match listener.accept() {
-                Ok((s, _)) => s,
+            let (stream, cred) = match listener.accept() {
+                Ok(c) => c,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -118,133 +178,151 @@ impl Server {
                 }
             };
             next_id += 1;
-            self.admit(next_id, stream);
+            self.admit(next_id, stream, peer_of(cred));
         }
-        for c in self.clients().values() {
-            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        for s in self.streams().values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         Ok(())
     }
 
-    fn admit(self: &Arc<Self>, id: u64, stream: UnixStream) {
-        let peer = match peer_of(&stream) {
-            Ok(p) => p,
+    /// Decides what a new connection gets: strangers a refusal, tenants a
+    /// slot and a thread (or `Busy`).
+    fn admit(self: &Arc<Self>, id: u64, stream: UnixStream, peer: Peer) {
+        let Some(tenant) = self.policy.tenant_index_for(peer.uid, peer.gid) else {
+            let out = Outcome::refuse(
+                NetdErrorKind::UnknownTenant,
+                None,
+                format!(
+                    "uid {} / gid {} has no tenant entry in the netd policy; ask the operator to add one",
+                    peer.uid, peer.gid
+                ),
+            );
+            self.refuse_at_accept(stream, &peer, out);
+            return;
+        };
+        if let Err(r) = self.slots().take(tenant, peer.uid) {
+            let message = match r {
+                SlotRefusal::UidCap(n) => format!(
+                    "uid {} already has the maximum of {n} connections to netd; retry shortly",
+                    peer.uid
+                ),
+                SlotRefusal::Full(n) => format!(
+                    "netd has no free client slot for this tenant (maximum of {n} clients, some kept for other tenants); retry shortly"
+                ),
+            };
+            self.refuse_at_accept(
+                stream,
+                &peer,
+                Outcome::refuse(NetdErrorKind::Busy, None, message),
+            );
+            return;
+        }
+        let limits = ConnLimits {
+            io_timeout: self.limits.read_timeout,
+            lifetime: self.limits.client_deadline,
+        };
+        let stream = Arc::new(stream);
+        let conn = match stream
+            .try_clone()
+            .and_then(|s| Connection::new(s, cred_of(&peer), limits))
+        {
+            Ok(c) => c,
             Err(e) => {
-                log::warn!("SO_PEERCRED: {e}; dropping the connection");
+                log::warn!("cannot set up a client connection: {e}");
+                self.slots().release(tenant, peer.uid);
                 return;
             }
         };
-        let stream = Arc::new(stream);
-        {
-            let mut clients = self.clients();
-            let of_uid = clients.values().filter(|c| c.uid == peer.uid).count();
-            let full = if clients.len() >= self.limits.max_clients {
-                Some(format!(
-                    "netd is serving its maximum of {} clients; retry shortly",
-                    self.limits.max_clients
-                ))
-            } else if of_uid >= self.limits.max_clients_per_uid {
-                Some(format!(
-                    "uid {} already has the maximum of {} connections to netd; retry shortly",
-                    peer.uid, self.limits.max_clients_per_uid
-                ))
-            } else {
-                None
-            };
-            if let Some(message) = full {
-                drop(clients);
-                let out = Outcome::refuse(NetdErrorKind::Busy, None, message);
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                self.finish(&stream, &peer, "<connection>", out);
-                return;
-            }
-            clients.insert(
-                id,
-                Client {
-                    uid: peer.uid,
-                    deadline: Instant::now() + self.limits.client_deadline,
-                    stream: Arc::clone(&stream),
-                },
-            );
-        }
+        self.streams().insert(id, Arc::clone(&stream));
         let me = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name(format!("client-{id}"))
             .stack_size(256 * 1024)
             .spawn(move || {
-                me.serve_client(&stream, &peer);
-                me.clients().remove(&id);
+                me.serve_client(&conn, &peer, tenant);
+                me.streams().remove(&id);
+                me.slots().release(tenant, peer.uid);
             });
         if let Err(e) = spawned {
             log::warn!("cannot start a client thread: {e}");
-            self.clients().remove(&id);
+            self.streams().remove(&id);
+            self.slots().release(tenant, peer.uid);
         }
     }
 
-    /// Cuts connections that outlived their deadline: their threads then see
-    /// EOF and end, however slowly the peer was trickling bytes.
-    fn reap_overdue(&self) {
-        let now = Instant::now();
-        for c in self.clients().values() {
-            if c.deadline <= now {
-                let _ = c.stream.shutdown(std::net::Shutdown::Both);
-            }
-        }
-    }
-
-    fn serve_client(&self, stream: &UnixStream, peer: &Peer) {
-        if let Err(e) = stream
-            .set_read_timeout(Some(self.limits.read_timeout))
-            .and_then(|()| stream.set_write_timeout(Some(self.limits.read_timeout)))
-        {
-            log::warn!("socket timeouts: {e}");
+    /// One refusal from the accept loop, never blocking on the peer, then
+    /// the connection closes (with whatever the peer sent, unread).
+    fn refuse_at_accept(&self, stream: UnixStream, peer: &Peer, out: Outcome) {
+        if let Err(e) = stream.set_nonblocking(true) {
+            log::debug!("set_nonblocking: {e}");
             return;
         }
+        self.finish(&stream, peer, "<connection>", out);
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn serve_client(&self, conn: &Connection, peer: &Peer, tenant: usize) {
+        let stream = &conn.stream;
         let mut hello_done = false;
         loop {
-            let (payload, stray_fds) = match codec::recv_frame(stream.as_fd(), NETD_MAX_FRAME) {
-                Ok(f) => f,
+            let payload = match conn.recv_frame(NETD_MAX_FRAME, 0) {
+                Ok((payload, _no_fds)) => payload,
                 Err(CodecError::Closed) => return,
+                Err(e @ (CodecError::TooManyFds { .. } | CodecError::FdsTruncated)) => {
+                    // Already closed by the codec; say so and hang up.
+                    let out = Outcome::refuse(
+                        NetdErrorKind::InvalidRequest,
+                        None,
+                        format!("{e}: requests carry no file descriptors, they were closed unread"),
+                    );
+                    self.finish(stream, peer, "<frame with fds>", out);
+                    return;
+                }
                 Err(e) => {
                     let reason = match e {
                         CodecError::Timeout => "client too slow (read timeout)".to_string(),
+                        CodecError::Deadline => "client too slow (connection deadline)".to_string(),
                         e => e.to_string(),
                     };
                     self.audit_close(peer, &reason);
                     return;
                 }
             };
-            // Clients have no reason to send fds; close them unread.
-            drop(stray_fds);
-            let Ok(text) = std::str::from_utf8(&payload) else {
-                self.audit_close(peer, "frame is not UTF-8");
-                return;
-            };
-            let req: NetdRequest = match ron::from_str(text) {
+            let req: NetdRequest = match codec::decode(&payload) {
                 Ok(r) => r,
-                Err(e) if is_unknown_request(&e.code) => {
+                Err(CodecError::Unexpected(detail)) => {
                     let out = Outcome::refuse(
                         NetdErrorKind::InvalidRequest,
                         None,
                         format!(
-                            "unknown or malformed request ({e}); netd speaks protocol version {NETD_PROTOCOL_VERSION}"
+                            "not a request of netd protocol version {NETD_PROTOCOL_VERSION}: {}",
+                            truncate(&detail, MAX_DECODE_DETAIL)
                         ),
                     );
-                    let shown = format!("{:?}", truncate(text, 200));
+                    let shown = bounded(&String::from_utf8_lossy(&payload));
                     // Before Hello nothing but Hello is acceptable.
                     if !self.finish(stream, peer, &shown, out) || !hello_done {
                         return;
                     }
                     continue;
                 }
+                Err(CodecError::NotUtf8) => {
+                    self.audit_close(peer, "frame is not UTF-8");
+                    return;
+                }
                 Err(e) => {
-                    self.audit_close(peer, &format!("malformed frame: {e}"));
+                    let e = e.to_string();
+                    self.audit_close(
+                        peer,
+                        &format!("malformed frame: {}", truncate(&e, MAX_DECODE_DETAIL)),
+                    );
                     return;
                 }
             };
-            let shown = format!("{req:?}");
+            let shown = describe(&req);
             let (out, keep_going) = if hello_done {
-                (self.handle(&req, peer), true)
+                (self.handle(&req, peer, tenant), true)
             } else {
                 match req {
                     NetdRequest::Hello { version } if version == NETD_PROTOCOL_VERSION => {
@@ -290,7 +368,7 @@ impl Server {
 
     fn audit_close(&self, peer: &Peer, reason: &str) {
         log::debug!("closing connection of pid {}: {reason}", peer.pid);
-        if let Err(e) = self.audit.record(
+        if let Err(e) = self.audit.record_limited(
             peer,
             "<malformed>",
             &format!("result=closed reason={reason:?}"),
@@ -300,10 +378,19 @@ impl Server {
     }
 
     /// Audits, counts and sends an outcome; netd's copies of the fds close
-    /// when `out` drops here. Returns whether the connection is still usable.
+    /// when `out` drops here. A grant is always audited (or becomes a
+    /// refusal); refusals are audited within the peer's budget. Returns
+    /// whether the connection is still usable.
     fn finish(&self, stream: &UnixStream, peer: &Peer, request: &str, mut out: Outcome) -> bool {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.audit.record(peer, request, &out.audit) {
+        let audited = if out.granted() {
+            self.audit.record(peer, request, &out.audit)
+        } else {
+            self.audit
+                .record_limited(peer, request, &out.audit)
+                .map(|_| ())
+        };
+        if let Err(e) = audited {
             // No unaudited grant: refuse instead (the fds close on drop).
             log::error!("audit log: {e}");
             out = Outcome::refuse(
@@ -327,7 +414,7 @@ impl Server {
         }
     }
 
-    fn handle(&self, req: &NetdRequest, peer: &Peer) -> Outcome {
+    fn handle(&self, req: &NetdRequest, peer: &Peer, tenant: usize) -> Outcome {
         match req {
             NetdRequest::Hello { .. } => Outcome::refuse(
                 NetdErrorKind::InvalidRequest,
@@ -342,41 +429,52 @@ impl Server {
                         requests: c.requests.load(Ordering::Relaxed),
                         granted: c.granted.load(Ordering::Relaxed),
                         refused: c.refused.load(Ordering::Relaxed),
-                        clients: self.clients().len() as u64,
+                        clients: self.slots().in_use() as u64,
                     },
                     fds: Vec::new(),
                     audit: "result=granted".to_string(),
                 }
             }
-            NetdRequest::OpenVhost { queues } => self.open_vhost(*queues, peer),
+            NetdRequest::OpenVhost { queues } => self.open_vhost(*queues, tenant),
             NetdRequest::OpenTap {
                 name,
                 queues,
                 vnet_hdr,
                 vhost,
                 mac,
-            } => self.open_tap(name, *queues, *vnet_hdr, *vhost, *mac, peer),
+            } => self.open_tap(
+                TapAsk {
+                    name,
+                    queues: *queues,
+                    vnet_hdr: *vnet_hdr,
+                    vhost: *vhost,
+                    mac: *mac,
+                },
+                peer,
+                tenant,
+            ),
         }
+    }
+
+    fn tenant(&self, index: usize) -> Result<&Tenant, Outcome> {
+        self.policy.tenants.get(index).ok_or_else(|| {
+            Outcome::refuse(
+                NetdErrorKind::System,
+                None,
+                "internal error: tenant entry missing".to_string(),
+            )
+        })
     }
 
     /// The tenant's checks shared by OpenTap and OpenVhost.
     fn check_queues_vhost(
         &self,
-        peer: &Peer,
+        tenant: usize,
         queues: u16,
         vhost: bool,
         iface: Option<&str>,
-    ) -> Result<&crate::policy::Tenant, Outcome> {
-        let Some(t) = self.policy.tenant_for(peer.uid, peer.gid) else {
-            return Err(Outcome::refuse(
-                NetdErrorKind::UnknownTenant,
-                iface,
-                format!(
-                    "uid {} / gid {} has no tenant entry in the netd policy; ask the operator to add one",
-                    peer.uid, peer.gid
-                ),
-            ));
-        };
+    ) -> Result<&Tenant, Outcome> {
+        let t = self.tenant(tenant)?;
         if queues == 0 {
             return Err(Outcome::refuse(
                 NetdErrorKind::InvalidRequest,
@@ -404,8 +502,8 @@ impl Server {
         Ok(t)
     }
 
-    fn open_vhost(&self, queues: u16, peer: &Peer) -> Outcome {
-        if let Err(out) = self.check_queues_vhost(peer, queues, true, None) {
+    fn open_vhost(&self, queues: u16, tenant: usize) -> Outcome {
+        if let Err(out) = self.check_queues_vhost(tenant, queues, true, None) {
             return out;
         }
         match iface::open_vhost(queues) {
@@ -418,26 +516,25 @@ impl Server {
         }
     }
 
-    fn open_tap(
-        &self,
-        name: &str,
-        queues: u16,
-        vnet_hdr: bool,
-        vhost: bool,
-        mac: Option<[u8; 6]>,
-        peer: &Peer,
-    ) -> Outcome {
+    fn open_tap(&self, ask: TapAsk<'_>, peer: &Peer, tenant_index: usize) -> Outcome {
+        let TapAsk {
+            name,
+            queues,
+            vnet_hdr,
+            vhost,
+            mac,
+        } = ask;
         if !valid_ifname(name) {
             return Outcome::refuse(
                 NetdErrorKind::InvalidRequest,
                 Some(name),
-                format!(
-                    "{name:?} is not an interface name: use 1..15 characters of [A-Za-z0-9._-]"
-                ),
+                "the name is not an interface name: use 1..15 characters of [A-Za-z0-9._-]"
+                    .to_string(),
             );
         }
+        // From here on `name` is 1..15 safe characters.
         let iface_name = Some(name);
-        let tenant = match self.check_queues_vhost(peer, queues, vhost, iface_name) {
+        let tenant = match self.check_queues_vhost(tenant_index, queues, vhost, iface_name) {
             Ok(t) => t,
             Err(out) => return out,
         };
@@ -460,6 +557,20 @@ impl Server {
                 "the MAC address must be a unicast, non-zero address".to_string(),
             );
         }
+        let reservation = match self.taps.reserve(tenant_index, tenant.max_taps) {
+            Ok(r) => r,
+            Err(have) => {
+                log::debug!("uid {} is at its TAP limit ({have})", peer.uid);
+                return Outcome::refuse(
+                    NetdErrorKind::TooManyTaps,
+                    iface_name,
+                    format!(
+                        "this tenant has {have} TAPs, the most its policy allows (max_taps {}); end a VM (close its TAP fds) first",
+                        tenant.max_taps
+                    ),
+                );
+            }
+        };
         // vhost first: a refusal then creates no interface at all.
         let vhost_fds = if vhost {
             match iface::open_vhost(queues) {
@@ -474,6 +585,10 @@ impl Server {
             Err(e) => return refuse_iface(e, iface_name),
         };
         // On any error below, `taps` drops and the TAP disappears with it.
+        match iface::index_of(name) {
+            Ok(index) => reservation.commit(index),
+            Err(e) => return refuse_iface(e, iface_name),
+        }
         let attached = match &tenant.attach {
             Attach::Bridge(b) => iface::bridge_add_port(b, name).map(|()| format!("bridge={b:?}")),
             Attach::Routed(a) => match Cidr::parse(a) {
@@ -507,6 +622,23 @@ impl Server {
     }
 }
 
+/// The fields of an OpenTap request.
+struct TapAsk<'a> {
+    name: &'a str,
+    queues: u16,
+    vnet_hdr: bool,
+    vhost: bool,
+    mac: Option<[u8; 6]>,
+}
+
+fn cred_of(p: &Peer) -> PeerCred {
+    PeerCred {
+        pid: p.pid,
+        uid: p.uid,
+        gid: p.gid,
+    }
+}
+
 fn refuse_iface(e: IfaceError, iface: Option<&str>) -> Outcome {
     let kind = match &e {
         IfaceError::Exists(_) => NetdErrorKind::NameInUse,
@@ -521,36 +653,4 @@ fn refuse_iface(e: IfaceError, iface: Option<&str>) -> Outcome {
         _ => "",
     };
     Outcome::refuse(kind, iface, format!("{e}{hint}"))
-}
-
-/// A decode error of well-formed RON that is not a request this netd knows
-/// (a newer client's request, a missing field): worth a refusal rather than a
-/// closed connection.
-fn is_unknown_request(code: &ron::Error) -> bool {
-    matches!(
-        code,
-        ron::Error::NoSuchEnumVariant { .. }
-            | ron::Error::NoSuchStructField { .. }
-            | ron::Error::MissingStructField { .. }
-            | ron::Error::DuplicateStructField { .. }
-            | ron::Error::InvalidValueForType { .. }
-            | ron::Error::IntegerOutOfBounds
-    )
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-fn peer_of(stream: &UnixStream) -> nix::Result<Peer> {
-    let c = getsockopt(stream, PeerCredentials)?;
-    Ok(Peer {
-        pid: c.pid(),
-        uid: c.uid(),
-        gid: c.gid(),
-    })
 }

@@ -235,6 +235,7 @@ impl Drop for NetNs {
     }
 }
 pub mod echo_stream;
+pub mod hostile;
 pub mod net_guest;
 pub mod netd_harness;
 pub mod qmp;

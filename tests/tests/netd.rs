@@ -57,7 +57,7 @@ fn hello(s: &UnixStream) {
         &[],
     )
     .unwrap();
-    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME).unwrap();
+    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME, 0).unwrap();
     assert_eq!(
         r.msg,
         NetdResponse::Hello {
@@ -67,7 +67,7 @@ fn hello(s: &UnixStream) {
 }
 
 fn expect_refusal(s: &UnixStream, kind: NetdErrorKind) -> String {
-    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME).expect("a reply");
+    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME, 0).expect("a reply");
     assert!(r.fds.is_empty());
     match r.msg {
         NetdResponse::Error { kind: k, message } if k == kind => message,
@@ -315,7 +315,7 @@ fn malformed_input_each_followed_by_a_served_client() {
     .unwrap();
     expect_refusal(&s, NetdErrorKind::InvalidRequest);
     codec::send(&s, &NetdRequest::Status, &[]).unwrap();
-    let r: codec::Received<NetdResponse> = codec::recv(&s, NETD_MAX_FRAME).unwrap();
+    let r: codec::Received<NetdResponse> = codec::recv(&s, NETD_MAX_FRAME, 0).unwrap();
     assert!(matches!(r.msg, NetdResponse::Status { .. }), "{:?}", r.msg);
     drop(s);
     assert_served(&netd, &probe_bin, "vmm3");
@@ -469,7 +469,10 @@ fn frame_decoder_never_panics_on_random_input() {
         b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         a.write_all(&frame).unwrap();
         drop(a);
-        match (codec::recv::<_, NetdRequest>(&b, NETD_MAX_FRAME), expected) {
+        match (
+            codec::recv::<_, NetdRequest>(&b, NETD_MAX_FRAME, 0),
+            expected,
+        ) {
             (Ok(got), Some(want)) => {
                 assert_eq!(got.msg, want, "run {run}: {payload:?}");
                 decoded += 1;
@@ -519,7 +522,7 @@ fn live_netd_survives_random_frames() {
         };
         // netd may close before taking it all (it stops at the first bad byte).
         let sent = (&s).write_all(&raw_frame(&payload));
-        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME) {
+        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME, 0) {
             Ok(_) => answered += 1,
             Err(codec::CodecError::Timeout) => {
                 panic!("run {run} (seed {seed}): no answer and no close for {payload:?}")
@@ -650,7 +653,7 @@ fn client_cap_answers_busy_and_recovers() {
             },
             &[],
         );
-        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME) {
+        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME, 0) {
             Ok(r) if matches!(r.msg, NetdResponse::Hello { .. }) => return s,
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
@@ -691,7 +694,7 @@ fn one_uid_cannot_take_every_client_slot() {
             },
             &[],
         );
-        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME) {
+        match codec::recv::<_, NetdResponse>(&s, NETD_MAX_FRAME, 0) {
             Ok(r) if matches!(r.msg, NetdResponse::Hello { .. }) => return s,
             _ => std::thread::sleep(Duration::from_millis(50)),
         }

@@ -555,7 +555,7 @@ fn bad_api_requests_are_answered_and_the_vm_keeps_running() {
     let s = UnixStream::connect(&sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     codec::send(&s, &ApiRequest::Hello { version: 9999 }, &[]).unwrap();
-    let r = codec::recv::<_, ApiResponse>(&s, codec::DEFAULT_MAX_FRAME).unwrap();
+    let r = codec::recv::<_, ApiResponse>(&s, codec::DEFAULT_MAX_FRAME, 0).unwrap();
     assert!(matches!(r.msg, ApiResponse::Error { .. }), "{:?}", r.msg);
     drop(s);
 
@@ -597,7 +597,7 @@ fn bad_api_requests_are_answered_and_the_vm_keeps_running() {
         &[],
     )
     .unwrap();
-    let r = codec::recv::<_, ApiResponse>(&s, codec::DEFAULT_MAX_FRAME).unwrap();
+    let r = codec::recv::<_, ApiResponse>(&s, codec::DEFAULT_MAX_FRAME, 0).unwrap();
     assert!(matches!(r.msg, ApiResponse::Hello { .. }), "{:?}", r.msg);
     drop(s);
     assert!(vmctl_ok(&sock, "status").contains("Running"));
@@ -638,7 +638,7 @@ fn bad_api_requests_are_answered_and_the_vm_keeps_running() {
         &[],
     )
     .unwrap();
-    codec::recv::<_, ApiResponse>(&s, codec::DEFAULT_MAX_FRAME).unwrap();
+    codec::recv::<_, ApiResponse>(&s, codec::DEFAULT_MAX_FRAME, 0).unwrap();
     codec::send(
         &s,
         &ApiRequest::Migrate {
@@ -648,7 +648,7 @@ fn bad_api_requests_are_answered_and_the_vm_keeps_running() {
         &[],
     )
     .unwrap();
-    let r = codec::recv::<_, ApiResponse>(&s, codec::DEFAULT_MAX_FRAME).unwrap();
+    let r = codec::recv::<_, ApiResponse>(&s, codec::DEFAULT_MAX_FRAME, 0).unwrap();
     match &r.msg {
         ApiResponse::Error { message } => assert!(!message.is_empty()),
         ApiResponse::Migrated(m) => assert_ne!(m.result, "ok", "{m:?}"),

@@ -1,25 +1,45 @@
 //! The `--api-socket` server: vmctl's requests (common::api) on a UNIX
-//! socket, one thread, one connection at a time (requests are quick).
+//! socket created 0600 whatever the umask, for the vmm's own uid and root
+//! only (checked by SO_PEERCRED before anything is read).
+//!
+//! A few API threads (each under the api seccomp filter, started while
+//! thread creation is still allowed) accept connections, so that a client
+//! that stalls does not keep the others waiting; each connection has a read
+//! timeout and an overall deadline. What a request does to the machine goes
+//! through [`Runtime`], which orders pause, resume and a migration (a status
+//! is answered while a migration runs). After a migration handed the guest
+//! and this socket to a target, no thread here accepts again.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::api::{API_VERSION, ApiRequest, ApiResponse};
 use common::codec::{self, CodecError, DEFAULT_MAX_FRAME};
+use common::listener::{ConnLimits, Connection, ListenError, Listener, PeerCred};
 
 use crate::migration::source::MigrationWorker;
 use crate::runtime::Runtime;
 use crate::vm::ExitReason;
 
 const API_STACK_SIZE: usize = 128 * 1024;
-const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once (one thread each).
+pub const API_THREADS: usize = 4;
+/// Longest wait for the peer in one read or write.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection may take to send its requests, however it paces
+/// its bytes. (A migration's reply may come later: the deadline bounds
+/// what the peer sends, not how long a request takes.)
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("cannot listen on API socket {path}: {err}")]
-    Bind { path: PathBuf, err: std::io::Error },
+    #[error("cannot listen on API socket {}: {err}", path.display())]
+    Bind { path: PathBuf, err: ListenError },
+    #[error("the API socket taken over from the source: {0}")]
+    Adopt(std::io::Error),
     #[error("cannot start the API thread: {0}")]
     Thread(std::io::Error),
 }
@@ -31,88 +51,165 @@ pub struct ApiContext {
     pub migration: Arc<MigrationWorker>,
 }
 
+/// What the API threads share.
+struct Server {
+    listener: Listener,
+    ctx: ApiContext,
+    /// The uid the vmm runs as: with root, the only peer served.
+    owner: u32,
+    /// Set once the guest went to another vmm, which serves this socket.
+    handed_over: AtomicBool,
+}
+
 /// Binds the socket now, so errors reach the user at start.
-pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
-    UnixListener::bind(path).map_err(|err| ApiError::Bind {
+pub fn bind(path: &Path) -> Result<Listener, ApiError> {
+    Listener::bind(path, 0o600).map_err(|err| ApiError::Bind {
         path: path.to_path_buf(),
         err,
     })
 }
 
-/// Serves `listener` (bound here, or taken over from a migration source)
-/// from the API thread.
-pub fn spawn(listener: UnixListener, ctx: ApiContext) -> Result<(), ApiError> {
-    std::thread::Builder::new()
-        .name("api".into())
-        .stack_size(API_STACK_SIZE)
-        .spawn(move || {
-            crate::sandbox::enter_thread_or_exit(crate::sandbox::ThreadKind::Api);
-            serve(listener, ctx)
-        })
-        .map_err(ApiError::Thread)?;
+/// The listening socket a migration source handed over.
+pub fn adopt(listener: UnixListener) -> Result<Listener, ApiError> {
+    Listener::adopt(listener).map_err(ApiError::Adopt)
+}
+
+/// Serves `listener` from [`API_THREADS`] threads.
+pub fn spawn(listener: Listener, ctx: ApiContext) -> Result<(), ApiError> {
+    let server = Arc::new(Server {
+        listener,
+        ctx,
+        owner: nix::unistd::geteuid().as_raw(),
+        handed_over: AtomicBool::new(false),
+    });
+    for _ in 0..API_THREADS {
+        let server = Arc::clone(&server);
+        std::thread::Builder::new()
+            .name("api".into())
+            .stack_size(API_STACK_SIZE)
+            .spawn(move || {
+                crate::sandbox::enter_thread_or_exit(crate::sandbox::ThreadKind::Api);
+                server.serve()
+            })
+            .map_err(ApiError::Thread)?;
+    }
     Ok(())
 }
 
-fn serve(listener: UnixListener, ctx: ApiContext) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(s) => match handle_connection(&s, &ctx) {
-                Ok(Served::Continue) => {}
-                // The guest is gone to another vmm, which serves this
-                // socket from now on: accept nothing more here.
-                Ok(Served::Migrated) => return,
-                Err(e) => log::info!("API connection ended: {e}"),
-            },
-            Err(e) => log::warn!("API accept failed: {e}"),
-        }
-    }
-}
-
-enum Served {
-    Continue,
-    Migrated,
-}
-
-fn handle_connection(sock: &UnixStream, ctx: &ApiContext) -> Result<Served, CodecError> {
-    sock.set_read_timeout(Some(PEER_TIMEOUT))?;
-    sock.set_write_timeout(Some(PEER_TIMEOUT))?;
-    let hello = codec::recv::<_, ApiRequest>(sock, DEFAULT_MAX_FRAME)?;
-    match hello.msg {
-        ApiRequest::Hello { version } if version == API_VERSION => {
-            codec::send(
-                sock,
-                &ApiResponse::Hello {
-                    version: API_VERSION,
-                },
-                &[],
-            )?;
-        }
-        other => {
-            let message = format!("expected Hello with API version {API_VERSION}, got {other:?}");
-            codec::send(sock, &ApiResponse::Error { message }, &[])?;
-            return Ok(Served::Continue);
-        }
-    }
-    loop {
-        let req = match codec::recv::<_, ApiRequest>(sock, DEFAULT_MAX_FRAME) {
-            Ok(r) => r.msg,
-            Err(CodecError::Closed) => return Ok(Served::Continue),
-            Err(e) => return Err(e),
+impl Server {
+    fn serve(&self) {
+        let limits = ConnLimits {
+            io_timeout: PEER_TIMEOUT,
+            lifetime: CONNECTION_DEADLINE,
         };
-        let (resp, then) = respond(req, ctx);
-        let sent = codec::send(sock, &resp, &[]);
-        // The reason to exit goes out even when vmctl left early.
-        if let Some(reason) = then {
-            let migrated = matches!(reason, ExitReason::Migrated { .. });
-            ctx.runtime.exit.send(reason);
-            sent?;
-            return Ok(if migrated {
-                Served::Migrated
-            } else {
-                Served::Continue
-            });
+        while !self.handed_over.load(Ordering::SeqCst) {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::debug!("API accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if !peer.is_owner_or_root(self.owner) {
+                self.refuse_peer(stream, peer);
+                continue;
+            }
+            let conn = match Connection::new(stream, peer, limits) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::info!("API connection: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = self.handle_connection(&conn) {
+                log::info!("API connection ended: {e}");
+            }
         }
-        sent?;
+        // Park: the process exits shortly; the target accepts from now on.
+        loop {
+            std::thread::park();
+        }
+    }
+
+    /// One short answer, without reading and barely waiting, then the
+    /// connection closes.
+    fn refuse_peer(&self, stream: UnixStream, peer: PeerCred) {
+        log::info!("API: refused uid {} (pid {})", peer.uid, peer.pid);
+        // A short send timeout (setsockopt; FIONBIO is not in the api filter).
+        if stream
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .is_ok()
+        {
+            let message = format!(
+                "uid {} may not use this API: only uid {} and root may",
+                peer.uid, self.owner
+            );
+            let _ = codec::send(&stream, &ApiResponse::Error { message }, &[]);
+        }
+    }
+
+    /// Receives a request; requests carry no fds. Well-formed RON that is
+    /// not a request, and fds, are answered with an error (`Ok(None)` when
+    /// the connection can go on).
+    fn next_request(&self, conn: &Connection) -> Result<Option<ApiRequest>, CodecError> {
+        match conn.recv::<ApiRequest>(DEFAULT_MAX_FRAME, 0) {
+            Ok(r) => Ok(Some(r.msg)),
+            Err(CodecError::Unexpected(detail)) => {
+                let message = format!(
+                    "not a request of API version {API_VERSION}: {}",
+                    detail.chars().take(160).collect::<String>()
+                );
+                conn.send(&ApiResponse::Error { message }, &[])?;
+                Ok(None)
+            }
+            Err(e @ (CodecError::TooManyFds { .. } | CodecError::FdsTruncated)) => {
+                let message = format!("{e}: API requests carry no file descriptors");
+                let _ = conn.send(&ApiResponse::Error { message }, &[]);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn handle_connection(&self, conn: &Connection) -> Result<(), CodecError> {
+        match self.next_request(conn)? {
+            Some(ApiRequest::Hello { version }) if version == API_VERSION => {
+                conn.send(
+                    &ApiResponse::Hello {
+                        version: API_VERSION,
+                    },
+                    &[],
+                )?;
+            }
+            Some(other) => {
+                let message =
+                    format!("expected Hello with API version {API_VERSION}, got {other:?}");
+                return conn.send(&ApiResponse::Error { message }, &[]);
+            }
+            // Answered already; only Hello may come first.
+            None => return Ok(()),
+        }
+        loop {
+            let req = match self.next_request(conn) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(CodecError::Closed) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let (resp, then) = respond(req, &self.ctx);
+            let sent = conn.send(&resp, &[]);
+            // The reason to exit goes out even when vmctl left early.
+            if let Some(reason) = then {
+                if matches!(reason, ExitReason::Migrated { .. }) {
+                    self.handed_over.store(true, Ordering::SeqCst);
+                }
+                self.ctx.runtime.exit.send(reason);
+                return sent;
+            }
+            sent?;
+        }
     }
 }
 
@@ -135,9 +232,7 @@ fn respond(req: ApiRequest, ctx: &ApiContext) -> (ApiResponse, Option<ExitReason
             to,
             backend_transfer,
         } => {
-            let out = ctx
-                .migration
-                .migrate(std::path::Path::new(&to), backend_transfer);
+            let out = ctx.migration.migrate(Path::new(&to), backend_transfer);
             return (ApiResponse::Migrated(out.report), out.exit);
         }
     };

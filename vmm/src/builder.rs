@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -16,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use common::api::RunState;
+use common::listener::Listener;
 use common::migration::FdRole;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -177,9 +177,9 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
 enum ApiSocket {
     None,
     /// `--api-socket`, bound by this process.
-    Own(UnixListener, PathBuf),
+    Own(Listener, PathBuf),
     /// The source's listening socket, taken over in a migration.
-    Adopted(UnixListener),
+    Adopted(Listener),
 }
 
 fn bind_api(cfg: &VmConfig) -> Result<ApiSocket, BuildError> {
@@ -285,7 +285,12 @@ fn launch(
     let (listener, own_path) = match api {
         ApiSocket::None => (None, None),
         ApiSocket::Own(l, path) => (Some(l), Some(path)),
-        ApiSocket::Adopted(l) => (Some(l), None),
+        // Removed at exit like an own one (where Landlock lets this
+        // process: the target's sockets live beside its --incoming path).
+        ApiSocket::Adopted(l) => {
+            let path = l.path().to_path_buf();
+            (Some(l), Some(path).filter(|p| !p.as_os_str().is_empty()))
+        }
     };
     let api_dup: Option<OwnedFd> = match &listener {
         Some(l) => Some(
@@ -490,7 +495,7 @@ fn prepare(
     let memfd = source.take_memfd().map_err(Prepare::Refuse)?;
     let adopted = source.take_api_listener().map_err(Prepare::Refuse)?;
     let api = match (own_api, adopted) {
-        (ApiSocket::None, Some(l)) => ApiSocket::Adopted(l),
+        (ApiSocket::None, Some(l)) => ApiSocket::Adopted(api::adopt(l)?),
         // Started with --api-socket: the source's socket is not needed.
         (own, _) => own,
     };

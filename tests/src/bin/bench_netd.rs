@@ -1,8 +1,11 @@
 //! OpenTap latency (p50/p99) and throughput of netd with 1 and 32 concurrent
-//! clients. Starts its own netd (target/release/netd) in a network namespace
-//! of its own; run as root after `cargo build --release --workspace`.
+//! clients, then one tenant's OpenTap latency quiet and while 3 hostile uids
+//! (4242..4244, no tenant entry) flood netd with garbage, fd floods, long
+//! names and trickling connections (`netd_hostile mixed`). Starts its own
+//! netd (target/release/netd) in a network namespace of its own; run as root
+//! after `cargo build --release --workspace`.
 //!
-//! bench_netd [REQUESTS_PER_RUN]   (default 2000)
+//! bench_netd [REQUESTS_PER_RUN]   (default 2000; the hostile runs use a quarter)
 //!
 //! A request is what a VMM does at start-up: connect, Hello, OpenTap (one
 //! queue, vnet header, bridge attach, link up), receive and verify the fds;
@@ -10,9 +13,11 @@
 //! close too (the kernel's TAP teardown, shown apart as "close mean": most closes are
 //! quick, a few wait for the kernel's RCU/netdev teardown).
 
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::netd_harness::{Netd, TEST_POLICY};
+use tests::netd_harness::{Netd, TEST_POLICY, world_exec_copy};
 use vmm::net::netd_client::NetdClient;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -80,6 +85,45 @@ fn run(netd: &Netd, clients: usize, total: usize, tag: &str) -> Run {
     }
 }
 
+/// The hostile clients, killed on drop.
+struct Flood(Vec<Child>);
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn flood(netd: &Netd) -> Flood {
+    let exe = std::env::current_exe()
+        .expect("own path")
+        .with_file_name("netd_hostile");
+    assert!(
+        exe.exists(),
+        "{} is missing: cargo build --release --workspace",
+        exe.display()
+    );
+    let hostile = world_exec_copy(&exe, &netd.dir);
+    let sock = netd.socket.to_str().expect("utf-8 path").to_string();
+    Flood(
+        [4242u32, 4243, 4244]
+            .iter()
+            .map(|&uid| {
+                Command::new(&hostile)
+                    .args(["mixed", &sock, "600", &uid.to_string()])
+                    .uid(uid)
+                    .gid(uid)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn netd_hostile")
+            })
+            .collect(),
+    )
+}
+
 fn main() {
     let per_run: usize = std::env::args()
         .nth(1)
@@ -89,6 +133,13 @@ fn main() {
     // Warm up (page cache, bridge FDB, thread stacks).
     run(&netd, 4, 100, "w");
     let runs = [run(&netd, 1, per_run, "a"), run(&netd, 32, per_run, "b")];
+    let quiet = run(&netd, 1, per_run / 4, "q");
+    let hostile = {
+        let _flood = flood(&netd);
+        // Let the flood get going.
+        std::thread::sleep(Duration::from_millis(500));
+        run(&netd, 1, per_run / 4, "h")
+    };
     println!("netd OpenTap (connect + Hello + OpenTap + verify; fds closed after each)");
     println!(
         "{:>8} {:>9} {:>10} {:>10} {:>10} {:>10} {:>16}",
@@ -111,4 +162,23 @@ fn main() {
                 .as_micros()
         );
     }
+    println!();
+    println!("one tenant's OpenTap, quiet and while 3 hostile uids flood netd");
+    println!(
+        "{:>8} {:>9} {:>10} {:>10} {:>10}",
+        "case", "requests", "p50 (us)", "p99 (us)", "max (us)"
+    );
+    for (name, r) in [("quiet", &quiet), ("hostile", &hostile)] {
+        println!(
+            "{:>8} {:>9} {:>10} {:>10} {:>10}",
+            name,
+            r.requests,
+            percentile(&r.lat, 0.50).as_micros(),
+            percentile(&r.lat, 0.99).as_micros(),
+            r.lat.last().copied().unwrap_or_default().as_micros(),
+        );
+    }
+    let ratio = percentile(&hostile.lat, 0.99).as_secs_f64()
+        / percentile(&quiet.lat, 0.99).as_secs_f64().max(1e-9);
+    println!("p99 hostile / quiet: {ratio:.2} (target: within 2x)");
 }

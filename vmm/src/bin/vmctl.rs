@@ -83,17 +83,22 @@ fn call(socket: &str, request: &ApiRequest) -> Result<ApiResponse, String> {
     let hello = ApiRequest::Hello {
         version: API_VERSION,
     };
-    codec::send(&s, &hello, &[]).map_err(|e| format!("send: {e}"))?;
-    match codec::recv::<_, ApiResponse>(&s, DEFAULT_MAX_FRAME)
-        .map_err(|e| format!("receive: {e}"))?
-        .msg
-    {
+    // The vmm may refuse before reading (not its uid): its answer is still
+    // there to read when the send fails.
+    let sent = codec::send(&s, &hello, &[]);
+    let hello_reply = codec::recv::<_, ApiResponse>(&s, DEFAULT_MAX_FRAME, 0);
+    let reply = match (sent, hello_reply) {
+        (_, Ok(r)) => r,
+        (Err(e), Err(_)) => return Err(format!("send: {e}")),
+        (Ok(()), Err(e)) => return Err(format!("receive: {e}")),
+    };
+    match reply.msg {
         ApiResponse::Hello { .. } => {}
         ApiResponse::Error { message } => return Err(message),
         other => return Err(format!("unexpected answer to Hello: {other:?}")),
     }
     codec::send(&s, request, &[]).map_err(|e| format!("send: {e}"))?;
-    Ok(codec::recv::<_, ApiResponse>(&s, DEFAULT_MAX_FRAME)
+    Ok(codec::recv::<_, ApiResponse>(&s, DEFAULT_MAX_FRAME, 0)
         .map_err(|e| format!("receive: {e}"))?
         .msg)
 }

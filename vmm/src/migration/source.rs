@@ -169,7 +169,7 @@ fn wire(step: &'static str) -> impl FnOnce(CodecError) -> SourceError {
 }
 
 fn recv(sock: &UnixStream, step: &'static str) -> Result<TargetMsg, SourceError> {
-    let r = codec::recv::<_, TargetMsg>(sock, MIGRATION_MAX_FRAME).map_err(wire(step))?;
+    let r = codec::recv::<_, TargetMsg>(sock, MIGRATION_MAX_FRAME, 0).map_err(wire(step))?;
     if !r.fds.is_empty() {
         return Err(SourceError::Unexpected {
             step,

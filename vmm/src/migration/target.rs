@@ -24,9 +24,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use common::codec::{self, CodecError};
+use common::listener::{ListenError, Listener, PeerCred};
 use common::migration::{
-    FdRole, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, MachineShape, SourceMsg, TargetMsg,
-    monotonic_ns,
+    FdRole, MIGRATION_MAX_FDS, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, MachineShape,
+    SourceMsg, TargetMsg, monotonic_ns,
 };
 use nix::sys::socket::{getsockopt, sockopt};
 
@@ -36,7 +37,7 @@ use crate::persist::{FdTable, MachineState, check_format};
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("cannot listen on {path}: {err}")]
-    Bind { path: PathBuf, err: std::io::Error },
+    Bind { path: PathBuf, err: ListenError },
     #[error("accept on the incoming socket: {0}")]
     Accept(std::io::Error),
     #[error("refused the source: {0}")]
@@ -65,8 +66,7 @@ pub enum Phase {
 
 /// The listening `--incoming` socket.
 pub struct Incoming {
-    listener: UnixListener,
-    path: PathBuf,
+    listener: Listener,
 }
 
 /// What the source said in its Hello.
@@ -88,26 +88,17 @@ pub struct Source {
 
 impl Incoming {
     /// Listens on `path`, a socket only this uid (and root) can connect to:
-    /// created with mode 0600 whatever the umask.
+    /// mode 0600 whatever the umask.
     pub fn bind(path: &Path) -> Result<Self, TargetError> {
-        let bind_err = |err| TargetError::Bind {
+        let listener = Listener::bind(path, 0o600).map_err(|err| TargetError::Bind {
             path: path.to_path_buf(),
             err,
-        };
-        // Still single-threaded for file creation: nothing else creates
-        // files while the mask is narrowed.
-        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-        let listener = UnixListener::bind(path);
-        nix::sys::stat::umask(old);
-        let listener = listener.map_err(bind_err)?;
-        Ok(Incoming {
-            listener,
-            path: path.to_path_buf(),
-        })
+        })?;
+        Ok(Incoming { listener })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.listener.path()
     }
 
     /// Waits for the source: a peer of this uid (or root) that says a
@@ -115,8 +106,8 @@ impl Incoming {
     /// peers that do not manage a Hello are dropped; both are forgotten.
     pub fn accept(&self) -> Result<Source, TargetError> {
         loop {
-            let (sock, _) = self.listener.accept().map_err(TargetError::Accept)?;
-            match greet(sock) {
+            let (sock, peer) = self.listener.accept().map_err(TargetError::Accept)?;
+            match greet(sock, peer) {
                 Ok(Some(s)) => return Ok(s),
                 Ok(None) => continue,
                 Err(e) => return Err(e),
@@ -128,43 +119,36 @@ impl Incoming {
 impl Drop for Incoming {
     fn drop(&mut self) {
         // The socket is this process's; a stale one would block a restart.
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.listener.path());
     }
 }
 
 /// `Ok(None)`: not the source (refused or silent), keep listening.
-fn greet(sock: UnixStream) -> Result<Option<Source>, TargetError> {
-    // SAFETY: getuid has no preconditions.
-    let me = unsafe { libc::getuid() };
-    match getsockopt(&sock, sockopt::PeerCredentials) {
-        Ok(c) if c.uid() == me || c.uid() == 0 => {}
-        Ok(c) => {
-            log::warn!(
-                "incoming: refused a peer of uid {} (pid {}): only uid {me} may migrate in",
-                c.uid(),
-                c.pid()
-            );
-            let _ = sock.set_write_timeout(Some(STEP_TIMEOUT));
-            let _ = codec::send(
-                &sock,
-                &TargetMsg::Refused {
-                    reason: format!("uid {} may not migrate into this vmm", c.uid()),
-                },
-                &[],
-            );
-            return Ok(None);
-        }
-        Err(e) => {
-            log::warn!("incoming: cannot read the peer's credentials: {e}");
-            return Ok(None);
-        }
+fn greet(sock: UnixStream, peer: PeerCred) -> Result<Option<Source>, TargetError> {
+    let me = nix::unistd::getuid().as_raw();
+    if !peer.is_owner_or_root(me) {
+        log::warn!(
+            "incoming: refused a peer of uid {} (pid {}): only uid {me} may migrate in",
+            peer.uid,
+            peer.pid
+        );
+        let _ = sock.set_write_timeout(Some(STEP_TIMEOUT));
+        let _ = codec::send(
+            &sock,
+            &TargetMsg::Refused {
+                reason: format!("uid {} may not migrate into this vmm", peer.uid),
+            },
+            &[],
+        );
+        return Ok(None);
     }
     if sock.set_read_timeout(Some(HELLO_TIMEOUT)).is_err()
         || sock.set_write_timeout(Some(STEP_TIMEOUT)).is_err()
     {
         return Ok(None);
     }
-    let mut r = match codec::recv::<_, SourceMsg<()>>(&sock, MIGRATION_MAX_FRAME) {
+    let mut r = match codec::recv::<_, SourceMsg<()>>(&sock, MIGRATION_MAX_FRAME, MIGRATION_MAX_FDS)
+    {
         Ok(r) => r,
         Err(e) => {
             log::warn!("incoming: a peer left without a valid Hello: {e}");
@@ -365,7 +349,7 @@ impl Source {
     }
 
     fn recv(&self, step: &'static str) -> Result<SourceMsg<MachineState>, TargetError> {
-        let r = codec::recv::<_, SourceMsg<MachineState>>(&self.sock, MIGRATION_MAX_FRAME)
+        let r = codec::recv::<_, SourceMsg<MachineState>>(&self.sock, MIGRATION_MAX_FRAME, 0)
             .map_err(|err| TargetError::Wire { step, err })?;
         if !r.fds.is_empty() {
             return Err(TargetError::Unexpected {

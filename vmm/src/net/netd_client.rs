@@ -191,9 +191,12 @@ impl NetdClient {
     /// Exchanges Hello over an already connected socket.
     pub fn from_stream(sock: UnixStream) -> Result<Self, NetdClientError> {
         let mut c = NetdClient { sock };
-        let (resp, _) = c.exchange(&NetdRequest::Hello {
-            version: NETD_PROTOCOL_VERSION,
-        })?;
+        let (resp, _) = c.exchange(
+            &NetdRequest::Hello {
+                version: NETD_PROTOCOL_VERSION,
+            },
+            0,
+        )?;
         match resp {
             NetdResponse::Hello { version } if version == NETD_PROTOCOL_VERSION => Ok(c),
             other => Err(NetdClientError::Protocol(format!(
@@ -202,14 +205,22 @@ impl NetdClient {
         }
     }
 
-    /// Sends a request and receives the response with its fds. A refusal
-    /// becomes `Refused`, and fds that came with it are closed.
+    /// Sends a request and receives the response with at most `max_fds`
+    /// fds (more are closed and an error). A refusal becomes `Refused`, and
+    /// fds that came with it are closed. netd may refuse a connection before
+    /// reading anything (a uid without a tenant entry, no free slot) and
+    /// close it: a failed send still reads that answer.
     fn exchange(
         &mut self,
         req: &NetdRequest,
+        max_fds: usize,
     ) -> Result<(NetdResponse, Vec<OwnedFd>), NetdClientError> {
-        codec::send(&self.sock, req, &[])?;
-        let r: codec::Received<NetdResponse> = codec::recv(&self.sock, NETD_MAX_FRAME)?;
+        let sent = codec::send(&self.sock, req, &[]);
+        let received = codec::recv::<_, NetdResponse>(&self.sock, NETD_MAX_FRAME, max_fds);
+        let r = match (sent, received) {
+            (_, Ok(r)) => r,
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e.into()),
+        };
         match r.msg {
             NetdResponse::Error { kind, message } => {
                 Err(NetdClientError::Refused { kind, message })
@@ -227,13 +238,17 @@ impl NetdClient {
         vhost: bool,
         mac: Option<[u8; 6]>,
     ) -> Result<TapFds, NetdClientError> {
-        let (resp, mut fds) = self.exchange(&NetdRequest::OpenTap {
-            name: name.to_string(),
-            queues,
-            vnet_hdr,
-            vhost,
-            mac,
-        })?;
+        let want_fds = usize::from(queues) * if vhost { 2 } else { 1 };
+        let (resp, mut fds) = self.exchange(
+            &NetdRequest::OpenTap {
+                name: name.to_string(),
+                queues,
+                vnet_hdr,
+                vhost,
+                mac,
+            },
+            want_fds,
+        )?;
         let NetdResponse::Tap {
             name: got_name,
             queues: got_queues,
@@ -282,7 +297,7 @@ impl NetdClient {
 
     /// Asks for `queues` vhost-net fds only (e.g. for a migration target).
     pub fn open_vhost(&mut self, queues: u16) -> Result<Vec<OwnedFd>, NetdClientError> {
-        let (resp, fds) = self.exchange(&NetdRequest::OpenVhost { queues })?;
+        let (resp, fds) = self.exchange(&NetdRequest::OpenVhost { queues }, usize::from(queues))?;
         match resp {
             NetdResponse::Vhost { vhost_fds }
                 if vhost_fds == queues && fds.len() == usize::from(queues) =>
@@ -301,7 +316,7 @@ impl NetdClient {
 
     /// netd's status counters (the whole response).
     pub fn status(&mut self) -> Result<NetdResponse, NetdClientError> {
-        let (resp, _) = self.exchange(&NetdRequest::Status)?;
+        let (resp, _) = self.exchange(&NetdRequest::Status, 0)?;
         match resp {
             NetdResponse::Status { .. } => Ok(resp),
             other => Err(NetdClientError::Protocol(format!(
@@ -328,7 +343,7 @@ mod tests {
     fn fake_netd(script: Vec<(NetdResponse, Vec<std::fs::File>)>) -> UnixStream {
         let (client, server) = UnixStream::pair().unwrap();
         std::thread::spawn(move || {
-            let _: codec::Received<NetdRequest> = codec::recv(&server, NETD_MAX_FRAME).unwrap();
+            let _: codec::Received<NetdRequest> = codec::recv(&server, NETD_MAX_FRAME, 0).unwrap();
             codec::send(
                 &server,
                 &NetdResponse::Hello {
@@ -338,7 +353,7 @@ mod tests {
             )
             .unwrap();
             for (resp, files) in script {
-                if codec::recv::<_, NetdRequest>(&server, NETD_MAX_FRAME).is_err() {
+                if codec::recv::<_, NetdRequest>(&server, NETD_MAX_FRAME, 0).is_err() {
                     return;
                 }
                 let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
