@@ -25,6 +25,7 @@ const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
 const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCSIFADDR: libc::c_ulong = 0x8916;
 const SIOCSIFNETMASK: libc::c_ulong = 0x891c;
+const SIOCSIFHWADDR: libc::c_ulong = 0x8924;
 const SIOCBRADDBR: libc::c_ulong = 0x89a0;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 
@@ -78,6 +79,13 @@ impl IfReq {
 
     fn set_int(&mut self, v: i32) {
         self.data[..4].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    /// An Ethernet hardware address (`struct sockaddr` with ARPHRD_ETHER).
+    fn set_ether(&mut self, mac: [u8; 6]) {
+        self.data = [0; 24];
+        self.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
+        self.data[2..8].copy_from_slice(&mac);
     }
 
     fn set_ipv4(&mut self, a: Ipv4Addr) {
@@ -183,11 +191,28 @@ pub fn ensure_bridge(name: &str, address: Option<Cidr>) -> Result<bool, IfaceErr
     if r < 0 {
         return Err(sys("SIOCBRADDBR", name)(io::Error::last_os_error()));
     }
+    // A bridge whose address was never set takes the lowest MAC of its
+    // ports, so it would change as TAPs come and go (a migration onto a new
+    // TAP, a VM started or stopped), and guests' ARP entries for the host
+    // address would go stale. A fixed one, derived from the name, stays.
+    let mut ifr = IfReq::new(name);
+    ifr.set_ether(bridge_mac(name));
+    ifreq_ioctl(&s, SIOCSIFHWADDR, &mut ifr).map_err(sys("SIOCSIFHWADDR", name))?;
     if let Some(a) = address {
         set_address(name, a)?;
     }
     link_up(name)?;
     Ok(true)
+}
+
+/// A locally administered unicast MAC for bridge `name` (FNV-1a of the
+/// name): the same on every start, different per bridge.
+pub fn bridge_mac(name: &str) -> [u8; 6] {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let b = h.to_be_bytes();
+    [0x02, b[3], b[4], b[5], b[6], b[7]]
 }
 
 /// Enslaves `port` to `bridge`.
@@ -264,4 +289,18 @@ pub fn open_vhost(n: u16) -> Result<Vec<File>, IfaceError> {
         v.push(f);
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_macs_are_stable_local_unicast_and_per_name() {
+        let a = bridge_mac("vmbr0");
+        assert_eq!(a, bridge_mac("vmbr0"));
+        assert_ne!(a, bridge_mac("vmbr1"));
+        assert_eq!(a[0] & 1, 0, "unicast");
+        assert_eq!(a[0] & 2, 2, "locally administered");
+    }
 }

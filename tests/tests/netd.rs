@@ -103,6 +103,16 @@ fn granted_tap_is_attached_up_held_by_the_client_only_and_vanishes() {
         .ns
         .exec(&["ip", "-o", "-4", "addr", "show", "dev", "vmbr0"]);
     assert!(br.contains("10.0.1.1/24"), "{br}");
+    // With an address of its own (locally administered, from its name), so
+    // that it does not follow its ports' MACs as TAPs come and go.
+    let bridge_mac = || {
+        netd.ns
+            .exec(&["cat", "/sys/class/net/vmbr0/address"])
+            .trim()
+            .to_string()
+    };
+    let mac_before = bridge_mac();
+    assert!(mac_before.starts_with("02:"), "{mac_before}");
 
     let held = probe_hold(
         &probe_bin,
@@ -116,6 +126,7 @@ fn granted_tap_is_attached_up_held_by_the_client_only_and_vanishes() {
 
     let link = netd.ns.exec(&["ip", "-d", "link", "show", "vm0"]);
     assert!(link.contains("master vmbr0"), "not on the bridge: {link}");
+    assert_eq!(bridge_mac(), mac_before, "the bridge took a port's MAC");
     assert!(link.contains(",UP"), "not up: {link}");
     assert!(link.contains("tun type tap"), "{link}");
     assert!(link.contains("multi_queue"), "{link}");
