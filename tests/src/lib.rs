@@ -92,6 +92,7 @@ impl Drop for NetNs {
             .status();
     }
 }
+pub mod migration_harness;
 pub mod net_guest;
 pub mod netd_harness;
 pub mod rng;
