@@ -103,7 +103,8 @@ pub struct Vmm {
     pub runtime: Arc<Runtime>,
     exit_rx: Receiver<ExitReason>,
     vcpu_threads: Vec<JoinHandle<()>>,
-    /// The API socket path this process created (removed at exit).
+    /// The API socket path this process serves (created, or adopted in a
+    /// migration): removed at exit unless a target takes it over.
     api_socket: Option<PathBuf>,
 }
 
@@ -275,7 +276,16 @@ fn launch(
     let (listener, own_path) = match api {
         ApiSocket::None => (None, None),
         ApiSocket::Own(l, path) => (Some(l), Some(path)),
-        ApiSocket::Adopted(l) => (Some(l), None),
+        // The adopted socket is this process's now: it removes the path
+        // at exit like its own (Landlock allows it when the path is in the
+        // `--incoming` socket's directory, as is usual; else it stays).
+        ApiSocket::Adopted(l) => {
+            let path = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()));
+            (Some(l), path)
+        }
     };
     let api_dup: Option<OwnedFd> = match &listener {
         Some(l) => Some(
