@@ -5,49 +5,15 @@
 //! never asked (backend transfer). Also: netd stopped, multiqueue, two
 //! NICs, 20 migrations in a row, a paused guest, the classic path.
 
-use std::process::ExitStatus;
 use std::time::Instant;
 
 use tests::migration_harness::{
-    EchoStream, GuestSpec, MEMORY, MigEnv, Pinger, SETTLE, TargetSpec, Vm, assert_answers_ping,
+    EchoStream, Exits, GuestSpec, MEMORY, MigEnv, Pinger, SETTLE, TargetSpec, Vm, assert_answers_ping,
     assert_ticks_continuous, boot_id, fd_count, guest_stats, migrate, start_source, start_target,
     ticks, vmctl,
 };
 use tests::net_guest::{guest_ip, guest_mac};
 use tests::netd_harness::wait_for;
-
-/// The exits of the sources of a test. Each must be 0 after a successful
-/// migration; checked at the end of the test so that a source's death
-/// does not hide what the rest of the test checks. A SIGSYS death (status
-/// 159, seccomp kill) is a known exit-path bug being fixed elsewhere: it
-/// is said so loudly, and still fails the test.
-#[derive(Default)]
-struct Exits(Vec<(String, ExitStatus, String)>);
-
-impl Exits {
-    fn wait(&mut self, vm: &mut Vm, what: &str) {
-        let st = vm.wait_exit(SETTLE);
-        if st.code().is_none() || st.code() == Some(159) {
-            eprintln!("NOTE: {what} died after the migration ({st})");
-        }
-        self.0.push((what.to_string(), st, vm.proc.stderr()));
-    }
-
-    fn assert_all_ok(&self) {
-        let bad: Vec<String> = self
-            .0
-            .iter()
-            .filter(|(_, st, _)| st.code() != Some(0))
-            .map(|(w, st, e)| format!("{w}: {st} {e}"))
-            .collect();
-        assert!(
-            bad.is_empty(),
-            "{} of {} sources did not exit 0 after migrating: {bad:#?}",
-            bad.len(),
-            self.0.len()
-        );
-    }
-}
 
 /// Waits until the target's serial shows `n` more heartbeats than now.
 fn wait_ticks(vm: &Vm, n: usize) {
