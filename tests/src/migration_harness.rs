@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::codec::{self, CodecError};
 use common::migration::{
-    FdRole, FormatVersion, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, MachineShape,
-    NetShape, SourceMsg, TargetMsg,
+    FdRole, FormatVersion, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, MachineShape, NetShape,
+    SourceMsg, TargetMsg,
 };
 
 use crate::bin;
@@ -484,8 +484,7 @@ pub fn migrate(api: &Path, to: &Path, extra: &[&str]) -> MigrateOutcome {
     let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
     MigrateOutcome {
         code: out.status.code(),
-        json: serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("vmctl printed {text:?}: {e}")),
+        json: serde_json::from_str(&text).unwrap_or_else(|e| panic!("vmctl printed {text:?}: {e}")),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         took: t0.elapsed(),
     }
@@ -528,10 +527,7 @@ pub fn ticks(text: &str) -> Vec<u64> {
 /// 3... without a gap or a repeat. A line cut by a migration is joined.
 pub fn assert_ticks_continuous(serials: &[String]) {
     for (i, s) in serials.iter().enumerate() {
-        assert!(
-            !ticks(s).is_empty(),
-            "vmm #{i} printed no heartbeat:\n{s}"
-        );
+        assert!(!ticks(s).is_empty(), "vmm #{i} printed no heartbeat:\n{s}");
     }
     let all = ticks(&serials.concat());
     assert!(!all.is_empty(), "no heartbeat at all");
@@ -848,8 +844,8 @@ impl HelloSeen {
 impl Peer {
     /// Connects to a (real) target as this process (root).
     pub fn connect(path: &Path) -> Self {
-        let sock = UnixStream::connect(path)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        let sock =
+            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
         sock.set_read_timeout(Some(SETTLE)).expect("timeout");
         Peer { sock }
     }
@@ -895,7 +891,9 @@ impl Peer {
     /// Reads exactly `n` bytes of whatever comes.
     pub fn read_bytes(&self, n: usize) -> Vec<u8> {
         let mut buf = vec![0u8; n];
-        (&self.sock).read_exact(&mut buf).expect("read from the peer");
+        (&self.sock)
+            .read_exact(&mut buf)
+            .expect("read from the peer");
         buf
     }
 
@@ -995,7 +993,11 @@ pub fn memfd(len: u64) -> OwnedFd {
     // SAFETY: memfd_create with a NUL-terminated name; the fd it returns
     // is ours alone.
     let raw = unsafe { libc::memfd_create(c"fake-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    assert!(
+        raw >= 0,
+        "memfd_create: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: `raw` is a fresh fd nothing else owns.
     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
     let f = std::fs::File::from(fd);

@@ -8,9 +8,9 @@
 use std::time::Instant;
 
 use tests::migration_harness::{
-    EchoStream, Exits, GuestSpec, MEMORY, MigEnv, Pinger, SETTLE, TargetSpec, Vm, assert_answers_ping,
-    assert_ticks_continuous, boot_id, fd_count, guest_stats, migrate, start_source, start_target,
-    ticks, vmctl,
+    EchoStream, Exits, GuestSpec, MEMORY, MigEnv, Pinger, SETTLE, TargetSpec, Vm,
+    assert_answers_ping, assert_ticks_continuous, boot_id, fd_count, guest_stats, migrate,
+    start_source, start_target, ticks, vmctl,
 };
 use tests::net_guest::{guest_ip, guest_mac};
 use tests::netd_harness::wait_for;
@@ -223,7 +223,10 @@ fn two_nics_move_together_on_their_own_taps() {
         .iter()
         .zip([("vm0", guest_mac(1), 1), ("vm1", guest_mac(2), 2)])
     {
-        assert_eq!((n["tap"].as_str(), n["mac"].as_str()), (Some(tap), Some(mac.as_str())));
+        assert_eq!(
+            (n["tap"].as_str(), n["mac"].as_str()),
+            (Some(tap), Some(mac.as_str()))
+        );
         assert_eq!(n["queues"], q, "{st}");
     }
     shutdown(&api, &mut tgt.vm);
@@ -274,7 +277,8 @@ fn twenty_chained_migrations_under_traffic_leak_nothing() {
                         .map(|e| {
                             let p = e.path();
                             let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
-                            let wchan = std::fs::read_to_string(p.join("wchan")).unwrap_or_default();
+                            let wchan =
+                                std::fs::read_to_string(p.join("wchan")).unwrap_or_default();
                             format!("{}:{wchan}", comm.trim())
                         })
                         .collect()
@@ -307,7 +311,10 @@ fn twenty_chained_migrations_under_traffic_leak_nothing() {
         downtimes[HOPS / 2],
         downtimes[HOPS - 1]
     );
-    assert_eq!(last_fds, first_fds, "fd count of the first and the last vmm");
+    assert_eq!(
+        last_fds, first_fds,
+        "fd count of the first and the last vmm"
+    );
 
     shutdown(&api, &mut cur);
     // Nothing left: no vmm of the chain, no socket, no interface.

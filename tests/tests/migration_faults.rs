@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::migration::{FdRole, SourceMsg, TargetMsg};
 use tests::migration_harness::{
-    Captured, Exits, FakeTarget, GuestSpec, MEMORY_BYTES, MigEnv, Peer, SETTLE, Target,
-    TargetSpec, Vm, assert_answers_ping, capture_from_source, hello, memfd, migrate,
-    migrate_in_background, one_nic_shape, start_source, start_target,
+    Captured, Exits, FakeTarget, GuestSpec, MEMORY_BYTES, MigEnv, Peer, SETTLE, Target, TargetSpec,
+    Vm, assert_answers_ping, capture_from_source, hello, memfd, migrate, migrate_in_background,
+    one_nic_shape, start_source, start_target,
 };
 use vmm::persist::MACHINE_STATE_FORMAT;
 
@@ -76,8 +76,13 @@ impl Guest {
     fn migrate_ok(&mut self, after: &str) {
         let tgt = start_target(&self.env, &TargetSpec::like(&self.spec));
         let out = migrate(&self.api, &tgt.incoming, &[]);
-        assert_eq!(out.result(), "ok", "second migration after {after}: {out:?}");
-        self.exits.wait(&mut self.cur, &format!("source before {after}"));
+        assert_eq!(
+            out.result(),
+            "ok",
+            "second migration after {after}: {out:?}"
+        );
+        self.exits
+            .wait(&mut self.cur, &format!("source before {after}"));
         self.cur = tgt.vm;
         assert_answers_ping(&self.env, 1, &format!("on the new target after {after}"));
         assert_eq!(self.env.ifindex("vm0"), self.ifindex);
@@ -132,7 +137,11 @@ fn a_target_dying_after_hello_during_state_or_after_loaded_costs_nothing() {
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
     assert!(r.contains("Hello"), "{r}");
-    assert_eq!(out.json["downtime_us"], 0, "the guest paused: {:?}", out.json);
+    assert_eq!(
+        out.json["downtime_us"], 0,
+        "the guest paused: {:?}",
+        out.json
+    );
     g.assert_serves("a target that died after Hello");
     g.migrate_ok("a target that died after Hello");
 
@@ -185,7 +194,11 @@ fn a_silent_target_is_given_up_within_seconds() {
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
     assert!(r.contains("timed out"), "{r}");
-    assert!(out.took < Duration::from_secs(30), "gave up after {:?}", out.took);
+    assert!(
+        out.took < Duration::from_secs(30),
+        "gave up after {:?}",
+        out.took
+    );
     eprintln!("silent after Hello: given up after {:?}", out.took);
     drop(peer);
     g.assert_serves("a target silent after Hello");
@@ -200,7 +213,11 @@ fn a_silent_target_is_given_up_within_seconds() {
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
     assert!(r.contains("timed out"), "{r}");
-    assert!(out.took < Duration::from_secs(30), "gave up after {:?}", out.took);
+    assert!(
+        out.took < Duration::from_secs(30),
+        "gave up after {:?}",
+        out.took
+    );
     eprintln!("silent after State: given up after {:?}", out.took);
     drop(peer);
     g.assert_serves("a target silent after State");
@@ -365,7 +382,8 @@ fn a_hostile_source_gets_a_clear_error_and_the_tap_is_untouched() {
         ),
         (
             "a descriptor table outside guest RAM",
-            c.state.replacen("desc_table:", "desc_table:1099511627776,x_:", 1),
+            c.state
+                .replacen("desc_table:", "desc_table:1099511627776,x_:", 1),
             "State",
         ),
         (
@@ -382,7 +400,10 @@ fn a_hostile_source_gets_a_clear_error_and_the_tap_is_untouched() {
     for (what, state, needle) in hostile {
         assert_ne!(state, c.state, "{what}: the fixture edit did not apply");
         let (mut t, peer, answer) = hello_to_target(&g, &ok, &real_fds(&c));
-        assert!(matches!(answer, TargetMsg::Ready { .. }), "{what}: {answer:?}");
+        assert!(
+            matches!(answer, TargetMsg::Ready { .. }),
+            "{what}: {answer:?}"
+        );
         peer.send_payload(&format!("State({state})"), &[]);
         let answer = peer.recv_target_msg();
         assert!(
@@ -404,7 +425,11 @@ fn a_hostile_source_gets_a_clear_error_and_the_tap_is_untouched() {
         queue: 0,
     });
     let cases: [(&str, [BorrowedFd<'_>; 2], &str); 3] = [
-        ("RAM regions larger than the memfd", [small.as_fd(), tap], "memfd"),
+        (
+            "RAM regions larger than the memfd",
+            [small.as_fd(), tap],
+            "memfd",
+        ),
         ("a pipe as the memfd", [pipe_r.as_fd(), tap], "memfd"),
         (
             "/dev/null as the TAP queue",
@@ -424,7 +449,18 @@ fn a_hostile_source_gets_a_clear_error_and_the_tap_is_untouched() {
     }
     // A shape that is not the target's at all, with a fake memfd.
     let big = one_nic_shape(MEMORY_BYTES * 2, "vm0", 1, 1);
-    let msg = hello(MACHINE_STATE_FORMAT, big, true, vec![FdRole::GuestRam, FdRole::TapQueue { net: "vm0".into(), queue: 0 }]);
+    let msg = hello(
+        MACHINE_STATE_FORMAT,
+        big,
+        true,
+        vec![
+            FdRole::GuestRam,
+            FdRole::TapQueue {
+                net: "vm0".into(),
+                queue: 0,
+            },
+        ],
+    );
     let (mut t, _peer, answer) = hello_to_target(&g, &msg, &[small.as_fd(), tap]);
     assert!(matches!(&answer, TargetMsg::Refused { .. }), "{answer:?}");
     assert_target_failed(&mut t, "memory");
@@ -439,7 +475,10 @@ fn a_hostile_source_gets_a_clear_error_and_the_tap_is_untouched() {
 fn a_peer_of_another_uid_cannot_migrate_in_and_the_target_waits_for_the_source() {
     let mut g = Guest::start("mf6", "");
     let mut t = start_target(&g.env, &TargetSpec::like(&g.spec));
-    let mode = std::fs::metadata(&t.incoming).expect("stat").permissions().mode();
+    let mode = std::fs::metadata(&t.incoming)
+        .expect("stat")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "the incoming socket's mode");
 
     // As uid 4242: a Hello-less connect and read. The 0600 socket refuses
@@ -471,8 +510,7 @@ print('reply', d[4:].decode(errors='replace'))\n";
     };
     let said = knock();
     assert_eq!(said, format!("connect {}", libc::EACCES), "{said}");
-    std::fs::set_permissions(&t.incoming, std::fs::Permissions::from_mode(0o777))
-        .expect("chmod");
+    std::fs::set_permissions(&t.incoming, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     let said = knock();
     assert!(
         said.starts_with("reply Refused") && said.contains("4242"),
