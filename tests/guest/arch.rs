@@ -86,6 +86,20 @@ pub fn halt_forever() -> ! {
     }
 }
 
+/// Ends the vCPU on purpose (`testguest.fault`): an empty IDT, then an
+/// invalid opcode. Real hardware cannot deliver the #UD, nor the #DF after
+/// it: a triple fault (KVM_EXIT_SHUTDOWN). The nested KVM of the test hosts
+/// cannot deliver exceptions at all and reports an emulation failure
+/// (KVM_EXIT_INTERNAL_ERROR). Either way the VMM sees a failed vCPU.
+pub fn triple_fault() -> ! {
+    // limit 0, base 0: every vector is outside the IDT.
+    let idtr = [0u16; 5];
+    // SAFETY: deliberately ends the guest; nothing runs afterwards.
+    unsafe {
+        asm!("cli", "lidt [{0}]", "ud2", in(reg) idtr.as_ptr(), options(noreturn, nostack))
+    }
+}
+
 /// Full memory barrier between our ring writes and the device's view.
 pub fn mb() {
     core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);

@@ -20,6 +20,10 @@ pub struct Config {
     /// Address and prefix length.
     pub ip: Option<([u8; 4], u8)>,
     pub exit: bool,
+    /// `testguest.reset`: after the banner, only the i8042 reset.
+    pub reset: bool,
+    /// `testguest.fault`: after the banner, a deliberate triple fault.
+    pub fault: bool,
     pub heartbeat_ms: Option<u32>,
     /// `testguest.txqueue=N`: use at most N tx descriptors (tests use a
     /// tiny ring to exercise the wait-for-space path).
@@ -84,6 +88,14 @@ pub fn parse(cmdline: &[u8]) -> Config {
             }
             (b"testguest.exit", None) => {
                 cfg.exit = true;
+                true
+            }
+            (b"testguest.reset", None) => {
+                cfg.reset = true;
+                true
+            }
+            (b"testguest.fault", None) => {
+                cfg.fault = true;
                 true
             }
             (b"testguest.heartbeat", Some(v)) => {

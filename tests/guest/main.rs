@@ -91,6 +91,14 @@ extern "C" fn rust_main(start_info: u64) -> ! {
     if cfg.exit {
         power_off();
     }
+    if cfg.reset {
+        // The i8042 reset alone (no isa-debug-exit first).
+        arch::outb(0x64, 0xfe);
+        arch::halt_forever();
+    }
+    if cfg.fault {
+        arch::triple_fault();
+    }
 
     let mut heartbeat = cfg.heartbeat_ms.map(Heartbeat::start);
     loop {

@@ -4,7 +4,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -266,7 +266,15 @@ pub fn ping(
             &ip.to_string(),
         ])
         .output()
-        .expect("run ping (apt-get install iputils-ping)");
+        .expect("run ip netns exec ... ping");
+    // ping exits 0 (all answered) or 1 (some lost); anything else means it
+    // did not run (not installed: `ip netns exec` cannot exec it) or failed.
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "ping did not run ({}): {} (apt-get install iputils-ping)",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let rtts: Vec<f64> = text
         .lines()
@@ -297,26 +305,7 @@ pub enum RunAs {
 
 /// A scratch directory anyone may write (the API socket of a vmm that runs
 /// as 65534 goes there), removed on drop.
-pub struct ScratchDir(pub PathBuf);
-
-impl ScratchDir {
-    pub fn new(tag: &str) -> Self {
-        use std::os::unix::fs::PermissionsExt;
-        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("net-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create scratch dir");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        ScratchDir(p)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use crate::TempDir as ScratchDir;
 
 /// The release vmm's command line for the test guest `n` on `tap` from
 /// `netd`.
@@ -368,18 +357,11 @@ pub fn start_vmm_guest(cmd: Command, timeout: Duration) -> (VmmProcess, String) 
     (p, id)
 }
 
-/// Whether QEMU is installed; says why a test skips when it is not.
+/// Whether QEMU is installed: a test that needs it fails when the run
+/// promised it (`REQUIRE_QEMU=1`) and is otherwise skipped loudly
+/// (see [`crate::prereq`]).
 pub fn qemu_available() -> bool {
-    let ok = Command::new(QEMU)
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIP: {QEMU} is not installed (apt-get install qemu-system-x86)");
-    }
-    ok
+    crate::prereq::require_or_skip(crate::prereq::Prerequisite::Qemu, "the whole test")
 }
 
 /// QEMU microvm with the test guest `n` on a TAP that netd hands to

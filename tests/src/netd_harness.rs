@@ -5,12 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::NetNs;
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// The uid/gid of unprivileged test clients ("nobody"/"nogroup").
 pub const NOBODY: u32 = 65534;
@@ -33,16 +30,8 @@ pub struct Netd {
     pub socket: PathBuf,
     pub audit: PathBuf,
     child: Child,
-}
-
-/// A temporary directory that uid 65534 may traverse, removed on drop.
-fn make_dir(tag: &str) -> PathBuf {
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("netd-{tag}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-    dir
+    /// Removes `dir` after netd has stopped (fields drop after `drop`).
+    _tmp: crate::TempDir,
 }
 
 impl Netd {
@@ -50,7 +39,9 @@ impl Netd {
     /// and waits until its socket accepts connections.
     pub fn start(netd_bin: &Path, tag: &str, policy: &str, extra: &[&str]) -> Netd {
         let ns = NetNs::new(tag);
-        let dir = make_dir(tag);
+        // Removed on drop, also when netd fails to start.
+        let tmp = crate::TempDir::new(&format!("netd-{tag}"));
+        let dir = tmp.0.clone();
         let socket = dir.join("netd.sock");
         let audit = dir.join("audit.log");
         let policy_path = dir.join("policy.ron");
@@ -71,6 +62,7 @@ impl Netd {
             socket,
             audit,
             child,
+            _tmp: tmp,
         };
         let t0 = Instant::now();
         while std::os::unix::net::UnixStream::connect(&netd.socket).is_err() {
@@ -137,7 +129,6 @@ impl Drop for Netd {
         if let Ok(None) = self.child.try_wait() {
             self.terminate();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -163,17 +154,22 @@ pub struct HeldTap {
 }
 
 impl HeldTap {
-    /// Closes the probe's stdin, making it drop its fds and exit.
+    /// Closes the probe's stdin, making it drop its fds and exit; kills it
+    /// if it has not exited within 20 s.
     pub fn release(mut self) {
         self.stdin.take();
-        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Drop kills it if it is still there.
     }
 }
 
 impl Drop for HeldTap {
     fn drop(&mut self) {
         self.stdin.take();
-        let _ = self.child.wait();
+        crate::kill_and_reap(&mut self.child);
     }
 }
 
@@ -220,14 +216,4 @@ pub fn probe_hold(probe_bin: &Path, uid: u32, gid: u32, net: &str) -> HeldTap {
     }
 }
 
-/// Polls `cond` until it holds or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    cond()
-}
+pub use crate::wait_for;

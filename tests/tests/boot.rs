@@ -5,19 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess, as_nobody_with_kvm, vm_rss_kib};
-use tests::{bin, guest_elf, trivial_elf};
+use tests::{TempDir, bin, guest_elf, trivial_elf};
 
 fn is_banner(line: &str) -> bool {
     let Some(rest) = line.trim_end().strip_prefix("testguest: up boot_id=") else {
         return false;
     };
     rest.len() == 16 && rest.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn scratch_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-boot-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]
@@ -75,8 +69,8 @@ fn trivial_guest_reaches_long_mode_and_powers_off() {
 
 #[test]
 fn serial_to_file() {
-    let dir = scratch_dir("serial");
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let tmp = TempDir::new("boot-serial");
+    let dir = tmp.path();
     let log = dir.join("serial.log");
     let mut cmd = Command::new(bin("vmm"));
     cmd.arg("--kernel")
@@ -91,7 +85,6 @@ fn serial_to_file() {
         std::fs::read_to_string(&log).unwrap(),
         "Trivial: long mode\n"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A copy of the trivial guest with its PT_NOTE program header blanked out
@@ -143,10 +136,11 @@ fn host_memory_bytes() -> u64 {
 
 #[test]
 fn bad_input_gives_one_line_and_exit_code_2() {
-    let dir = scratch_dir("bad");
+    let tmp = TempDir::new("boot-bad");
+    let dir = tmp.path();
     let not_elf = dir.join("not-elf");
     std::fs::write(&not_elf, "this is not a kernel\n").unwrap();
-    let no_pvh = elf_without_pvh_note(&dir);
+    let no_pvh = elf_without_pvh_note(dir);
     let trivial = trivial_elf();
     let too_big = format!("{}G", host_memory_bytes() / (1 << 30) * 2 + 2);
     let user = ["--user", "65534:65534"];
@@ -229,7 +223,6 @@ fn bad_input_gives_one_line_and_exit_code_2() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("refusing to run as root"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -268,9 +261,10 @@ fn six_gib_guest_boots_with_small_rss() {
 
 #[test]
 fn guest_fault_exits_nonzero_with_reason_and_rip() {
-    let dir = scratch_dir("fault");
+    let tmp = TempDir::new("boot-fault");
+    let dir = tmp.path();
     for (name, code) in [("ud2.elf", [0x0f, 0x0b]), ("int3.elf", [0xcc, 0x90])] {
-        let elf = elf_with_first_instruction(&dir, name, code);
+        let elf = elf_with_first_instruction(dir, name, code);
         let mut cmd = Command::new(bin("vmm"));
         cmd.arg("--kernel")
             .arg(&elf)
@@ -287,14 +281,14 @@ fn guest_fault_exits_nonzero_with_reason_and_rip() {
             "{name}: {err}"
         );
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn i8042_reset_powers_off_cleanly() {
     // The trivial guest with its final `mov dx, 0x501; xor al, al; out dx, al`
     // turned into `mov dx, 0x64; mov al, 0xfe; out dx, al`.
-    let dir = scratch_dir("i8042");
+    let tmp = TempDir::new("boot-i8042");
+    let dir = tmp.path();
     let mut elf = std::fs::read(trivial_elf()).unwrap();
     let from = [0x66, 0xba, 0x01, 0x05, 0x30, 0xc0];
     let to = [0x66, 0xba, 0x64, 0x00, 0xb0, 0xfe];
@@ -312,5 +306,4 @@ fn i8042_reset_powers_off_cleanly() {
     let st = vm.wait_exit(BOOT_TIMEOUT);
     assert_eq!(vm.output(), "Trivial: long mode");
     assert!(st.success(), "{st}: {}", vm.stderr());
-    std::fs::remove_dir_all(&dir).unwrap();
 }

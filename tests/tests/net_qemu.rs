@@ -2,7 +2,8 @@
 //! unprivileged client (netd_probe as uid 65534 execs QEMU with the fd),
 //! the way netd brokers TAPs for another VMM: ping answers, UDP echo works.
 //!
-//! Skipped (with a message) only when qemu-system-x86_64 is not installed.
+//! Without qemu-system-x86_64 each test fails where `REQUIRE_QEMU=1` (CI
+//! sets it) and is otherwise skipped loudly (`tests::prereq`).
 
 use std::time::Duration;
 

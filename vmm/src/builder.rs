@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::api::RunState;
 use common::migration::FdRole;
@@ -27,6 +27,8 @@ use crate::control::{self, RunControl};
 use crate::devices::power::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice};
 use crate::devices::virtio::net::event_handler::ThreadHook;
+use crate::exit::{self, SignalWatch};
+use crate::inputs;
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::migration::announce;
 use crate::migration::shape_mismatch;
@@ -109,8 +111,10 @@ pub struct Vmm {
 }
 
 /// Opens /dev/kvm, drops to the user and locks the process down (Landlock,
-/// capabilities, no_new_privs, the `setup` seccomp filter).
-fn enter_sandbox(cfg: &VmConfig) -> Result<Kvm, BuildError> {
+/// capabilities, no_new_privs, the `setup` seccomp filter), then starts the
+/// thread that turns SIGTERM/SIGINT into an exit reason.
+fn enter_sandbox(cfg: &VmConfig) -> Result<(Kvm, SignalWatch), BuildError> {
+    cfg.check_files()?;
     privileges::check_invocation(cfg.user)?;
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     // The bounding set needs CAP_SETPCAP, which the uid drop takes away.
@@ -120,7 +124,8 @@ fn enter_sandbox(cfg: &VmConfig) -> Result<Kvm, BuildError> {
     }
     let report = sandbox::lock_down(&sandbox::Plan::for_config(cfg))?;
     log::info!("sandbox: {report:?}");
-    Ok(kvm)
+    let signals = SignalWatch::start().map_err(io_err("start the signal thread"))?;
+    Ok((kvm, signals))
 }
 
 /// Device threads inherit the sandbox and narrow it to their own filter.
@@ -130,7 +135,7 @@ fn device_hook() -> ThreadHook {
 
 /// Boots `cfg.kernel`.
 pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
-    let kvm = enter_sandbox(cfg)?;
+    let (kvm, signals) = enter_sandbox(cfg)?;
     // TAPs come from netd as the tenant's uid. The device threads start
     // now, before any vCPU can activate a device.
     let nets = net_attach::open_nets(&cfg.nets, Some(device_hook()))?;
@@ -141,6 +146,7 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
     let ram = GuestRam::new(cfg.memory)?;
     let mut vm = Vm::new(kvm, ram)?;
     let (exit_tx, exit_rx) = vm::exit_channel();
+    signals.deliver_to(exit_tx.clone());
     let serial = add_legacy_devices(&mut vm, open_serial(cfg)?, &exit_tx)?;
     let nets = net_attach::attach_nets(&mut vm, nets)?;
 
@@ -197,10 +203,14 @@ fn open_serial(cfg: &VmConfig) -> Result<Box<dyn Write + Send>, BuildError> {
                     err,
                 })?,
         )),
-        SerialTarget::File(p) => Box::new(File::create(p).map_err(|err| BuildError::Serial {
-            path: p.display().to_string(),
-            err,
-        })?),
+        SerialTarget::File(p) => {
+            Box::new(
+                inputs::open_serial(p, true).map_err(|err| BuildError::Serial {
+                    path: p.display().to_string(),
+                    err,
+                })?,
+            )
+        }
     })
 }
 
@@ -350,7 +360,7 @@ struct PendingNet {
 /// runs), restores the state it sends after pausing, and resumes the
 /// guest when it commits.
 pub fn build_for_incoming(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
-    let kvm = enter_sandbox(cfg)?;
+    let (kvm, signals) = enter_sandbox(cfg)?;
     let configs = cfg
         .nets
         .iter()
@@ -394,6 +404,7 @@ pub fn build_for_incoming(cfg: &VmConfig, started: Instant) -> Result<Vmm, Build
             return Err(e);
         }
     };
+    signals.deliver_to(parts.exit_tx.clone());
     let takes_api_socket = matches!(api, ApiSocket::Adopted(_));
     let paused = source.hello.paused;
     let vmm = launch(parts, api, RunState::Migrating, started)?;
@@ -582,27 +593,9 @@ impl Vmm {
                 keep_api_socket: true
             }
         );
-        if let Some(path) = &self.api_socket
-            && !keep_api
-        {
-            // Best effort: the socket is ours; a stale one would block the
-            // next start at the same path.
-            let _ = std::fs::remove_file(path);
-        }
-        // Let the vCPU threads leave KVM_RUN before the process exits (much
-        // faster teardown here); don't wait long for a stuck one.
-        let ctl = &self.runtime.control;
-        ctl.stop();
-        let deadline = Instant::now() + Duration::from_millis(200);
-        while self.vcpu_threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        // Stop the device threads before the guest memory goes away with
-        // the process; the TAP fds close with it, and netd holds none. After
-        // a migration they are already stopped, and the TAP is the target's.
-        if let Err(e) = self.runtime.machine.pause_devices() {
-            log::warn!("{e}");
-        }
+        // After a migration the target serves the API socket: leave it.
+        let api_socket = self.api_socket.as_deref().filter(|_| !keep_api);
+        exit::teardown(api_socket, &self.runtime.control, &self.vcpu_threads);
         reason
     }
 }

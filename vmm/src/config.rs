@@ -1,7 +1,13 @@
 //! Command-line parsing into a [`VmConfig`]. Every mistake is a
 //! [`ConfigError`] whose message fits on one line; main maps it to exit code 2.
+//! The arguments come as `OsString`s (`std::env::args_os`): paths may be any
+//! bytes, every other value must be UTF-8 and is refused, not panicked on.
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+
+use crate::inputs::{self, InputError};
 
 use crate::sandbox::SeccompMode;
 
@@ -60,6 +66,10 @@ pub enum ConfigError {
     BadUser(String),
     #[error("invalid --seccomp '{0}': expected kill or log")]
     BadSeccomp(String),
+    #[error("argument '{0}' is not valid UTF-8")]
+    NotUtf8(String),
+    #[error("{0}")]
+    Input(#[from] InputError),
 }
 
 /// Parses a size like `4096`, `256M`, `6G` (binary multiples).
@@ -86,8 +96,13 @@ fn parse_user(s: &str) -> Result<(u32, u32), ConfigError> {
 }
 
 impl VmConfig {
-    /// Parses the arguments after the program name. `Ok(None)` means `--help`.
-    pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Self>, ConfigError> {
+    /// Parses the arguments after the program name (`args_os().skip(1)`).
+    /// `Ok(None)` means `--help`.
+    pub fn parse<I, A>(args: I) -> Result<Option<Self>, ConfigError>
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<OsString>,
+    {
         let mut kernel = None;
         let mut cmdline = None;
         let mut memory = None;
@@ -98,15 +113,26 @@ impl VmConfig {
         let mut incoming = None;
         let mut user = None;
         let mut seccomp = None;
-        let mut it = args.into_iter();
-        while let Some(arg) = it.next() {
+        // Non-UTF-8 bytes show as U+FFFD in messages.
+        let text = |a: &OsString| a.to_string_lossy().into_owned();
+        let mut it = args.into_iter().map(Into::into);
+        while let Some(raw) = it.next() {
+            // `--name=value`: the value may be a path of any bytes.
+            let bytes = raw.as_bytes();
+            let (name, inline) = match bytes.iter().position(|&b| b == b'=') {
+                Some(i) if bytes.starts_with(b"--") => (
+                    bytes.get(..i).unwrap_or_default(),
+                    Some(OsStr::from_bytes(bytes.get(i + 1..).unwrap_or_default()).to_os_string()),
+                ),
+                _ => (bytes, None),
+            };
+            let name = std::str::from_utf8(name)
+                .map_err(|_| ConfigError::NotUtf8(text(&raw)))?
+                .to_string();
+            let arg = text(&raw);
             if arg == "--help" || arg == "-h" {
                 return Ok(None);
             }
-            let (name, inline) = match arg.split_once('=') {
-                Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-                _ => (arg.clone(), None),
-            };
             let known = [
                 "--kernel",
                 "--cmdline",
@@ -122,12 +148,18 @@ impl VmConfig {
             if !known.contains(&name.as_str()) {
                 return Err(ConfigError::UnknownOption(arg));
             }
-            let value = match inline {
+            let raw_value = match inline {
                 Some(v) => v,
                 None => it
                     .next()
                     .ok_or_else(|| ConfigError::MissingValue(name.clone()))?,
             };
+            // Paths keep their bytes; everything else must be text.
+            let path = PathBuf::from(&raw_value);
+            let value = raw_value
+                .to_str()
+                .map(str::to_string)
+                .ok_or_else(|| ConfigError::NotUtf8(text(&raw_value)));
             fn set<T>(slot: &mut Option<T>, v: T, name: &str) -> Result<(), ConfigError> {
                 if slot.replace(v).is_some() {
                     return Err(ConfigError::Duplicate(name.to_string()));
@@ -135,33 +167,35 @@ impl VmConfig {
                 Ok(())
             }
             match name.as_str() {
-                "--kernel" => set(&mut kernel, PathBuf::from(value), &name)?,
-                "--cmdline" => set(&mut cmdline, value, &name)?,
-                "--memory" => set(&mut memory, parse_size(&value)?, &name)?,
+                "--kernel" => set(&mut kernel, path, &name)?,
+                "--api-socket" => set(&mut api_socket, path, &name)?,
+                "--incoming" => set(&mut incoming, path, &name)?,
+                "--serial" => {
+                    let t = if raw_value == "stdout" {
+                        SerialTarget::Stdout
+                    } else {
+                        SerialTarget::File(path)
+                    };
+                    set(&mut serial, t, &name)?
+                }
+                "--cmdline" => set(&mut cmdline, value?, &name)?,
+                "--memory" => set(&mut memory, parse_size(&value?)?, &name)?,
                 "--vcpus" => {
+                    let value = value?;
                     let n: u8 = value
                         .parse()
                         .map_err(|_| ConfigError::BadVcpus(value.clone()))?;
                     set(&mut vcpus, n, &name)?
                 }
-                "--serial" => {
-                    let t = if value == "stdout" {
-                        SerialTarget::Stdout
-                    } else {
-                        SerialTarget::File(PathBuf::from(value))
-                    };
-                    set(&mut serial, t, &name)?
-                }
-                "--api-socket" => set(&mut api_socket, PathBuf::from(value), &name)?,
-                "--net" => nets.push(value),
-                "--incoming" => set(&mut incoming, PathBuf::from(value), &name)?,
+                "--net" => nets.push(value?),
                 "--seccomp" => {
+                    let value = value?;
                     let m: SeccompMode = value
                         .parse()
                         .map_err(|_| ConfigError::BadSeccomp(value.clone()))?;
                     set(&mut seccomp, m, &name)?
                 }
-                _ => set(&mut user, parse_user(&value)?, &name)?,
+                _ => set(&mut user, parse_user(&value?)?, &name)?,
             }
         }
         let memory = memory.unwrap_or(DEFAULT_MEMORY);
@@ -195,6 +229,17 @@ impl VmConfig {
             user,
             seccomp: seccomp.unwrap_or_default(),
         }))
+    }
+
+    /// Checks that `--kernel` names a regular file and `--serial FILE` a
+    /// regular file or character device, without opening (or blocking on)
+    /// either. Run it before the sandbox hides the paths.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let serial = match &self.serial {
+            SerialTarget::File(p) => Some(p.as_path()),
+            SerialTarget::Stdout => None,
+        };
+        Ok(inputs::check(&self.kernel, serial)?)
     }
 }
 
@@ -260,5 +305,29 @@ mod tests {
             parse(&["--kernel", "k", "--seccomp", "off"]),
             Err(ConfigError::BadSeccomp("off".into()))
         );
+    }
+
+    #[test]
+    fn non_utf8_arguments_are_errors_or_paths() {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = || OsString::from_vec(b"\xff.elf".to_vec());
+        let args = |v: Vec<OsString>| VmConfig::parse(v);
+        // A path may be any bytes.
+        let c = args(vec!["--kernel".into(), bad()]).unwrap().unwrap();
+        assert_eq!(c.kernel.as_os_str(), bad().as_os_str());
+        let mut inline = OsString::from("--kernel=");
+        inline.push(bad());
+        let c = args(vec![inline]).unwrap().unwrap();
+        assert_eq!(c.kernel.as_os_str(), bad().as_os_str());
+        // Other values and option names must be text.
+        for v in [
+            vec!["--kernel".into(), "k".into(), "--cmdline".into(), bad()],
+            vec!["--kernel".into(), "k".into(), "--memory".into(), bad()],
+            vec!["--kernel".into(), "k".into(), bad()],
+        ] {
+            let e = args(v).unwrap_err();
+            assert_eq!(e, ConfigError::NotUtf8("\u{fffd}.elf".into()));
+            assert_eq!(e.to_string().lines().count(), 1);
+        }
     }
 }

@@ -12,7 +12,7 @@ use vmm::vm::ExitReason;
 fn main() {
     let started = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cfg = match VmConfig::parse(std::env::args().skip(1)) {
+    let cfg = match VmConfig::parse(std::env::args_os().skip(1)) {
         Ok(Some(cfg)) => cfg,
         Ok(None) => {
             println!("{USAGE}");

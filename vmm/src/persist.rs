@@ -29,13 +29,25 @@ pub const MACHINE_STATE_FORMAT: FormatVersion = FormatVersion { major: 1, minor:
 
 /// Symmetric save and restore of one component. `save` reads a quiescent
 /// (paused) component; `restore` writes a saved state into a freshly built,
-/// not yet running component of the same shape. Components are shared
-/// handles (KVM fds, devices behind a mutex), hence `&self` for both.
+/// not yet running component of the same shape (a migration target builds
+/// its machine exactly as a boot does, then restores into it). Components
+/// are shared handles (KVM fds, devices behind a mutex), hence `&self`.
 pub trait Persist {
     type State;
+    /// What both directions need besides the component: the fd table the
+    /// state names fds by, KVM's capabilities.
+    type Context<'a>;
     type Error;
-    fn save(&self) -> Result<Self::State, Self::Error>;
-    fn restore(&self, state: &Self::State) -> Result<(), Self::Error>;
+    fn save(&self, ctx: Self::Context<'_>) -> Result<Self::State, Self::Error>;
+    fn restore(&self, ctx: Self::Context<'_>, state: &Self::State) -> Result<(), Self::Error>;
+}
+
+/// What a vCPU's state depends on: the KVM it runs on and the MSRs it
+/// carries.
+#[derive(Clone, Copy)]
+pub struct VcpuContext<'a> {
+    pub kvm: &'a kvm_ioctls::Kvm,
+    pub msrs: &'a [u32],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,40 +137,75 @@ impl MachineState {
         ron::to_string(self).map_err(|e| PersistError::Ron(e.to_string()))
     }
 
-    /// Parses a document, checking its format first (so a newer one is
-    /// reported as such, not as an unknown field).
+    /// Parses a document. One of another format is reported as such (not
+    /// as an unknown field): its header is read when the whole fails.
     pub fn from_ron(text: &str) -> Result<Self, PersistError> {
-        #[derive(Deserialize)]
-        struct Header {
-            format: FormatVersion,
+        match ron::from_str::<MachineState>(text) {
+            Ok(s) => {
+                check_format(s.format)?;
+                Ok(s)
+            }
+            Err(e) => {
+                #[derive(Deserialize)]
+                struct Header {
+                    format: FormatVersion,
+                }
+                // Ignores all fields but `format`.
+                if let Ok(h) = ron::from_str::<Header>(text) {
+                    check_format(h.format)?;
+                }
+                Err(PersistError::Ron(e.to_string()))
+            }
         }
-        // A struct that ignores all but `format` (RON skips the others).
-        let header: Header = ron::Options::default()
-            .from_str(text)
-            .map_err(|e| PersistError::Ron(e.to_string()))?;
-        check_format(header.format)?;
-        ron::from_str(text).map_err(|e| PersistError::Ron(e.to_string()))
     }
 }
 
 impl Persist for Vm {
     type State = VmState;
+    type Context<'a> = ();
     type Error = VmError;
-    fn save(&self) -> Result<VmState, VmError> {
+    fn save(&self, _: ()) -> Result<VmState, VmError> {
         self.save_state()
     }
-    fn restore(&self, state: &VmState) -> Result<(), VmError> {
+    fn restore(&self, _: (), state: &VmState) -> Result<(), VmError> {
         self.restore_state(state)
+    }
+}
+
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type Context<'a> = VcpuContext<'a>;
+    type Error = VcpuError;
+    fn save(&self, ctx: VcpuContext<'_>) -> Result<VcpuState, VcpuError> {
+        self.save_state(ctx.kvm, ctx.msrs)
+    }
+    fn restore(&self, _: VcpuContext<'_>, state: &VcpuState) -> Result<(), VcpuError> {
+        self.restore_state(state)
+    }
+}
+
+impl Persist for NetAttachment {
+    type State = NetDeviceState;
+    /// The table the TAP fds travel in; `None` when they do not (the
+    /// classic path: the target runs on a TAP of its own).
+    type Context<'a> = Option<&'a FdTable>;
+    type Error = NetError;
+    fn save(&self, fds: Option<&FdTable>) -> Result<NetDeviceState, NetError> {
+        self.save_with(fds)
+    }
+    fn restore(&self, fds: Option<&FdTable>, state: &NetDeviceState) -> Result<(), NetError> {
+        self.restore_with(state, fds)
     }
 }
 
 impl Persist for Mutex<SerialDevice> {
     type State = SerialState;
+    type Context<'a> = ();
     type Error = PersistError;
-    fn save(&self) -> Result<SerialState, PersistError> {
+    fn save(&self, _: ()) -> Result<SerialState, PersistError> {
         Ok(self.lock().unwrap_or_else(|p| p.into_inner()).save())
     }
-    fn restore(&self, state: &SerialState) -> Result<(), PersistError> {
+    fn restore(&self, _: (), state: &SerialState) -> Result<(), PersistError> {
         self.lock()
             .unwrap_or_else(|p| p.into_inner())
             .restore_registers(state)
@@ -210,6 +257,13 @@ impl Machine {
         first
     }
 
+    fn vcpu_context(&self) -> VcpuContext<'_> {
+        VcpuContext {
+            kvm: &self.vm.kvm,
+            msrs: &self.msrs,
+        }
+    }
+
     /// The fds a migration sends beside this machine's state: the RAM
     /// memfd, then every TAP queue of every NIC (with backend transfer).
     pub fn fd_table(&self, with_taps: bool) -> FdTable {
@@ -231,16 +285,17 @@ impl Machine {
     /// Reads the machine state, naming fds by their index in `fds`. The
     /// caller pauses the vCPUs and the devices first.
     pub fn save(&self, fds: &FdTable) -> Result<MachineState, PersistError> {
+        let ctx = self.vcpu_context();
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
             let v = v.try_lock().map_err(|_| PersistError::NotPaused)?;
-            vcpus.push(v.save_state(&self.vm.kvm, &self.msrs)?);
+            vcpus.push(v.save(ctx)?);
         }
         let nets = self
             .nets
             .iter()
             .map(|n| {
-                n.save_with(fds).map_err(|err| PersistError::Net {
+                n.save(Some(fds)).map_err(|err| PersistError::Net {
                     id: n.config.id.clone(),
                     err,
                 })
@@ -249,9 +304,9 @@ impl Machine {
         Ok(MachineState {
             format: MACHINE_STATE_FORMAT,
             memory_bytes: self.vm.ram.size,
-            vm: Persist::save(&*self.vm)?,
+            vm: self.vm.save(())?,
             vcpus,
-            serial: self.serial.save()?,
+            serial: self.serial.save(())?,
             nets,
         })
     }
@@ -282,14 +337,15 @@ impl Machine {
                 got: s.nets.len(),
             });
         }
-        Persist::restore(&*self.vm, &s.vm)?;
+        self.vm.restore((), &s.vm)?;
+        let ctx = self.vcpu_context();
         for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
             let v = v.try_lock().map_err(|_| PersistError::NotPaused)?;
-            v.restore_state(st)?;
+            v.restore(ctx, st)?;
         }
-        self.serial.restore(&s.serial)?;
+        self.serial.restore((), &s.serial)?;
         for (n, st) in self.nets.iter().zip(&s.nets) {
-            n.restore_with(st, fds).map_err(|err| PersistError::Net {
+            n.restore(fds, st).map_err(|err| PersistError::Net {
                 id: n.config.id.clone(),
                 err,
             })?;

@@ -58,6 +58,8 @@ pub enum ExitReason {
     Reset,
     /// `vmctl shutdown`.
     ApiShutdown,
+    /// SIGTERM or SIGINT (taken by [`crate::exit::SignalWatch`]).
+    Signal { signal: i32 },
     /// The guest cannot go on (internal error, triple fault, unhandled exit).
     VcpuFailed { vcpu: u8, message: String },
     /// A migration handed the guest to a target vmm. `keep_api_socket`:
@@ -68,7 +70,8 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    /// The process exit code this reason maps to.
+    /// The process exit code this reason maps to (the table in
+    /// [`crate::exit`]): 0 for every orderly end, 1 for a vCPU failure.
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::VcpuFailed { .. } | ExitReason::MigrationLost { .. } => 1,
@@ -129,9 +132,13 @@ impl VirtioSlot {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmState {
     pub version: u32,
+    #[serde(with = "crate::kvm_blob")]
     pub pic_master: kvm_irqchip,
+    #[serde(with = "crate::kvm_blob")]
     pub pic_slave: kvm_irqchip,
+    #[serde(with = "crate::kvm_blob")]
     pub ioapic: kvm_irqchip,
+    #[serde(with = "crate::kvm_blob")]
     pub pit: kvm_bindings::kvm_pit_state2,
     pub clock: kvm_bindings::kvm_clock_data,
 }

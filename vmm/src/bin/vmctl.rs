@@ -21,6 +21,17 @@ struct Args {
     json: bool,
 }
 
+/// The arguments as text: a socket path given to vmctl must be UTF-8 (it
+/// travels in requests as a string); anything else is a usage error, not a
+/// panic.
+fn text_args(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Vec<String>, String> {
+    args.map(|a| {
+        a.into_string()
+            .map_err(|a| format!("argument '{}' is not valid UTF-8", a.to_string_lossy()))
+    })
+    .collect()
+}
+
 fn parse(args: Vec<String>) -> Result<Args, String> {
     let mut socket = None;
     let mut command = None;
@@ -141,7 +152,7 @@ fn print(resp: &ApiResponse, json: bool) -> bool {
 }
 
 fn main() {
-    let args = match parse(std::env::args().skip(1).collect()) {
+    let args = match text_args(std::env::args_os().skip(1)).and_then(parse) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("vmctl: {e} ({USAGE})");

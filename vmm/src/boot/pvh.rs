@@ -149,7 +149,8 @@ pub fn memory_map(ram_size: u64) -> Vec<hvm_memmap_table_entry> {
 /// loads between 1 MiB and the end of low RAM of a `ram_size` guest. Cheap:
 /// main calls it before building the VM, so bad input fails fast.
 pub fn check_kernel(kernel: &Path, ram_size: u64) -> Result<File, BootError> {
-    let mut f = File::open(kernel).map_err(|err| BootError::Open {
+    // Never blocks (a FIFO is refused, not waited on).
+    let mut f = crate::inputs::open_kernel(kernel).map_err(|err| BootError::Open {
         path: kernel.to_path_buf(),
         err,
     })?;

@@ -10,6 +10,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
+use crate::ratelimit::WarnLimiter;
 
 pub const SERIAL_PORT: u64 = 0x3f8;
 pub const SERIAL_PORT_LEN: u64 = 8;
@@ -29,6 +30,8 @@ pub type Output = Box<dyn Write + Send>;
 
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, Output>,
+    /// The guest can make every byte fail (`--serial /dev/full`).
+    write_errors: WarnLimiter,
 }
 
 /// Migratable register state of the UART.
@@ -53,6 +56,7 @@ impl SerialDevice {
     pub fn new(irq: EventFd, out: Output) -> Self {
         SerialDevice {
             uart: Serial::new(IrqTrigger(irq), out),
+            write_errors: WarnLimiter::default(),
         }
     }
 
@@ -104,7 +108,10 @@ impl SerialDevice {
         };
         let uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
             .map_err(|e| format!("invalid serial state: {e:?}"))?;
-        Ok(SerialDevice { uart })
+        Ok(SerialDevice {
+            uart,
+            write_errors: WarnLimiter::default(),
+        })
     }
 }
 
@@ -121,7 +128,7 @@ impl BusDevice for SerialDevice {
             return;
         };
         if let Err(e) = self.uart.write(offset, v) {
-            log::warn!("serial write failed: {e:?}");
+            crate::warn_limited!(self.write_errors, "serial write failed: {e:?}");
         }
     }
 }

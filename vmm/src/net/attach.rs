@@ -318,12 +318,15 @@ impl NetAttachment {
 
     /// The device's state, naming its TAP fds by their index in `fds`
     /// (none when the TAP does not travel); it must be paused.
-    pub fn save_with(&self, fds: &FdTable) -> Result<NetDeviceState, NetError> {
+    pub fn save_with(&self, fds: Option<&FdTable>) -> Result<NetDeviceState, NetError> {
         let t = self.lock();
         let mut net = t.device().save()?;
-        net.backend.tap_fds = (0..net.queue_pairs)
-            .map(|q| fds.tap_queue(&self.config.id, q))
-            .collect::<Option<Vec<_>>>()
+        net.backend.tap_fds = fds
+            .and_then(|fds| {
+                (0..net.queue_pairs)
+                    .map(|q| fds.tap_queue(&self.config.id, q))
+                    .collect::<Option<Vec<_>>>()
+            })
             .unwrap_or_default();
         let mmio = t.save().map_err(|e| NetError::State(e.to_string()))?;
         Ok(NetDeviceState {
@@ -383,17 +386,33 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     /// A TAP with vnet header in a network namespace of the calling thread's
-    /// own (needs root, as the test suite runs); None when unavailable.
+    /// own (needs root, as the test suite runs); None (a reported skip, or a
+    /// failure where REQUIRE_NETNS=1) when unavailable.
     fn own_netns_tap(name: &str) -> Option<OwnedFd> {
+        use crate::devices::virtio::testing::netns_unavailable;
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-            eprintln!("skipped: unshare(CLONE_NEWNET): {e}");
+            netns_unavailable(
+                "net::attach::tests (a TAP of its own)",
+                "unshare(CLONE_NEWNET)",
+                e,
+            );
             return None;
         }
-        let f = std::fs::OpenOptions::new()
+        let f = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/net/tun")
-            .ok()?;
+        {
+            Ok(f) => f,
+            Err(e) => {
+                netns_unavailable(
+                    "net::attach::tests (a TAP of its own)",
+                    "open /dev/net/tun",
+                    e,
+                );
+                return None;
+            }
+        };
         let mut ifr = [0u8; 40];
         ifr[..name.len()].copy_from_slice(name.as_bytes());
         // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
@@ -401,7 +420,11 @@ mod tests {
         // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) };
         if r < 0 {
-            eprintln!("skipped: TUNSETIFF: {}", std::io::Error::last_os_error());
+            netns_unavailable(
+                "net::attach::tests (a TAP of its own)",
+                "TUNSETIFF",
+                std::io::Error::last_os_error(),
+            );
             return None;
         }
         Some(OwnedFd::from(f))
@@ -449,10 +472,7 @@ mod tests {
         assert_eq!(vm.cmdline_extra, vec!["virtio_mmio.device=4K@0xd0000000:5"]);
         drive_to_driver_ok(&vm, net.slot.base);
         assert!(net.is_running(), "DRIVER_OK starts the device threads");
-        assert!(matches!(
-            net.save_with(&FdTable::default()),
-            Err(NetError::Running)
-        ));
+        assert!(matches!(net.save_with(None), Err(NetError::Running)));
         let st = net.status();
         assert_eq!(
             (st.tap.as_str(), st.mac.as_str()),
@@ -460,7 +480,7 @@ mod tests {
         );
 
         net.pause().unwrap();
-        let state = net.save_with(&FdTable::default()).unwrap();
+        let state = net.save_with(None).unwrap();
         assert_eq!(state.mmio.status, 1 | 2 | 8 | 4);
         assert!(state.mmio.queues[0].0.ready);
         assert_eq!(state.mmio.queues[1].0.desc_table, 0x2_0000);
@@ -477,7 +497,7 @@ mod tests {
         let nets2 = attach_nets(&mut vm2, vec![fresh]).unwrap();
         nets2[0].restore_with(&back, None).unwrap();
         assert!(!nets2[0].is_running(), "a restored device waits for resume");
-        assert_eq!(nets2[0].save_with(&FdTable::default()).unwrap(), state);
+        assert_eq!(nets2[0].save_with(None).unwrap(), state);
         nets2[0].resume().unwrap();
         assert!(nets2[0].is_running());
         nets2[0].pause().unwrap();

@@ -410,7 +410,8 @@ mod tests {
 
     #[test]
     fn real_tap_passes_verification_when_tun_is_usable() {
-        // Needs CAP_NET_ADMIN (the test suite runs as root); skip otherwise.
+        // Needs CAP_NET_ADMIN (the test suite runs as root): a reported skip
+        // otherwise, a failure where REQUIRE_NETNS=1.
         // The TAP lives in a network namespace of this thread's own.
         std::thread::spawn(verify_real_tap_in_own_netns)
             .join()
@@ -418,8 +419,13 @@ mod tests {
     }
 
     fn verify_real_tap_in_own_netns() {
+        use crate::devices::virtio::testing::netns_unavailable;
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-            return eprintln!("skipped: unshare(CLONE_NEWNET): {e}");
+            return netns_unavailable(
+                "net::netd_client::tests::real_tap_passes_verification_when_tun_is_usable",
+                "unshare(CLONE_NEWNET)",
+                e,
+            );
         }
         let f = match std::fs::OpenOptions::new()
             .read(true)
@@ -427,7 +433,13 @@ mod tests {
             .open("/dev/net/tun")
         {
             Ok(f) => f,
-            Err(e) => return eprintln!("skipped: /dev/net/tun: {e}"),
+            Err(e) => {
+                return netns_unavailable(
+                    "net::netd_client::tests::real_tap_passes_verification_when_tun_is_usable",
+                    "open /dev/net/tun",
+                    e,
+                );
+            }
         };
         let mut ifr = [0u8; 40];
         let name = format!("vt{}", std::process::id() % 100_000);
@@ -436,7 +448,11 @@ mod tests {
         // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) };
         if r < 0 {
-            return eprintln!("skipped: TUNSETIFF: {}", io::Error::last_os_error());
+            return netns_unavailable(
+                "net::netd_client::tests::real_tap_passes_verification_when_tun_is_usable",
+                "TUNSETIFF",
+                io::Error::last_os_error(),
+            );
         }
         verify_tap(&f, &name, 1, false).unwrap();
         assert!(matches!(

@@ -67,12 +67,8 @@ pub fn restrict(plan: &FsPlan) -> Result<LandlockStatus, LandlockError> {
     for f in &plan.write_files {
         // O_CREAT without O_TRUNC: an existing file keeps its content until
         // the serial device opens it for real.
-        if let Err(e) = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(f)
-        {
+        // Non-blocking and kind-checked: a FIFO must not hang start-up.
+        if let Err(e) = crate::inputs::open_serial(f, false) {
             log::debug!("cannot pre-create {}: {e}", f.display());
         }
         rules.push((f.clone(), write));

@@ -6,7 +6,8 @@
 //! 2. after the uid drop: every other capability set cleared, no_new_privs;
 //! 3. Landlock ([`landlock`]): the filesystem shrinks to the files named on
 //!    the command line, no TCP, no abstract sockets, no signals outward;
-//! 4. seccomp ([`seccomp`]): the `setup` filter on the main thread (which
+//! 4. seccomp ([`seccomp`]), after the C allocator is told not to open
+//!    files later ([`malloc`]): the `setup` filter on the main thread (which
 //!    every later thread inherits), then each thread installs its own
 //!    kind's filter first thing ([`enter_thread`]), and the main thread
 //!    narrows itself to `main` once everything runs.
@@ -16,6 +17,7 @@
 
 pub mod caps;
 pub mod landlock;
+pub mod malloc;
 pub mod seccomp;
 
 use std::sync::OnceLock;
@@ -96,6 +98,9 @@ pub fn lock_down(plan: &Plan) -> Result<Report, SandboxError> {
     }
     let landlock = landlock::restrict(&plan.fs)?;
     install_panic_hook();
+    if !malloc::no_lazy_file_opens() {
+        log::warn!("mallopt(M_TRIM_THRESHOLD) refused: freeing memory may open a file");
+    }
     let filters = Filters::compile(plan.seccomp)?;
     if plan.seccomp == SeccompMode::Log {
         log::warn!("seccomp in log mode (debugging): forbidden syscalls are only logged");

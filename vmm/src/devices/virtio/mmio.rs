@@ -242,7 +242,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn fail(&mut self, why: &str) {
-        log::warn!("virtio-mmio: {why}: device needs reset");
+        crate::warn_rate_limited!("virtio-mmio: {why}: device needs reset");
         self.interrupt.set_needs_reset();
     }
 
@@ -269,7 +269,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.device.set_acked_features(f);
                 accepted |= status::FEATURES_OK;
             } else {
-                log::warn!("virtio-mmio: refusing driver features {f:#x}");
+                crate::warn_rate_limited!("virtio-mmio: refusing driver features {f:#x}");
             }
         }
         self.status = accepted;

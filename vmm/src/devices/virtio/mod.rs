@@ -120,6 +120,15 @@ impl Interrupt {
     fn restore(&self, status: u32, needs_reset: bool) {
         self.status.store(status, Ordering::SeqCst);
         self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        // An interrupt the driver has not acknowledged may have been lost on
+        // the way: an irqfd write reaches the irqchip asynchronously, after
+        // the saved irqchip state was read. Raise it again; a driver that
+        // already saw it finds its ISR bits and nothing new.
+        if status != 0
+            && let Err(e) = self.evt.write(1)
+        {
+            log::warn!("virtio: cannot signal a restored interrupt: {e}");
+        }
     }
 
     fn clear(&self) {

@@ -16,11 +16,34 @@ use super::net::{NetDevice, datapath::VNET_HDR_LEN};
 use super::{GuestMemory, GuestMemoryMmap, VirtioDevice, status};
 use crate::devices::bus::BusDevice;
 
+/// Rings and buffers of the tests live in the first `MEM_SIZE` bytes of
+/// guest RAM.
 pub const MEM_SIZE: usize = 4 << 20;
 pub const BUF_BASE: u64 = 0x10_0000;
+/// RAM above the MMIO hole in the test layout.
+pub const HIGH_RAM_SIZE: u64 = 2 << 20;
+/// The end of low RAM (the start of the MMIO hole, as in the real layout).
+pub const LOW_RAM_END: u64 = crate::memory::MMIO_HOLE_START;
+/// Where RAM continues above the hole.
+pub const HIGH_RAM: u64 = crate::memory::HIGH_RAM_START;
+/// An address inside the MMIO hole: never guest RAM.
+pub const IN_HOLE: u64 = LOW_RAM_END + 0x1000_0000;
+
+/// Guest RAM laid out as the VMM lays out a guest a little larger than the
+/// hole's start (`memory::ram_ranges`): low RAM up to the MMIO hole, then
+/// `HIGH_RAM_SIZE` above 4 GiB. Anonymous and reserved lazily, so only the
+/// pages a test touches cost memory.
+pub fn layout_memory() -> GuestMemoryMmap {
+    let ranges: Vec<(GuestAddress, usize)> = crate::memory::ram_ranges(LOW_RAM_END + HIGH_RAM_SIZE)
+        .into_iter()
+        .map(|(a, len)| (a, len as usize))
+        .collect();
+    assert_eq!(ranges.len(), 2, "the layout has an MMIO hole");
+    GuestMemoryMmap::from_ranges(&ranges).unwrap()
+}
 
 pub fn memory() -> GuestMemory {
-    Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
+    Arc::new(layout_memory())
 }
 
 /// The device end of a socketpair.
@@ -32,6 +55,18 @@ pub struct SockIo {
 impl AsRawFd for SockIo {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl SockIo {
+    /// Bytes waiting to be read on the device's end (0 once the device has
+    /// taken every frame the peer sent).
+    pub fn queued(&self) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int to the pointer, which is live.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0, "FIONREAD: {}", io::Error::last_os_error());
+        n as usize
     }
 }
 
@@ -418,5 +453,32 @@ impl Driver {
             std::thread::sleep(Duration::from_millis(2));
         }
         false
+    }
+}
+
+/// For unit tests that need root's powers (a network namespace of their own,
+/// a TAP) when the host refuses them: a failure where `REQUIRE_NETNS=1`
+/// promises them (`.ci/run` sets it; the suite runs as root), otherwise a
+/// skip reported where the harness does not hide it (fd 2, not captured like
+/// `eprintln!`) and appended to `$TESTS_SKIP_LOG` when set.
+/// `test` names the test (its helper thread has no name of its own).
+pub fn netns_unavailable(test: &str, what: &str, reason: impl std::fmt::Display) {
+    use std::io::Write;
+    assert!(
+        std::env::var("REQUIRE_NETNS").as_deref() != Ok("1"),
+        "{test}: {what} failed although REQUIRE_NETNS=1 promises it: {reason}"
+    );
+    let line =
+        format!("SKIP {test}: {what}: {reason} (set REQUIRE_NETNS=1 to make this a failure)\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    if let Some(path) = std::env::var_os("TESTS_SKIP_LOG") {
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            panic!("cannot append to TESTS_SKIP_LOG {path:?}: {e}");
+        }
     }
 }

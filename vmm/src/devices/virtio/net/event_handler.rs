@@ -157,7 +157,7 @@ impl PairWorker {
     }
 
     fn broken(&self, what: &str, e: &QueueFault) {
-        log::warn!("virtio-net pair {}: {what} queue: {e}", self.pair);
+        crate::warn_rate_limited!("virtio-net pair {}: {what} queue: {e}", self.pair);
         self.interrupt.set_needs_reset();
     }
 
@@ -425,7 +425,7 @@ pub fn serve_ctrl(
         Ok(false) => {}
         Err(e) => {
             ctrl.broken = true;
-            log::warn!("virtio-net: control queue: {e}");
+            crate::warn_rate_limited!("virtio-net: control queue: {e}");
             interrupt.set_needs_reset();
         }
     }
