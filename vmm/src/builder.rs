@@ -432,9 +432,6 @@ pub fn build_for_incoming(cfg: &VmConfig, started: Instant) -> Result<Vmm, Build
             .map_err(|e| BuildError::Incoming(TargetError::Load(e.to_string())))?;
         for n in &machine.nets {
             n.kick_all_queues();
-            // An interrupt in flight at the source's save is lost with
-            // it; the driver would wait for it forever.
-            n.resignal_pending_interrupt();
         }
         vmm.runtime.control.resume();
         vmm.runtime.set_state(RunState::Running);

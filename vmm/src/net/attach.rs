@@ -310,12 +310,6 @@ impl NetAttachment {
         }
     }
 
-    /// Raises the device's interrupt again if the restored InterruptStatus
-    /// has pending bits (see `MmioTransport::resignal_pending_interrupt`).
-    pub fn resignal_pending_interrupt(&self) -> bool {
-        self.lock().resignal_pending_interrupt()
-    }
-
     /// The device's state, naming its TAP fds by their index in `fds`
     /// (none when the TAP does not travel); it must be paused.
     pub fn save_with(&self, fds: Option<&FdTable>) -> Result<NetDeviceState, NetError> {

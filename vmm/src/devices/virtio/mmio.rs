@@ -173,22 +173,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.interrupt.eventfd()
     }
 
-    /// Raises the interrupt line again if InterruptStatus has bits the
-    /// driver has not acknowledged: after a restore, the interrupt that
-    /// set them may have been lost in transit (KVM injects an irqfd on an
-    /// IOAPIC pin from a workqueue, possibly after the source saved the
-    /// irqchip). A driver reads InterruptStatus, so an extra one is
-    /// harmless; a lost one stalls it for good. Returns whether it did.
-    pub fn resignal_pending_interrupt(&self) -> bool {
-        if self.interrupt.status() == 0 {
-            return false;
-        }
-        if let Err(e) = self.interrupt.eventfd().write(1) {
-            log::warn!("virtio: cannot signal interrupt: {e}");
-        }
-        true
-    }
-
     pub fn device(&self) -> &D {
         &self.device
     }
