@@ -41,7 +41,7 @@ use crate::persist::Machine;
 use crate::privileges::{self, PrivilegeError};
 use crate::runtime::Runtime;
 use crate::sandbox::{self, SandboxError, ThreadKind};
-use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::vcpu::{self, Vcpu, VcpuCaps, VcpuError};
 use crate::vm::{self, ExitReason, ExitSender, Vm, VmError, VmShell};
 
 #[derive(Debug, thiserror::Error)]
@@ -271,7 +271,7 @@ fn launch(
     });
     let pio = Arc::new(std::mem::take(&mut p.vm.pio));
     let mmio = Arc::new(std::mem::take(&mut p.vm.mmio));
-    let msrs = Vcpu::saveable_msrs(&p.vm.kvm)?;
+    let vcpu_caps = VcpuCaps::of(&p.vm.kvm)?;
     let machine = Arc::new(Machine {
         vm: Arc::new(p.vm),
         vcpus: p
@@ -280,7 +280,7 @@ fn launch(
             .map(|v| Arc::new(Mutex::new(v)))
             .collect(),
         serial: p.serial,
-        msrs,
+        vcpu_caps,
         nets: p.nets,
     });
     let (listener, own_path) = match api {
@@ -385,9 +385,15 @@ pub fn build_for_incoming(cfg: &VmConfig, started: Instant) -> Result<Vmm, Build
     }
     memory::check_host_limit(cfg.memory)?;
     let shell = VmShell::new(kvm)?;
+    // The CPUID a boot would give: the same as the source's on this host,
+    // so the restore (on the downtime path) need not set it again.
     let vcpus = (0..cfg.vcpus)
-        .map(|i| Vcpu::new(&shell.fd, i))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|i| {
+            let v = Vcpu::new(&shell.fd, i)?;
+            v.configure_cpuid(&shell.kvm)?;
+            Ok(v)
+        })
+        .collect::<Result<Vec<_>, VcpuError>>()?;
     let serial_out = open_serial(cfg)?;
     let own_api = bind_api(cfg)?;
     let incoming_path = cfg.incoming.clone().unwrap_or_default();

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::devices::serial::{SerialDevice, SerialState};
 use crate::devices::virtio::net::NetError;
 use crate::net::attach::{NetAttachment, NetDeviceState};
-use crate::vcpu::{Vcpu, VcpuError, VcpuState};
+use crate::vcpu::{Vcpu, VcpuCaps, VcpuError, VcpuState};
 use crate::vm::{Vm, VmError, VmState};
 
 /// The machine state format this build writes (and the newest it reads).
@@ -42,13 +42,8 @@ pub trait Persist {
     fn restore(&self, ctx: Self::Context<'_>, state: &Self::State) -> Result<(), Self::Error>;
 }
 
-/// What a vCPU's state depends on: the KVM it runs on and the MSRs it
-/// carries.
-#[derive(Clone, Copy)]
-pub struct VcpuContext<'a> {
-    pub kvm: &'a kvm_ioctls::Kvm,
-    pub msrs: &'a [u32],
-}
+/// What a vCPU's state depends on: what KVM can save, asked once.
+pub type VcpuContext<'a> = &'a VcpuCaps;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -177,7 +172,7 @@ impl Persist for Vcpu {
     type Context<'a> = VcpuContext<'a>;
     type Error = VcpuError;
     fn save(&self, ctx: VcpuContext<'_>) -> Result<VcpuState, VcpuError> {
-        self.save_state(ctx.kvm, ctx.msrs)
+        self.save_state(ctx)
     }
     fn restore(&self, _: VcpuContext<'_>, state: &VcpuState) -> Result<(), VcpuError> {
         self.restore_state(state)
@@ -220,8 +215,8 @@ pub struct Machine {
     pub vm: Arc<Vm>,
     pub vcpus: Vec<Arc<Mutex<Vcpu>>>,
     pub serial: Arc<Mutex<SerialDevice>>,
-    /// MSRs carried in each vCPU's state ([`Vcpu::saveable_msrs`]).
-    pub msrs: Vec<u32>,
+    /// What KVM can save of a vCPU (MSR list, XSAVE, XCRs).
+    pub vcpu_caps: VcpuCaps,
     /// `--net` devices, in slot order.
     pub nets: Vec<NetAttachment>,
 }
@@ -258,10 +253,7 @@ impl Machine {
     }
 
     fn vcpu_context(&self) -> VcpuContext<'_> {
-        VcpuContext {
-            kvm: &self.vm.kvm,
-            msrs: &self.msrs,
-        }
+        &self.vcpu_caps
     }
 
     /// The fds a migration sends beside this machine's state: the RAM
@@ -370,13 +362,13 @@ mod tests {
             start_info: 0x6000,
         };
         v.configure_pvh(&vm.kvm, &vm.ram.memory, entry).unwrap();
-        let msrs = Vcpu::saveable_msrs(&vm.kvm).unwrap();
+        let vcpu_caps = VcpuCaps::of(&vm.kvm).unwrap();
         let serial = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
         Machine {
             vm: Arc::new(vm),
             vcpus: vec![Arc::new(Mutex::new(v))],
             serial: Arc::new(Mutex::new(serial)),
-            msrs,
+            vcpu_caps,
             nets: Vec::new(),
         }
     }

@@ -125,6 +125,29 @@ pub const VCPU_STATE_VERSION: u32 = 1;
 pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
+    /// The CPUID last set: it never changes while the guest runs, so saving
+    /// a state needs no KVM_GET_CPUID2, and a restore skips KVM_SET_CPUID2
+    /// when the target already set the same (both are on the downtime path).
+    cpuid: Mutex<Vec<kvm_cpuid_entry2>>,
+}
+
+/// What saving a vCPU's state needs to know of KVM, asked once.
+#[derive(Debug, Clone, Default)]
+pub struct VcpuCaps {
+    /// MSRs carried in the state ([`Vcpu::saveable_msrs`]).
+    pub msrs: Vec<u32>,
+    pub xsave: bool,
+    pub xcrs: bool,
+}
+
+impl VcpuCaps {
+    pub fn of(kvm: &Kvm) -> Result<Self, VcpuError> {
+        Ok(VcpuCaps {
+            msrs: Vcpu::saveable_msrs(kvm)?,
+            xsave: kvm.check_extension(Cap::Xsave),
+            xcrs: kvm.check_extension(Cap::Xcrs),
+        })
+    }
 }
 
 fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
@@ -158,7 +181,11 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("create vCPU"))?;
-        Ok(Vcpu { id, fd })
+        Ok(Vcpu {
+            id,
+            fd,
+            cpuid: Mutex::new(Vec::new()),
+        })
     }
 
     /// CPUID from KVM's supported set: our APIC ID, one logical processor
@@ -184,7 +211,14 @@ impl Vcpu {
                 _ => {}
             }
         }
-        self.fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))
+        self.set_cpuid(cpuid.as_slice())
+    }
+
+    fn set_cpuid(&self, entries: &[kvm_cpuid_entry2]) -> Result<(), VcpuError> {
+        let cpuid = CpuId::from_entries(entries).map_err(|e| VcpuError::Cpuid(format!("{e:?}")))?;
+        self.fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+        *self.cpuid.lock().unwrap_or_else(|p| p.into_inner()) = entries.to_vec();
+        Ok(())
     }
 
     fn configure_msrs(&self) -> Result<(), VcpuError> {
@@ -310,16 +344,17 @@ impl Vcpu {
     }
 
     /// Reads the whole vCPU state. The vCPU must not be running.
-    pub fn save_state(&self, kvm: &Kvm, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+    pub fn save_state(&self, caps: &VcpuCaps) -> Result<VcpuState, VcpuError> {
+        let msr_indices = &caps.msrs;
         let mp_state = self.fd.get_mp_state().map_err(kvm_err("get MP state"))?;
         let regs = self.fd.get_regs().map_err(kvm_err("get registers"))?;
         let sregs = self.fd.get_sregs().map_err(kvm_err("get sregs"))?;
-        let xsave = if kvm.check_extension(Cap::Xsave) {
+        let xsave = if caps.xsave {
             Some(self.fd.get_xsave().map_err(kvm_err("get xsave"))?)
         } else {
             None
         };
-        let xcrs = if kvm.check_extension(Cap::Xcrs) {
+        let xcrs = if caps.xcrs {
             Some(self.fd.get_xcrs().map_err(kvm_err("get xcrs"))?)
         } else {
             None
@@ -329,10 +364,16 @@ impl Vcpu {
             .get_debug_regs()
             .map_err(kvm_err("get debug regs"))?;
         let lapic = self.fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
-        let cpuid = self
-            .fd
-            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("get CPUID"))?;
+        let known = self.cpuid.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let cpuid = if known.is_empty() {
+            self.fd
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm_err("get CPUID"))?
+                .as_slice()
+                .to_vec()
+        } else {
+            known
+        };
         let entries: Vec<kvm_msr_entry> = msr_indices
             .iter()
             .map(|&index| kvm_msr_entry {
@@ -356,7 +397,7 @@ impl Vcpu {
         Ok(VcpuState {
             version: VCPU_STATE_VERSION,
             id: self.id,
-            cpuid: cpuid.as_slice().to_vec(),
+            cpuid,
             mp_state,
             regs,
             sregs,
@@ -374,9 +415,15 @@ impl Vcpu {
         if s.version != VCPU_STATE_VERSION {
             return Err(VcpuError::Version(s.version));
         }
-        let cpuid =
-            CpuId::from_entries(&s.cpuid).map_err(|e| VcpuError::Cpuid(format!("{e:?}")))?;
-        self.fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+        let same = {
+            let key =
+                |e: &kvm_cpuid_entry2| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx);
+            let set = self.cpuid.lock().unwrap_or_else(|p| p.into_inner());
+            set.len() == s.cpuid.len() && set.iter().map(key).eq(s.cpuid.iter().map(key))
+        };
+        if !same {
+            self.set_cpuid(&s.cpuid)?;
+        }
         self.fd
             .set_mp_state(s.mp_state)
             .map_err(kvm_err("set MP state"))?;
