@@ -236,6 +236,7 @@ impl Drop for NetNs {
 }
 pub mod echo_stream;
 pub mod hostile;
+pub mod migration_harness;
 pub mod net_guest;
 pub mod netd_harness;
 pub mod qmp;

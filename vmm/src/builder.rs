@@ -105,7 +105,8 @@ pub struct Vmm {
     pub runtime: Arc<Runtime>,
     exit_rx: Receiver<ExitReason>,
     vcpu_threads: Vec<JoinHandle<()>>,
-    /// The API socket path this process created (removed at exit).
+    /// The API socket path this process serves (created, or adopted in a
+    /// migration): removed at exit unless a target takes it over.
     api_socket: Option<PathBuf>,
 }
 
