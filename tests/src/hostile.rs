@@ -15,6 +15,26 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// The fd count once it has stopped changing for 300 ms (at most 5 s): a
+/// baseline not caught while a server is still closing a connection that
+/// just ended.
+pub fn settled_fd_count(pid: u32) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut last = fd_count(pid);
+    let mut since = std::time::Instant::now();
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let now = fd_count(pid);
+        if now != last {
+            last = now;
+            since = std::time::Instant::now();
+        } else if since.elapsed() >= std::time::Duration::from_millis(300) {
+            break;
+        }
+    }
+    last
+}
+
 /// Entries in /proc/PID/task.
 pub fn thread_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))

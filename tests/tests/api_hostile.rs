@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::api::{API_VERSION, ApiRequest, ApiResponse};
 use common::codec::{self, DEFAULT_MAX_FRAME};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-use tests::hostile::{fd_count, hostile_bin, run_hostile, thread_count};
+use tests::hostile::{fd_count, hostile_bin, run_hostile, settled_fd_count, thread_count};
 use tests::netd_harness::wait_for;
 use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess};
 use tests::{bin, guest_elf};
@@ -170,7 +170,7 @@ fn trickling_clients_neither_block_others_nor_outlive_the_deadline() {
     let (mut vm, sock) = start_vmm(&dir);
     status_answered(&sock).unwrap();
     let pid = vm.pid();
-    let (fds0, threads0) = (fd_count(pid), thread_count(pid));
+    let (fds0, threads0) = (settled_fd_count(pid), thread_count(pid));
 
     let tricklers: Vec<_> = (0..2)
         .map(|_| {
@@ -217,7 +217,7 @@ fn api_refuses_fds_unknown_fields_and_wrong_types() {
     let (mut vm, sock) = start_vmm(&dir);
     status_answered(&sock).unwrap();
     let pid = vm.pid();
-    let fds0 = fd_count(pid);
+    let fds0 = settled_fd_count(pid);
 
     let null = std::fs::File::open("/dev/null").unwrap();
     for n in [1usize, 65, 200] {
