@@ -221,8 +221,10 @@ impl Vcpu {
         Ok(())
     }
 
-    fn configure_msrs(&self) -> Result<(), VcpuError> {
-        let entries: Vec<kvm_msr_entry> = BOOT_MSRS
+    /// Writes (index, value) MSRs; returns how many KVM took (it stops at
+    /// the first it refuses).
+    fn set_msr_list(&self, list: &[(u32, u64)]) -> Result<usize, VcpuError> {
+        let entries: Vec<kvm_msr_entry> = list
             .iter()
             .map(|&(index, data)| kvm_msr_entry {
                 index,
@@ -231,13 +233,17 @@ impl Vcpu {
             })
             .collect();
         let msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(format!("{e:?}")))?;
-        let set = self.fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
-        if set != entries.len() {
+        self.fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))
+    }
+
+    fn configure_msrs(&self) -> Result<(), VcpuError> {
+        let set = self.set_msr_list(BOOT_MSRS)?;
+        if set != BOOT_MSRS.len() {
             // KVM stops at the first MSR it refuses; the rest are optional.
             log::debug!(
                 "KVM accepted {set} of {} boot MSRs (refused {:#x})",
-                entries.len(),
-                entries.get(set).map_or(0, |e| e.index)
+                BOOT_MSRS.len(),
+                BOOT_MSRS.get(set).map_or(0, |e| e.0)
             );
         }
         Ok(())
@@ -443,21 +449,11 @@ impl Vcpu {
             .set_debug_regs(&s.debugregs)
             .map_err(kvm_err("set debug regs"))?;
         self.fd.set_lapic(&s.lapic).map_err(kvm_err("set LAPIC"))?;
-        let entries: Vec<kvm_msr_entry> = s
-            .msrs
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(format!("{e:?}")))?;
-        let n = self.fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
-        if n != entries.len() {
+        let n = self.set_msr_list(&s.msrs)?;
+        if n != s.msrs.len() {
             return Err(VcpuError::Msrs(format!(
                 "KVM restored {n} of {} MSRs",
-                entries.len()
+                s.msrs.len()
             )));
         }
         self.fd
