@@ -5,7 +5,7 @@
 //! Prints a table; asserts nothing about speed.
 //!
 //! bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N]
-//!               [--paths transfer,classic,qemu] [--skip-qemu] [--verbose] [--bridge-mac-churn]
+//!               [--paths transfer,classic,qemu] [--skip-qemu] [--verbose]
 //!
 //! Run as root after `cargo build --release --workspace`. It starts its own
 //! netd in a network namespace. Each migration's target becomes the next
@@ -56,8 +56,6 @@ struct Opts {
     paths: Vec<String>,
     /// One line per migration: downtime and where the lost datagrams were.
     verbose: bool,
-    /// Give vmbr0 a fixed MAC (see [`pin_bridge_mac`]).
-    pin_bridge_mac: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -68,9 +66,8 @@ fn parse_opts() -> Opts {
         pps: 1000,
         paths: vec!["transfer".into(), "classic".into(), "qemu".into()],
         verbose: false,
-        pin_bridge_mac: true,
     };
-    let usage = "usage: bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N] [--paths transfer,classic,qemu] [--skip-qemu] [--verbose] [--bridge-mac-churn]";
+    let usage = "usage: bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N] [--paths transfer,classic,qemu] [--skip-qemu] [--verbose]";
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -93,7 +90,6 @@ fn parse_opts() -> Opts {
             "--paths" => o.paths = value().split(',').map(str::to_string).collect(),
             "--skip-qemu" => o.paths.retain(|p| p != "qemu"),
             "--verbose" => o.verbose = true,
-            "--bridge-mac-churn" => o.pin_bridge_mac = false,
             _ => {
                 eprintln!("{usage}");
                 std::process::exit(2);
@@ -611,18 +607,6 @@ fn ms(us: f64) -> f64 {
     us / 1000.0
 }
 
-/// A Linux bridge whose MAC was never set takes the lowest MAC of its
-/// ports, so it changes as TAPs come and go (a new TAP per migration on
-/// the classic path and on QEMU). The host's 10.0.1.1 then answers from
-/// another MAC, the guest's ARP entry for it goes stale, and its echoes
-/// are dropped until it learns the new one: losses that are not the
-/// migration's. netd does not set one, so the bench does (an address set
-/// by hand sticks), unless `--bridge-mac-churn`.
-fn pin_bridge_mac(netd: &Netd) {
-    netd.ns
-        .exec(&["ip", "link", "set", "vmbr0", "address", "02:00:0a:00:01:01"]);
-}
-
 /// The host's 1-minute load average (other work on the 2 cores shows in
 /// every number here).
 fn load_average() -> String {
@@ -643,15 +627,6 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
         "bench_migrate: chained local migrations of the test guest, {cpu} host CPUs (load average {load_before} before, {} after), {} pps UDP echo stream during each chain",
         load_average(),
         o.pps
-    );
-    let _ = writeln!(
-        out,
-        "bridge vmbr0: {}",
-        if o.pin_bridge_mac {
-            "MAC pinned by the bench (netd leaves it to follow its ports)"
-        } else {
-            "MAC left to follow its ports (--bridge-mac-churn)"
-        }
     );
     let _ = writeln!(
         out,
@@ -820,9 +795,6 @@ fn main() {
         l.pids.push(netd.pid());
         l.netns.push(netd.ns.name.clone());
         l.paths.push(netd.dir.clone());
-    }
-    if o.pin_bridge_mac {
-        pin_bridge_mac(&netd);
     }
     let dir = ScratchDir::new("bm");
     leftovers().paths.push(dir.0.clone());
