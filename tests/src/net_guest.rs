@@ -364,10 +364,10 @@ pub fn qemu_available() -> bool {
     crate::prereq::require_or_skip(crate::prereq::Prerequisite::Qemu, "the whole test")
 }
 
-/// QEMU microvm with the test guest `n` on a TAP that netd hands to
-/// netd_probe running as uid 65534 (kvm group), which execs QEMU with the
-/// fd inherited (`-netdev tap,fd=N`, userspace virtio-net: vhost=off).
-pub fn qemu_command(probe: &Path, guest: &Path, netd: &Netd, tap: &str, n: u8) -> Command {
+/// `qemu-system-x86_64` with [`QEMU_MICROVM_ARGS`], run as uid 65534 (kvm
+/// group) by netd_probe, which asks netd for TAP `tap` and execs QEMU with
+/// the fd inherited. The caller adds RAM, the guest and the netdev.
+pub fn qemu_on_netd_tap(probe: &Path, netd: &Netd, tap: &str) -> Command {
     let gid = kvm_group();
     let mut c = Command::new("setpriv");
     c.args([
@@ -383,8 +383,16 @@ pub fn qemu_command(probe: &Path, guest: &Path, netd: &Netd, tap: &str, n: u8) -
         "--",
         QEMU,
     ])
-    .args(QEMU_MICROVM_ARGS)
-    .args([
+    .args(QEMU_MICROVM_ARGS);
+    c
+}
+
+/// QEMU microvm with the test guest `n` on a TAP that netd hands to
+/// netd_probe running as uid 65534 (kvm group), which execs QEMU with the
+/// fd inherited (`-netdev tap,fd=N`, userspace virtio-net: vhost=off).
+pub fn qemu_command(probe: &Path, guest: &Path, netd: &Netd, tap: &str, n: u8) -> Command {
+    let mut c = qemu_on_netd_tap(probe, netd, tap);
+    c.args([
         "-m",
         "128M",
         "-global",

@@ -345,10 +345,13 @@ fn enter_main_filter() -> Result<(), BuildError> {
 }
 
 /// A NIC of a migration target before the source's Hello: its config
-/// and, on the classic path, the TAP netd gave this process.
+/// and, on the classic path, the TAP netd gave this process; with backend
+/// transfer and vhost, this process's own vhost-net fds (a vhost device is
+/// bound to the process that owns it, so the source's cannot move).
 struct PendingNet {
     config: NetConfig,
     own_tap: Option<netd_client::TapFds>,
+    own_vhost: Vec<OwnedFd>,
 }
 
 /// Takes a running guest from a source vmm: listens on `cfg.incoming`,
@@ -363,21 +366,28 @@ pub fn build_for_incoming(cfg: &VmConfig, started: Instant) -> Result<Vmm, Build
         .map(|v| NetConfig::parse(v))
         .collect::<Result<Vec<_>, _>>()
         .map_err(NetAttachError::from)?;
-    // The classic path (backend-transfer=off) gets a TAP of its own from
-    // netd now; with backend transfer netd is not asked at all.
+    // Before any source connects: the classic path (backend-transfer=off)
+    // gets a TAP of its own from netd, and backend transfer with vhost gets
+    // vhost-net fds; plain backend transfer does not ask netd at all.
     let mut pending = Vec::with_capacity(configs.len());
     for config in configs {
-        let own_tap = if config.backend_transfer {
-            None
-        } else {
-            Some(
-                netd_client::open_tap_for(&config).map_err(|err| NetAttachError::Netd {
-                    id: config.id.clone(),
-                    err: Box::new(err),
-                })?,
-            )
+        let netd = |err| NetAttachError::Netd {
+            id: config.id.clone(),
+            err: Box::new(err),
         };
-        pending.push(PendingNet { config, own_tap });
+        let (own_tap, own_vhost) = match (config.backend_transfer, config.vhost) {
+            (false, _) => (
+                Some(netd_client::open_tap_for(&config).map_err(netd)?),
+                vec![],
+            ),
+            (true, true) => (None, netd_client::open_vhost_for(&config).map_err(netd)?),
+            (true, false) => (None, vec![]),
+        };
+        pending.push(PendingNet {
+            config,
+            own_tap,
+            own_vhost,
+        });
     }
     memory::check_host_limit(cfg.memory)?;
     let shell = VmShell::new(kvm)?;
@@ -520,12 +530,7 @@ fn prepare(
                     .ok_or_else(|| Prepare::Refuse(format!("no fd for {role:?}")))?;
                 taps.push(fd);
             }
-            let vhost = if config.vhost {
-                open_vhost(&config)?
-            } else {
-                Vec::new()
-            };
-            (s.id.clone(), taps, vhost)
+            (s.id.clone(), taps, p.own_vhost)
         } else {
             let own = p
                 .own_tap
@@ -562,19 +567,6 @@ fn prepare(
         },
         api,
     ))
-}
-
-/// vhost-net fds for a migration target: bound to the process that sets
-/// their owner, so the source's cannot be reused. Asked of netd while the
-/// guest still runs at the source; the TAP is not touched.
-fn open_vhost(config: &NetConfig) -> Result<Vec<OwnedFd>, BuildError> {
-    let netd = |err| NetAttachError::Netd {
-        id: config.id.clone(),
-        err: Box::new(err),
-    };
-    let mut c = netd_client::NetdClient::connect(&config.netd_socket, netd_client::DEFAULT_TIMEOUT)
-        .map_err(netd)?;
-    Ok(c.open_vhost(config.queues).map_err(netd)?)
 }
 
 impl Vmm {

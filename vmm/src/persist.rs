@@ -179,20 +179,6 @@ impl Persist for Vcpu {
     }
 }
 
-impl Persist for NetAttachment {
-    type State = NetDeviceState;
-    /// The table the TAP fds travel in; `None` when they do not (the
-    /// classic path: the target runs on a TAP of its own).
-    type Context<'a> = Option<&'a FdTable>;
-    type Error = NetError;
-    fn save(&self, fds: Option<&FdTable>) -> Result<NetDeviceState, NetError> {
-        self.save_with(fds)
-    }
-    fn restore(&self, fds: Option<&FdTable>, state: &NetDeviceState) -> Result<(), NetError> {
-        self.restore_with(state, fds)
-    }
-}
-
 impl Persist for Mutex<SerialDevice> {
     type State = SerialState;
     type Context<'a> = ();

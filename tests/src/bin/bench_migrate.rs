@@ -33,12 +33,12 @@ use common::api::{MigrationPhases, MigrationReport};
 use serde_json::{Value, json};
 use tests::echo_stream::{EchoStream, StreamResult};
 use tests::net_guest::{
-    GuestLink, QEMU, QEMU_MICROVM_ARGS, RunAs, ScratchDir, guest_ip, guest_mac, qemu_available,
+    GuestLink, RunAs, ScratchDir, guest_ip, guest_mac, qemu_available, qemu_on_netd_tap,
     vmm_command, wait_ping,
 };
 use tests::netd_harness::{NOBODY, Netd, TEST_POLICY};
 use tests::qmp::{Qmp, event_time_us, realtime_us};
-use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess, kvm_group};
+use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess};
 use tests::{bin, guest_elf};
 
 /// A migration (or a QEMU migration event) must be done within this.
@@ -436,23 +436,8 @@ fn qemu_command(
     qmp: &Path,
     incoming: bool,
 ) -> Command {
-    let gid = kvm_group();
-    let mut c = Command::new("setpriv");
+    let mut c = qemu_on_netd_tap(&bin("netd_probe"), netd, tap);
     c.args([
-        &format!("--reuid={NOBODY}"),
-        &format!("--regid={NOBODY}"),
-        &format!("--groups={gid}"),
-        "--",
-    ])
-    .arg(bin("netd_probe"))
-    .args([
-        "exec",
-        &format!("netd={},id={tap}", netd.socket.display()),
-        "--",
-        QEMU,
-    ])
-    .args(QEMU_MICROVM_ARGS)
-    .args([
         "-m",
         ram,
         "-object",

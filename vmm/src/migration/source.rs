@@ -18,7 +18,7 @@ use common::migration::{
 
 use super::{PREPARE_TIMEOUT, STEP_TIMEOUT, shape_of};
 use crate::devices::virtio::net::FrameIo;
-use crate::persist::{MACHINE_STATE_FORMAT, MachineState, PersistError};
+use crate::persist::{MACHINE_STATE_FORMAT, PersistError};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::sandbox::{self, ThreadKind};
 use crate::vm::ExitReason;
@@ -288,6 +288,3 @@ fn run(
         Err(e) => Ok(Finished::Lost(e.to_string())),
     }
 }
-
-/// The state type a source sends; kept here so the target names the same.
-pub type StateMsg = SourceMsg<MachineState>;

@@ -97,10 +97,6 @@ impl Incoming {
         Ok(Incoming { listener })
     }
 
-    pub fn path(&self) -> &Path {
-        self.listener.path()
-    }
-
     /// Waits for the source: a peer of this uid (or root) that says a
     /// Hello of this protocol version. Strangers are refused and logged;
     /// peers that do not manage a Hello are dropped; both are forgotten.
@@ -201,10 +197,6 @@ fn greet(sock: UnixStream, peer: PeerCred) -> Result<Option<Source>, TargetError
 }
 
 impl Source {
-    pub fn phase(&self) -> Phase {
-        self.phase
-    }
-
     /// The fd list must name exactly what the shape needs, and match what
     /// arrived: the RAM first, each TAP queue once (backend transfer
     /// only), at most one API socket.

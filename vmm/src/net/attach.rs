@@ -26,7 +26,7 @@ use crate::devices::virtio::net::event_handler::ThreadHook;
 use crate::devices::virtio::net::{
     BackendError, BackendKind, NetDevice, NetError, NetState, backend_from_fds,
 };
-use crate::persist::FdTable;
+use crate::persist::{FdTable, Persist};
 use crate::vm::{VirtioSlot, Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -309,10 +309,18 @@ impl NetAttachment {
             }
         }
     }
+}
+
+impl Persist for NetAttachment {
+    type State = NetDeviceState;
+    /// The table the TAP fds travel in; `None` when they do not (the
+    /// classic path: the target runs on a TAP of its own).
+    type Context<'a> = Option<&'a FdTable>;
+    type Error = NetError;
 
     /// The device's state, naming its TAP fds by their index in `fds`
     /// (none when the TAP does not travel); it must be paused.
-    pub fn save_with(&self, fds: Option<&FdTable>) -> Result<NetDeviceState, NetError> {
+    fn save(&self, fds: Option<&FdTable>) -> Result<NetDeviceState, NetError> {
         let t = self.lock();
         let mut net = t.device().save()?;
         net.backend.tap_fds = fds
@@ -337,7 +345,7 @@ impl NetAttachment {
     /// table the device's TAP fds came in (backend transfer), or `None`
     /// when it runs on a TAP of its own (the classic path). Nothing touches
     /// the TAP until [`NetAttachment::resume`].
-    pub fn restore_with(&self, s: &NetDeviceState, fds: Option<&FdTable>) -> Result<(), NetError> {
+    fn restore(&self, fds: Option<&FdTable>, s: &NetDeviceState) -> Result<(), NetError> {
         let bad = |m: String| Err(NetError::State(m));
         if s.version != NET_DEVICE_STATE_VERSION {
             return bad(format!(
@@ -466,7 +474,7 @@ mod tests {
         assert_eq!(vm.cmdline_extra, vec!["virtio_mmio.device=4K@0xd0000000:5"]);
         drive_to_driver_ok(&vm, net.slot.base);
         assert!(net.is_running(), "DRIVER_OK starts the device threads");
-        assert!(matches!(net.save_with(None), Err(NetError::Running)));
+        assert!(matches!(Persist::save(net, None), Err(NetError::Running)));
         let st = net.status();
         assert_eq!(
             (st.tap.as_str(), st.mac.as_str()),
@@ -474,7 +482,7 @@ mod tests {
         );
 
         net.pause().unwrap();
-        let state = net.save_with(None).unwrap();
+        let state = Persist::save(net, None).unwrap();
         assert_eq!(state.mmio.status, 1 | 2 | 8 | 4);
         assert!(state.mmio.queues[0].0.ready);
         assert_eq!(state.mmio.queues[1].0.desc_table, 0x2_0000);
@@ -489,9 +497,9 @@ mod tests {
             OpenedNet::from_fds(config("vmsave0"), "vmsave0".into(), vec![dup], vec![], None)
                 .unwrap();
         let nets2 = attach_nets(&mut vm2, vec![fresh]).unwrap();
-        nets2[0].restore_with(&back, None).unwrap();
+        Persist::restore(&nets2[0], None, &back).unwrap();
         assert!(!nets2[0].is_running(), "a restored device waits for resume");
-        assert_eq!(nets2[0].save_with(None).unwrap(), state);
+        assert_eq!(Persist::save(&nets2[0], None).unwrap(), state);
         nets2[0].resume().unwrap();
         assert!(nets2[0].is_running());
         nets2[0].pause().unwrap();
@@ -503,7 +511,7 @@ mod tests {
                 .unwrap();
         let nets3 = attach_nets(&mut vm2, vec![other]).unwrap();
         assert_eq!(nets3[0].slot.index, 1);
-        assert!(nets3[0].restore_with(&state, None).is_err());
+        assert!(Persist::restore(&nets3[0], None, &state).is_err());
     }
 
     fn own_tap_dup(net: &NetAttachment) -> OwnedFd {

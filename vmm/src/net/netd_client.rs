@@ -333,6 +333,13 @@ pub fn open_tap_for(cfg: &NetConfig) -> Result<TapFds, NetdClientError> {
     c.open_tap(&cfg.id, cfg.queues, true, cfg.vhost, cfg.mac)
 }
 
+/// vhost-net fds alone, for a migration target that takes the TAP from its
+/// source (netd touches no TAP for this).
+pub fn open_vhost_for(cfg: &NetConfig) -> Result<Vec<OwnedFd>, NetdClientError> {
+    let mut c = NetdClient::connect(&cfg.netd_socket, DEFAULT_TIMEOUT)?;
+    c.open_vhost(cfg.queues)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
