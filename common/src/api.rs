@@ -29,6 +29,11 @@ pub enum ApiRequest {
     Migrate {
         to: String,
         backend_transfer: bool,
+        /// Longest the guest may stay paused before the source takes it
+        /// back, in ms (`common::migration::DEFAULT_DOWNTIME_LIMIT_MS` when
+        /// absent; left out of the frame then, so a 0.1.0 vmm still reads it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_limit_ms: Option<u64>,
     },
 }
 

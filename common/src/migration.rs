@@ -2,45 +2,64 @@
 //! a fresh target vmm on the same host over a UNIX stream socket, with the
 //! shared frame codec ([`crate::codec`]). Guest RAM is a memfd both
 //! processes map, so no page is copied; the TAP queue fds move with
-//! SCM_RIGHTS (backend transfer) and netd is never asked.
+//! SCM_RIGHTS (backend transfer) and netd is never asked. Who runs the
+//! guest is decided by one atomic word in a shared page
+//! ([`crate::ownership`]), never by which messages arrived.
 //!
 //! ```text
 //!  source vmm (running guest)                      target vmm (--incoming PATH)
 //!  ─────────────────────────                       ───────────────────────────
 //!                                                  sandboxed, VM shell, vCPU and
 //!                                                  device threads parked, listening
-//!  connect ──────────────────────────────────────► accept: SO_PEERCRED uid must be
-//!                                                  its own (or root), else refused
-//!  Hello{versions, shape, fds}  + [memfd, TAP fds…, API listener?]
+//!  connect; SO_PEERCRED: the target must run       accept: SO_PEERCRED uid must be
+//!  as this vmm's uid, else nothing is sent         its own (or root), else refused
+//!  Hello{versions, shape, fds}  + [memfd (sealed), owner page (sealed, Offered),
+//!                                  TAP fds…, API listener?]
 //!                               ─────────────────► check versions and shape, map the
 //!                                                  memfd, register RAM with KVM,
-//!                                                  check every fd's type
+//!                                                  check every fd; stop listening
 //!                               ◄───────────────── Ready | Refused{reason}
 //!  ── guest still running up to here: a refusal costs it nothing ──
 //!  pause vCPUs, then device threads (frames wait in the TAP)
+//!  ── from here every step must end by pause + downtime limit ──
 //!  State(machine state, one RON document)
 //!                               ─────────────────► restore into the pre-built VM
 //!                               ◄───────────────── Loaded | Failed{reason}
-//!  Commit ───────────────────────────────────────► (source never runs the guest again)
-//!                                                  devices resume (every queue kicked
-//!                                                  once), vCPUs resume
-//!                               ◄───────────────── Resumed{at_ns}
+//!  stop answering the API; Commit
+//!                               ─────────────────► owner page: take() (CAS)
+//!                                                  won: devices resume, vCPUs resume,
+//!                                                  then the API is served here
+//!                                                  lost: exit 1, never runs the guest
+//!                               ◄───────────────── Resumed
 //!  reply to vmctl, exit 0
 //! ```
 //!
-//! Any failure before Commit (a refusal, garbage, a dead or silent target,
-//! a timeout) makes the source resume on its own fds; the target exits
-//! non-zero. After Commit the guest belongs to the target: if the target
-//! dies before Resumed, the guest is lost with it (the source does not run
-//! it again, because it cannot know whether the target already did).
+//! Any failure, a dead or silent target, or the downtime limit passing, on
+//! either side of Commit: the source takes the guest back with
+//! `take_back()` (CAS) and, if it wins, resumes it on its own fds. If it
+//! loses, the target owns the guest: the source exits 0 if the target
+//! lives, or says in one line that the owner died with the guest.
 //!
-//! Versions: [`MIGRATION_PROTOCOL_VERSION`] must match exactly. The machine
-//! state's [`FormatVersion`] must have the same major, and a minor no newer
-//! than the target's; the target says so in Refused while the source runs.
+//! Versions: a target accepts a source of protocol [`MIGRATION_PROTOCOL_VERSION`]
+//! or any back to [`OLDEST_SOURCE_PROTOCOL`] (protocol 1, release 0.1.0,
+//! has no owner page and sends an unsealed memfd: its Commit alone hands
+//! the guest over). A target of an older protocol cannot parse a newer
+//! Hello and closes the connection before the pause. The machine state's
+//! [`FormatVersion`] must have the same major, and a minor no newer than
+//! the target's; the target says so in Refused while the source runs.
 
 use serde::{Deserialize, Serialize};
 
-pub const MIGRATION_PROTOCOL_VERSION: u32 = 1;
+/// The protocol this build speaks as a source.
+pub const MIGRATION_PROTOCOL_VERSION: u32 = 2;
+/// The oldest source protocol a target accepts (release 0.1.0's).
+pub const OLDEST_SOURCE_PROTOCOL: u32 = 1;
+
+/// How long the guest may stay paused by a migration before the source
+/// takes it back (`vmctl migrate --downtime-limit-ms`).
+pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 1000;
+/// The largest downtime limit a migration accepts.
+pub const MAX_DOWNTIME_LIMIT_MS: u64 = 60_000;
 
 /// Cap on one frame: the machine state document (a few hundred KiB with
 /// several vCPUs and NICs) and a frame that carries a frame in flight.
@@ -114,6 +133,9 @@ pub enum FdRole {
     /// The source's listening API socket; a target started without
     /// `--api-socket` serves it (the path keeps answering), others close it.
     ApiListener,
+    /// The ownership page of this migration ([`crate::ownership`]);
+    /// protocol 2 on.
+    OwnerPage,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,9 +184,11 @@ pub enum TargetMsg {
     Failed {
         reason: String,
     },
-    /// The target's vCPUs run (or stay parked for a paused guest).
+    /// The target owns the guest and its vCPUs run (or stay parked for a
+    /// paused guest).
     Resumed {
         /// CLOCK_MONOTONIC, in ns, when the target released its vCPUs.
+        /// Informational: a source measures the downtime on its own clock.
         at_ns: u64,
     },
 }

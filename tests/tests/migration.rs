@@ -115,8 +115,8 @@ fn under_traffic_nothing_is_lost_the_guest_and_its_tap_stay_and_netd_is_not_aske
         j["downtime_us"], j["total_us"], j["phases"], j["state_bytes"], j["fds_passed"]
     );
     assert_eq!(j["backend_transfer"], true, "{j}");
-    // RAM memfd, the TAP queue, the API listener.
-    assert_eq!(j["fds_passed"], 3, "{j}");
+    // RAM memfd, the TAP queue, the ownership page, the API listener.
+    assert_eq!(j["fds_passed"], 4, "{j}");
     assert!(j["downtime_us"].as_u64().is_some_and(|d| d > 0), "{j}");
     assert!(j["state_bytes"].as_u64().is_some_and(|b| b > 0), "{j}");
 
@@ -208,8 +208,8 @@ fn two_nics_move_together_on_their_own_taps() {
     let traffic = Traffic::start(&env, 1, 4);
     let out = migrate(&api, &tgt.incoming, &[]);
     out.assert_ok();
-    // memfd, 1 + 2 TAP queues, the API listener.
-    assert_eq!(out.json["fds_passed"], 5, "{}", out.json);
+    // memfd, 1 + 2 TAP queues, the ownership page, the API listener.
+    assert_eq!(out.json["fds_passed"], 6, "{}", out.json);
     exits.wait(&mut src, "source");
     traffic.wait_flowing("after the migration");
     traffic.stop_and_check();
@@ -403,8 +403,8 @@ fn classic_path_gets_a_new_tap_from_netd_and_announces_the_guest() {
     let out = migrate(&api, &tgt.incoming, &["--no-backend-transfer"]);
     out.assert_ok();
     assert_eq!(out.json["backend_transfer"], false, "{}", out.json);
-    // memfd and the API listener, no TAP.
-    assert_eq!(out.json["fds_passed"], 2, "{}", out.json);
+    // memfd, the ownership page and the API listener, no TAP.
+    assert_eq!(out.json["fds_passed"], 3, "{}", out.json);
     eprintln!(
         "classic migration: downtime {} us, phases {}",
         out.json["downtime_us"], out.json["phases"]

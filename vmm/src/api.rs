@@ -7,18 +7,26 @@
 //! that stalls does not keep the others waiting; each connection has a read
 //! timeout and an overall deadline. What a request does to the machine goes
 //! through [`Runtime`], which orders pause, resume and a migration (a status
-//! is answered while a migration runs). After a migration handed the guest
-//! and this socket to a target, no thread here accepts again.
+//! is answered while a migration runs; pause, resume, shutdown and a second
+//! migrate answer "busy").
+//!
+//! Only the process that owns the guest answers: the threads accept through
+//! an [`ApiGate`]. A migration target's gate opens once it has taken the
+//! guest; a source closes its gate before it commits (the socket may be
+//! shared with the target, and connections wait in its backlog meanwhile),
+//! opens it again if it takes the guest back, and retires it when the
+//! target owns the guest.
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use common::api::{API_VERSION, ApiRequest, ApiResponse};
 use common::codec::{self, CodecError, DEFAULT_MAX_FRAME};
 use common::listener::{ConnLimits, Connection, ListenError, Listener, PeerCred};
+use common::migration::{DEFAULT_DOWNTIME_LIMIT_MS, MAX_DOWNTIME_LIMIT_MS};
 
 use crate::migration::source::MigrationWorker;
 use crate::runtime::Runtime;
@@ -42,6 +50,101 @@ pub enum ApiError {
     Adopt(std::io::Error),
     #[error("cannot start the API thread: {0}")]
     Thread(std::io::Error),
+    #[error("the API socket: {0}")]
+    Nonblocking(std::io::Error),
+}
+
+/// Whether the API threads may accept connections (see the module doc).
+/// A thread waits for the gate to open, waits in poll for a connection,
+/// then accepts only if the gate is still open; closing waits for threads
+/// inside accept (non-blocking, so briefly), not for those in poll.
+pub struct ApiGate {
+    st: Mutex<GateState>,
+    cv: Condvar,
+}
+
+struct GateState {
+    open: bool,
+    /// Closed for good: this process will not own the guest again.
+    retired: bool,
+    /// Threads inside accept(2).
+    accepting: usize,
+}
+
+impl ApiGate {
+    pub fn new(open: bool) -> Self {
+        ApiGate {
+            st: Mutex::new(GateState {
+                open,
+                retired: false,
+                accepting: 0,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets the threads accept (unless retired).
+    pub fn open(&self) {
+        let mut st = self.lock();
+        if !st.retired {
+            st.open = true;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Stops accepting: returns once no thread can accept another
+    /// connection. Connections already accepted are served on.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.open = false;
+        while st.accepting > 0 {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Closes the gate for good: the guest belongs to another process.
+    pub fn retire(&self) {
+        self.close();
+        self.lock().retired = true;
+        self.cv.notify_all();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.lock().retired
+    }
+
+    /// Waits until the gate is open; false once it is retired.
+    fn wait_open(&self) -> bool {
+        let mut st = self.lock();
+        loop {
+            if st.retired {
+                return false;
+            }
+            if st.open {
+                return true;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Counts the caller in for one accept, if the gate is still open.
+    fn begin_accept(&self) -> bool {
+        let mut st = self.lock();
+        if st.open {
+            st.accepting += 1;
+        }
+        st.open
+    }
+
+    fn end_accept(&self) {
+        let mut st = self.lock();
+        st.accepting -= 1;
+        self.cv.notify_all();
+    }
 }
 
 /// What the API reports and acts on.
@@ -57,8 +160,6 @@ struct Server {
     ctx: ApiContext,
     /// The uid the vmm runs as: with root, the only peer served.
     owner: u32,
-    /// Set once the guest went to another vmm, which serves this socket.
-    handed_over: AtomicBool,
 }
 
 /// Binds the socket now, so errors reach the user at start.
@@ -74,13 +175,15 @@ pub fn adopt(listener: UnixListener) -> Result<Listener, ApiError> {
     Listener::adopt(listener).map_err(ApiError::Adopt)
 }
 
-/// Serves `listener` from [`API_THREADS`] threads.
+/// Serves `listener` from [`API_THREADS`] threads, through the runtime's
+/// gate. The listener becomes non-blocking: a connection that another
+/// thread (or the other vmm sharing the socket) took first is not waited for.
 pub fn spawn(listener: Listener, ctx: ApiContext) -> Result<(), ApiError> {
+    listener.set_nonblocking(true).map_err(ApiError::Nonblocking)?;
     let server = Arc::new(Server {
         listener,
         ctx,
         owner: nix::unistd::geteuid().as_raw(),
-        handed_over: AtomicBool::new(false),
     });
     for _ in 0..API_THREADS {
         let server = Arc::clone(&server);
@@ -102,16 +205,22 @@ impl Server {
             io_timeout: PEER_TIMEOUT,
             lifetime: CONNECTION_DEADLINE,
         };
-        while !self.handed_over.load(Ordering::SeqCst) {
-            let (stream, peer) = match self.listener.accept() {
-                Ok(c) => c,
-                Err(e) => {
+        let gate = &self.ctx.runtime.api_gate;
+        while gate.wait_open() {
+            let accepted = self.wait_and_accept(gate);
+            let (stream, peer) = match accepted {
+                Some(Ok(c)) => c,
+                None => continue,
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Some(Err(e)) => {
                     // EMFILE and friends: back off instead of spinning.
                     log::debug!("API accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 }
             };
+            // (On Linux an accepted socket does not inherit the listener's
+            // O_NONBLOCK: it blocks, with the connection's timeouts.)
             if !peer.is_owner_or_root(self.owner) {
                 self.refuse_peer(stream, peer);
                 continue;
@@ -131,6 +240,23 @@ impl Server {
         loop {
             std::thread::park();
         }
+    }
+
+    /// Waits for a connection, and accepts it if the gate is still open.
+    fn wait_and_accept(&self, gate: &ApiGate) -> Option<std::io::Result<(UnixStream, PeerCred)>> {
+        let mut fd = libc::pollfd {
+            fd: self.listener.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, its count passed.
+        let n = unsafe { libc::poll(&mut fd, 1, -1) };
+        if n <= 0 || fd.revents & libc::POLLIN == 0 || !gate.begin_accept() {
+            return None;
+        }
+        let r = self.listener.accept();
+        gate.end_accept();
+        Some(r)
     }
 
     /// One short answer, without reading and barely waiting, then the
@@ -198,12 +324,17 @@ impl Server {
                 Err(CodecError::Closed) => return Ok(()),
                 Err(e) => return Err(e),
             };
+            // A connection made before the guest went to another vmm gets
+            // no answer from this one.
+            if self.ctx.runtime.api_gate.is_retired() {
+                return Ok(());
+            }
             let (resp, then) = respond(req, &self.ctx);
             let sent = conn.send(&resp, &[]);
             // The reason to exit goes out even when vmctl left early.
             if let Some(reason) = then {
                 if matches!(reason, ExitReason::Migrated { .. }) {
-                    self.handed_over.store(true, Ordering::SeqCst);
+                    self.ctx.runtime.api_gate.retire();
                 }
                 self.ctx.runtime.exit.send(reason);
                 return sent;
@@ -227,12 +358,27 @@ fn respond(req: ApiRequest, ctx: &ApiContext) -> (ApiResponse, Option<ExitReason
         ApiRequest::Status => ApiResponse::Status(rt.status()),
         ApiRequest::Pause => rt.pause().map_or_else(error, |()| ApiResponse::Ok),
         ApiRequest::Resume => rt.resume().map_or_else(error, |()| ApiResponse::Ok),
-        ApiRequest::Shutdown => return (ApiResponse::Ok, Some(ExitReason::ApiShutdown)),
+        ApiRequest::Shutdown => {
+            return match rt.begin_shutdown() {
+                Ok(()) => (ApiResponse::Ok, Some(ExitReason::ApiShutdown)),
+                Err(e) => (error(e), None),
+            };
+        }
         ApiRequest::Migrate {
             to,
             backend_transfer,
+            downtime_limit_ms,
         } => {
-            let out = ctx.migration.migrate(Path::new(&to), backend_transfer);
+            let limit = Duration::from_millis(downtime_limit_ms.unwrap_or(DEFAULT_DOWNTIME_LIMIT_MS));
+            if downtime_limit_ms.is_some_and(|ms| !(1..=MAX_DOWNTIME_LIMIT_MS).contains(&ms)) {
+                return (
+                    error(format!(
+                        "downtime limit must be 1 to {MAX_DOWNTIME_LIMIT_MS} ms"
+                    )),
+                    None,
+                );
+            }
+            let out = ctx.migration.migrate(Path::new(&to), backend_transfer, limit);
             return (ApiResponse::Migrated(out.report), out.exit);
         }
     };

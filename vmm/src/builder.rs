@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -16,11 +17,10 @@ use std::time::Instant;
 
 use common::api::RunState;
 use common::listener::Listener;
-use common::migration::FdRole;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::api::{self, ApiContext, ApiError};
+use crate::api::{self, ApiContext, ApiError, ApiGate};
 use crate::boot::pvh::{self, BootError};
 use crate::config::{ConfigError, SerialTarget, VmConfig};
 use crate::control::{self, RunControl};
@@ -30,10 +30,7 @@ use crate::devices::virtio::net::event_handler::ThreadHook;
 use crate::exit::{self, SignalWatch};
 use crate::inputs;
 use crate::memory::{self, GuestRam, MemoryError};
-use crate::migration::announce;
-use crate::migration::shape_mismatch;
 use crate::migration::source::MigrationWorker;
-use crate::migration::target::{Incoming, Source, TargetError};
 use crate::net::attach::{self as net_attach, NetAttachError, OpenedNet};
 use crate::net::config::NetConfig;
 use crate::net::netd_client;
@@ -68,8 +65,6 @@ pub enum BuildError {
     Net(#[from] NetAttachError),
     #[error("serial output {path}: {err}")]
     Serial { path: String, err: std::io::Error },
-    #[error("incoming migration: {0}")]
-    Incoming(#[from] TargetError),
     #[error("{what}: {err}")]
     Io {
         what: &'static str,
@@ -86,8 +81,7 @@ impl BuildError {
             | BuildError::Privilege(PrivilegeError::RootTarget)
             | BuildError::Memory(MemoryError::TooLarge { .. })
             | BuildError::Serial { .. }
-            | BuildError::Api(ApiError::Bind { .. })
-            | BuildError::Incoming(TargetError::Bind { .. }) => 2,
+            | BuildError::Api(ApiError::Bind { .. }) => 2,
             BuildError::Net(e) if e.is_bad_input() => 2,
             BuildError::Boot(BootError::Write(_)) => 1,
             BuildError::Boot(_) => 2,
@@ -108,6 +102,10 @@ pub struct Vmm {
     /// The API socket path this process serves (created, or adopted in a
     /// migration): removed at exit unless a target takes it over.
     api_socket: Option<PathBuf>,
+    /// Where SIGTERM/SIGINT go.
+    signals: SignalWatch,
+    /// The API socket was the source's, taken over in a migration.
+    adopted_api: bool,
 }
 
 /// Opens /dev/kvm, drops to the user and locks the process down (Landlock,
@@ -143,6 +141,9 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
     pvh::check_kernel(&cfg.kernel, cfg.memory)?;
     memory::check_host_limit(cfg.memory)?;
     let api = bind_api(cfg)?;
+    if let ApiSocket::Own(_, path) = &api {
+        signals.remove_on_early_exit(path);
+    }
     let ram = GuestRam::new(cfg.memory)?;
     let mut vm = Vm::new(kvm, ram)?;
     let (exit_tx, exit_rx) = vm::exit_channel();
@@ -168,7 +169,7 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
         exit_tx,
         exit_rx,
     };
-    let vmm = launch(parts, api, RunState::Running, started)?;
+    let vmm = launch(parts, api, signals, RunState::Running, started)?;
     enter_main_filter()?;
     log::info!("guest started after {:?}", started.elapsed());
     Ok(vmm)
@@ -259,6 +260,7 @@ struct Parts {
 fn launch(
     mut p: Parts,
     api: ApiSocket,
+    signals: SignalWatch,
     state: RunState,
     started: Instant,
 ) -> Result<Vmm, BuildError> {
@@ -283,6 +285,7 @@ fn launch(
         vcpu_caps,
         nets: p.nets,
     });
+    let adopted_api = matches!(api, ApiSocket::Adopted(_));
     let (listener, own_path) = match api {
         ApiSocket::None => (None, None),
         ApiSocket::Own(l, path) => (Some(l), Some(path)),
@@ -301,12 +304,16 @@ fn launch(
         ),
         None => None,
     };
+    // Only the owner of the guest answers: a migration target opens the
+    // gate once it took the guest.
+    let gate = Arc::new(ApiGate::new(state == RunState::Running));
     let runtime = Arc::new(Runtime::new(
         machine.clone(),
         ctl.clone(),
         p.exit_tx.clone(),
         started,
         api_dup,
+        gate,
         state,
     ));
     let worker = Arc::new(
@@ -336,6 +343,8 @@ fn launch(
         exit_rx: p.exit_rx,
         vcpu_threads,
         api_socket: own_path,
+        signals,
+        adopted_api,
     })
 }
 
@@ -354,222 +363,160 @@ struct PendingNet {
     own_vhost: Vec<OwnedFd>,
 }
 
-/// Takes a running guest from a source vmm: listens on `cfg.incoming`,
-/// builds the machine once a source says Hello (while its guest still
-/// runs), restores the state it sends after pausing, and resumes the
-/// guest when it commits.
-pub fn build_for_incoming(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
-    let (kvm, signals) = enter_sandbox(cfg)?;
-    let configs = cfg
-        .nets
-        .iter()
-        .map(|v| NetConfig::parse(v))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(NetAttachError::from)?;
-    // Before any source connects: the classic path (backend-transfer=off)
-    // gets a TAP of its own from netd, and backend transfer with vhost gets
-    // vhost-net fds; plain backend transfer does not ask netd at all.
-    let mut pending = Vec::with_capacity(configs.len());
-    for config in configs {
-        let netd = |err| NetAttachError::Netd {
-            id: config.id.clone(),
-            err: Box::new(err),
-        };
-        let (own_tap, own_vhost) = match (config.backend_transfer, config.vhost) {
-            (false, _) => (
-                Some(netd_client::open_tap_for(&config).map_err(netd)?),
-                vec![],
-            ),
-            (true, true) => (None, netd_client::open_vhost_for(&config).map_err(netd)?),
-            (true, false) => (None, vec![]),
-        };
-        pending.push(PendingNet {
-            config,
-            own_tap,
-            own_vhost,
-        });
-    }
-    memory::check_host_limit(cfg.memory)?;
-    let shell = VmShell::new(kvm)?;
-    // The CPUID a boot would give: the same as the source's on this host,
-    // so the restore (on the downtime path) need not set it again.
-    let vcpus = (0..cfg.vcpus)
-        .map(|i| {
-            let v = Vcpu::new(&shell.fd, i)?;
-            v.configure_cpuid(&shell.kvm)?;
-            Ok(v)
-        })
-        .collect::<Result<Vec<_>, VcpuError>>()?;
-    let serial_out = open_serial(cfg)?;
-    let own_api = bind_api(cfg)?;
-    let incoming_path = cfg.incoming.clone().unwrap_or_default();
-    let incoming = Incoming::bind(&incoming_path)?;
-    log::info!("waiting for a migration on {}", incoming_path.display());
-
-    let mut source = incoming.accept()?;
-    let t = Instant::now();
-    let (parts, api) = match prepare(cfg, &mut source, shell, vcpus, serial_out, pending, own_api) {
-        Ok(x) => x,
-        Err(Prepare::Refuse(reason)) => return Err(source.refuse(reason).into()),
-        Err(Prepare::Fail(e)) => {
-            let _ = source.refuse(e.to_string());
-            return Err(e);
-        }
-    };
-    signals.deliver_to(parts.exit_tx.clone());
-    let takes_api_socket = matches!(api, ApiSocket::Adopted(_));
-    let paused = source.hello.paused;
-    let vmm = launch(parts, api, RunState::Migrating, started)?;
-    log::info!("incoming: prepared in {:?}", t.elapsed());
-    source.ready(takes_api_socket)?;
-
-    // From here the guest's state arrives: only the migration list applies.
-    sandbox::enter_thread(ThreadKind::Migration)?;
-    let machine = vmm.runtime.machine.clone();
-    let fds = source
-        .hello
-        .backend_transfer
-        .then(|| source.hello.fds.clone());
-    source.load(|state| {
-        machine
-            .restore(state, fds.as_ref())
-            .map_err(|e| e.to_string())
-    })?;
-    source.await_commit()?;
-    if paused {
-        vmm.runtime.set_state(RunState::Paused);
-    } else {
-        machine
-            .resume_devices()
-            .map_err(|e| BuildError::Incoming(TargetError::Load(e.to_string())))?;
-        for n in &machine.nets {
-            n.kick_all_queues();
-        }
-        vmm.runtime.control.resume();
-        vmm.runtime.set_state(RunState::Running);
-    }
-    if let Err(e) = source.resumed() {
-        // The guest runs here either way.
-        log::warn!("incoming: could not tell the source: {e}");
-    }
-    if !source.hello.backend_transfer {
-        for n in &machine.nets {
-            if let Some(io) = n.frame_ios().first() {
-                announce::announce(&**io, n.mac, common::netd::VNET_HDR_LEN as usize);
-            }
-        }
-    }
-    drop(incoming);
-    enter_main_filter()?;
-    log::info!("incoming: guest running after {:?}", started.elapsed());
-    Ok(vmm)
-}
-
-enum Prepare {
-    /// The source's guest does not fit this target.
-    Refuse(String),
-    Fail(BuildError),
-}
-
-impl<E: Into<BuildError>> From<E> for Prepare {
-    fn from(e: E) -> Self {
-        Prepare::Fail(e.into())
-    }
-}
-
-/// Greeted → everything built: checks the shape and the fds, maps the
-/// memfd and registers it with KVM, attaches the devices (on the
-/// transferred TAP fds, or this process's own) with their ioeventfds and
-/// irqfds. The guest runs on at the source all the while.
-fn prepare(
-    cfg: &VmConfig,
-    source: &mut Source,
+/// A migration target before its source said Hello: sandboxed, with
+/// everything built that does not need the guest (the KVM VM without RAM,
+/// the vCPUs with their CPUID, the serial output, TAPs or vhost fds of its
+/// own from netd, its own API socket). The rest comes with
+/// [`IncomingShell::build`] once the source's fds are checked.
+pub struct IncomingShell {
+    pub signals: SignalWatch,
     shell: VmShell,
     vcpus: Vec<Vcpu>,
     serial_out: Box<dyn Write + Send>,
     pending: Vec<PendingNet>,
     own_api: ApiSocket,
-) -> Result<(Parts, ApiSocket), Prepare> {
-    let configs: Vec<NetConfig> = pending.iter().map(|p| p.config.clone()).collect();
-    let hello = &source.hello;
-    if let Some(m) = shape_mismatch(
-        &hello.shape,
-        hello.backend_transfer,
-        cfg.memory,
-        cfg.vcpus,
-        &configs,
-    ) {
-        return Err(Prepare::Refuse(m));
-    }
-    let backend_transfer = hello.backend_transfer;
-    let shape = hello.shape.clone();
-    let memfd = source.take_memfd().map_err(Prepare::Refuse)?;
-    let adopted = source.take_api_listener().map_err(Prepare::Refuse)?;
-    let api = match (own_api, adopted) {
-        (ApiSocket::None, Some(l)) => ApiSocket::Adopted(api::adopt(l)?),
-        // Started with --api-socket: the source's socket is not needed.
-        (own, _) => own,
-    };
-    let ram = GuestRam::from_memfd(Arc::new(memfd), cfg.memory)?;
-    let mut vm = shell.with_ram(ram)?;
-    let (exit_tx, exit_rx) = vm::exit_channel();
-    let serial = add_legacy_devices(&mut vm, serial_out, &exit_tx)?;
-    let mut opened = Vec::with_capacity(pending.len());
-    for (p, s) in pending.into_iter().zip(&shape.nets) {
-        let mut config = p.config;
-        config.mac = Some(s.mac);
-        let (tap, taps, vhost) = if backend_transfer {
-            let mut taps = Vec::with_capacity(usize::from(s.queues));
-            for q in 0..s.queues {
-                let role = FdRole::TapQueue {
-                    net: s.id.clone(),
-                    queue: q,
-                };
-                let fd = source
-                    .take(&role)
-                    .ok_or_else(|| Prepare::Refuse(format!("no fd for {role:?}")))?;
-                taps.push(fd);
-            }
-            (s.id.clone(), taps, p.own_vhost)
-        } else {
-            let own = p
-                .own_tap
-                .ok_or_else(|| Prepare::Refuse(format!("NIC {} has no TAP", config.id)))?;
-            (own.name, own.taps, own.vhost)
-        };
-        let net = OpenedNet::from_fds(config, tap, taps, vhost, Some(device_hook()));
-        match net {
-            Ok(n) => opened.push(n),
-            // A fd that is no TAP, or a TAP of another name: the source's fault.
-            Err(e) if backend_transfer => return Err(Prepare::Refuse(e.to_string())),
-            Err(e) => return Err(e.into()),
+    started: Instant,
+}
+
+/// What a source sent that a target's machine is built on, each fd
+/// already checked by the protocol side.
+pub struct Arrived {
+    /// Guest RAM: the source's memfd.
+    pub memfd: File,
+    /// Per NIC in slot order: its MAC, and the source's TAP queue fds
+    /// (backend transfer) or `None` (this process's own TAP).
+    pub nets: Vec<([u8; 6], Option<Vec<OwnedFd>>)>,
+    /// The source's listening API socket, to serve if this process was
+    /// started without `--api-socket`.
+    pub api_listener: Option<UnixListener>,
+}
+
+impl IncomingShell {
+    pub fn new(cfg: &VmConfig, started: Instant) -> Result<Self, BuildError> {
+        let (kvm, signals) = enter_sandbox(cfg)?;
+        let configs = cfg
+            .nets
+            .iter()
+            .map(|v| NetConfig::parse(v))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(NetAttachError::from)?;
+        // Before any source connects: the classic path (backend-transfer=off)
+        // gets a TAP of its own from netd, and backend transfer with vhost
+        // gets vhost-net fds; plain backend transfer does not ask netd.
+        let mut pending = Vec::with_capacity(configs.len());
+        for config in configs {
+            let netd = |err| NetAttachError::Netd {
+                id: config.id.clone(),
+                err: Box::new(err),
+            };
+            let (own_tap, own_vhost) = match (config.backend_transfer, config.vhost) {
+                (false, _) => (
+                    Some(netd_client::open_tap_for(&config).map_err(netd)?),
+                    vec![],
+                ),
+                (true, true) => (None, netd_client::open_vhost_for(&config).map_err(netd)?),
+                (true, false) => (None, vec![]),
+            };
+            pending.push(PendingNet {
+                config,
+                own_tap,
+                own_vhost,
+            });
         }
-    }
-    if backend_transfer {
-        for n in &opened {
-            if n.tap != n.config.id {
-                return Err(Prepare::Refuse(format!(
-                    "NIC {}: the fds sent are queues of TAP {:?}",
-                    n.config.id, n.tap
-                )));
-            }
+        memory::check_host_limit(cfg.memory)?;
+        let shell = VmShell::new(kvm)?;
+        // The CPUID a boot would give: the same as the source's on this
+        // host, so the restore (on the downtime path) need not set it again.
+        let vcpus = (0..cfg.vcpus)
+            .map(|i| {
+                let v = Vcpu::new(&shell.fd, i)?;
+                v.configure_cpuid(&shell.kvm)?;
+                Ok(v)
+            })
+            .collect::<Result<Vec<_>, VcpuError>>()?;
+        let serial_out = open_serial(cfg)?;
+        let own_api = bind_api(cfg)?;
+        if let ApiSocket::Own(_, path) = &own_api {
+            signals.remove_on_early_exit(path);
         }
-    }
-    let nets = net_attach::attach_nets(&mut vm, opened)?;
-    Ok((
-        Parts {
-            vm,
+        Ok(IncomingShell {
+            signals,
+            shell,
             vcpus,
+            serial_out,
+            pending,
+            own_api,
+            started,
+        })
+    }
+
+    /// The `--net` configurations, in slot order.
+    pub fn net_configs(&self) -> Vec<NetConfig> {
+        self.pending.iter().map(|p| p.config.clone()).collect()
+    }
+
+    /// The API socket this process bound itself (`--api-socket`), if any.
+    pub fn own_api_socket(&self) -> Option<&std::path::Path> {
+        match &self.own_api {
+            ApiSocket::Own(_, p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Builds the machine on what the source sent: maps the memfd and
+    /// registers it with KVM, attaches the devices (on the transferred TAP
+    /// fds, or this process's own) with their ioeventfds and irqfds, and
+    /// starts every thread parked, the API gate closed. The guest runs on
+    /// at the source all the while.
+    pub fn build(self, cfg: &VmConfig, arrived: Arrived) -> Result<Vmm, BuildError> {
+        let api = match (self.own_api, arrived.api_listener) {
+            (ApiSocket::None, Some(l)) => ApiSocket::Adopted(api::adopt(l)?),
+            // Started with --api-socket: the source's socket is not needed.
+            (own, _) => own,
+        };
+        let ram = GuestRam::from_memfd(Arc::new(arrived.memfd), cfg.memory)?;
+        let mut vm = self.shell.with_ram(ram)?;
+        let (exit_tx, exit_rx) = vm::exit_channel();
+        let serial = add_legacy_devices(&mut vm, self.serial_out, &exit_tx)?;
+        let mut opened = Vec::with_capacity(self.pending.len());
+        for (p, (mac, taps)) in self.pending.into_iter().zip(arrived.nets) {
+            let mut config = p.config;
+            config.mac = Some(mac);
+            let (tap, taps, vhost) = match taps {
+                Some(taps) => (config.id.clone(), taps, p.own_vhost),
+                None => {
+                    let own = p.own_tap.ok_or_else(|| NetAttachError::NoTap {
+                        id: config.id.clone(),
+                    })?;
+                    (own.name, own.taps, own.vhost)
+                }
+            };
+            let net = OpenedNet::from_fds(config, tap, taps, vhost, Some(device_hook()))?;
+            opened.push(net);
+        }
+        let nets = net_attach::attach_nets(&mut vm, opened)?;
+        let parts = Parts {
+            vm,
+            vcpus: self.vcpus,
             serial,
             nets,
             exit_tx,
             exit_rx,
-        },
-        api,
-    ))
+        };
+        launch(parts, api, self.signals, RunState::Migrating, self.started)
+    }
 }
 
 impl Vmm {
+    pub fn signals(&self) -> &SignalWatch {
+        &self.signals
+    }
+
+    /// This process serves the API socket a migration source handed over.
+    pub fn takes_api_socket(&self) -> bool {
+        self.adopted_api
+    }
+
     /// Waits for the first exit reason, then ends the threads in order.
     pub fn wait(self) -> ExitReason {
         // A closed channel cannot happen while the runtime holds a sender;
@@ -578,24 +525,12 @@ impl Vmm {
             vcpu: 0,
             message: "exit channel closed".into(),
         });
-        let keep_api = matches!(
-            reason,
-            ExitReason::Migrated {
-                keep_api_socket: true
-            }
-        );
+        // An outgoing migration in flight is settled first: the guest is
+        // taken back (it stops with this process) unless the target owns it.
+        let keep_api = self.runtime.settle_for_exit();
         // After a migration the target serves the API socket: leave it.
         let api_socket = self.api_socket.as_deref().filter(|_| !keep_api);
         exit::teardown(api_socket, &self.runtime.control, &self.vcpu_threads);
         reason
-    }
-}
-
-/// Builds the VM `cfg` asks for: a boot, or an incoming migration.
-pub fn build(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
-    if cfg.incoming.is_some() {
-        build_for_incoming(cfg, started)
-    } else {
-        build_for_boot(cfg, started)
     }
 }

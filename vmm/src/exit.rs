@@ -13,11 +13,19 @@
 //! SIGTERM and SIGINT are blocked in every thread and taken by one small
 //! thread with `sigwait` ([`SignalWatch`]), so a signal never interrupts
 //! a vCPU, device or the API thread, and no async-signal-safety rules apply.
+//!
+//! Before a guest runs here, a signal ends the process at once (exit 0)
+//! after removing the sockets it created. A migration target that has not
+//! taken the guest declines it first ([`common::ownership`]), so the source
+//! takes it back and runs on; once the target owns the guest, a signal is
+//! an ordinary shutdown of its owner.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use common::ownership::{Owner, OwnerPage};
 
 use crate::control::RunControl;
 use crate::sandbox::{self, ThreadKind};
@@ -42,9 +50,19 @@ fn termination_set() -> libc::sigset_t {
     }
 }
 
-/// Where a termination signal goes: nowhere yet (the process just exits),
-/// or the VM's exit channel.
-type Target = Arc<Mutex<Option<ExitSender>>>;
+/// Where a termination signal goes.
+#[derive(Default)]
+struct Route {
+    /// Sockets this process created, removed when it exits before a VM
+    /// runs (a stale one would block a restart on the same path).
+    remove: Vec<PathBuf>,
+    /// An incoming migration's ownership page, until the guest is ours.
+    page: Option<Arc<OwnerPage>>,
+    /// The VM's exit channel, once a guest runs here.
+    exit: Option<ExitSender>,
+}
+
+type Target = Arc<Mutex<Route>>;
 
 /// The thread that turns SIGTERM/SIGINT into [`ExitReason::Signal`].
 pub struct SignalWatch {
@@ -63,7 +81,7 @@ impl SignalWatch {
         if rc != 0 {
             return Err(std::io::Error::from_raw_os_error(rc));
         }
-        let target: Target = Arc::new(Mutex::new(None));
+        let target: Target = Arc::new(Mutex::new(Route::default()));
         let t = target.clone();
         std::thread::Builder::new()
             .name("signals".into())
@@ -72,12 +90,54 @@ impl SignalWatch {
         Ok(SignalWatch { target })
     }
 
-    /// From now on a signal stops the VM through `exit` (the main thread
-    /// then tears down as for any other reason). Before this, nothing needs
-    /// cleaning up and a signal ends the process at once.
-    pub fn deliver_to(&self, exit: ExitSender) {
-        *self.target.lock().unwrap_or_else(PoisonError::into_inner) = Some(exit);
+    fn route(&self) -> std::sync::MutexGuard<'_, Route> {
+        self.target.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// A socket this process created: removed if a signal ends the process
+    /// before a VM runs (afterwards teardown removes what it must).
+    pub fn remove_on_early_exit(&self, path: &Path) {
+        self.route().remove.push(path.to_path_buf());
+    }
+
+    /// The socket at `path` is gone (or another process's now).
+    pub fn forget_on_early_exit(&self, path: &Path) {
+        self.route().remove.retain(|p| p != path);
+    }
+
+    /// From now on a signal stops the VM through `exit` (the main thread
+    /// then tears down as for any other reason). Before this, a signal
+    /// ends the process at once.
+    pub fn deliver_to(&self, exit: ExitSender) {
+        self.route().exit = Some(exit);
+    }
+
+    /// An incoming migration got its ownership page: a signal from now on
+    /// declines the guest before the process exits.
+    pub fn incoming(&self, page: Arc<OwnerPage>) {
+        self.route().page = Some(page);
+    }
+
+    /// Takes the incoming guest (the ownership word's compare-and-swap) and,
+    /// if that wins, routes signals to `exit`; atomically with respect to a
+    /// signal, which otherwise declines the guest.
+    pub fn take_guest(&self, page: &OwnerPage, exit: ExitSender) -> Result<(), Owner> {
+        let mut r = self.route();
+        page.take()?;
+        r.page = None;
+        r.exit = Some(exit);
+        Ok(())
+    }
+}
+
+/// A signal before a guest runs here: remove what this process created,
+/// and exit 0.
+fn early_exit(route: &Route, sig: libc::c_int) -> ! {
+    for p in &route.remove {
+        let _ = std::fs::remove_file(p);
+    }
+    log::info!("signal {sig} before the VM started: exiting");
+    std::process::exit(ExitReason::Signal { signal: sig }.exit_code());
 }
 
 fn watch(target: &Target) {
@@ -91,16 +151,21 @@ fn watch(target: &Target) {
             continue;
         }
         let reason = ExitReason::Signal { signal: sig };
-        let g = target.lock().unwrap_or_else(PoisonError::into_inner);
-        match g.as_ref() {
+        let route = target.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(page) = &route.page {
+            // Not ours yet: make sure it never is, so the source runs on.
+            match page.decline() {
+                Ok(()) => log::info!("signal {sig}: incoming migration declined"),
+                Err(owner) => log::info!("signal {sig}: the incoming guest is {owner}"),
+            }
+            early_exit(&route, sig);
+        }
+        match &route.exit {
             Some(exit) => {
                 log::info!("signal {sig}: stopping the VM");
                 exit.send(reason);
             }
-            None => {
-                log::info!("signal {sig} before the VM started: exiting");
-                std::process::exit(reason.exit_code());
-            }
+            None => early_exit(&route, sig),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use vmm::builder;
 use vmm::config::{USAGE, VmConfig};
+use vmm::migration::target;
 use vmm::vm::ExitReason;
 
 fn main() {
@@ -23,11 +24,16 @@ fn main() {
             exit(2);
         }
     };
-    let vmm = match builder::build(&cfg, started) {
+    let built = if cfg.incoming.is_some() {
+        target::receive(&cfg, started).map_err(|e| (e.to_string(), e.exit_code()))
+    } else {
+        builder::build_for_boot(&cfg, started).map_err(|e| (e.to_string(), e.exit_code()))
+    };
+    let vmm = match built {
         Ok(v) => v,
-        Err(e) => {
+        Err((e, code)) => {
             eprintln!("vmm: {e}");
-            exit(e.exit_code());
+            exit(code);
         }
     };
     let reason = vmm.wait();

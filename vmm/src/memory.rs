@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use vm_memory::{FileOffset, GuestAddress};
 
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -27,6 +28,28 @@ pub enum MemoryError {
     Truncate { size: u64, err: std::io::Error },
     #[error("cannot map guest RAM: {0}")]
     Map(String),
+    #[error("cannot seal the guest RAM memfd: {0}")]
+    Seal(std::io::Error),
+    #[error("the guest RAM memfd is not sealed against shrinking and growing")]
+    NotSealed,
+}
+
+/// What keeps another process holding the memfd (a migration peer) from
+/// resizing guest RAM under this one's mapping.
+fn ram_seals() -> SealFlag {
+    SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW
+}
+
+/// Checks that a guest RAM memfd received from another process carries
+/// the seals: without them it could shrink it and kill this process with
+/// SIGBUS.
+pub fn check_ram_seals(f: &File) -> Result<(), MemoryError> {
+    let seals = fcntl(f, FcntlArg::F_GET_SEALS).map_err(|_| MemoryError::NotSealed)?;
+    if SealFlag::from_bits_truncate(seals).contains(ram_seals()) {
+        Ok(())
+    } else {
+        Err(MemoryError::NotSealed)
+    }
 }
 
 /// The (start, length) RAM ranges of a guest with `size` bytes.
@@ -77,12 +100,16 @@ impl GuestRam {
     /// Creates a sparse memfd of `size` bytes and maps it at the layout above.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         check_host_limit(size)?;
-        let fd =
-            nix::sys::memfd::memfd_create(c"guest-ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-                .map_err(|e| MemoryError::Memfd(e.into()))?;
+        let fd = nix::sys::memfd::memfd_create(
+            c"guest-ram",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(|e| MemoryError::Memfd(e.into()))?;
         let file = File::from(fd);
         file.set_len(size)
             .map_err(|err| MemoryError::Truncate { size, err })?;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(ram_seals()))
+            .map_err(|e| MemoryError::Seal(e.into()))?;
         Self::from_memfd(Arc::new(file), size)
     }
 

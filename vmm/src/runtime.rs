@@ -3,15 +3,23 @@
 //! the order is the same everywhere: pause stops the vCPUs first, then the
 //! device threads (no driver write races the device pause; frames wait in
 //! the TAP); resume restarts the devices first (the guest finds its queues
-//! served), then the vCPUs. A migration holds the machine for its whole
-//! run, and other requests are answered "busy" meanwhile.
+//! served, every queue kicked once), then the vCPUs. A migration holds the
+//! machine for its whole run, and other requests are answered "busy"
+//! meanwhile.
+//!
+//! After a migration began, this process runs the guest's vCPUs again only
+//! if it wins the migration's ownership word ([`common::ownership`]): the
+//! source by taking the guest back, a target by taking it. The API is
+//! served only while this process owns the guest ([`ApiGate`]).
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use common::api::{RunState, VmStatus};
+use common::ownership::{Owner, OwnerPage, process_gone};
 
+use crate::api::ApiGate;
 use crate::control::{ControlError, RunControl};
 use crate::persist::{Machine, PersistError};
 use crate::vm::ExitSender;
@@ -34,7 +42,18 @@ pub struct Runtime {
     /// A duplicate of the listening API socket, which a migration hands to
     /// a target started without `--api-socket`.
     pub api_listener: Option<OwnedFd>,
+    /// Open while this process owns the guest and serves the API.
+    pub api_gate: Arc<ApiGate>,
     state: Mutex<RunState>,
+    /// The outgoing migration's ownership page, once a target said Ready.
+    handover: Mutex<Option<Handover>>,
+}
+
+/// An outgoing migration as the exit path must know it.
+struct Handover {
+    page: Arc<OwnerPage>,
+    /// The target serves the API socket once it owns the guest.
+    takes_api_socket: bool,
 }
 
 impl Runtime {
@@ -46,6 +65,7 @@ impl Runtime {
         exit: ExitSender,
         started: Instant,
         api_listener: Option<OwnedFd>,
+        api_gate: Arc<ApiGate>,
         state: RunState,
     ) -> Self {
         Runtime {
@@ -54,7 +74,9 @@ impl Runtime {
             exit,
             started,
             api_listener,
+            api_gate,
             state: Mutex::new(state),
+            handover: Mutex::new(None),
         }
     }
 
@@ -66,10 +88,48 @@ impl Runtime {
         *self.lock()
     }
 
-    /// For the builder of a migration target: the guest arrived, running
-    /// or paused.
-    pub fn set_state(&self, state: RunState) {
-        *self.lock() = state;
+    /// A migration target that took the guest: it runs (devices, every
+    /// queue kicked, vCPUs) or stays paused as it was at the source; the
+    /// API opens.
+    pub fn arrive(&self, paused: bool) -> Result<(), RuntimeError> {
+        let mut st = self.lock();
+        if paused {
+            *st = RunState::Paused;
+        } else {
+            self.unquiesce()?;
+            *st = RunState::Running;
+        }
+        drop(st);
+        self.api_gate.open();
+        Ok(())
+    }
+
+    /// `vmctl shutdown`: refused while a migration holds the guest.
+    pub fn begin_shutdown(&self) -> Result<(), RuntimeError> {
+        let mut st = self.lock();
+        match *st {
+            RunState::Migrating | RunState::Migrated => Err(RuntimeError::Busy(*st)),
+            _ => {
+                *st = RunState::ShuttingDown;
+                Ok(())
+            }
+        }
+    }
+
+    /// The exit path: if an outgoing migration is in flight, takes the
+    /// guest back so that a target can no longer take it (the guest stops
+    /// with this process). Returns true when the target owns the guest,
+    /// lives, and serves the API socket (which must then stay).
+    pub fn settle_for_exit(&self) -> bool {
+        let h = self.handover.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(h) = h.as_ref() else {
+            return false;
+        };
+        match h.page.take_back() {
+            Ok(()) => false,
+            Err(Owner::Target { pid }) => h.takes_api_socket && !process_gone(pid),
+            Err(_) => false,
+        }
     }
 
     /// Pauses a running guest (a paused one stays so).
@@ -112,9 +172,14 @@ impl Runtime {
         Ok(())
     }
 
-    /// Devices, then vCPUs.
+    /// Devices (each queue kicked once: a notification the guest sent
+    /// while they were stopped, or before a migration, is not lost), then
+    /// vCPUs.
     fn unquiesce(&self) -> Result<(), RuntimeError> {
         let devices = self.machine.resume_devices();
+        for n in &self.machine.nets {
+            n.kick_all_queues();
+        }
         self.control.resume();
         devices.map_err(RuntimeError::from)
     }
@@ -130,8 +195,9 @@ impl Runtime {
         }
     }
 
-    /// Takes the machine for a migration and stops it. Returns whether
-    /// the user had paused it (the target then keeps it paused).
+    /// Takes the machine for a migration (it runs on until
+    /// [`Migrating::stop`]). Records whether the user had paused it (the
+    /// target then keeps it paused).
     pub fn begin_migration(&self) -> Result<Migrating<'_>, RuntimeError> {
         let mut st = self.lock();
         let was_paused = match *st {
@@ -144,22 +210,36 @@ impl Runtime {
             rt: self,
             was_paused,
             stopped: false,
+            page: None,
             done: false,
         })
     }
 }
 
-/// A machine held by a migration. Dropped without [`Migrating::committed`],
+/// A machine held by a migration. Dropped without [`Migrating::handed_over`],
 /// it gives the guest back as it was (running again unless the user had
-/// paused it).
+/// paused it) — but only if this process wins the ownership word back:
+/// if the target took the guest, this process never runs it again.
 pub struct Migrating<'a> {
     rt: &'a Runtime,
     pub was_paused: bool,
     stopped: bool,
+    page: Option<Arc<OwnerPage>>,
     done: bool,
 }
 
 impl Migrating<'_> {
+    /// The migration's ownership page, offered to a target that said
+    /// Ready and will serve the API socket (`takes_api_socket`) once it
+    /// owns the guest.
+    pub fn offered(&mut self, page: Arc<OwnerPage>, takes_api_socket: bool) {
+        self.page = Some(page.clone());
+        *self.rt.handover.lock().unwrap_or_else(|p| p.into_inner()) = Some(Handover {
+            page,
+            takes_api_socket,
+        });
+    }
+
     /// Stops vCPUs and devices (a paused guest already is).
     pub fn stop(&mut self) -> Result<(), RuntimeError> {
         if !self.was_paused && !self.stopped {
@@ -169,10 +249,12 @@ impl Migrating<'_> {
         Ok(())
     }
 
-    /// The target has the guest now: this process never runs it again.
-    pub fn committed(mut self) {
+    /// The target owns the guest: this process never runs it again nor
+    /// answers on the API socket.
+    pub fn handed_over(mut self) {
         self.done = true;
         *self.rt.lock() = RunState::Migrated;
+        self.rt.api_gate.retire();
     }
 }
 
@@ -182,6 +264,16 @@ impl Drop for Migrating<'_> {
             return;
         }
         let mut st = self.rt.lock();
+        if let Some(page) = &self.page
+            && let Err(owner) = page.take_back()
+        {
+            // The target owns it: never run it here again.
+            log::error!("migration: the guest is {owner}; not resuming it here");
+            *st = RunState::Migrated;
+            self.rt.api_gate.retire();
+            return;
+        }
+        *self.rt.handover.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if self.stopped
             && let Err(e) = self.rt.unquiesce()
         {
@@ -192,5 +284,7 @@ impl Drop for Migrating<'_> {
         } else {
             RunState::Running
         };
+        drop(st);
+        self.rt.api_gate.open();
     }
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use common::api::{API_VERSION, ApiRequest, ApiResponse};
 use common::codec::{self, DEFAULT_MAX_FRAME};
+use common::migration::MAX_DOWNTIME_LIMIT_MS;
 
-const USAGE: &str = "usage: vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH [--no-backend-transfer]} [--json]";
+const USAGE: &str = "usage: vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH [--no-backend-transfer] [--downtime-limit-ms N]} [--json]";
 /// Migration can take a while; everything else answers at once.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -37,6 +38,7 @@ fn parse(args: Vec<String>) -> Result<Args, String> {
     let mut command = None;
     let mut to = None;
     let mut backend_transfer = true;
+    let mut downtime_limit_ms = None;
     let mut json = false;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -45,6 +47,19 @@ fn parse(args: Vec<String>) -> Result<Args, String> {
             "--json" => json = true,
             "--to" => to = Some(it.next().ok_or("--to needs a path")?),
             "--no-backend-transfer" => backend_transfer = false,
+            "--downtime-limit-ms" => {
+                let v = it.next().ok_or("--downtime-limit-ms needs a number")?;
+                let ms = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|ms| (1..=MAX_DOWNTIME_LIMIT_MS).contains(ms))
+                    .ok_or_else(|| {
+                        format!(
+                            "--downtime-limit-ms: '{v}' is not a number of ms from 1 to {MAX_DOWNTIME_LIMIT_MS}"
+                        )
+                    })?;
+                downtime_limit_ms = Some(ms);
+            }
             "status" | "pause" | "resume" | "shutdown" | "migrate" if command.is_none() => {
                 command = Some(a)
             }
@@ -55,8 +70,8 @@ fn parse(args: Vec<String>) -> Result<Args, String> {
         }
     }
     let socket = socket.ok_or("--api-socket is required")?;
-    if to.is_some() && command.as_deref() != Some("migrate") {
-        return Err("--to is only valid with migrate".into());
+    if (to.is_some() || downtime_limit_ms.is_some()) && command.as_deref() != Some("migrate") {
+        return Err("--to and --downtime-limit-ms are only valid with migrate".into());
     }
     let request = match command.as_deref() {
         Some("status") => ApiRequest::Status,
@@ -66,6 +81,7 @@ fn parse(args: Vec<String>) -> Result<Args, String> {
         Some("migrate") => ApiRequest::Migrate {
             to: to.ok_or("migrate needs --to PATH")?,
             backend_transfer,
+            downtime_limit_ms,
         },
         _ => return Err("no command given".into()),
     };

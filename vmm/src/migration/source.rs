@@ -2,24 +2,34 @@
 //! created at start-up (later threads may not create threads) under the
 //! `migration` seccomp list; the API thread hands it a request and waits
 //! for the report.
+//!
+//! The source trusts only its own target: before anything is sent, the
+//! peer's SO_PEERCRED uid must be this vmm's uid (and not this process).
+//! Every step has an absolute deadline; once the guest is paused, every
+//! step must end by the pause plus the downtime limit, or the source takes
+//! the guest back. Whether it may run the guest again is decided by the
+//! ownership word alone ([`common::ownership`]).
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::api::{MigrationPhases, MigrationReport};
 use common::codec::{self, CodecError};
+use common::listener::PeerCred;
 use common::migration::{
-    FdRole, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, SourceMsg, TargetMsg, monotonic_ns,
+    FdRole, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, SourceMsg, TargetMsg,
 };
+use common::ownership::{Owner, OwnerPage, OwnershipError, process_gone};
 
-use super::{PREPARE_TIMEOUT, STEP_TIMEOUT, shape_of};
+use super::{PREPARE_TIMEOUT, shape_of};
 use crate::devices::virtio::net::FrameIo;
 use crate::persist::{MACHINE_STATE_FORMAT, PersistError};
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{Migrating, Runtime, RuntimeError};
 use crate::sandbox::{self, ThreadKind};
 use crate::vm::ExitReason;
 
@@ -29,6 +39,25 @@ const WORKER_STACK_SIZE: usize = 256 * 1024;
 pub enum SourceError {
     #[error("cannot connect to the target at {path}: {err}")]
     Connect { path: PathBuf, err: std::io::Error },
+    #[error(
+        "the target at {path} runs as uid {uid} (pid {pid}), this vmm as uid {own}: nothing was sent"
+    )]
+    Stranger {
+        path: PathBuf,
+        uid: u32,
+        pid: i32,
+        own: u32,
+    },
+    #[error("{0} is this vmm's own socket: nothing was sent")]
+    OwnSocket(PathBuf),
+    #[error("another migration is in progress: busy")]
+    Busy,
+    #[error("{0}")]
+    Ownership(#[from] OwnershipError),
+    #[error("the target did not finish within the downtime limit of {0:?}")]
+    DowntimeLimit(Duration),
+    #[error("the target said Resumed but did not take the guest ({0})")]
+    NotTaken(Owner),
     #[error("{0}")]
     Runtime(#[from] RuntimeError),
     #[error("cannot save the machine: {0}")]
@@ -52,42 +81,65 @@ pub struct Outcome {
     pub exit: Option<ExitReason>,
 }
 
+/// What `vmctl migrate` asks for.
+#[derive(Debug, Clone)]
+pub struct MigrateRequest {
+    pub to: PathBuf,
+    pub backend_transfer: bool,
+    /// Longest the guest may stay paused before the source takes it back.
+    pub downtime_limit: Duration,
+}
+
 struct Job {
-    to: PathBuf,
-    backend_transfer: bool,
+    req: MigrateRequest,
     reply: mpsc::Sender<Outcome>,
 }
 
 /// The migration thread of a running vmm.
 pub struct MigrationWorker {
     jobs: Mutex<mpsc::Sender<Job>>,
+    /// A migration is queued or running: a second one is answered "busy"
+    /// at once instead of waiting behind it.
+    busy: AtomicBool,
 }
 
 impl MigrationWorker {
     /// Starts the thread; it waits for requests until the process ends.
     pub fn spawn(rt: Arc<Runtime>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
+        // Asked here: the migration list has no getuid.
+        let own_uid = nix::unistd::geteuid().as_raw();
         std::thread::Builder::new()
             .name("migration".into())
             .stack_size(WORKER_STACK_SIZE)
             .spawn(move || {
                 sandbox::enter_thread_or_exit(ThreadKind::Migration);
                 while let Ok(job) = rx.recv() {
-                    let out = migrate(&rt, &job.to, job.backend_transfer);
+                    let out = migrate(&rt, &job.req, own_uid);
                     let _ = job.reply.send(out);
                 }
             })?;
         Ok(MigrationWorker {
             jobs: Mutex::new(tx),
+            busy: AtomicBool::new(false),
         })
     }
 
-    /// Runs one migration to the target listening on `to`.
-    pub fn migrate(&self, to: &Path, backend_transfer: bool) -> Outcome {
+    /// Runs one migration (or answers "busy" at once if one runs).
+    pub fn migrate(&self, to: &Path, backend_transfer: bool, downtime_limit: Duration) -> Outcome {
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Outcome {
+                report: report_with(SourceError::Busy.to_string(), backend_transfer),
+                exit: None,
+            };
+        }
         let (reply, out) = mpsc::channel();
         let job = Job {
-            to: to.to_path_buf(),
-            backend_transfer,
+            req: MigrateRequest {
+                to: to.to_path_buf(),
+                backend_transfer,
+                downtime_limit,
+            },
             reply,
         };
         let sent = self
@@ -95,7 +147,9 @@ impl MigrationWorker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .send(job);
-        match sent.ok().and_then(|()| out.recv().ok()) {
+        let outcome = sent.ok().and_then(|()| out.recv().ok());
+        self.busy.store(false, Ordering::SeqCst);
+        match outcome {
             Some(o) => o,
             None => Outcome {
                 report: report_with("the migration thread is gone".into(), backend_transfer),
@@ -122,54 +176,96 @@ fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
 
-/// The whole migration; on any failure before the commit the guest runs
-/// on here as it was.
-pub fn migrate(rt: &Runtime, to: &Path, backend_transfer: bool) -> Outcome {
+/// The whole migration. On any failure the guest runs on here as it was,
+/// if this process wins it back; otherwise the target owns it.
+pub fn migrate(rt: &Runtime, req: &MigrateRequest, own_uid: u32) -> Outcome {
     let start = Instant::now();
-    let mut report = report_with(String::new(), backend_transfer);
+    let mut report = report_with(String::new(), req.backend_transfer);
     report.memory_bytes = rt.machine.vm.ram.size;
-    let r = run(rt, to, backend_transfer, &mut report);
+    let mut offer = None;
+    let r = run(rt, req, own_uid, &mut report, &mut offer);
+    let exit = settle(r, offer, req, &mut report);
     report.total_us = us(start.elapsed());
-    let exit = match r {
-        Ok(Finished::Committed { takes_api_socket }) => {
-            report.result = "ok".into();
-            log::info!(
-                "migrated to {}: downtime {} us",
-                to.display(),
-                report.downtime_us
-            );
-            Some(ExitReason::Migrated {
-                keep_api_socket: takes_api_socket,
-            })
-        }
-        Ok(Finished::Lost(reason)) => {
-            report.result =
-                format!("the target failed after the commit, the guest is lost with it: {reason}");
-            Some(ExitReason::MigrationLost { reason })
-        }
-        Err(e) => {
-            report.result = e.to_string();
-            log::warn!("migration to {} failed: {e}", to.display());
-            None
-        }
-    };
     Outcome { report, exit }
 }
 
-enum Finished {
-    Committed {
-        takes_api_socket: bool,
-    },
-    /// Committed, but the target never said it resumed.
-    Lost(String),
+/// The guest as offered to a target that said Ready.
+struct Offer<'a> {
+    hold: Migrating<'a>,
+    page: Arc<OwnerPage>,
+    takes_api_socket: bool,
+    /// When the guest was paused for the switch-over.
+    paused: Option<Instant>,
+}
+
+/// Where a migration's outcome leaves the guest: resumed here (`None`),
+/// or with the target (this process exits).
+fn settle(
+    r: Result<(), SourceError>,
+    offer: Option<Offer<'_>>,
+    req: &MigrateRequest,
+    report: &mut MigrationReport,
+) -> Option<ExitReason> {
+    let to = req.to.display();
+    let Some(offer) = offer else {
+        // Nothing was offered: the guest never stopped being ours.
+        let err = match r {
+            Err(e) => e.to_string(),
+            Ok(()) => "no target took the guest".into(),
+        };
+        log::warn!("migration to {to} failed: {err}");
+        report.result = err;
+        return None;
+    };
+    let keep_api_socket = offer.takes_api_socket;
+    let paused = offer.paused;
+    let downtime = || paused.map_or(0, |p| us(p.elapsed()));
+    let err = match r {
+        Ok(()) => {
+            offer.hold.handed_over();
+            report.result = "ok".into();
+            log::info!("migrated to {to}: downtime {} us", report.downtime_us);
+            return Some(ExitReason::Migrated { keep_api_socket });
+        }
+        Err(e) => e,
+    };
+    match offer.page.take_back() {
+        Ok(()) => {
+            // Dropping the hold resumes the guest here.
+            drop(offer.hold);
+            report.downtime_us = downtime();
+            log::warn!("migration to {to} failed, the guest runs on here: {err}");
+            report.result = err.to_string();
+            None
+        }
+        Err(Owner::Target { pid }) if process_gone(pid) => {
+            offer.hold.handed_over();
+            let reason = format!(
+                "the target (pid {pid}) took the guest and exited, the guest is lost with it: {err}"
+            );
+            report.result = reason.clone();
+            Some(ExitReason::MigrationLost { reason })
+        }
+        Err(owner) => {
+            // The target owns the guest and lives: the guest is migrated,
+            // though the target did not say so in time.
+            offer.hold.handed_over();
+            report.downtime_us = downtime();
+            log::warn!("migration to {to}: the guest is {owner}, though {err}");
+            report.result = "ok".into();
+            Some(ExitReason::Migrated { keep_api_socket })
+        }
+    }
 }
 
 fn wire(step: &'static str) -> impl FnOnce(CodecError) -> SourceError {
     move |err| SourceError::Wire { step, err }
 }
 
-fn recv(sock: &UnixStream, step: &'static str) -> Result<TargetMsg, SourceError> {
-    let r = codec::recv::<_, TargetMsg>(sock, MIGRATION_MAX_FRAME, 0).map_err(wire(step))?;
+/// Receives the target's next message by `deadline`.
+fn recv(sock: &UnixStream, step: &'static str, deadline: Instant) -> Result<TargetMsg, SourceError> {
+    let r = codec::recv_until::<_, TargetMsg>(sock, MIGRATION_MAX_FRAME, 0, deadline)
+        .map_err(wire(step))?;
     if !r.fds.is_empty() {
         return Err(SourceError::Unexpected {
             step,
@@ -179,34 +275,107 @@ fn recv(sock: &UnixStream, step: &'static str) -> Result<TargetMsg, SourceError>
     Ok(r.msg)
 }
 
+/// Sends `payload` by `deadline` (a peer that stops reading cannot hold
+/// the send longer).
+fn send(
+    sock: &UnixStream,
+    step: &'static str,
+    payload: &str,
+    fds: &[BorrowedFd<'_>],
+    deadline: Instant,
+) -> Result<(), SourceError> {
+    let left = deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or(SourceError::Wire {
+            step,
+            err: CodecError::Deadline,
+        })?;
+    sock.set_write_timeout(Some(left))
+        .map_err(SourceError::Socket)?;
+    codec::send_encoded(sock, payload, fds).map_err(wire(step))
+}
+
+fn encode<T: serde::Serialize>(step: &'static str, msg: &T) -> Result<String, SourceError> {
+    codec::encode(msg).map_err(wire(step))
+}
+
 fn unexpected(step: &'static str, m: &TargetMsg) -> SourceError {
     let mut got = format!("{m:?}");
     got.truncate(200);
     SourceError::Unexpected { step, got }
 }
 
-fn run(
-    rt: &Runtime,
-    to: &Path,
-    backend_transfer: bool,
-    report: &mut MigrationReport,
-) -> Result<Finished, SourceError> {
-    let t = Instant::now();
-    let sock = UnixStream::connect(to).map_err(|err| SourceError::Connect {
+/// Connects to `to` by `deadline`. A listener whose backlog is full makes
+/// a non-blocking connect fail with EAGAIN: retried until the deadline, so
+/// a peer that never accepts cannot hold the caller.
+fn connect(to: &Path, deadline: Instant) -> Result<UnixStream, SourceError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let err = |e: nix::Error| SourceError::Connect {
         path: to.to_path_buf(),
-        err,
-    })?;
-    sock.set_write_timeout(Some(STEP_TIMEOUT))
-        .map_err(SourceError::Socket)?;
-    sock.set_read_timeout(Some(PREPARE_TIMEOUT))
-        .map_err(SourceError::Socket)?;
+        err: e.into(),
+    };
+    let addr = UnixAddr::new(to).map_err(err)?;
+    loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(err)?;
+        match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+            Ok(()) => {
+                // Blocking again, with timeouts per send (fcntl: the
+                // migration list has no FIONBIO).
+                use nix::fcntl::{FcntlArg, OFlag, fcntl};
+                let fl = fcntl(&fd, FcntlArg::F_GETFL).map_err(err)?;
+                let fl = OFlag::from_bits_truncate(fl) - OFlag::O_NONBLOCK;
+                fcntl(&fd, FcntlArg::F_SETFL(fl)).map_err(err)?;
+                return Ok(UnixStream::from(fd));
+            }
+            Err(nix::errno::Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
+}
+
+fn run<'a>(
+    rt: &'a Runtime,
+    req: &MigrateRequest,
+    own_uid: u32,
+    report: &mut MigrationReport,
+    offer: &mut Option<Offer<'a>>,
+) -> Result<(), SourceError> {
+    let backend_transfer = req.backend_transfer;
+    let t = Instant::now();
+    let prepare_deadline = t + PREPARE_TIMEOUT;
+    let sock = connect(&req.to, prepare_deadline)?;
+    // Trust only a target of this uid, before a byte or an fd is sent.
+    let peer = PeerCred::of(&sock).map_err(SourceError::Socket)?;
+    if peer.pid == std::process::id() as i32 {
+        return Err(SourceError::OwnSocket(req.to.clone()));
+    }
+    if peer.uid != own_uid {
+        return Err(SourceError::Stranger {
+            path: req.to.clone(),
+            uid: peer.uid,
+            pid: peer.pid,
+            own: own_uid,
+        });
+    }
     report.phases.connect_us = us(t.elapsed());
 
-    let mut held = rt.begin_migration()?;
+    let mut hold = rt.begin_migration()?;
     let machine = &rt.machine;
+    let page = Arc::new(OwnerPage::create()?);
 
-    // Every fd goes with Hello, while the guest runs: RAM, TAP queues, API.
+    // Every fd goes with Hello, while the guest runs: RAM, owner page, TAP
+    // queues, API.
     let mut table = machine.fd_table(backend_transfer);
+    table.push(FdRole::OwnerPage);
     let ios: Vec<Arc<dyn FrameIo>> = if backend_transfer {
         machine.nets.iter().flat_map(|n| n.frame_ios()).collect()
     } else {
@@ -219,6 +388,7 @@ fn run(
         ios.iter()
             .map(|io| unsafe { BorrowedFd::borrow_raw(io.as_raw_fd()) }),
     );
+    fds.push(page.as_fd());
     if let Some(l) = &rt.api_listener {
         table.push(FdRole::ApiListener);
         fds.push(l.as_fd());
@@ -236,13 +406,22 @@ fn run(
         vmm_version: env!("CARGO_PKG_VERSION").into(),
         shape: shape_of(machine),
         backend_transfer,
-        paused: held.was_paused,
+        paused: hold.was_paused,
         fds: table.roles.clone(),
     };
     let t = Instant::now();
-    codec::send(&sock, &hello, &fds).map_err(wire("Hello"))?;
+    send(&sock, "Hello", &encode("Hello", &hello)?, &fds, prepare_deadline)?;
     drop(fds);
-    let takes_api_socket = match recv(&sock, "Hello")? {
+    // From the Hello on, the target holds the page: the guest is offered,
+    // and the exit path settles it whatever happens next.
+    hold.offered(page.clone(), false);
+    *offer = Some(Offer {
+        hold,
+        page,
+        takes_api_socket: false,
+        paused: None,
+    });
+    let takes_api_socket = match recv(&sock, "Hello", prepare_deadline)? {
         TargetMsg::Ready {
             takes_api_socket, ..
         } => takes_api_socket,
@@ -250,41 +429,54 @@ fn run(
         m => return Err(unexpected("Hello", &m)),
     };
     report.phases.prepare_us = us(t.elapsed());
+    let Some(o) = offer.as_mut() else {
+        return Err(SourceError::Busy);
+    };
+    o.takes_api_socket = takes_api_socket;
+    o.hold.offered(o.page.clone(), takes_api_socket);
 
-    // Downtime starts here.
-    let paused_at = monotonic_ns();
-    let t = Instant::now();
-    held.stop()?;
-    report.phases.pause_us = us(t.elapsed());
+    // Downtime starts here, and so does the switch-over limit.
+    let paused = Instant::now();
+    o.paused = Some(paused);
+    let deadline = paused + req.downtime_limit;
+    let limit = |e: SourceError| match e {
+        SourceError::Wire {
+            err: CodecError::Deadline | CodecError::Timeout,
+            ..
+        } => SourceError::DowntimeLimit(req.downtime_limit),
+        e => e,
+    };
+    o.hold.stop()?;
+    report.phases.pause_us = us(paused.elapsed());
     let t = Instant::now();
     let state = machine.save(&table)?;
-    let payload = codec::encode(&SourceMsg::State(&state)).map_err(wire("State"))?;
+    let payload = encode("State", &SourceMsg::State(&state))?;
     report.phases.save_us = us(t.elapsed());
     report.state_bytes = payload.len() as u64;
     let t = Instant::now();
-    sock.set_read_timeout(Some(STEP_TIMEOUT))
-        .map_err(SourceError::Socket)?;
-    codec::send_encoded(&sock, &payload, &[]).map_err(wire("State"))?;
-    match recv(&sock, "State")? {
+    send(&sock, "State", &payload, &[], deadline).map_err(limit)?;
+    match recv(&sock, "State", deadline).map_err(limit)? {
         TargetMsg::Loaded { restore_us } => report.phases.restore_us = restore_us,
         TargetMsg::Failed { reason } => return Err(SourceError::Failed(reason)),
         m => return Err(unexpected("State", &m)),
     }
     report.phases.load_us = us(t.elapsed());
 
-    // A Commit that cannot be sent never reached the target, which then
-    // never runs the guest: resuming here is safe.
+    // Only the owner answers the API: stop accepting before the target
+    // may take the guest (connections wait in the socket's backlog).
     let t = Instant::now();
-    codec::send(&sock, &SourceMsg::<()>::Commit, &[]).map_err(wire("Commit"))?;
-    held.committed();
-    let resumed = recv(&sock, "Commit");
+    rt.api_gate.close();
+    send(&sock, "Commit", &encode("Commit", &SourceMsg::<()>::Commit)?, &[], deadline)
+        .map_err(limit)?;
+    let resumed = recv(&sock, "Commit", deadline).map_err(limit)?;
     report.phases.resume_us = us(t.elapsed());
+    // On this process's clock, not a timestamp the peer sends.
+    report.downtime_us = us(paused.elapsed());
     match resumed {
-        Ok(TargetMsg::Resumed { at_ns }) => {
-            report.downtime_us = at_ns.saturating_sub(paused_at) / 1000;
-            Ok(Finished::Committed { takes_api_socket })
-        }
-        Ok(m) => Ok(Finished::Lost(unexpected("Commit", &m).to_string())),
-        Err(e) => Ok(Finished::Lost(e.to_string())),
+        TargetMsg::Resumed { .. } => match o.page.owner() {
+            Owner::Target { .. } => Ok(()),
+            other => Err(SourceError::NotTaken(other)),
+        },
+        m => Err(unexpected("Commit", &m)),
     }
 }

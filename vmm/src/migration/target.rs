@@ -1,38 +1,48 @@
-//! The receiving side of a local migration (`vmm --incoming PATH`), as an
-//! explicit state machine over one connection:
+//! The receiving side of a local migration (`vmm --incoming PATH`): one
+//! explicit state machine, each state holding what it needs.
 //!
 //! ```text
-//! Listening ──accept, same uid, Hello parses──► Greeted
-//! Greeted ──shape and fds fit, machine built──► Prepared   (Ready sent)
-//! Prepared ──State restored──────────────────► Loaded     (Loaded sent)
-//! Loaded ──Commit──────────────────────────────► Committed
-//! Committed ──vCPUs released───────────────────► Resumed    (Resumed sent)
+//! Listening ──a peer of this uid says Hello──────────► Greeted    (listener closed)
+//! Greeted ──versions, shape and fds fit; machine built─► Prepared   (Ready sent)
+//! Prepared ──State restored────────────────────────────► Loaded     (Loaded sent)
+//! Loaded ──Commit──────────────────────────────────────► Committed
+//! Committed ──owner page: take() wins──────────────────► Owned
+//! Owned ──devices, vCPUs and the API run here──────────► Resumed    (Resumed sent)
+//! Resumed ──classic path: RARP for each NIC────────────► done
 //! ```
 //!
 //! A peer of another uid is refused and logged, and one that does not
-//! manage a Hello is forgotten: the target keeps listening for the real
-//! source. Once a source said Hello, any failure ends the target (the
-//! caller exits non-zero): the source then resumes the guest itself.
-//! The machine is built by `builder`; this module speaks the protocol and
-//! checks what the source sent before anything uses it.
+//! manage a Hello by its deadline is forgotten: the target keeps listening
+//! for the real source. Once a source said Hello, the target listens no
+//! more, every step has an absolute deadline, and any failure ends the
+//! target (the caller exits non-zero) without it ever running the guest:
+//! it runs a vCPU only after winning the ownership word, so a source that
+//! gave up in the meantime (and took the guest back) keeps it.
+//! [`crate::builder::IncomingShell`] builds the machine; this module speaks
+//! the protocol and checks what the source sent before anything uses it.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use common::codec::{self, CodecError};
 use common::listener::{ListenError, Listener, PeerCred};
 use common::migration::{
     FdRole, MIGRATION_MAX_FDS, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, MachineShape,
-    SourceMsg, TargetMsg, monotonic_ns,
+    OLDEST_SOURCE_PROTOCOL, SourceMsg, TargetMsg, monotonic_ns,
 };
+use common::ownership::{Owner, OwnerPage};
 use nix::sys::socket::{getsockopt, sockopt};
 
-use super::{HELLO_TIMEOUT, STEP_TIMEOUT};
+use super::{HELLO_TIMEOUT, STEP_TIMEOUT, announce, shape_mismatch};
+use crate::builder::{Arrived, BuildError, IncomingShell, Vmm};
+use crate::config::VmConfig;
 use crate::persist::{FdTable, MachineState, check_format};
+use crate::sandbox::{self, ThreadKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -50,18 +60,21 @@ pub enum TargetError {
     Aborted(String),
     #[error("cannot load the state: {0}")]
     Load(String),
-    #[error("protocol step {0:?} out of order")]
-    Order(Phase),
+    #[error("the guest was not taken: it is {0}; this vmm never ran it")]
+    NotOwner(Owner),
+    #[error("{0}")]
+    Build(#[from] BuildError),
 }
 
-/// Where the conversation with the source stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Greeted,
-    Prepared,
-    Loaded,
-    Committed,
-    Resumed,
+impl TargetError {
+    /// Bad input from the user is 2 (as for a boot); everything else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            TargetError::Bind { .. } => 2,
+            TargetError::Build(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
 }
 
 /// The listening `--incoming` socket.
@@ -71,6 +84,7 @@ pub struct Incoming {
 
 /// What the source said in its Hello.
 pub struct Hello {
+    pub protocol: u32,
     pub vmm_version: String,
     pub shape: MachineShape,
     pub backend_transfer: bool,
@@ -83,7 +97,159 @@ pub struct Source {
     sock: UnixStream,
     pub hello: Hello,
     fds: Vec<Option<OwnedFd>>,
-    phase: Phase,
+}
+
+/// Where an incoming migration stands.
+enum Step {
+    Listening {
+        shell: IncomingShell,
+        incoming: Incoming,
+    },
+    Greeted {
+        shell: IncomingShell,
+        source: Source,
+    },
+    Prepared {
+        source: Source,
+        vmm: Vmm,
+        page: Option<Arc<OwnerPage>>,
+    },
+    Loaded {
+        source: Source,
+        vmm: Vmm,
+        page: Option<Arc<OwnerPage>>,
+    },
+    Committed {
+        source: Source,
+        vmm: Vmm,
+        page: Option<Arc<OwnerPage>>,
+    },
+    Owned {
+        source: Source,
+        vmm: Vmm,
+    },
+    Resumed {
+        source: Source,
+        vmm: Vmm,
+    },
+}
+
+/// Takes a running guest from a source vmm: listens on `cfg.incoming`,
+/// builds the machine once a source says Hello (while its guest still
+/// runs), restores the state it sends after pausing, and runs the guest
+/// once it committed and this process won the guest.
+pub fn receive(cfg: &VmConfig, started: Instant) -> Result<Vmm, TargetError> {
+    let shell = IncomingShell::new(cfg, started)?;
+    let path = cfg.incoming.clone().unwrap_or_default();
+    let incoming = Incoming::bind(&path)?;
+    shell.signals.remove_on_early_exit(&path);
+    log::info!("waiting for a migration on {}", path.display());
+    let own_api = shell.own_api_socket().map(Path::to_path_buf);
+    let mut step = Step::Listening { shell, incoming };
+    loop {
+        step = match advance(cfg, step) {
+            Ok(Ok(next)) => next,
+            Ok(Err(vmm)) => return Ok(vmm),
+            Err(e) => {
+                // The guest never ran here: an API socket of this process's
+                // own would be stale (an adopted one is the source's).
+                if let Some(p) = &own_api {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+        };
+    }
+}
+
+/// One transition; `Ok(Err(vmm))` once the guest runs here.
+fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError> {
+    Ok(Ok(match step {
+        Step::Listening { shell, incoming } => {
+            let source = incoming.accept()?;
+            // One source at a time: others are refused now (their connect
+            // fails), not left waiting in the backlog.
+            shell.signals.forget_on_early_exit(incoming.listener.path());
+            drop(incoming);
+            Step::Greeted { shell, source }
+        }
+        Step::Greeted { shell, mut source } => {
+            let t = Instant::now();
+            let (arrived, page) = match source.check(cfg, &shell) {
+                Ok(x) => x,
+                Err(reason) => return Err(source.refuse(reason)),
+            };
+            if let Some(p) = &page {
+                shell.signals.incoming(p.clone());
+            }
+            let vmm = match shell.build(cfg, arrived) {
+                Ok(v) => v,
+                Err(e) => return Err(source.refuse(e.to_string())),
+            };
+            log::info!("incoming: prepared in {:?}", t.elapsed());
+            source.ready(vmm.takes_api_socket())?;
+            Step::Prepared { source, vmm, page }
+        }
+        Step::Prepared {
+            mut source,
+            vmm,
+            page,
+        } => {
+            // From here the guest's state arrives: only the migration list
+            // applies.
+            sandbox::enter_thread(ThreadKind::Migration).map_err(BuildError::from)?;
+            let machine = vmm.runtime.machine.clone();
+            let fds = source
+                .hello
+                .backend_transfer
+                .then(|| source.hello.fds.clone());
+            source.load(|state| {
+                machine
+                    .restore(state, fds.as_ref())
+                    .map_err(|e| e.to_string())
+            })?;
+            Step::Loaded { source, vmm, page }
+        }
+        Step::Loaded { source, vmm, page } => {
+            source.await_commit()?;
+            Step::Committed { source, vmm, page }
+        }
+        Step::Committed { source, vmm, page } => {
+            let exit = vmm.runtime.exit.clone();
+            match &page {
+                Some(p) => vmm
+                    .signals()
+                    .take_guest(p, exit)
+                    .map_err(TargetError::NotOwner)?,
+                // Protocol 1 (release 0.1.0): the Commit hands it over.
+                None => vmm.signals().deliver_to(exit),
+            }
+            log::info!("incoming: the guest is ours");
+            Step::Owned { source, vmm }
+        }
+        Step::Owned { source, vmm } => {
+            vmm.runtime
+                .arrive(source.hello.paused)
+                .map_err(|e| TargetError::Load(e.to_string()))?;
+            if let Err(e) = source.resumed() {
+                // The guest runs here either way.
+                log::warn!("incoming: could not tell the source: {e}");
+            }
+            Step::Resumed { source, vmm }
+        }
+        Step::Resumed { source, vmm } => {
+            if !source.hello.backend_transfer {
+                for n in &vmm.runtime.machine.nets {
+                    if let Some(io) = n.frame_ios().first() {
+                        announce::announce(&**io, n.mac, common::netd::VNET_HDR_LEN as usize);
+                    }
+                }
+            }
+            sandbox::enter_thread(ThreadKind::Main).map_err(BuildError::from)?;
+            log::info!("incoming: guest running after {:?}", vmm.runtime.started.elapsed());
+            return Ok(Err(vmm));
+        }
+    }))
 }
 
 impl Incoming {
@@ -98,15 +264,14 @@ impl Incoming {
     }
 
     /// Waits for the source: a peer of this uid (or root) that says a
-    /// Hello of this protocol version. Strangers are refused and logged;
-    /// peers that do not manage a Hello are dropped; both are forgotten.
+    /// Hello of a protocol this vmm takes. Strangers are refused and
+    /// logged; peers that do not manage a Hello by its deadline are
+    /// dropped; both are forgotten.
     pub fn accept(&self) -> Result<Source, TargetError> {
         loop {
             let (sock, peer) = self.listener.accept().map_err(TargetError::Accept)?;
-            match greet(sock, peer) {
-                Ok(Some(s)) => return Ok(s),
-                Ok(None) => continue,
-                Err(e) => return Err(e),
+            if let Some(s) = greet(sock, peer)? {
+                return Ok(s);
             }
         }
     }
@@ -143,8 +308,13 @@ fn greet(sock: UnixStream, peer: PeerCred) -> Result<Option<Source>, TargetError
     {
         return Ok(None);
     }
-    let mut r = match codec::recv::<_, SourceMsg<()>>(&sock, MIGRATION_MAX_FRAME, MIGRATION_MAX_FDS)
-    {
+    let deadline = Instant::now() + HELLO_TIMEOUT;
+    let mut r = match codec::recv_until::<_, SourceMsg<()>>(
+        &sock,
+        MIGRATION_MAX_FRAME,
+        MIGRATION_MAX_FDS,
+        deadline,
+    ) {
         Ok(r) => r,
         Err(e) => {
             log::warn!("incoming: a peer left without a valid Hello: {e}");
@@ -168,6 +338,7 @@ fn greet(sock: UnixStream, peer: PeerCred) -> Result<Option<Source>, TargetError
     let mut source = Source {
         sock,
         hello: Hello {
+            protocol,
             vmm_version,
             shape,
             backend_transfer,
@@ -175,11 +346,10 @@ fn greet(sock: UnixStream, peer: PeerCred) -> Result<Option<Source>, TargetError
             fds: FdTable { roles: fds },
         },
         fds: received.into_iter().map(Some).collect(),
-        phase: Phase::Greeted,
     };
-    if protocol != MIGRATION_PROTOCOL_VERSION {
+    if !(OLDEST_SOURCE_PROTOCOL..=MIGRATION_PROTOCOL_VERSION).contains(&protocol) {
         return Err(source.refuse(format!(
-            "migration protocol {protocol}, this vmm speaks {MIGRATION_PROTOCOL_VERSION}"
+            "migration protocol {protocol}, this vmm takes {OLDEST_SOURCE_PROTOCOL} to {MIGRATION_PROTOCOL_VERSION}"
         )));
     }
     if let Err(e) = check_format(format) {
@@ -189,7 +359,7 @@ fn greet(sock: UnixStream, peer: PeerCred) -> Result<Option<Source>, TargetError
         return Err(source.refuse(reason));
     }
     log::info!(
-        "incoming: source vmm {} says Hello ({} fds)",
+        "incoming: source vmm {} (protocol {protocol}) says Hello ({} fds)",
         source.hello.vmm_version,
         source.fds.len()
     );
@@ -197,9 +367,14 @@ fn greet(sock: UnixStream, peer: PeerCred) -> Result<Option<Source>, TargetError
 }
 
 impl Source {
+    /// Whether the source speaks a protocol with the ownership page.
+    fn has_owner_page(&self) -> bool {
+        self.hello.protocol >= 2
+    }
+
     /// The fd list must name exactly what the shape needs, and match what
     /// arrived: the RAM first, each TAP queue once (backend transfer
-    /// only), at most one API socket.
+    /// only), the owner page once (protocol 2 on), at most one API socket.
     fn check_fd_roles(&self) -> Result<(), String> {
         let roles = &self.hello.fds.roles;
         if roles.len() != self.fds.len() {
@@ -209,43 +384,110 @@ impl Source {
                 self.fds.len()
             ));
         }
-        if roles.first() != Some(&FdRole::GuestRam)
-            || roles.iter().filter(|r| **r == FdRole::GuestRam).count() != 1
-        {
+        let count = |role: &FdRole| roles.iter().filter(|r| *r == role).count();
+        if roles.first() != Some(&FdRole::GuestRam) || count(&FdRole::GuestRam) != 1 {
             return Err("the guest RAM memfd must come first, once".into());
         }
-        if roles.iter().filter(|r| **r == FdRole::ApiListener).count() > 1 {
+        if count(&FdRole::ApiListener) > 1 {
             return Err("more than one API socket".into());
+        }
+        let pages = usize::from(self.has_owner_page());
+        if count(&FdRole::OwnerPage) != pages {
+            return Err(format!(
+                "protocol {} sends {pages} ownership page(s), the Hello names {}",
+                self.hello.protocol,
+                count(&FdRole::OwnerPage)
+            ));
         }
         let taps = roles
             .iter()
             .filter(|r| matches!(r, FdRole::TapQueue { .. }))
             .count();
-        let want: usize = if self.hello.backend_transfer {
-            self.hello
-                .shape
-                .nets
-                .iter()
-                .map(|n| usize::from(n.queues))
-                .sum()
-        } else {
-            0
+        let queues = |n: &common::migration::NetShape| {
+            if self.hello.backend_transfer {
+                n.queues
+            } else {
+                0
+            }
         };
+        let want: usize = self
+            .hello
+            .shape
+            .nets
+            .iter()
+            .map(|n| usize::from(queues(n)))
+            .sum();
         if taps != want {
             return Err(format!("{taps} TAP queue fds, the NICs need {want}"));
         }
         for n in &self.hello.shape.nets {
-            for q in 0..if self.hello.backend_transfer {
-                n.queues
-            } else {
-                0
-            } {
+            for q in 0..queues(n) {
                 if self.hello.fds.tap_queue(&n.id, q).is_none() {
                     return Err(format!("no fd for queue {q} of NIC {}", n.id));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Greeted → what the machine is built on: the shape must be this
+    /// target's, and each fd what its role says.
+    fn check(
+        &mut self,
+        cfg: &VmConfig,
+        shell: &IncomingShell,
+    ) -> Result<(Arrived, Option<Arc<OwnerPage>>), String> {
+        let hello = &self.hello;
+        if let Some(m) = shape_mismatch(
+            &hello.shape,
+            hello.backend_transfer,
+            cfg.memory,
+            cfg.vcpus,
+            &shell.net_configs(),
+        ) {
+            return Err(m);
+        }
+        let page = if self.has_owner_page() {
+            let fd = self
+                .take(&FdRole::OwnerPage)
+                .ok_or("no ownership page")?;
+            let page = OwnerPage::open(fd).map_err(|e| e.to_string())?;
+            match page.owner() {
+                Owner::Offered { .. } => Some(Arc::new(page)),
+                other => return Err(format!("the guest is not offered: it is {other}")),
+            }
+        } else {
+            None
+        };
+        let memfd = self.take_memfd()?;
+        let api_listener = self.take_api_listener()?;
+        let backend_transfer = self.hello.backend_transfer;
+        let shape_nets = self.hello.shape.nets.clone();
+        let mut nets = Vec::with_capacity(shape_nets.len());
+        for s in shape_nets {
+            let taps = if backend_transfer {
+                let mut taps = Vec::with_capacity(usize::from(s.queues));
+                for q in 0..s.queues {
+                    let role = FdRole::TapQueue {
+                        net: s.id.clone(),
+                        queue: q,
+                    };
+                    taps.push(self.take(&role).ok_or_else(|| format!("no fd for {role:?}"))?);
+                }
+                Some(taps)
+            } else {
+                None
+            };
+            nets.push((s.mac, taps));
+        }
+        Ok((
+            Arrived {
+                memfd,
+                nets,
+                api_listener,
+            },
+            page,
+        ))
     }
 
     /// Takes the fd of `role` (each only once).
@@ -255,7 +497,9 @@ impl Source {
     }
 
     /// The guest RAM memfd, checked to be a regular file (a memfd) that
-    /// holds every RAM region of the shape.
+    /// holds every RAM region of the shape, sealed so that the source
+    /// cannot shrink it under this process's mapping (protocol 2 on:
+    /// release 0.1.0 did not seal its memfd).
     pub fn take_memfd(&mut self) -> Result<File, String> {
         let fd = self.take(&FdRole::GuestRam).ok_or("no guest RAM memfd")?;
         let f = File::from(fd);
@@ -276,6 +520,14 @@ impl Source {
                 "the guest RAM memfd has {} bytes, the RAM regions need {need}",
                 meta.len()
             ));
+        }
+        if self.has_owner_page() {
+            crate::memory::check_ram_seals(&f).map_err(|e| e.to_string())?;
+        } else {
+            log::warn!(
+                "incoming: a protocol {} source sent an unsealed guest RAM memfd",
+                self.hello.protocol
+            );
         }
         Ok(f)
     }
@@ -310,39 +562,34 @@ impl Source {
         TargetError::Refused(reason)
     }
 
-    fn expect(&self, phase: Phase) -> Result<(), TargetError> {
-        if self.phase != phase {
-            return Err(TargetError::Order(self.phase));
-        }
-        Ok(())
+    fn send(&self, step: &'static str, msg: &TargetMsg) -> Result<(), TargetError> {
+        codec::send(&self.sock, msg, &[]).map_err(|err| TargetError::Wire { step, err })
     }
 
     /// Greeted → Prepared: the machine is built; the source may pause.
-    pub fn ready(&mut self, takes_api_socket: bool) -> Result<(), TargetError> {
-        self.expect(Phase::Greeted)?;
-        // The source pauses and saves now: the state must come quickly.
-        self.sock
-            .set_read_timeout(Some(STEP_TIMEOUT))
-            .map_err(|e| TargetError::Wire {
-                step: "Ready",
-                err: e.into(),
-            })?;
-        codec::send(
-            &self.sock,
+    fn ready(&self, takes_api_socket: bool) -> Result<(), TargetError> {
+        self.send(
+            "Ready",
             &TargetMsg::Ready {
                 vmm_version: env!("CARGO_PKG_VERSION").into(),
                 takes_api_socket,
             },
-            &[],
         )
-        .map_err(|err| TargetError::Wire { step: "Ready", err })?;
-        self.phase = Phase::Prepared;
-        Ok(())
     }
 
-    fn recv(&self, step: &'static str) -> Result<SourceMsg<MachineState>, TargetError> {
-        let r = codec::recv::<_, SourceMsg<MachineState>>(&self.sock, MIGRATION_MAX_FRAME, 0)
-            .map_err(|err| TargetError::Wire { step, err })?;
+    /// The source's next message, by `deadline` however it paces its bytes.
+    fn recv(
+        &self,
+        step: &'static str,
+        deadline: Instant,
+    ) -> Result<SourceMsg<MachineState>, TargetError> {
+        let r = codec::recv_until::<_, SourceMsg<MachineState>>(
+            &self.sock,
+            MIGRATION_MAX_FRAME,
+            0,
+            deadline,
+        )
+        .map_err(|err| TargetError::Wire { step, err })?;
         if !r.fds.is_empty() {
             return Err(TargetError::Unexpected {
                 step,
@@ -357,12 +604,12 @@ impl Source {
 
     /// Prepared → Loaded: receives the state and runs `load` on it (the
     /// restore into the built machine); tells the source how it went.
-    pub fn load(
+    fn load(
         &mut self,
         load: impl FnOnce(&MachineState) -> Result<(), String>,
     ) -> Result<(), TargetError> {
-        self.expect(Phase::Prepared)?;
-        let msg = self.recv("State");
+        // The source pauses and saves right after Ready.
+        let msg = self.recv("State", Instant::now() + STEP_TIMEOUT);
         let t = Instant::now();
         let result = match msg {
             Ok(SourceMsg::State(state)) => load(&state).map_err(TargetError::Load),
@@ -370,54 +617,38 @@ impl Source {
             Err(e) => Err(e),
         };
         if let Err(e) = result {
-            let _ = codec::send(
-                &self.sock,
+            let _ = self.send(
+                "Failed",
                 &TargetMsg::Failed {
                     reason: e.to_string(),
                 },
-                &[],
             );
             return Err(e);
         }
-        codec::send(
-            &self.sock,
+        self.send(
+            "Loaded",
             &TargetMsg::Loaded {
                 restore_us: t.elapsed().as_micros() as u64,
             },
-            &[],
         )
-        .map_err(|err| TargetError::Wire {
-            step: "Loaded",
-            err,
-        })?;
-        self.phase = Phase::Loaded;
-        Ok(())
     }
 
-    /// Loaded → Committed: the guest is this process's from now on.
-    pub fn await_commit(&mut self) -> Result<(), TargetError> {
-        self.expect(Phase::Loaded)?;
-        match self.recv("Commit")? {
-            SourceMsg::Commit => {
-                self.phase = Phase::Committed;
-                Ok(())
-            }
+    /// Loaded → Committed: the source offers the guest for good.
+    fn await_commit(&self) -> Result<(), TargetError> {
+        match self.recv("Commit", Instant::now() + STEP_TIMEOUT)? {
+            SourceMsg::Commit => Ok(()),
             m => Err(unexpected("Commit", &m)),
         }
     }
 
-    /// Committed → Resumed: tells the source when the vCPUs were released.
-    /// The guest runs here whatever happens to this message.
-    pub fn resumed(&mut self) -> Result<(), TargetError> {
-        self.expect(Phase::Committed)?;
-        let at_ns = monotonic_ns();
-        self.phase = Phase::Resumed;
-        codec::send(&self.sock, &TargetMsg::Resumed { at_ns }, &[]).map_err(|err| {
-            TargetError::Wire {
-                step: "Resumed",
-                err,
-            }
-        })
+    /// Owned → Resumed: tells the source the guest runs here.
+    fn resumed(&self) -> Result<(), TargetError> {
+        self.send(
+            "Resumed",
+            &TargetMsg::Resumed {
+                at_ns: monotonic_ns(),
+            },
+        )
     }
 }
 

@@ -48,6 +48,8 @@ pub enum NetAttachError {
     EventFd { id: String, err: std::io::Error },
     #[error("--net id={id}: {err}")]
     Vm { id: String, err: VmError },
+    #[error("--net id={id}: no TAP for this NIC")]
+    NoTap { id: String },
 }
 
 impl NetAttachError {
