@@ -6,5 +6,5 @@ pub mod api;
 pub mod codec;
 pub mod listener;
 pub mod migration;
-pub mod ownership;
 pub mod netd;
+pub mod ownership;

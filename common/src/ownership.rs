@@ -328,7 +328,12 @@ mod tests {
         let peer = File::from(src.as_fd().try_clone_to_owned().unwrap());
         assert!(peer.set_len(0).is_err());
         assert!(peer.set_len(PAGE_LEN * 2).is_err());
-        assert_eq!(src.owner(), Owner::Offered { by: std::process::id() });
+        assert_eq!(
+            src.owner(),
+            Owner::Offered {
+                by: std::process::id()
+            }
+        );
     }
 
     #[test]

@@ -759,6 +759,39 @@ pub fn assert_answers_ping(env: &MigEnv, n: u8, what: &str) {
 // ---------------------------------------------------------------------------
 // Fake peers.
 
+/// The uid every test vmm runs as.
+pub const VMM_UID: u32 = 65534;
+
+/// Binds and listens on `path` with the effective uid `uid`, so that a
+/// connecting peer's SO_PEERCRED (the listener's credentials at listen(2))
+/// says `uid`: a source trusts only a target of its own uid. The test runs
+/// as root; the credentials change on a short-lived thread of its own
+/// (the raw syscall changes one thread's, unlike glibc's setresuid).
+pub fn listen_as(path: &Path, uid: u32) -> UnixListener {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let set = |euid: u32| {
+            // SAFETY: setresuid(-1, euid, -1) for this thread only; the real
+            // and saved uids stay 0, so the thread can switch back.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_setresuid,
+                    -1i64 as libc::uid_t,
+                    euid,
+                    -1i64 as libc::uid_t,
+                )
+            };
+            assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+        };
+        set(uid);
+        let l = UnixListener::bind(&path);
+        set(0);
+        l.unwrap_or_else(|e| panic!("bind {} as uid {uid}: {e}", path.display()))
+    })
+    .join()
+    .expect("the listening thread")
+}
+
 /// A listening socket that plays the target for a real source.
 pub struct FakeTarget {
     listener: UnixListener,
@@ -766,9 +799,14 @@ pub struct FakeTarget {
 }
 
 impl FakeTarget {
-    /// Listens at `path`, connectable by the source's uid (65534).
+    /// Listens at `path` as the vmms' uid (65534), so a source talks to it.
     pub fn bind(path: &Path) -> Self {
-        let listener = UnixListener::bind(path).expect("bind the fake target");
+        Self::bind_as(path, VMM_UID)
+    }
+
+    /// Listens at `path` as `uid` (mode 0777: anyone may connect).
+    pub fn bind_as(path: &Path, uid: u32) -> Self {
+        let listener = listen_as(path, uid);
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
             .expect("chmod the fake target");
         listener.set_nonblocking(true).expect("nonblocking");

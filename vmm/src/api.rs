@@ -179,7 +179,9 @@ pub fn adopt(listener: UnixListener) -> Result<Listener, ApiError> {
 /// gate. The listener becomes non-blocking: a connection that another
 /// thread (or the other vmm sharing the socket) took first is not waited for.
 pub fn spawn(listener: Listener, ctx: ApiContext) -> Result<(), ApiError> {
-    listener.set_nonblocking(true).map_err(ApiError::Nonblocking)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(ApiError::Nonblocking)?;
     let server = Arc::new(Server {
         listener,
         ctx,
@@ -369,7 +371,8 @@ fn respond(req: ApiRequest, ctx: &ApiContext) -> (ApiResponse, Option<ExitReason
             backend_transfer,
             downtime_limit_ms,
         } => {
-            let limit = Duration::from_millis(downtime_limit_ms.unwrap_or(DEFAULT_DOWNTIME_LIMIT_MS));
+            let limit =
+                Duration::from_millis(downtime_limit_ms.unwrap_or(DEFAULT_DOWNTIME_LIMIT_MS));
             if downtime_limit_ms.is_some_and(|ms| !(1..=MAX_DOWNTIME_LIMIT_MS).contains(&ms)) {
                 return (
                     error(format!(
@@ -378,7 +381,9 @@ fn respond(req: ApiRequest, ctx: &ApiContext) -> (ApiResponse, Option<ExitReason
                     None,
                 );
             }
-            let out = ctx.migration.migrate(Path::new(&to), backend_transfer, limit);
+            let out = ctx
+                .migration
+                .migrate(Path::new(&to), backend_transfer, limit);
             return (ApiResponse::Migrated(out.report), out.exit);
         }
     };

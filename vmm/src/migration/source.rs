@@ -263,7 +263,11 @@ fn wire(step: &'static str) -> impl FnOnce(CodecError) -> SourceError {
 }
 
 /// Receives the target's next message by `deadline`.
-fn recv(sock: &UnixStream, step: &'static str, deadline: Instant) -> Result<TargetMsg, SourceError> {
+fn recv(
+    sock: &UnixStream,
+    step: &'static str,
+    deadline: Instant,
+) -> Result<TargetMsg, SourceError> {
     let r = codec::recv_until::<_, TargetMsg>(sock, MIGRATION_MAX_FRAME, 0, deadline)
         .map_err(wire(step))?;
     if !r.fds.is_empty() {
@@ -410,7 +414,13 @@ fn run<'a>(
         fds: table.roles.clone(),
     };
     let t = Instant::now();
-    send(&sock, "Hello", &encode("Hello", &hello)?, &fds, prepare_deadline)?;
+    send(
+        &sock,
+        "Hello",
+        &encode("Hello", &hello)?,
+        &fds,
+        prepare_deadline,
+    )?;
     drop(fds);
     // From the Hello on, the target holds the page: the guest is offered,
     // and the exit path settles it whatever happens next.
@@ -466,8 +476,14 @@ fn run<'a>(
     // may take the guest (connections wait in the socket's backlog).
     let t = Instant::now();
     rt.api_gate.close();
-    send(&sock, "Commit", &encode("Commit", &SourceMsg::<()>::Commit)?, &[], deadline)
-        .map_err(limit)?;
+    send(
+        &sock,
+        "Commit",
+        &encode("Commit", &SourceMsg::<()>::Commit)?,
+        &[],
+        deadline,
+    )
+    .map_err(limit)?;
     let resumed = recv(&sock, "Commit", deadline).map_err(limit)?;
     report.phases.resume_us = us(t.elapsed());
     // On this process's clock, not a timestamp the peer sends.

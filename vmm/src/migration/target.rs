@@ -246,7 +246,10 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
                 }
             }
             sandbox::enter_thread(ThreadKind::Main).map_err(BuildError::from)?;
-            log::info!("incoming: guest running after {:?}", vmm.runtime.started.elapsed());
+            log::info!(
+                "incoming: guest running after {:?}",
+                vmm.runtime.started.elapsed()
+            );
             return Ok(Err(vmm));
         }
     }))
@@ -448,9 +451,7 @@ impl Source {
             return Err(m);
         }
         let page = if self.has_owner_page() {
-            let fd = self
-                .take(&FdRole::OwnerPage)
-                .ok_or("no ownership page")?;
+            let fd = self.take(&FdRole::OwnerPage).ok_or("no ownership page")?;
             let page = OwnerPage::open(fd).map_err(|e| e.to_string())?;
             match page.owner() {
                 Owner::Offered { .. } => Some(Arc::new(page)),
@@ -472,7 +473,10 @@ impl Source {
                         net: s.id.clone(),
                         queue: q,
                     };
-                    taps.push(self.take(&role).ok_or_else(|| format!("no fd for {role:?}"))?);
+                    taps.push(
+                        self.take(&role)
+                            .ok_or_else(|| format!("no fd for {role:?}"))?,
+                    );
                 }
                 Some(taps)
             } else {
