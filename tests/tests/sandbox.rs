@@ -644,6 +644,7 @@ fn bad_api_requests_are_answered_and_the_vm_keeps_running() {
         &ApiRequest::Migrate {
             to: target.display().to_string(),
             backend_transfer: true,
+            downtime_limit_ms: None,
         },
         &[],
     )
