@@ -20,7 +20,8 @@ use common::listener::Listener;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::api::{self, ApiContext, ApiError, ApiGate};
+use crate::api::{self, ApiContext, ApiError};
+use crate::api_gate::ApiGate;
 use crate::boot::pvh::{self, BootError};
 use crate::config::{ConfigError, SerialTarget, VmConfig};
 use crate::control::{self, RunControl};

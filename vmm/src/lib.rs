@@ -29,6 +29,7 @@
 //! [`persist::MachineState`], read and written through [`persist::Persist`].
 
 pub mod api;
+pub mod api_gate;
 pub mod boot;
 pub mod builder;
 pub mod config;

@@ -19,7 +19,7 @@ use std::time::Instant;
 use common::api::{RunState, VmStatus};
 use common::ownership::{Owner, OwnerPage, process_gone};
 
-use crate::api::ApiGate;
+use crate::api_gate::ApiGate;
 use crate::control::{ControlError, RunControl};
 use crate::persist::{Machine, PersistError};
 use crate::vm::ExitSender;
