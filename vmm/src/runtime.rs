@@ -13,7 +13,8 @@ use std::time::Instant;
 use common::api::{RunState, VmStatus};
 
 use crate::control::{ControlError, RunControl};
-use crate::persist::{Machine, PersistError};
+use crate::machine::Machine;
+use crate::persist::PersistError;
 use crate::vm::ExitSender;
 
 #[derive(Debug, thiserror::Error)]
