@@ -30,12 +30,12 @@ use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDev
 use crate::devices::virtio::net::event_handler::ThreadHook;
 use crate::exit::{self, SignalWatch};
 use crate::inputs;
+use crate::machine::Machine;
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::migration::source::MigrationWorker;
 use crate::net::attach::{self as net_attach, NetAttachError, OpenedNet};
 use crate::net::config::NetConfig;
 use crate::net::netd_client;
-use crate::persist::Machine;
 use crate::privileges::{self, PrivilegeError};
 use crate::runtime::Runtime;
 use crate::sandbox::{self, SandboxError, ThreadKind};

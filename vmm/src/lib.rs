@@ -26,7 +26,8 @@
 //!
 //! The run state (pause, resume, a migration's hold) is owned by
 //! [`runtime::Runtime`]; the machine's migratable state is
-//! [`persist::MachineState`], read and written through [`persist::Persist`].
+//! [`persist::MachineState`], which [`machine::Machine`] saves and restores
+//! part by part, each through its [`persist::Persist`] impl.
 
 pub mod api;
 pub mod api_gate;
@@ -38,6 +39,7 @@ pub mod devices;
 pub mod exit;
 pub mod inputs;
 pub mod kvm_blob;
+pub mod machine;
 pub mod memory;
 pub mod migration;
 pub mod net;

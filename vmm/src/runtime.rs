@@ -21,7 +21,8 @@ use common::ownership::{Owner, OwnerPage, process_gone};
 
 use crate::api_gate::ApiGate;
 use crate::control::{ControlError, RunControl};
-use crate::persist::{Machine, PersistError};
+use crate::machine::Machine;
+use crate::persist::PersistError;
 use crate::vm::ExitSender;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! One vCPU: CPUID, MSRs and registers for a PVH entry, its thread running
-//! KVM_RUN and dispatching port and MMIO exits to the buses, and its state as
-//! a versioned serde struct for migration.
+//! KVM_RUN and dispatching port and MMIO exits to the buses, and its state
+//! for migration ([`VcpuState`], through [`Persist`]).
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,6 +18,7 @@ use crate::boot::pvh::PvhEntry;
 use crate::control::RunControl;
 use crate::devices::bus::Bus;
 use crate::memory::GuestMemoryMmap;
+use crate::persist::{Format10PartVersion, Persist};
 use crate::sandbox::ThreadKind;
 use crate::vm::{ExitReason, ExitSender};
 
@@ -86,8 +87,6 @@ pub enum VcpuError {
     Msrs(String),
     #[error("CPUID: {0}")]
     Cpuid(String),
-    #[error("unsupported vCPU state version {0}")]
-    Version(u32),
     #[error("cannot start the vCPU thread: {0}")]
     Thread(std::io::Error),
 }
@@ -98,8 +97,11 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
 
 /// Everything KVM holds for one vCPU, for migration.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VcpuState {
-    pub version: u32,
+    /// Written by format 1.0, ignored ([`Format10PartVersion`]).
+    #[serde(rename = "version", default, skip_serializing)]
+    pub format_1_0_version: Format10PartVersion,
     pub id: u8,
     #[serde(with = "crate::kvm_blob::cpuid")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
@@ -119,8 +121,6 @@ pub struct VcpuState {
     pub msrs: Vec<(u32, u64)>,
     pub vcpu_events: kvm_vcpu_events,
 }
-
-pub const VCPU_STATE_VERSION: u32 = 1;
 
 pub struct Vcpu {
     pub id: u8,
@@ -348,9 +348,16 @@ impl Vcpu {
             .filter(|m| list.contains(m))
             .collect())
     }
+}
+
+impl Persist for Vcpu {
+    type State = VcpuState;
+    /// What KVM can save of a vCPU, asked once for all of them.
+    type Context<'a> = &'a VcpuCaps;
+    type Error = VcpuError;
 
     /// Reads the whole vCPU state. The vCPU must not be running.
-    pub fn save_state(&self, caps: &VcpuCaps) -> Result<VcpuState, VcpuError> {
+    fn save(&self, caps: &VcpuCaps) -> Result<VcpuState, VcpuError> {
         let msr_indices = &caps.msrs;
         let mp_state = self.fd.get_mp_state().map_err(kvm_err("get MP state"))?;
         let regs = self.fd.get_regs().map_err(kvm_err("get registers"))?;
@@ -401,7 +408,7 @@ impl Vcpu {
             .get_vcpu_events()
             .map_err(kvm_err("get vCPU events"))?;
         Ok(VcpuState {
-            version: VCPU_STATE_VERSION,
+            format_1_0_version: Format10PartVersion,
             id: self.id,
             cpuid,
             mp_state,
@@ -417,10 +424,7 @@ impl Vcpu {
     }
 
     /// Writes a saved state into this (fresh) vCPU.
-    pub fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
-        if s.version != VCPU_STATE_VERSION {
-            return Err(VcpuError::Version(s.version));
-        }
+    fn restore(&mut self, _: &VcpuCaps, s: &VcpuState) -> Result<(), VcpuError> {
         let same = {
             let key =
                 |e: &kvm_cpuid_entry2| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx);

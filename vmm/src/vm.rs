@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::memory::GuestRam;
+use crate::persist::{Format10PartVersion, Persist};
 
 /// Just below the LAPIC/IOAPIC-free top of the 32-bit space, as other VMMs do.
 const TSS_ADDRESS: usize = 0xfffb_d000;
@@ -115,6 +116,7 @@ pub fn exit_channel() -> (ExitSender, mpsc::Receiver<ExitReason>) {
 
 /// Where a virtio-mmio device landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VirtioSlot {
     pub index: u32,
     pub base: u64,
@@ -130,8 +132,11 @@ impl VirtioSlot {
 
 /// VM-wide KVM state: interrupt controllers, PIT, clock.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmState {
-    pub version: u32,
+    /// Written by format 1.0, ignored ([`Format10PartVersion`]).
+    #[serde(rename = "version", default, skip_serializing)]
+    pub format_1_0_version: Format10PartVersion,
     #[serde(with = "crate::kvm_blob")]
     pub pic_master: kvm_irqchip,
     #[serde(with = "crate::kvm_blob")]
@@ -142,8 +147,6 @@ pub struct VmState {
     pub pit: kvm_bindings::kvm_pit_state2,
     pub clock: kvm_bindings::kvm_clock_data,
 }
-
-pub const VM_STATE_VERSION: u32 = 1;
 
 pub struct Vm {
     pub kvm: Kvm,
@@ -278,8 +281,16 @@ impl Vm {
         self.virtio_slots += 1;
         Ok(slot)
     }
+}
 
-    pub fn save_state(&self) -> Result<VmState, VmError> {
+/// The VM-wide state lives in the VM fd: restored through `&Vm`, which
+/// the machine shares.
+impl Persist for &Vm {
+    type State = VmState;
+    type Context<'a> = ();
+    type Error = VmError;
+
+    fn save(&self, _: ()) -> Result<VmState, VmError> {
         let chip = |id| -> Result<kvm_irqchip, VmError> {
             let mut c = kvm_irqchip {
                 chip_id: id,
@@ -294,7 +305,7 @@ impl Vm {
         // Only the flags KVM_SET_CLOCK accepts may go back in.
         clock.flags &= KVM_CLOCK_TSC_STABLE;
         Ok(VmState {
-            version: VM_STATE_VERSION,
+            format_1_0_version: Format10PartVersion,
             pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
@@ -303,7 +314,7 @@ impl Vm {
         })
     }
 
-    pub fn restore_state(&self, s: &VmState) -> Result<(), VmError> {
+    fn restore(&mut self, _: (), s: &VmState) -> Result<(), VmError> {
         self.fd
             .set_irqchip(&s.pic_master)
             .map_err(kvm_err("set PIC master"))?;

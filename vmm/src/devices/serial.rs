@@ -10,6 +10,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
+use crate::persist::{Format10PartVersion, Persist};
 use crate::ratelimit::WarnLimiter;
 
 pub const SERIAL_PORT: u64 = 0x3f8;
@@ -34,10 +35,21 @@ pub struct SerialDevice {
     write_errors: WarnLimiter,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("cannot duplicate the interrupt eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("invalid state: {0}")]
+    State(String),
+}
+
 /// Migratable register state of the UART.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SerialState {
-    pub version: u32,
+    /// Written by format 1.0, ignored ([`Format10PartVersion`]).
+    #[serde(rename = "version", default, skip_serializing)]
+    pub format_1_0_version: Format10PartVersion,
     pub baud_divisor_low: u8,
     pub baud_divisor_high: u8,
     pub interrupt_enable: u8,
@@ -50,8 +62,6 @@ pub struct SerialState {
     pub in_buffer: Vec<u8>,
 }
 
-pub const SERIAL_STATE_VERSION: u32 = 1;
-
 impl SerialDevice {
     pub fn new(irq: EventFd, out: Output) -> Self {
         SerialDevice {
@@ -59,11 +69,17 @@ impl SerialDevice {
             write_errors: WarnLimiter::default(),
         }
     }
+}
 
-    pub fn save(&self) -> SerialState {
+impl Persist for SerialDevice {
+    type State = SerialState;
+    type Context<'a> = ();
+    type Error = SerialError;
+
+    fn save(&self, _: ()) -> Result<SerialState, SerialError> {
         let s = self.uart.state();
-        SerialState {
-            version: SERIAL_STATE_VERSION,
+        Ok(SerialState {
+            format_1_0_version: Format10PartVersion,
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
             interrupt_enable: s.interrupt_enable,
@@ -74,26 +90,11 @@ impl SerialDevice {
             modem_status: s.modem_status,
             scratch: s.scratch,
             in_buffer: s.in_buffer,
-        }
+        })
     }
 
-    /// Loads saved registers into this device, keeping its irqfd and output.
-    pub fn restore_registers(&mut self, s: &SerialState) -> Result<(), String> {
-        let placeholder = Serial::new(
-            IrqTrigger(EventFd::new(0).map_err(|e| e.to_string())?),
-            Box::new(std::io::sink()) as Output,
-        );
-        let old = std::mem::replace(&mut self.uart, placeholder);
-        let irq = EventFd::try_clone(&old.interrupt_evt().0).map_err(|e| e.to_string())?;
-        let out = old.into_writer();
-        *self = SerialDevice::restore(irq, out, s)?;
-        Ok(())
-    }
-
-    pub fn restore(irq: EventFd, out: Output, s: &SerialState) -> Result<Self, String> {
-        if s.version != SERIAL_STATE_VERSION {
-            return Err(format!("unsupported serial state version {}", s.version));
-        }
+    /// Loads saved registers, keeping this device's irqfd and output.
+    fn restore(&mut self, _: (), s: &SerialState) -> Result<(), SerialError> {
         let state = SuperioState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -106,12 +107,15 @@ impl SerialDevice {
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
         };
-        let uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
-            .map_err(|e| format!("invalid serial state: {e:?}"))?;
-        Ok(SerialDevice {
-            uart,
-            write_errors: WarnLimiter::default(),
-        })
+        let irq = self.uart.interrupt_evt().0.try_clone();
+        let irq = irq.map_err(SerialError::EventFd)?;
+        let sink: Output = Box::new(std::io::sink());
+        let mut uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, sink)
+            .map_err(|e| SerialError::State(format!("{e:?}")))?;
+        // The output stays; a refused state left this device as it was.
+        std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+        self.uart = uart;
+        Ok(())
     }
 }
 
@@ -159,13 +163,25 @@ mod tests {
         s.write(0, b"h");
         assert_eq!(&*buf.lock().unwrap(), b"h");
         assert!(irq.read().unwrap() >= 1);
-        let state = s.save();
+        let state = s.save(()).unwrap();
         let text = ron::to_string(&state).unwrap();
         let back: SerialState = ron::from_str(&text).unwrap();
         assert_eq!(back, state);
-        let mut r =
-            SerialDevice::restore(EventFd::new(0).unwrap(), Box::new(std::io::sink()), &back)
-                .unwrap();
+        // Into a fresh device: registers from the state, output its own.
+        let out2 = Arc::new(Mutex::new(Vec::new()));
+        let mut r = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(Sink(out2.clone())));
+        r.restore((), &back).unwrap();
+        assert_eq!(r.save(()).unwrap(), state);
+        r.write(0, b"i");
+        assert_eq!(&*out2.lock().unwrap(), b"i");
+        // A state the UART refuses (an input FIFO over 64 bytes) changes
+        // nothing.
+        let mut bad = back.clone();
+        bad.scratch = 0x11;
+        bad.in_buffer = vec![0; 65];
+        assert!(matches!(r.restore((), &bad), Err(SerialError::State(_))));
+        r.write(0, b"j");
+        assert_eq!(&*out2.lock().unwrap(), b"ij");
         let mut v = [0u8];
         r.read(7, &mut v);
         assert_eq!(v[0], 0x5a);

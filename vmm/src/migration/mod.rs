@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use common::migration::{MachineShape, NetShape, RamRegion};
 
+use crate::machine::Machine;
 use crate::memory::ram_ranges;
 use crate::net::config::NetConfig;
-use crate::persist::Machine;
 
 /// Hello to Ready: the target maps RAM and builds its machine.
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);

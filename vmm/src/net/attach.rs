@@ -26,7 +26,7 @@ use crate::devices::virtio::net::event_handler::ThreadHook;
 use crate::devices::virtio::net::{
     BackendError, BackendKind, NetDevice, NetError, NetState, backend_from_fds,
 };
-use crate::persist::{FdTable, Persist};
+use crate::persist::{FdTable, Format10PartVersion, Persist};
 use crate::vm::{VirtioSlot, Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -243,14 +243,15 @@ fn attach_net(vm: &mut Vm, net: OpenedNet) -> Result<NetAttachment, NetAttachErr
     })
 }
 
-pub const NET_DEVICE_STATE_VERSION: u32 = 1;
-
 /// One net device's part of the machine state: transport, device and
 /// backend description. The TAP fds travel beside it, in
 /// `net.backend.tap_fds` order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetDeviceState {
-    pub version: u32,
+    /// Written by format 1.0, ignored ([`Format10PartVersion`]).
+    #[serde(rename = "version", default, skip_serializing)]
+    pub format_1_0_version: Format10PartVersion,
     pub id: String,
     pub tap: String,
     pub slot: VirtioSlot,
@@ -313,7 +314,9 @@ impl NetAttachment {
     }
 }
 
-impl Persist for NetAttachment {
+/// The NIC's device and transport sit behind the lock they share with the
+/// MMIO bus: restored through `&NetAttachment`.
+impl Persist for &NetAttachment {
     type State = NetDeviceState;
     /// The table the TAP fds travel in; `None` when they do not (the
     /// classic path: the target runs on a TAP of its own).
@@ -324,7 +327,7 @@ impl Persist for NetAttachment {
     /// (none when the TAP does not travel); it must be paused.
     fn save(&self, fds: Option<&FdTable>) -> Result<NetDeviceState, NetError> {
         let t = self.lock();
-        let mut net = t.device().save()?;
+        let mut net = t.device().save(())?;
         net.backend.tap_fds = fds
             .and_then(|fds| {
                 (0..net.queue_pairs)
@@ -332,9 +335,9 @@ impl Persist for NetAttachment {
                     .collect::<Option<Vec<_>>>()
             })
             .unwrap_or_default();
-        let mmio = t.save().map_err(|e| NetError::State(e.to_string()))?;
+        let mmio = t.save(()).map_err(|e| NetError::State(e.to_string()))?;
         Ok(NetDeviceState {
-            version: NET_DEVICE_STATE_VERSION,
+            format_1_0_version: Format10PartVersion,
             id: self.config.id.clone(),
             tap: self.tap.clone(),
             slot: self.slot,
@@ -347,14 +350,8 @@ impl Persist for NetAttachment {
     /// table the device's TAP fds came in (backend transfer), or `None`
     /// when it runs on a TAP of its own (the classic path). Nothing touches
     /// the TAP until [`NetAttachment::resume`].
-    fn restore(&self, fds: Option<&FdTable>, s: &NetDeviceState) -> Result<(), NetError> {
+    fn restore(&mut self, fds: Option<&FdTable>, s: &NetDeviceState) -> Result<(), NetError> {
         let bad = |m: String| Err(NetError::State(m));
-        if s.version != NET_DEVICE_STATE_VERSION {
-            return bad(format!(
-                "net device state version {} (expected {NET_DEVICE_STATE_VERSION})",
-                s.version
-            ));
-        }
         if s.slot != self.slot {
             return bad(format!(
                 "saved in virtio-mmio slot {:?}, attached in {:?}",
@@ -376,14 +373,14 @@ impl Persist for NetAttachment {
             }
         }
         let mut t = self.lock();
-        t.device_mut().restore_state(&s.net)?;
-        t.restore_state(&s.mmio)
+        t.device_mut().restore((), &s.net)?;
+        t.restore((), &s.mmio)
             .map_err(|e| NetError::State(e.to_string()))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::memory::GuestRam;
     use kvm_ioctls::Kvm;
@@ -392,7 +389,7 @@ mod tests {
     /// A TAP with vnet header in a network namespace of the calling thread's
     /// own (needs root, as the test suite runs); None (a reported skip, or a
     /// failure where REQUIRE_NETNS=1) when unavailable.
-    fn own_netns_tap(name: &str) -> Option<OwnedFd> {
+    pub(crate) fn own_netns_tap(name: &str) -> Option<OwnedFd> {
         use crate::devices::virtio::testing::netns_unavailable;
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
             netns_unavailable(
@@ -434,7 +431,7 @@ mod tests {
         Some(OwnedFd::from(f))
     }
 
-    fn config(id: &str) -> NetConfig {
+    pub(crate) fn config(id: &str) -> NetConfig {
         NetConfig::parse(&format!("netd=/nonexistent,id={id},mac=52:54:00:aa:bb:cc")).unwrap()
     }
 
@@ -476,7 +473,7 @@ mod tests {
         assert_eq!(vm.cmdline_extra, vec!["virtio_mmio.device=4K@0xd0000000:5"]);
         drive_to_driver_ok(&vm, net.slot.base);
         assert!(net.is_running(), "DRIVER_OK starts the device threads");
-        assert!(matches!(Persist::save(net, None), Err(NetError::Running)));
+        assert!(matches!(Persist::save(&net, None), Err(NetError::Running)));
         let st = net.status();
         assert_eq!(
             (st.tap.as_str(), st.mac.as_str()),
@@ -484,7 +481,7 @@ mod tests {
         );
 
         net.pause().unwrap();
-        let state = Persist::save(net, None).unwrap();
+        let state = Persist::save(&net, None).unwrap();
         assert_eq!(state.mmio.status, 1 | 2 | 8 | 4);
         assert!(state.mmio.queues[0].0.ready);
         assert_eq!(state.mmio.queues[1].0.desc_table, 0x2_0000);
@@ -499,9 +496,9 @@ mod tests {
             OpenedNet::from_fds(config("vmsave0"), "vmsave0".into(), vec![dup], vec![], None)
                 .unwrap();
         let nets2 = attach_nets(&mut vm2, vec![fresh]).unwrap();
-        Persist::restore(&nets2[0], None, &back).unwrap();
+        Persist::restore(&mut &nets2[0], None, &back).unwrap();
         assert!(!nets2[0].is_running(), "a restored device waits for resume");
-        assert_eq!(Persist::save(&nets2[0], None).unwrap(), state);
+        assert_eq!(Persist::save(&&nets2[0], None).unwrap(), state);
         nets2[0].resume().unwrap();
         assert!(nets2[0].is_running());
         nets2[0].pause().unwrap();
@@ -513,7 +510,7 @@ mod tests {
                 .unwrap();
         let nets3 = attach_nets(&mut vm2, vec![other]).unwrap();
         assert_eq!(nets3[0].slot.index, 1);
-        assert!(Persist::restore(&nets3[0], None, &state).is_err());
+        assert!(Persist::restore(&mut &nets3[0], None, &state).is_err());
     }
 
     fn own_tap_dup(net: &NetAttachment) -> OwnedFd {

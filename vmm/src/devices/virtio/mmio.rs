@@ -18,6 +18,7 @@ use super::{
     status,
 };
 use crate::devices::bus::BusDevice;
+use crate::persist::{Format10PartVersion, Persist};
 
 /// Size of one device's register window.
 pub const MMIO_SIZE: u64 = 0x1000;
@@ -73,13 +74,14 @@ mod reg {
     pub const CONFIG: u64 = 0x100;
 }
 
-pub const MMIO_STATE_VERSION: u32 = 1;
-
 /// The transport's migratable state. Queue states are the live ones (taken
 /// from the paused device when it is active).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MmioState {
-    pub version: u32,
+    /// Written by format 1.0, ignored ([`Format10PartVersion`]).
+    #[serde(rename = "version", default, skip_serializing)]
+    pub format_1_0_version: Format10PartVersion,
     pub device_features_sel: u32,
     pub driver_features_sel: u32,
     pub queue_sel: u32,
@@ -100,8 +102,6 @@ pub enum MmioError {
     QueueMaxSize(u16),
     #[error("the device is active and not paused: its queues cannot be saved")]
     NotPaused,
-    #[error("state version {0} is not supported (expected {MMIO_STATE_VERSION})")]
-    Version(u32),
     #[error("state has {found} queues, the device has {expected}")]
     QueueCount { found: usize, expected: usize },
     #[error("state holds an invalid queue {0}: {1}")]
@@ -390,9 +390,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
             log::warn!("virtio-mmio: cannot signal queue {queue}: {e}");
         }
     }
+}
+
+impl<D: VirtioDevice> Persist for MmioTransport<D> {
+    type State = MmioState;
+    type Context<'a> = ();
+    type Error = MmioError;
 
     /// Saves the transport. An active device must be paused first.
-    pub fn save(&self) -> Result<MmioState, MmioError> {
+    fn save(&self, _: ()) -> Result<MmioState, MmioError> {
         let mut queues: Vec<SavedQueue> = self.queues.iter().map(|q| SavedQueue(*q)).collect();
         if self.active {
             let live = self.device.queue_states().ok_or(MmioError::NotPaused)?;
@@ -403,7 +409,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
         }
         Ok(MmioState {
-            version: MMIO_STATE_VERSION,
+            format_1_0_version: Format10PartVersion,
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
             queue_sel: self.queue_sel,
@@ -417,22 +423,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         })
     }
 
-    /// Rebuilds a transport around a restored device (see
-    /// [`MmioTransport::restore_state`]).
-    pub fn restore(device: D, mem: GuestMemory, state: &MmioState) -> Result<Self, MmioError> {
-        let mut t = Self::new(device, mem)?;
-        t.restore_state(state)?;
-        Ok(t)
-    }
-
     /// Loads a saved state into this fresh transport (its device already
     /// restored). When the saved driver had reached DRIVER_OK the device is
     /// activated with the saved queues; a device restored paused starts no
     /// work until resumed.
-    pub fn restore_state(&mut self, state: &MmioState) -> Result<(), MmioError> {
-        if state.version != MMIO_STATE_VERSION {
-            return Err(MmioError::Version(state.version));
-        }
+    fn restore(&mut self, _: (), state: &MmioState) -> Result<(), MmioError> {
         if self.active {
             return Err(MmioError::NotPaused);
         }

@@ -16,10 +16,11 @@
 //! 4. Put the transport on the MMIO bus at `base`, length `mmio::MMIO_SIZE`,
 //!    and add `mmio::cmdline_entry(i)` to the guest command line.
 //!
-//! Migration: `device_mut().pause()`, then `save()` of the transport and
-//! `device().save()` of the net device (TAP fds travel beside the RON in
-//! `BackendState::tap_fds` order); on the target `NetDevice::restore` then
-//! `MmioTransport::restore`, register the new eventfds, and `resume()`.
+//! Migration (each through its `persist::Persist` impl): `device_mut().pause()`,
+//! then `save` of the transport and of the net device (TAP fds travel beside
+//! the RON in `BackendState::tap_fds` order); on the target, a device and
+//! transport built as for a boot, `restore` of the net device then of the
+//! transport, and `resume()`.
 
 pub mod mmio;
 pub mod net;

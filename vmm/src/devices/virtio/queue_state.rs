@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 
 #[derive(Serialize, Deserialize)]
-#[serde(remote = "QueueState")]
+#[serde(remote = "QueueState", deny_unknown_fields)]
 pub struct QueueStateDef {
     pub max_size: u16,
     pub next_avail: u16,

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::mmio::MmioTransport;
-use super::net::backend::{BACKEND_STATE_VERSION, BackendKind, BackendState, FrameIo, NetBackend};
+use super::net::backend::{BackendKind, BackendState, FrameIo, NetBackend};
 use super::net::{NetDevice, datapath::VNET_HDR_LEN};
 use super::{GuestMemory, GuestMemoryMmap, VirtioDevice, status};
 use crate::devices::bus::BusDevice;
+use crate::persist::Format10PartVersion;
 
 /// Rings and buffers of the tests live in the first `MEM_SIZE` bytes of
 /// guest RAM.
@@ -166,7 +167,7 @@ pub struct MockBackend {
 impl NetBackend for MockBackend {
     fn state(&self) -> BackendState {
         BackendState {
-            version: BACKEND_STATE_VERSION,
+            format_1_0_version: Format10PartVersion,
             kind: BackendKind::Tap,
             ifname: "mock0".into(),
             queue_pairs: self.queues.len() as u16,

@@ -8,7 +8,7 @@ use virtio_bindings::virtio_net::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::mmio::{MmioState, MmioTransport};
+use super::mmio::{MmioError, MmioState, MmioTransport};
 use super::net::backend::FrameIo;
 use super::net::datapath::{
     MAX_FRAME_LEN, NetStats, RxState, VNET_HDR_LEN, process_ctrl, process_rx, process_tx,
@@ -17,6 +17,7 @@ use super::net::{NetDevice, NetState};
 use super::testing::*;
 use super::{GuestMemoryMmap, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice, status};
 use crate::devices::bus::BusDevice;
+use crate::persist::Persist;
 
 const ALL: u64 = u64::MAX;
 
@@ -436,8 +437,8 @@ fn save_restore_and_continue() {
     // Pause: a frame sent now waits in the backend.
     d.t.device_mut().pause().unwrap();
     p[0].send(&frame(&payload(33, 2)));
-    let mmio = d.t.save().unwrap();
-    let net = d.t.device().save().unwrap();
+    let mmio = d.t.save(()).unwrap();
+    let net = d.t.device().save(()).unwrap();
     let mmio_ron = ron::to_string(&mmio).unwrap();
     let net_ron = ron::to_string(&net).unwrap();
     let mmio2: MmioState = ron::from_str(&mmio_ron).unwrap();
@@ -451,8 +452,10 @@ fn save_restore_and_continue() {
         queues: io,
         offload_calls: Default::default(),
     };
-    let dev = NetDevice::restore(Box::new(backend), &net2).unwrap();
-    let t = MmioTransport::restore(dev, d.mem.clone(), &mmio2).unwrap();
+    let mut dev = NetDevice::new(Box::new(backend), None).unwrap();
+    dev.restore((), &net2).unwrap();
+    let mut t = MmioTransport::new(dev, d.mem.clone()).unwrap();
+    t.restore((), &mmio2).unwrap();
     assert!(t.is_active());
     assert!(!t.device().is_running(), "restored paused");
     d.t = t;
@@ -471,20 +474,24 @@ fn save_restore_and_continue() {
 fn restore_rejects_inconsistent_state() {
     let (b, _p) = mock_backend(1);
     let d = Driver::start(b, ALL);
-    let mut net = d.t.device().save().unwrap_err().to_string();
-    assert!(net.contains("pause"));
+    let e = d.t.device().save(()).unwrap_err().to_string();
+    assert!(e.contains("pause"), "{e}");
     let (b2, _p2) = mock_backend(2);
     let dev = NetDevice::new(Box::new(b2), None).unwrap();
-    let mut st = dev.save().unwrap();
-    st.version = 99;
-    assert!(NetDevice::restore(Box::new(mock_backend(2).0), &st).is_err());
-    st.version = 1;
-    assert!(NetDevice::restore(Box::new(mock_backend(1).0), &st).is_err());
-    net.clear();
-    let mut m = MmioTransport::new(dev, memory()).unwrap().save().unwrap();
+    let st = dev.save(()).unwrap();
+    let mut fresh = NetDevice::new(Box::new(mock_backend(2).0), None).unwrap();
+    fresh.restore((), &st).unwrap();
+    // Two queue pairs saved, one in the backend.
+    let mut one = NetDevice::new(Box::new(mock_backend(1).0), None).unwrap();
+    assert!(one.restore((), &st).is_err());
+    let mut m = MmioTransport::new(dev, memory()).unwrap().save(()).unwrap();
     m.queues.pop();
     let dev = NetDevice::new(Box::new(mock_backend(2).0), None).unwrap();
-    assert!(MmioTransport::restore(dev, memory(), &m).is_err());
+    let mut t = MmioTransport::new(dev, memory()).unwrap();
+    assert!(matches!(
+        t.restore((), &m),
+        Err(MmioError::QueueCount { .. })
+    ));
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! What the net device needs from where its frames go: per queue pair a
 //! `FrameIo` (a TAP queue fd), offload control, and for vhost-net a kernel
 //! datapath that takes the rings over. `BackendState` describes a backend
-//! for migration; its fds travel beside the RON, referenced by index.
+//! for migration (part of the net device's state, saved through its
+//! `Persist`); its fds travel beside the RON, referenced by index.
 
 use std::io;
 use std::marker::PhantomData;
@@ -14,6 +15,7 @@ use vm_memory::bitmap::BitmapSlice;
 
 use super::super::GuestMemory;
 use super::vhost::{VhostError, VringSetup};
+use crate::persist::Format10PartVersion;
 
 /// Most entries one readv/writev takes (Linux `UIO_MAXIOV`).
 pub const IOV_MAX: usize = 1024;
@@ -180,6 +182,7 @@ pub trait FrameIo: AsRawFd + Send + Sync {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum BackendKind {
     /// Frames move through vmm's device threads (readv/writev on the TAP).
     Tap,
@@ -187,11 +190,12 @@ pub enum BackendKind {
     VhostNet,
 }
 
-pub const BACKEND_STATE_VERSION: u32 = 1;
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackendState {
-    pub version: u32,
+    /// Written by format 1.0, ignored ([`Format10PartVersion`]).
+    #[serde(rename = "version", default, skip_serializing)]
+    pub format_1_0_version: Format10PartVersion,
     pub kind: BackendKind,
     /// The TAP interface, as TUNGETIFF reports it.
     pub ifname: String,

@@ -1,19 +1,23 @@
-//! The net device's migratable state. Queue states belong to the transport
-//! (`mmio::MmioState`); this is the device's own part plus the backend's
-//! description. A VMM snapshot holds both, and the TAP fds beside them.
+//! The net device's migratable state and its [`Persist`] impl. Queue states
+//! belong to the transport (`mmio::MmioState`); this is the device's own
+//! part plus the backend's description ([`BackendState`]). The machine
+//! state holds both (`net::attach::NetDeviceState`), and the TAP fds travel
+//! beside it.
 
 use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use super::backend::{BackendState, NetBackend};
+use super::backend::BackendState;
 use super::device::{NetDevice, NetError, offered_features};
-
-pub const NET_STATE_VERSION: u32 = 1;
+use crate::persist::{Format10PartVersion, Persist};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetState {
-    pub version: u32,
+    /// Written by format 1.0, ignored ([`Format10PartVersion`]).
+    #[serde(rename = "version", default, skip_serializing)]
+    pub format_1_0_version: Format10PartVersion,
     pub mac: [u8; 6],
     pub link_up: bool,
     pub queue_pairs: u16,
@@ -28,14 +32,20 @@ pub struct NetState {
     pub rx_pending: Vec<Vec<u8>>,
 }
 
-impl NetDevice {
-    /// Saves the device; it must be paused (or never activated).
-    pub fn save(&self) -> Result<NetState, NetError> {
+impl Persist for NetDevice {
+    type State = NetState;
+    type Context<'a> = ();
+    type Error = NetError;
+
+    /// Saves the device; it must be paused (or never activated). The
+    /// backend's `tap_fds` name its queues in its own order; the machine
+    /// renames them by the fd table they travel in.
+    fn save(&self, _: ()) -> Result<NetState, NetError> {
         if self.is_running() {
             return Err(NetError::Running);
         }
         Ok(NetState {
-            version: NET_STATE_VERSION,
+            format_1_0_version: Format10PartVersion,
             mac: self.mac,
             link_up: self.link_up,
             queue_pairs: self.queue_pairs(),
@@ -51,13 +61,7 @@ impl NetDevice {
     /// made from the fds that came beside the state (not yet activated). It
     /// stays paused through the transport's restore until `resume`, and
     /// touches the backend only then.
-    pub fn restore_state(&mut self, state: &NetState) -> Result<(), NetError> {
-        if state.version != NET_STATE_VERSION {
-            return Err(NetError::State(format!(
-                "version {} (expected {NET_STATE_VERSION})",
-                state.version
-            )));
-        }
+    fn restore(&mut self, _: (), state: &NetState) -> Result<(), NetError> {
         if self.is_running() {
             return Err(NetError::Running);
         }
@@ -93,13 +97,5 @@ impl NetDevice {
         self.restored_pairs = Some(state.active_pairs.clamp(1, state.queue_pairs));
         self.restored_rx = state.rx_pending.clone();
         Ok(())
-    }
-
-    /// Rebuilds a device on `backend` from a saved state (see
-    /// [`NetDevice::restore_state`]).
-    pub fn restore(backend: Box<dyn NetBackend>, state: &NetState) -> Result<Self, NetError> {
-        let mut d = NetDevice::new(backend, Some(state.mac))?;
-        d.restore_state(state)?;
-        Ok(d)
     }
 }

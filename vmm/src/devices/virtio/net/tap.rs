@@ -11,8 +11,9 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
 };
 
-use super::backend::{BACKEND_STATE_VERSION, BackendKind, BackendState, FrameIo, NetBackend};
+use super::backend::{BackendKind, BackendState, FrameIo, NetBackend};
 use super::datapath::VNET_HDR_LEN;
+use crate::persist::Format10PartVersion;
 
 // <linux/if_tun.h>
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -239,7 +240,7 @@ impl Tap {
 impl NetBackend for Tap {
     fn state(&self) -> BackendState {
         BackendState {
-            version: BACKEND_STATE_VERSION,
+            format_1_0_version: Format10PartVersion,
             kind: BackendKind::Tap,
             ifname: self.ifname.clone(),
             queue_pairs: self.queues.len() as u16,

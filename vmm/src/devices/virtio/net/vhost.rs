@@ -21,9 +21,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::{GuestMemory, GuestMemoryMmap};
-use super::backend::{
-    BACKEND_STATE_VERSION, BackendKind, BackendState, FrameIo, KernelDatapath, NetBackend,
-};
+use super::backend::{BackendKind, BackendState, FrameIo, KernelDatapath, NetBackend};
 use super::tap::Tap;
 
 /// vhost's own feature bits (VHOST_F_LOG_ALL, VHOST_NET_F_VIRTIO_NET_HDR)
@@ -132,7 +130,6 @@ fn ioctl<T>(op: &'static str, pair: usize, r: vhost::Result<T>) -> Result<T, Vho
 impl NetBackend for VhostNetBackend {
     fn state(&self) -> BackendState {
         BackendState {
-            version: BACKEND_STATE_VERSION,
             kind: BackendKind::VhostNet,
             ..self.tap.state()
         }

@@ -1,0 +1,300 @@
+//! The machine as migration sees it: handles on the VM, the vCPUs and the
+//! devices, the fds that travel beside its state, pausing and resuming the
+//! device threads, and saving and restoring the whole in the right order
+//! (each part through its [`Persist`] impl, beside its owner; the document
+//! and its version are [`crate::persist`]'s).
+
+use std::sync::{Arc, Mutex};
+
+use common::migration::FdRole;
+
+use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::net::NetError;
+use crate::net::attach::NetAttachment;
+use crate::persist::{
+    FdTable, MACHINE_STATE_FORMAT, MachineState, Persist, PersistError, check_format,
+};
+use crate::vcpu::{Vcpu, VcpuCaps};
+use crate::vm::Vm;
+
+/// Handles on everything whose state makes up the machine. The vCPU mutexes
+/// are the ones the vCPU threads hold during KVM_RUN: a paused vCPU's lock is
+/// free.
+pub struct Machine {
+    pub vm: Arc<Vm>,
+    pub vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// What KVM can save of a vCPU (MSR list, XSAVE, XCRs).
+    pub vcpu_caps: VcpuCaps,
+    /// `--net` devices, in slot order.
+    pub nets: Vec<NetAttachment>,
+}
+
+impl Machine {
+    /// Stops the devices' threads (after the vCPUs are paused): frames
+    /// wait in the TAP queues. Tries every device; reports the first error.
+    pub fn pause_devices(&self) -> Result<(), PersistError> {
+        self.each_net(|n| n.pause())
+    }
+
+    /// Restarts the devices' threads (before the vCPUs resume).
+    pub fn resume_devices(&self) -> Result<(), PersistError> {
+        self.each_net(|n| n.resume())
+    }
+
+    fn each_net(
+        &self,
+        f: impl Fn(&NetAttachment) -> Result<(), NetError>,
+    ) -> Result<(), PersistError> {
+        let mut first = Ok(());
+        for n in &self.nets {
+            if let Err(err) = f(n) {
+                log::warn!("net {}: {err}", n.config.id);
+                if first.is_ok() {
+                    first = Err(PersistError::Net {
+                        id: n.config.id.clone(),
+                        err,
+                    });
+                }
+            }
+        }
+        first
+    }
+
+    /// The fds a migration sends beside this machine's state: the RAM
+    /// memfd, then every TAP queue of every NIC (with backend transfer).
+    pub fn fd_table(&self, with_taps: bool) -> FdTable {
+        let mut t = FdTable::default();
+        t.push(FdRole::GuestRam);
+        if with_taps {
+            for n in &self.nets {
+                for q in 0..n.queue_pairs() {
+                    t.push(FdRole::TapQueue {
+                        net: n.config.id.clone(),
+                        queue: q,
+                    });
+                }
+            }
+        }
+        t
+    }
+
+    /// Reads the machine state, naming fds by their index in `fds`. The
+    /// caller pauses the vCPUs and the devices first.
+    pub fn save(&self, fds: &FdTable) -> Result<MachineState, PersistError> {
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let v = v.try_lock().map_err(|_| PersistError::NotPaused)?;
+            vcpus.push(v.save(&self.vcpu_caps)?);
+        }
+        let nets = self
+            .nets
+            .iter()
+            .map(|n| {
+                n.save(Some(fds)).map_err(|err| PersistError::Net {
+                    id: n.config.id.clone(),
+                    err,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(MachineState {
+            format: MACHINE_STATE_FORMAT,
+            memory_bytes: self.vm.ram.size,
+            vm: (&*self.vm).save(())?,
+            vcpus,
+            serial: serial.save(())?,
+            nets,
+        })
+    }
+
+    /// Writes a saved state into this freshly built (not yet running)
+    /// machine of the same shape: VM-wide state first (the LAPIC restore in
+    /// each vCPU relies on the irqchip), then the vCPUs, then the devices,
+    /// which stay paused until [`Machine::resume_devices`]. `fds` is the
+    /// table the TAP fds came in (backend transfer), `None` when the NICs
+    /// run on TAPs of their own.
+    pub fn restore(&self, s: &MachineState, fds: Option<&FdTable>) -> Result<(), PersistError> {
+        check_format(s.format)?;
+        if s.vcpus.len() != self.vcpus.len() {
+            return Err(PersistError::VcpuCount {
+                expected: self.vcpus.len(),
+                got: s.vcpus.len(),
+            });
+        }
+        if s.memory_bytes != self.vm.ram.size {
+            return Err(PersistError::MemorySize {
+                expected: self.vm.ram.size,
+                got: s.memory_bytes,
+            });
+        }
+        if s.nets.len() != self.nets.len() {
+            return Err(PersistError::NetCount {
+                expected: self.nets.len(),
+                got: s.nets.len(),
+            });
+        }
+        (&*self.vm).restore((), &s.vm)?;
+        for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
+            let mut v = v.try_lock().map_err(|_| PersistError::NotPaused)?;
+            v.restore(&self.vcpu_caps, st)?;
+        }
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore((), &s.serial)?;
+        for (n, st) in self.nets.iter().zip(&s.nets) {
+            let mut n = n;
+            n.restore(fds, st).map_err(|err| PersistError::Net {
+                id: n.config.id.clone(),
+                err,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::pvh::PvhEntry;
+    use crate::memory::GuestRam;
+    use crate::net::attach::{OpenedNet, attach_nets, tests as attach_tests};
+    use crate::persist::FIXTURES;
+    use common::migration::FormatVersion;
+    use kvm_ioctls::Kvm;
+    use std::os::fd::OwnedFd;
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A 32 MiB one-vCPU machine, with NIC `vm0` on `tap` when given (the
+    /// shape of the fixtures).
+    fn machine_on(tap: Option<OwnedFd>) -> Machine {
+        let mut vm = Vm::new(Kvm::new().unwrap(), GuestRam::new(32 << 20).unwrap()).unwrap();
+        let nets = match tap {
+            Some(tap) => {
+                let cfg = attach_tests::config("vm0");
+                let opened = OpenedNet::from_fds(cfg, "vm0".into(), vec![tap], vec![], None);
+                attach_nets(&mut vm, vec![opened.unwrap()]).unwrap()
+            }
+            None => Vec::new(),
+        };
+        let v = Vcpu::new(&vm.fd, 0).unwrap();
+        let entry = PvhEntry {
+            entry: 0x10_0000,
+            start_info: 0x6000,
+        };
+        v.configure_pvh(&vm.kvm, &vm.ram.memory, entry).unwrap();
+        let vcpu_caps = VcpuCaps::of(&vm.kvm).unwrap();
+        let serial = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
+        Machine {
+            vm: Arc::new(vm),
+            vcpus: vec![Arc::new(Mutex::new(v))],
+            serial: Arc::new(Mutex::new(serial)),
+            vcpu_caps,
+            nets,
+        }
+    }
+
+    fn machine() -> Machine {
+        machine_on(None)
+    }
+
+    fn table() -> FdTable {
+        machine().fd_table(true)
+    }
+
+    #[test]
+    fn machine_state_round_trips_through_ron_into_a_new_vm() {
+        let a = machine();
+        {
+            use crate::devices::bus::BusDevice;
+            a.serial.lock().unwrap().write(7, &[0x42]);
+        }
+        let text = a.save(&table()).unwrap().to_ron().unwrap();
+        let state = MachineState::from_ron(&text).unwrap();
+        assert_eq!(state.format, MACHINE_STATE_FORMAT);
+        let b = machine();
+        b.restore(&state, None).unwrap();
+        let again = b.save(&table()).unwrap();
+        assert_eq!(again.serial, state.serial);
+        assert_eq!(again.serial.scratch, 0x42);
+        assert_eq!(again.vcpus[0].regs.rip, 0x10_0000);
+        assert_eq!(
+            ron::to_string(&again.vcpus[0].sregs).unwrap(),
+            ron::to_string(&state.vcpus[0].sregs).unwrap()
+        );
+    }
+
+    #[test]
+    fn wrong_shape_or_format_is_refused() {
+        let a = machine();
+        let mut s = a.save(&table()).unwrap();
+        s.memory_bytes += 4096;
+        assert!(matches!(
+            a.restore(&s, None),
+            Err(PersistError::MemorySize { .. })
+        ));
+        s.memory_bytes -= 4096;
+        s.format = FormatVersion {
+            major: MACHINE_STATE_FORMAT.major,
+            minor: MACHINE_STATE_FORMAT.minor + 1,
+        };
+        assert!(matches!(
+            a.restore(&s, None),
+            Err(PersistError::Format { .. })
+        ));
+        s.format = MACHINE_STATE_FORMAT;
+        s.vcpus.clear();
+        assert!(matches!(
+            a.restore(&s, None),
+            Err(PersistError::VcpuCount { .. })
+        ));
+    }
+
+    #[test]
+    fn save_refuses_a_running_vcpu() {
+        let a = machine();
+        let _running = a.vcpus[0].lock().unwrap();
+        assert!(matches!(a.save(&table()), Err(PersistError::NotPaused)));
+    }
+
+    /// Restores fixture `text` into a machine of its shape, its NIC on a
+    /// TAP of its own (`tap`), and reads it back.
+    fn restore_fixture(version: &str, text: &str, tap: OwnedFd) {
+        let s = MachineState::from_ron(text)
+            .unwrap_or_else(|e| panic!("fixture {version} no longer loads: {e}"));
+        let m = machine_on(Some(tap));
+        let fds = m.fd_table(true);
+        m.restore(&s, Some(&fds))
+            .unwrap_or_else(|e| panic!("fixture {version} does not restore: {e}"));
+        assert!(!m.nets[0].is_running(), "restored devices wait for resume");
+        let back = m.save(&fds).unwrap();
+        assert_eq!(back.format, MACHINE_STATE_FORMAT);
+        assert_eq!(back.serial, s.serial, "{version}");
+        assert_eq!(back.vcpus[0].regs.rip, s.vcpus[0].regs.rip, "{version}");
+        assert_eq!(back.vcpus[0].msrs.len(), s.vcpus[0].msrs.len());
+        assert_eq!(back.nets[0].mmio, s.nets[0].mmio, "{version}");
+        assert_eq!(back.nets[0].net.mac, s.nets[0].net.mac, "{version}");
+        assert_eq!(back.nets[0].net.rx_pending, s.nets[0].net.rx_pending);
+        m.resume_devices().unwrap();
+        assert!(m.nets[0].is_running());
+        m.pause_devices().unwrap();
+    }
+
+    fn every_fixture_in_own_netns() {
+        for (i, (version, text)) in FIXTURES.iter().enumerate() {
+            let Some(tap) = attach_tests::own_netns_tap(&format!("vmfx{i}")) else {
+                return;
+            };
+            restore_fixture(version, text, tap);
+        }
+    }
+
+    #[test]
+    fn every_released_format_fixture_restores_nic_included() {
+        // The namespace belongs to this helper thread only.
+        std::thread::spawn(every_fixture_in_own_netns)
+            .join()
+            .unwrap();
+    }
+}
