@@ -57,6 +57,9 @@ pub struct NetStatus {
     pub vhost: bool,
 }
 
+/// Fields added after 0.1.0 carry `#[serde(default)]`, so a newer vmctl
+/// still reads an older vmm's status (they are `None` then); an older
+/// vmctl skips fields it does not know (no `deny_unknown_fields` here).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
     pub state: RunState,
@@ -65,6 +68,12 @@ pub struct VmStatus {
     pub memory_bytes: u64,
     pub uptime_ms: u64,
     pub nets: Vec<NetStatus>,
+    /// The answering vmm's version (x.y.z); since 0.2.0.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The machine state format it writes ("major.minor"); since 0.2.0.
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,4 +124,55 @@ pub enum ApiResponse {
     Status(VmStatus),
     Migrated(MigrationReport),
     Error { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A status as a 0.1.0 vmm sends it (checked below against 0.1.0's
+    /// declaration).
+    const STATUS_0_1_0: &str = r#"Status((state:Running,pid:42,vcpus:1,memory_bytes:268435456,uptime_ms:7,nets:[(id:"vm0",tap:"vm0",mac:"52:54:00:00:00:02",queues:1,vhost:false)]))"#;
+
+    /// VmStatus and the response as 0.1.0 declared them.
+    #[derive(Debug, Serialize, Deserialize)]
+    struct OldStatus {
+        state: RunState,
+        pid: u32,
+        vcpus: u8,
+        memory_bytes: u64,
+        uptime_ms: u64,
+        nets: Vec<NetStatus>,
+    }
+    #[derive(Debug, Serialize, Deserialize)]
+    enum OldResponse {
+        Status(OldStatus),
+    }
+
+    #[test]
+    fn a_newer_vmctl_reads_the_status_of_a_0_1_0_vmm() {
+        let OldResponse::Status(old) = ron::from_str(STATUS_0_1_0).unwrap();
+        assert_eq!(
+            ron::to_string(&OldResponse::Status(old)).unwrap(),
+            STATUS_0_1_0
+        );
+        let r: ApiResponse = ron::from_str(STATUS_0_1_0).unwrap();
+        let ApiResponse::Status(s) = r else {
+            panic!("not a status: {r:?}")
+        };
+        assert_eq!((s.pid, s.version, s.format), (42, None, None));
+    }
+
+    #[test]
+    fn a_0_1_0_vmctl_reads_the_status_of_a_newer_vmm() {
+        let mut old: ApiResponse = ron::from_str(STATUS_0_1_0).unwrap();
+        if let ApiResponse::Status(s) = &mut old {
+            s.version = Some("9.9.9".into());
+            s.format = Some("1.0".into());
+        }
+        let text = ron::to_string(&old).unwrap();
+        assert!(text.contains("9.9.9"), "{text}");
+        let OldResponse::Status(s) = ron::from_str(&text).unwrap();
+        assert_eq!((s.pid, s.nets.len()), (42, 1));
+    }
 }

@@ -28,7 +28,8 @@ use crate::server::{Limits, Server};
 
 const USAGE: &str = "usage: netd --socket PATH --policy FILE [--audit-log FILE] \
 [--read-timeout-ms N] [--client-deadline-ms N] [--max-clients N] [--max-clients-per-uid N] \
-[--tenant-reserve N]";
+[--tenant-reserve N]
+       netd --version | --help";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -43,7 +44,14 @@ struct Args {
     limits: Limits,
 }
 
-fn parse_args() -> Result<Args, String> {
+/// What the command line asks for.
+enum Invocation {
+    Serve(Args),
+    Help,
+    Version,
+}
+
+fn parse_args() -> Result<Invocation, String> {
     let mut socket = None;
     let mut policy = None;
     let mut audit_log = None;
@@ -58,7 +66,10 @@ fn parse_args() -> Result<Args, String> {
     while let Some(a) = it.next() {
         let a = a.to_string_lossy().into_owned();
         if a == "--help" || a == "-h" {
-            return Err(USAGE.to_string());
+            return Ok(Invocation::Help);
+        }
+        if a == "--version" || a == "-V" {
+            return Ok(Invocation::Version);
         }
         let v = it
             .next()
@@ -87,12 +98,12 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unknown option {a}\n{USAGE}")),
         }
     }
-    Ok(Args {
+    Ok(Invocation::Serve(Args {
         socket: socket.ok_or_else(|| format!("--socket is required\n{USAGE}"))?,
         policy: policy.ok_or_else(|| format!("--policy is required\n{USAGE}"))?,
         audit_log,
         limits,
-    })
+    }))
 }
 
 /// Binds the socket (mode 0666: any local user may connect; who they are
@@ -116,7 +127,17 @@ fn bind(path: &Path) -> Result<Listener, String> {
 }
 
 fn run() -> Result<(), String> {
-    let args = parse_args()?;
+    let args = match parse_args()? {
+        Invocation::Serve(a) => a,
+        Invocation::Help => {
+            println!("{USAGE}");
+            return Ok(());
+        }
+        Invocation::Version => {
+            println!("netd {}", env!("CARGO_PKG_VERSION"));
+            return Ok(());
+        }
+    };
     let policy = Policy::load(&args.policy).map_err(|e| e.to_string())?;
     for b in &policy.bridges {
         let addr = b

@@ -335,16 +335,21 @@ impl GuestSpec {
     }
 }
 
-fn vmm_as_tenant() -> Command {
-    let mut c = Command::new(bin("vmm"));
+fn vmm_as_tenant(vmm: &Path) -> Command {
+    let mut c = Command::new(vmm);
     c.args(["--user", "65534:65534"]);
     c
 }
 
 /// A source: the test guest with a heartbeat, its API socket at `api`.
 pub fn start_source(env: &MigEnv, spec: &GuestSpec, api: &Path) -> Vm {
+    start_source_with(&bin("vmm"), env, spec, api)
+}
+
+/// [`start_source`] on the vmm binary `vmm` (another release's).
+pub fn start_source_with(vmm: &Path, env: &MigEnv, spec: &GuestSpec, api: &Path) -> Vm {
     let serial = env.path("serial-src");
-    let mut c = vmm_as_tenant();
+    let mut c = vmm_as_tenant(vmm);
     c.arg("--kernel")
         .arg(crate::guest_elf())
         .args(["--memory", spec.memory])
@@ -397,9 +402,14 @@ pub struct Target {
 
 /// Starts a real target and waits until its incoming socket exists.
 pub fn start_target(env: &MigEnv, spec: &TargetSpec<'_>) -> Target {
+    start_target_with(&bin("vmm"), env, spec)
+}
+
+/// [`start_target`] on the vmm binary `vmm` (another release's).
+pub fn start_target_with(vmm: &Path, env: &MigEnv, spec: &TargetSpec<'_>) -> Target {
     let incoming = env.path("mig.sock");
     let serial = env.path("serial-tgt");
-    let mut c = vmm_as_tenant();
+    let mut c = vmm_as_tenant(vmm);
     c.args(["--memory", spec.memory])
         .arg("--incoming")
         .arg(&incoming)
@@ -470,8 +480,13 @@ impl MigrateOutcome {
 
 /// `vmctl --api-socket api migrate --to to [extra] --json`.
 pub fn migrate(api: &Path, to: &Path, extra: &[&str]) -> MigrateOutcome {
+    migrate_with(&bin("vmctl"), api, to, extra)
+}
+
+/// [`migrate`] with the vmctl binary `vmctl` (another release's).
+pub fn migrate_with(vmctl: &Path, api: &Path, to: &Path, extra: &[&str]) -> MigrateOutcome {
     let t0 = Instant::now();
-    let out = Command::new(bin("vmctl"))
+    let out = Command::new(vmctl)
         .arg("--api-socket")
         .arg(api)
         .arg("migrate")
@@ -502,7 +517,12 @@ pub fn migrate_in_background(api: &Path, to: &Path, extra: &[&str]) -> JoinHandl
 
 /// `vmctl --api-socket api ARGS --json`, parsed (any exit code).
 pub fn vmctl(api: &Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
-    let out = Command::new(bin("vmctl"))
+    vmctl_with(&bin("vmctl"), api, args)
+}
+
+/// [`vmctl`] with the vmctl binary `vmctl` (another release's).
+pub fn vmctl_with(vmctl: &Path, api: &Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(vmctl)
         .arg("--api-socket")
         .arg(api)
         .args(args)

@@ -22,6 +22,42 @@ pub enum Prerequisite {
     /// uid 65534 may create a user namespace (vmm empties its capability
     /// bounding set inside one when started unprivileged).
     UserNamespaces,
+    /// The previous release's `vmm` and `vmctl`, built by `.ci/run` and
+    /// named by `PREVIOUS_VMM` and `PREVIOUS_VMCTL` (the upgrade test).
+    PreviousRelease,
+}
+
+/// The previous release's binaries, from `PREVIOUS_VMM` and
+/// `PREVIOUS_VMCTL`.
+#[derive(Clone, Debug)]
+pub struct PreviousRelease {
+    pub vmm: std::path::PathBuf,
+    pub vmctl: std::path::PathBuf,
+}
+
+impl PreviousRelease {
+    /// Both binaries, or why they are not there.
+    pub fn from_env() -> Result<Self, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let exe = |var: &str| {
+            let p = std::env::var_os(var).ok_or_else(|| {
+                format!(
+                    "{var} is not set (build the previous release's vmm and vmctl \
+                     as .ci/run does and name them in PREVIOUS_VMM and PREVIOUS_VMCTL)"
+                )
+            })?;
+            let p = std::path::PathBuf::from(p);
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(p),
+                Ok(_) => Err(format!("{var}={} is not an executable file", p.display())),
+                Err(e) => Err(format!("{var}={}: {e}", p.display())),
+            }
+        };
+        Ok(PreviousRelease {
+            vmm: exe("PREVIOUS_VMM")?,
+            vmctl: exe("PREVIOUS_VMCTL")?,
+        })
+    }
 }
 
 impl Prerequisite {
@@ -31,6 +67,7 @@ impl Prerequisite {
             Self::Qemu => "REQUIRE_QEMU",
             Self::VhostNet => "REQUIRE_VHOST_NET",
             Self::UserNamespaces => "REQUIRE_USERNS",
+            Self::PreviousRelease => "REQUIRE_PREVIOUS",
         }
     }
 
@@ -66,6 +103,7 @@ impl Prerequisite {
                     .is_ok_and(|s| s.success());
                 (!ok).then(|| "uid 65534 may not create a user namespace here".to_string())
             }
+            Self::PreviousRelease => PreviousRelease::from_env().err(),
         }
     }
 

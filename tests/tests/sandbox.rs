@@ -446,7 +446,7 @@ fn landlock_denies_dev_net_tun_even_to_root() {
         "--api-socket".into(),
         dir.path("api.sock").display().to_string(),
     ];
-    let cfg = VmConfig::parse(args).unwrap().unwrap();
+    let cfg = VmConfig::parse(args).unwrap().run().unwrap();
     let plan = Plan::for_config(&cfg).fs;
     let st = in_child(|| {
         if restrict(&plan).is_err() {

@@ -39,11 +39,10 @@ fn open_tap_queues(ns: &NetNs, name: &str, queues: usize) -> Vec<OwnedFd> {
     let name = name.to_string();
     std::thread::spawn(move || {
         let nsf = File::open(&path).expect("netns file");
-        // SAFETY: setns on a valid netns fd affects only this thread.
-        assert_eq!(
-            unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        // SAFETY: setns on a valid netns fd affects only this thread, a
+        // helper of this test that is spawned for it.
+        let r = unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
         (0..queues)
             .map(|_| {
                 let tun = std::fs::OpenOptions::new()
@@ -571,11 +570,10 @@ fn throughput(size: usize, ns_name: &str, dev: &str) {
     let payload = vec![0u8; size - 42];
     let sender = std::thread::spawn(move || {
         let nsf = File::open(&path).expect("netns file");
-        // SAFETY: setns on a valid netns fd affects only this thread.
-        assert_eq!(
-            unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        // SAFETY: setns on a valid netns fd affects only this thread, a
+        // helper of this test that is spawned for it.
+        let r = unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
         let sock = std::net::UdpSocket::bind("10.0.1.1:0").unwrap();
         let mut n = 0u64;
         while !st.load(std::sync::atomic::Ordering::Relaxed) {

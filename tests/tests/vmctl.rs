@@ -71,6 +71,12 @@ fn pause_stops_heartbeat_and_resume_continues_the_count() {
     assert_eq!(st["state"], "Running", "{st}");
     assert_eq!(st["pid"], vm.pid(), "{st}");
     assert_eq!(st["vcpus"], 1, "{st}");
+    assert_eq!(st["version"], env!("CARGO_PKG_VERSION"), "{st}");
+    assert_eq!(
+        st["format"],
+        vmm::persist::MACHINE_STATE_FORMAT.to_string(),
+        "{st}"
+    );
 
     assert_eq!(vmctl(&sock, &["pause"])["result"], "ok");
     let before = ticks(&log);
@@ -141,4 +147,24 @@ fn vmctl_usage_and_unreachable_socket() {
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["result"], "error");
+}
+
+#[test]
+fn vmctl_version_and_help() {
+    let out = Command::new(bin("vmctl"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("vmctl {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let out = Command::new(bin("vmctl")).arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--api-socket") && help.contains("--version"),
+        "{help}"
+    );
 }

@@ -194,3 +194,38 @@ fn serial_to_dev_full_warns_once() {
     assert_eq!(warnings, 1, "expected one serial warning:\n{err}");
     assert!(err.contains("No space left on device"), "{err}");
 }
+
+#[test]
+fn version_names_the_release_and_what_it_writes_help_lists_it() {
+    let out = tests::output_within(vmm_as_nobody_with(&["--version"]), REFUSAL_TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "vmm {} (machine state format {}, migration protocol {})\n",
+            env!("CARGO_PKG_VERSION"),
+            vmm::persist::MACHINE_STATE_FORMAT,
+            common::migration::MIGRATION_PROTOCOL_VERSION
+        )
+    );
+    // --version wins over whatever else is given, without running a guest.
+    let out = tests::output_within(
+        vmm_as_nobody_with(&["--kernel", "/nonexistent", "--version"]),
+        REFUSAL_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("vmm "));
+    let out = tests::output_within(vmm_as_nobody_with(&["--help"]), REFUSAL_TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--kernel") && help.contains("--version"),
+        "{help}"
+    );
+}
+
+fn vmm_as_nobody_with(args: &[&str]) -> Command {
+    let mut c = vmm_as_nobody();
+    c.args(args);
+    c
+}

@@ -16,7 +16,40 @@ pub const DEFAULT_MEMORY: u64 = 128 << 20;
 
 pub const USAGE: &str = "usage: vmm --kernel FILE [--cmdline STR] [--memory SIZE] [--vcpus N] \
 [--serial stdout|FILE] [--api-socket PATH] [--net netd=SOCK,id=ID[,...]] [--incoming PATH] [--user UID:GID] \
-[--seccomp kill|log]";
+[--seccomp kill|log]
+       vmm --version | --help";
+
+/// The `--version` line: this vmm's version, and the machine state format
+/// and migration protocol it writes (what a target must read to take its
+/// guest).
+pub fn version_line() -> String {
+    format!(
+        "vmm {} (machine state format {}, migration protocol {})",
+        env!("CARGO_PKG_VERSION"),
+        crate::persist::MACHINE_STATE_FORMAT,
+        common::migration::MIGRATION_PROTOCOL_VERSION
+    )
+}
+
+/// What a command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invocation {
+    Run(VmConfig),
+    /// `--help`: print [`USAGE`].
+    Help,
+    /// `--version`: print [`version_line`].
+    Version,
+}
+
+impl Invocation {
+    /// The configuration to run, if the command line asks to run a VM.
+    pub fn run(self) -> Option<VmConfig> {
+        match self {
+            Invocation::Run(c) => Some(c),
+            Invocation::Help | Invocation::Version => None,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialTarget {
@@ -97,8 +130,8 @@ fn parse_user(s: &str) -> Result<(u32, u32), ConfigError> {
 
 impl VmConfig {
     /// Parses the arguments after the program name (`args_os().skip(1)`).
-    /// `Ok(None)` means `--help`.
-    pub fn parse<I, A>(args: I) -> Result<Option<Self>, ConfigError>
+    /// `--help` and `--version` win over everything before them.
+    pub fn parse<I, A>(args: I) -> Result<Invocation, ConfigError>
     where
         I: IntoIterator<Item = A>,
         A: Into<OsString>,
@@ -131,7 +164,10 @@ impl VmConfig {
                 .to_string();
             let arg = text(&raw);
             if arg == "--help" || arg == "-h" {
-                return Ok(None);
+                return Ok(Invocation::Help);
+            }
+            if arg == "--version" || arg == "-V" {
+                return Ok(Invocation::Version);
             }
             let known = [
                 "--kernel",
@@ -217,7 +253,7 @@ impl VmConfig {
             (None, Some(_)) => PathBuf::new(),
             (None, None) => return Err(ConfigError::NoKernel),
         };
-        Ok(Some(VmConfig {
+        Ok(Invocation::Run(VmConfig {
             kernel,
             cmdline: cmdline.unwrap_or_default(),
             memory,
@@ -248,7 +284,7 @@ mod tests {
     use super::*;
 
     fn parse(a: &[&str]) -> Result<Option<VmConfig>, ConfigError> {
-        VmConfig::parse(a.iter().map(|s| s.to_string()))
+        VmConfig::parse(a.iter().map(|s| s.to_string())).map(Invocation::run)
     }
 
     #[test]
@@ -298,6 +334,13 @@ mod tests {
         );
         assert!(parse(&["--kernel", "k", "--user", "65534"]).is_err());
         assert_eq!(parse(&["--help"]), Ok(None));
+        let inv = |a: &[&str]| VmConfig::parse(a.iter().map(|s| s.to_string()));
+        assert_eq!(inv(&["--help"]), Ok(Invocation::Help));
+        assert_eq!(inv(&["--version"]), Ok(Invocation::Version));
+        assert_eq!(
+            inv(&["--kernel", "k", "--version"]),
+            Ok(Invocation::Version)
+        );
         assert_eq!(c.seccomp, SeccompMode::Kill);
         let c = parse(&["--kernel", "k", "--seccomp=log"]).unwrap().unwrap();
         assert_eq!(c.seccomp, SeccompMode::Log);
@@ -311,7 +354,7 @@ mod tests {
     fn non_utf8_arguments_are_errors_or_paths() {
         use std::os::unix::ffi::OsStringExt;
         let bad = || OsString::from_vec(b"\xff.elf".to_vec());
-        let args = |v: Vec<OsString>| VmConfig::parse(v);
+        let args = |v: Vec<OsString>| VmConfig::parse(v).map(Invocation::run);
         // A path may be any bytes.
         let c = args(vec!["--kernel".into(), bad()]).unwrap().unwrap();
         assert_eq!(c.kernel.as_os_str(), bad().as_os_str());

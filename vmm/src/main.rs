@@ -6,7 +6,7 @@ use std::process::exit;
 use std::time::Instant;
 
 use vmm::builder;
-use vmm::config::{USAGE, VmConfig};
+use vmm::config::{Invocation, USAGE, VmConfig, version_line};
 use vmm::migration::target;
 use vmm::vm::ExitReason;
 
@@ -14,9 +14,13 @@ fn main() {
     let started = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cfg = match VmConfig::parse(std::env::args_os().skip(1)) {
-        Ok(Some(cfg)) => cfg,
-        Ok(None) => {
+        Ok(Invocation::Run(cfg)) => cfg,
+        Ok(Invocation::Help) => {
             println!("{USAGE}");
+            exit(0);
+        }
+        Ok(Invocation::Version) => {
+            println!("{}", version_line());
             exit(0);
         }
         Err(e) => {

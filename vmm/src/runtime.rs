@@ -193,6 +193,8 @@ impl Runtime {
             memory_bytes: self.machine.vm.ram.size,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             nets: self.machine.nets.iter().map(|n| n.status()).collect(),
+            version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            format: Some(crate::persist::MACHINE_STATE_FORMAT.to_string()),
         }
     }
 

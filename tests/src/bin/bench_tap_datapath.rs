@@ -145,11 +145,10 @@ fn in_netns<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         s.spawn(move || {
             let nsf = File::open(&path).expect("netns file");
-            // SAFETY: setns on a valid netns fd affects only this thread.
-            assert_eq!(
-                unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
+            // SAFETY: setns on a valid netns fd affects only this thread,
+            // which runs nothing but `f`.
+            let r = unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
             f()
         })
         .join()

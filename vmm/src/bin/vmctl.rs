@@ -1,8 +1,9 @@
 //! vmctl: the control client of a running vmm (`--api-socket`).
 //!
 //! `vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH
-//! [--no-backend-transfer]} [--json]`. Exit code 0 on success, 1 when the
-//! vmm reports an error or cannot be reached, 2 for bad usage.
+//! [--no-backend-transfer]} [--json]`, `vmctl --version`, `vmctl --help`.
+//! Exit code 0 on success, 1 when the vmm reports an error or cannot be
+//! reached, 2 for bad usage.
 
 use std::os::unix::net::UnixStream;
 use std::process::exit;
@@ -12,7 +13,8 @@ use common::api::{API_VERSION, ApiRequest, ApiResponse};
 use common::codec::{self, DEFAULT_MAX_FRAME};
 use common::migration::MAX_DOWNTIME_LIMIT_MS;
 
-const USAGE: &str = "usage: vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH [--no-backend-transfer] [--downtime-limit-ms N]} [--json]";
+const USAGE: &str = "usage: vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH [--no-backend-transfer] [--downtime-limit-ms N]} [--json]
+       vmctl --version | --help";
 /// Migration can take a while; everything else answers at once.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -20,6 +22,13 @@ struct Args {
     socket: String,
     request: ApiRequest,
     json: bool,
+}
+
+/// What the command line asks for.
+enum Invocation {
+    Call(Args),
+    Help,
+    Version,
 }
 
 /// The arguments as text: a socket path given to vmctl must be UTF-8 (it
@@ -33,7 +42,7 @@ fn text_args(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Vec<Strin
     .collect()
 }
 
-fn parse(args: Vec<String>) -> Result<Args, String> {
+fn parse(args: Vec<String>) -> Result<Invocation, String> {
     let mut socket = None;
     let mut command = None;
     let mut to = None;
@@ -44,6 +53,8 @@ fn parse(args: Vec<String>) -> Result<Args, String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--api-socket" => socket = Some(it.next().ok_or("--api-socket needs a path")?),
+            "--help" | "-h" => return Ok(Invocation::Help),
+            "--version" | "-V" => return Ok(Invocation::Version),
             "--json" => json = true,
             "--to" => to = Some(it.next().ok_or("--to needs a path")?),
             "--no-backend-transfer" => backend_transfer = false,
@@ -85,11 +96,11 @@ fn parse(args: Vec<String>) -> Result<Args, String> {
         },
         _ => return Err("no command given".into()),
     };
-    Ok(Args {
+    Ok(Invocation::Call(Args {
         socket,
         request,
         json,
-    })
+    }))
 }
 
 fn call(socket: &str, request: &ApiRequest) -> Result<ApiResponse, String> {
@@ -127,9 +138,11 @@ fn print(resp: &ApiResponse, json: bool) -> bool {
         ApiResponse::Status(s) => (
             true,
             format!(
-                "state: {:?}\npid: {}\nvcpus: {}\nmemory_bytes: {}\nuptime_ms: {}\nnets: {}{}",
+                "state: {:?}\npid: {}\nversion: {}\nformat: {}\nvcpus: {}\nmemory_bytes: {}\nuptime_ms: {}\nnets: {}{}",
                 s.state,
                 s.pid,
+                s.version.as_deref().unwrap_or("unknown (before 0.2.0)"),
+                s.format.as_deref().unwrap_or("unknown (before 0.2.0)"),
                 s.vcpus,
                 s.memory_bytes,
                 s.uptime_ms,
@@ -174,7 +187,15 @@ fn print(resp: &ApiResponse, json: bool) -> bool {
 
 fn main() {
     let args = match text_args(std::env::args_os().skip(1)).and_then(parse) {
-        Ok(a) => a,
+        Ok(Invocation::Call(a)) => a,
+        Ok(Invocation::Help) => {
+            println!("{USAGE}");
+            exit(0);
+        }
+        Ok(Invocation::Version) => {
+            println!("vmctl {}", env!("CARGO_PKG_VERSION"));
+            exit(0);
+        }
         Err(e) => {
             eprintln!("vmctl: {e} ({USAGE})");
             exit(2);
