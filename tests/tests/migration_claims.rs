@@ -232,9 +232,6 @@ fn no_page_is_copied_the_target_maps_the_same_memfd_and_its_rss_does_not_grow_wi
         );
         migrate(&api, &tgt.incoming, &[]).assert_ok();
         exits.wait(&mut src, &format!("{memory} source"));
-        // The target runs the guest (it answers, its heartbeat goes on).
-        assert_answers_ping(&env, n, "after the migration");
-        wait_ticks(&tgt.vm, 2);
         let pid = tgt.vm.pid();
         assert_eq!(
             guest_ram_inodes(pid),
@@ -245,6 +242,9 @@ fn no_page_is_copied_the_target_maps_the_same_memfd_and_its_rss_does_not_grow_wi
             guest_ram_mapped(pid) >= bytes,
             "the target maps less than the guest RAM"
         );
+        // The target runs the guest (it answers, its heartbeat goes on).
+        assert_answers_ping(&env, n, "after the migration");
+        wait_ticks(&tgt.vm, 2);
         let (vm_rss, shmem) = (status_kib(pid, "VmRSS"), status_kib(pid, "RssShmem"));
         eprintln!(
             "{memory} guest: source VmRSS {src_rss} KiB; target VmRSS {vm_rss} KiB (RssShmem {shmem} KiB), guest RAM {} KiB",
