@@ -64,7 +64,19 @@ fn a_frame_read_but_not_delivered_at_the_pause_arrives_after_the_migration() {
     // No frame but the test's reaches the guest while it holds its
     // buffers (a stray one would take the place of the frame under test):
     // no IPv6 in the namespace (the TAP and the bridge send MLD reports),
-    // no ARP from the host.
+    // no multicast or broadcast flooded to the TAP (the bridge's IGMP
+    // reports), no ARP from the host.
+    env.netd.ns.exec(&[
+        "bridge",
+        "link",
+        "set",
+        "dev",
+        "vm0",
+        "mcast_flood",
+        "off",
+        "bcast_flood",
+        "off",
+    ]);
     for conf in ["all", "default"] {
         env.netd.ns.exec(&[
             "sysctl",
