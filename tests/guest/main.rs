@@ -112,9 +112,12 @@ extern "C" fn rust_main(start_info: u64) -> ! {
         arch::sti();
         if let Some(hb) = heartbeat.as_mut() {
             hb.print_due();
+            if let Some((dev, _)) = net.as_mut() {
+                dev.tick(hb.printed);
+            }
         }
         if let (Some((dev, stack)), true) = (net.as_mut(), devices != 0) {
-            dev.poll(stack);
+            dev.poll(stack, heartbeat.as_ref().map(|h| h.printed));
         }
     }
 }

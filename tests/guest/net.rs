@@ -18,6 +18,13 @@
 //! `probe A.B.C.D ok mac=<mac>` once the echo reply is back. One probe at a
 //! time (a new request replaces the pending one); no timeout: a requester
 //! that gets no answer asks again.
+//!
+//! UDP 5003 rx hold: request `<ticks>` (decimal, 1 to 100,000); the driver
+//! stops giving rx buffers back to the device for that many heartbeat
+//! ticks (needs `testguest.heartbeat`), then gives them all back. The
+//! guest answers `hold <ticks>` from port 5003 and reports on the serial
+//! port (see `netdev.rs`). It lets a test make the device hold a frame it
+//! read but cannot deliver.
 
 use crate::text::TextBuf;
 
@@ -48,6 +55,9 @@ pub const PORT_DISCARD: u16 = 9;
 pub const PORT_STATS: u16 = 5000;
 pub const PORT_BLAST: u16 = 5001;
 pub const PORT_PROBE: u16 = 5002;
+pub const PORT_HOLD: u16 = 5003;
+/// Longest rx hold a request may ask for, in heartbeat ticks.
+const MAX_HOLD_TICKS: u64 = 100_000;
 /// ICMP echo identifier of the probe's pings.
 const PROBE_ICMP_ID: u16 = 0x7e57;
 
@@ -59,6 +69,8 @@ pub struct Stack {
     pub tx_frames: u64,
     pub echo_replies: u64,
     pub discarded: u64,
+    /// An rx hold asked for on UDP 5003 (ticks), for the driver to take.
+    pub hold_request: Option<u32>,
     ip_id: u16,
     probe: Option<Probe>,
 }
@@ -145,6 +157,7 @@ impl Stack {
             tx_frames: 0,
             echo_replies: 0,
             discarded: 0,
+            hold_request: None,
             ip_id: 0,
             probe: None,
         }
@@ -312,8 +325,28 @@ impl Stack {
             }
             PORT_BLAST => self.blast(peer, data, tx),
             PORT_PROBE => self.probe_start(peer, data, tx),
+            PORT_HOLD => self.hold(peer, data, tx),
             _ => {}
         }
+    }
+
+    fn hold(&mut self, peer: Peer, request: &[u8], tx: &mut dyn Transmit) {
+        let word = request
+            .split(|&c| c == b' ' || c == b'\n' || c == b'\r' || c == b'\t' || c == 0)
+            .find(|w| !w.is_empty());
+        let Some(ticks) = word
+            .and_then(crate::text::parse_u64)
+            .filter(|t| (1..=MAX_HOLD_TICKS).contains(t))
+        else {
+            return;
+        };
+        self.hold_request = Some(ticks as u32);
+        let mut t = TextBuf::<32>::new();
+        t.str("hold ").dec(ticks);
+        let text = t.as_bytes();
+        self.send_udp(tx, peer, PORT_HOLD, text.len(), &mut |out| {
+            put(out, 0, text)
+        });
     }
 
     fn blast(&mut self, peer: Peer, request: &[u8], tx: &mut dyn Transmit) {

@@ -4,6 +4,8 @@
 use crate::arch::{self, mmio_read8, mmio_read32, mmio_write32};
 use crate::cmdline::MmioDevice;
 use crate::net::{Stack, Transmit};
+use crate::serial;
+use crate::text::TextBuf;
 use crate::virtio::{self, BUF_SIZE, Buffers, Dma, QUEUE_SIZE, QueueMem, Virtqueue};
 
 const DEVICE_ID_NET: u32 = 1;
@@ -31,6 +33,22 @@ pub struct NetDevice {
     rx: Virtqueue,
     tx: TxQueue,
     mrg_rxbuf: bool,
+    rx_hold: RxHold,
+}
+
+/// A UDP 5003 rx hold: rx buffers the device returns are kept back until
+/// the heartbeat tick `until`, so the device runs out of buffers and has
+/// to hold a frame it read. Serial lines: `testguest: rx hold for <t>
+/// ticks, <k> buffers posted` when it starts (k: buffers the device may
+/// still fill), `testguest: rx ring empty` once it has none,
+/// `testguest: rx hold released, <n> buffers given back` at the end.
+struct RxHold {
+    /// rx buffers the device has (offered, not yet returned).
+    outstanding: usize,
+    until: Option<u64>,
+    kept: [u16; virtio::QUEUE_SIZE],
+    n_kept: usize,
+    said_empty: bool,
 }
 
 pub struct TxQueue {
@@ -120,6 +138,13 @@ impl NetDevice {
             *f = i as u16;
         }
         let n_free = usize::from(tx.size());
+        let rx_hold = RxHold {
+            outstanding: usize::from(rx.size()),
+            until: None,
+            kept: [0; virtio::QUEUE_SIZE],
+            n_kept: 0,
+            said_empty: false,
+        };
         rx.want_interrupt();
         // Completed transmissions are reclaimed when sending; the tx
         // interrupt is wanted only while waiting for ring space.
@@ -137,14 +162,17 @@ impl NetDevice {
                 waits: 0,
             },
             mrg_rxbuf: features & F_NET_MRG_RXBUF != 0,
+            rx_hold,
         })
     }
 
     /// Handles everything the device has completed, then re-arms
-    /// interrupts; returns when both rings are drained.
-    pub fn poll(&mut self, stack: &mut Stack) {
+    /// interrupts; returns when both rings are drained. `tick` is the
+    /// heartbeat's count (None without one: no rx hold then).
+    pub fn poll(&mut self, stack: &mut Stack, tick: Option<u64>) {
         loop {
             while let Some((id, len)) = self.rx.pop_used() {
+                self.rx_hold.outstanding = self.rx_hold.outstanding.saturating_sub(1);
                 stack.rx_frames += 1;
                 let Some(buf) = self.rx.buffer(id) else {
                     continue;
@@ -163,14 +191,28 @@ impl NetDevice {
                     // without GSO; drop it with all its buffers.
                     for _ in 1..num_buffers {
                         match self.rx.pop_used() {
-                            Some((more, _)) => self.rx.push(more, None),
+                            Some((more, _)) => {
+                                self.rx_hold.outstanding =
+                                    self.rx_hold.outstanding.saturating_sub(1);
+                                self.give_rx(more);
+                            }
                             None => break,
                         }
                     }
                 } else if let Some(frame) = data.get(NET_HDR_LEN..) {
                     stack.handle(frame, &mut self.tx);
                 }
-                self.rx.push(id, None);
+                if let Some(ticks) = stack.hold_request.take() {
+                    self.start_hold(ticks, tick);
+                }
+                self.give_rx(id);
+            }
+            if self.rx_hold.until.is_some()
+                && self.rx_hold.outstanding == 0
+                && !self.rx_hold.said_empty
+            {
+                self.rx_hold.said_empty = true;
+                serial::line(b"rx ring empty");
             }
             self.rx.publish();
             self.tx.flush();
@@ -180,6 +222,60 @@ impl NetDevice {
                 break;
             }
         }
+    }
+
+    /// Offers rx buffer `id` to the device again, or keeps it during a hold.
+    fn give_rx(&mut self, id: u16) {
+        let h = &mut self.rx_hold;
+        if h.until.is_some()
+            && let Some(slot) = h.kept.get_mut(h.n_kept)
+        {
+            *slot = id;
+            h.n_kept += 1;
+            return;
+        }
+        self.rx.push(id, None);
+        h.outstanding += 1;
+    }
+
+    fn start_hold(&mut self, ticks: u32, now: Option<u64>) {
+        let Some(now) = now else {
+            serial::line(b"rx hold needs testguest.heartbeat");
+            return;
+        };
+        let h = &mut self.rx_hold;
+        h.until = Some(now.saturating_add(u64::from(ticks)));
+        h.said_empty = false;
+        let mut line = TextBuf::<80>::new();
+        line.str("rx hold for ")
+            .dec(u64::from(ticks))
+            .str(" ticks, ")
+            .dec(h.outstanding as u64)
+            .str(" buffers posted");
+        serial::line(line.as_bytes());
+    }
+
+    /// Ends an rx hold once the heartbeat reached its end.
+    pub fn tick(&mut self, now: u64) {
+        if !self.rx_hold.until.is_some_and(|u| now >= u) {
+            return;
+        }
+        self.rx_hold.until = None;
+        let n = self.rx_hold.n_kept;
+        self.rx_hold.n_kept = 0;
+        for i in 0..n {
+            if let Some(&id) = self.rx_hold.kept.get(i) {
+                self.rx.push(id, None);
+                self.rx_hold.outstanding += 1;
+            }
+        }
+        self.rx.publish();
+        self.rx.want_interrupt();
+        let mut line = TextBuf::<64>::new();
+        line.str("rx hold released, ")
+            .dec(n as u64)
+            .str(" buffers given back");
+        serial::line(line.as_bytes());
     }
 }
 

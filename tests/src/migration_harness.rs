@@ -7,13 +7,13 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,8 +25,9 @@ use common::migration::{
 };
 
 use crate::bin;
-use crate::net_guest::{HOST_IP, ScratchDir, guest_ip, guest_mac, in_netns, mac_bytes};
-use crate::netd_harness::{Netd, TEST_POLICY, wait_for};
+pub use crate::echo_stream::{EchoStream, StreamResult};
+use crate::net_guest::{ScratchDir, guest_ip, guest_mac, mac_bytes};
+use crate::netd_harness::{Netd, TEST_POLICY};
 use crate::vmm_process::BOOT_TIMEOUT;
 
 /// Guest RAM of every migration test guest.
@@ -281,6 +282,42 @@ pub fn tap_queues_of(pid: u32, tap: &str) -> usize {
             })
         })
         .count()
+}
+
+/// The guest RAM files `pid` maps (`/memfd:guest-ram` in its maps), as
+/// (device, inode): a memfd is one inode of the kernel's internal tmpfs, so
+/// two processes showing the same pair map the same pages.
+pub fn guest_ram_inodes(pid: u32) -> BTreeSet<(String, u64)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter(|l| l.contains("/memfd:guest-ram"))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.get(3)?.to_string(), f.get(4)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Bytes of `pid`'s mappings of the guest RAM file.
+pub fn guest_ram_mapped(pid: u32) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter(|l| l.contains("/memfd:guest-ram"))
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+        })
+        .sum()
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS`, `RssShmem`, ...).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// The exits of the sources of a test. Each must be 0 after a successful
@@ -573,13 +610,67 @@ pub fn boot_id(serial: &str) -> String {
         .unwrap_or_else(|| panic!("no boot line in {serial:?}"))
 }
 
-/// `ping -i 0.002` from netd's namespace, every reply line kept. Losses
-/// are gaps in the icmp_seq numbers answered (a request still in flight
-/// when it is stopped is not a loss).
+/// `ping -i 0.002` from netd's namespace, every reply line kept in arrival
+/// order. Losses are gaps in the icmp_seq numbers answered (a request still
+/// in flight when it is stopped is not a loss); a second reply to one
+/// request (ping's `(DUP!)`) is a duplicate; a reply after one to a later
+/// request is reordered.
 pub struct Pinger {
     child: Child,
-    seqs: Arc<Mutex<BTreeSet<u32>>>,
+    replies: Arc<Mutex<Vec<u64>>>,
     reader: Option<JoinHandle<()>>,
+}
+
+/// What a stopped [`Pinger`] saw.
+#[derive(Debug)]
+pub struct PingResult {
+    /// Distinct requests answered.
+    pub answered: usize,
+    /// icmp_seqs never answered, up to the last answered one.
+    pub missing: Vec<u64>,
+    /// One entry per extra reply to a request.
+    pub duplicated: Vec<u64>,
+    /// First replies that came after a reply to a later request.
+    pub reordered: Vec<u64>,
+}
+
+impl PingResult {
+    /// Reads replies (icmp_seq unwrapped, in arrival order).
+    pub fn of(replies: &[u64]) -> Self {
+        let mut seen = BTreeSet::new();
+        let (mut duplicated, mut reordered) = (Vec::new(), Vec::new());
+        let mut highest: Option<u64> = None;
+        for &s in replies {
+            if !seen.insert(s) {
+                duplicated.push(s);
+            } else if highest.is_some_and(|h| s < h) {
+                reordered.push(s);
+            }
+            highest = highest.max(Some(s));
+        }
+        let missing = match (seen.first(), seen.last()) {
+            // ping numbers from 1 (0 on some versions).
+            (Some(&lo), Some(&hi)) => (lo.min(1)..=hi).filter(|s| !seen.contains(s)).collect(),
+            _ => Vec::new(),
+        };
+        PingResult {
+            answered: seen.len(),
+            missing,
+            duplicated,
+            reordered,
+        }
+    }
+}
+
+/// ping prints icmp_seq modulo 2^16: the full number nearest to `near`.
+fn unwrap_seq(seq16: u16, near: u64) -> u64 {
+    let base = near & !0xffff;
+    [base.wrapping_sub(0x1_0000), base, base + 0x1_0000]
+        .into_iter()
+        .map(|b| b.wrapping_add(u64::from(seq16)))
+        .filter(|c| *c < (1 << 62))
+        .min_by_key(|c| c.abs_diff(near))
+        .unwrap_or(u64::from(seq16))
 }
 
 impl Pinger {
@@ -594,48 +685,45 @@ impl Pinger {
             .spawn()
             .expect("spawn ping");
         let out = child.stdout.take().expect("piped stdout");
-        let seqs = Arc::new(Mutex::new(BTreeSet::new()));
-        let s2 = seqs.clone();
+        let replies = Arc::new(Mutex::new(Vec::new()));
+        let r2 = replies.clone();
         let reader = std::thread::spawn(move || {
+            let mut highest = 0u64;
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 if let Some(seq) = line
                     .split("icmp_seq=")
                     .nth(1)
                     .and_then(|r| r.split(' ').next())
-                    .and_then(|n| n.parse().ok())
+                    .and_then(|n| n.parse::<u16>().ok())
                 {
-                    s2.lock().unwrap().insert(seq);
+                    let s = unwrap_seq(seq, highest);
+                    highest = highest.max(s);
+                    r2.lock().unwrap().push(s);
                 }
             }
         });
         Pinger {
             child,
-            seqs,
+            replies,
             reader: Some(reader),
         }
     }
 
+    /// Replies so far (copies included).
     pub fn answered(&self) -> usize {
-        self.seqs.lock().unwrap().len()
+        self.replies.lock().unwrap().len()
     }
 
-    /// Stops ping; returns (answered, the icmp_seqs missing up to the last
-    /// answered one).
-    pub fn stop(mut self) -> (usize, Vec<u32>) {
+    /// Stops ping and tells what it saw.
+    pub fn stop(mut self) -> PingResult {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
-        let seqs = self.seqs.lock().unwrap();
-        let (Some(&lo), Some(&hi)) = (seqs.first(), seqs.last()) else {
-            return (0, Vec::new());
-        };
-        // ping numbers from 1 (0 on some versions).
-        let missing = (lo.min(1)..=hi).filter(|s| !seqs.contains(s)).collect();
-        (seqs.len(), missing)
+        PingResult::of(&self.replies.lock().unwrap())
     }
 }
 
@@ -646,117 +734,13 @@ impl Drop for Pinger {
     }
 }
 
-/// A numbered UDP echo stream to the guest's port 7, one datagram every
-/// 2 ms, from `flows` source ports in turn (several flows spread over a
-/// multiqueue TAP's queues).
-pub struct EchoStream {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU32>,
-    got: Arc<Mutex<BTreeSet<u32>>>,
-    threads: Vec<JoinHandle<()>>,
-}
+/// Replies per second of [`echo_stream`]: one datagram every 2 ms.
+pub const ECHO_PPS: u32 = 500;
 
-const ECHO_TAG: &[u8] = b"mig-echo";
-
-impl EchoStream {
-    pub fn start(env: &MigEnv, ip: Ipv4Addr, flows: usize) -> Self {
-        let socks: Vec<UdpSocket> = in_netns(&env.netd.ns, move || {
-            (0..flows.max(1))
-                .map(|_| UdpSocket::bind((HOST_IP, 0)).expect("bind on the bridge address"))
-                .collect()
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU32::new(0));
-        let got = Arc::new(Mutex::new(BTreeSet::new()));
-        let mut threads = Vec::new();
-        let mut senders = Vec::new();
-        for s in socks {
-            crate::net_guest::grow_receive_buffer(&s);
-            s.set_read_timeout(Some(Duration::from_millis(50)))
-                .expect("timeout");
-            senders.push(s.try_clone().expect("clone socket"));
-            let (stop, got) = (stop.clone(), got.clone());
-            threads.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 256];
-                // Reads on until told to stop and nothing more comes.
-                loop {
-                    match s.recv_from(&mut buf) {
-                        Ok((n, from)) => {
-                            if from == SocketAddrV4::new(ip, 7).into()
-                                && n == 12
-                                && &buf[4..12] == ECHO_TAG
-                            {
-                                let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-                                got.lock().unwrap().insert(seq);
-                            }
-                        }
-                        Err(_) if stop.load(Ordering::Relaxed) => break,
-                        Err(_) => {}
-                    }
-                }
-            }));
-        }
-        let (stop2, sent2) = (stop.clone(), sent.clone());
-        threads.push(std::thread::spawn(move || {
-            let mut seq = 0u32;
-            let to = SocketAddrV4::new(ip, 7);
-            while !stop2.load(Ordering::Relaxed) {
-                let mut p = seq.to_be_bytes().to_vec();
-                p.extend_from_slice(ECHO_TAG);
-                let s = &senders[seq as usize % senders.len()];
-                if s.send_to(&p, to).is_ok() {
-                    seq += 1;
-                    sent2.store(seq, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }));
-        EchoStream {
-            stop,
-            sent,
-            got,
-            threads,
-        }
-    }
-
-    pub fn echoed(&self) -> usize {
-        self.got.lock().unwrap().len()
-    }
-
-    /// Waits until at least `n` more echoes came back than now.
-    pub fn wait_more(&self, n: usize, timeout: Duration) -> bool {
-        let base = self.echoed();
-        wait_for(timeout, || self.echoed() >= base + n)
-    }
-
-    /// Stops sending, waits for the echoes of everything sent (up to
-    /// `SETTLE`), and returns (sent, the sequence numbers never echoed).
-    pub fn stop(mut self) -> (u32, Vec<u32>) {
-        // The sender thread is the last one.
-        let sender = self.threads.pop();
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = sender {
-            let _ = t.join();
-        }
-        let sent = self.sent.load(Ordering::Relaxed);
-        wait_for(Duration::from_secs(5), || {
-            self.got.lock().unwrap().len() as u32 >= sent
-        });
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        let got = self.got.lock().unwrap();
-        (sent, (0..sent).filter(|s| !got.contains(s)).collect())
-    }
-}
-
-impl Drop for EchoStream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+/// A numbered UDP echo stream to guest `ip`'s port 7 from netd's namespace,
+/// one datagram every 2 ms over `flows` source ports in turn.
+pub fn echo_stream(env: &MigEnv, ip: Ipv4Addr, flows: usize) -> EchoStream {
+    EchoStream::start(&env.netd.ns, ip, ECHO_PPS, flows)
 }
 
 /// The guest's UDP 5000 stats, as `(boot_id, rx, tx, echo)` text fields.
@@ -1021,6 +1005,53 @@ pub fn capture_from_source(env: &MigEnv, api: &Path) -> Captured {
     Captured { hello, state }
 }
 
+impl Captured {
+    /// The frames a NIC's state says were read from the TAP but not yet
+    /// delivered (`rx_pending`, per queue pair), from the first NIC that
+    /// has the field.
+    pub fn rx_pending(&self) -> Vec<Vec<u8>> {
+        let at = self
+            .state
+            .find("rx_pending:")
+            .unwrap_or_else(|| panic!("no rx_pending in the state: {}", self.state));
+        parse_byte_lists(&self.state[at + "rx_pending:".len()..])
+    }
+}
+
+/// `[[1,2],[],[3]]` (RON, the leading list of the text) as byte vectors.
+fn parse_byte_lists(text: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut depth = 0;
+    let mut num = String::new();
+    for c in text.trim_start().chars() {
+        match c {
+            '[' => {
+                depth += 1;
+                if depth == 2 {
+                    out.push(Vec::new());
+                }
+            }
+            ']' | ',' => {
+                if !num.is_empty() {
+                    let b = num.parse().unwrap_or_else(|_| panic!("not a byte: {num}"));
+                    out.last_mut().expect("a byte outside a frame").push(b);
+                    num.clear();
+                }
+                if c == ']' {
+                    depth -= 1;
+                    if depth == 0 {
+                        return out;
+                    }
+                }
+            }
+            d if d.is_ascii_digit() && depth == 2 => num.push(d),
+            w if w.is_whitespace() => {}
+            other => panic!("unexpected {other:?} in rx_pending"),
+        }
+    }
+    panic!("rx_pending not closed")
+}
+
 /// A Hello a fake source sends: this protocol, `format`, `shape`.
 pub fn hello(
     format: FormatVersion,
@@ -1069,4 +1100,35 @@ pub fn memfd(len: u64) -> OwnedFd {
     let f = std::fs::File::from(fd);
     f.set_len(len).expect("size the memfd");
     OwnedFd::from(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_result_counts_gaps_copies_and_late_replies() {
+        let r = PingResult::of(&[1, 2, 4, 3, 4, 6]);
+        assert_eq!(r.answered, 5);
+        assert_eq!(r.missing, vec![5]);
+        assert_eq!(r.duplicated, vec![4]);
+        assert_eq!(r.reordered, vec![3]);
+    }
+
+    #[test]
+    fn rx_pending_lists_parse() {
+        assert_eq!(
+            parse_byte_lists(" [[1, 2,3],[],[ 255 ]], next: 4"),
+            vec![vec![1, 2, 3], vec![], vec![255]]
+        );
+        assert!(parse_byte_lists("[]").is_empty());
+    }
+
+    #[test]
+    fn icmp_seq_wraps_at_two_to_the_sixteen() {
+        assert_eq!(unwrap_seq(0, 65535), 65536);
+        assert_eq!(unwrap_seq(65535, 65536), 65535);
+        assert_eq!(unwrap_seq(5, 3), 5);
+        assert_eq!(unwrap_seq(2, 0x2_0005), 0x2_0002);
+    }
 }

@@ -219,7 +219,7 @@ fn boot_id(netd: &Netd, n: u8) -> String {
 
 /// Starts the stream and waits until its echoes flow.
 fn start_stream(netd: &Netd, n: u8, pps: u32) -> EchoStream {
-    let stream = EchoStream::start(&netd.ns, guest_ip(n), pps);
+    let stream = EchoStream::start(&netd.ns, guest_ip(n), pps, 1);
     let t0 = Instant::now();
     while stream.echoed() < 10 {
         assert!(
