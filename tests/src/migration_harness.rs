@@ -397,7 +397,14 @@ pub struct Target {
 
 /// Starts a real target and waits until its incoming socket exists.
 pub fn start_target(env: &MigEnv, spec: &TargetSpec<'_>) -> Target {
-    let incoming = env.path("mig.sock");
+    start_target_at(env, spec, &env.path("mig.sock"))
+}
+
+/// [`start_target`] listening on `incoming`; that path may already exist
+/// (a stale socket a killed target left): it waits until a socket listens
+/// there (without connecting, which the target would see).
+pub fn start_target_at(env: &MigEnv, spec: &TargetSpec<'_>, incoming: &Path) -> Target {
+    let incoming = incoming.to_path_buf();
     let serial = env.path("serial-tgt");
     let mut c = vmm_as_tenant();
     c.args(["--memory", spec.memory])
@@ -416,7 +423,7 @@ pub fn start_target(env: &MigEnv, spec: &TargetSpec<'_>) -> Target {
         serial,
     };
     let t0 = Instant::now();
-    while !incoming.exists() {
+    while !is_listening(&incoming) {
         if let Some(st) = vm.try_exit() {
             panic!(
                 "target exited ({st}) before listening: {}",
@@ -432,6 +439,21 @@ pub fn start_target(env: &MigEnv, spec: &TargetSpec<'_>) -> Target {
         std::thread::sleep(Duration::from_millis(5));
     }
     Target { vm, incoming }
+}
+
+/// Whether a socket of this network namespace listens on `path`
+/// (/proc/net/unix: flag __SO_ACCEPTCON, the path as it was bound).
+pub fn is_listening(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.display().to_string();
+    text.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x0001_0000 != 0)
+    })
 }
 
 /// What `vmctl migrate --json` said.
