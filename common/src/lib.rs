@@ -1,6 +1,7 @@
 //! Shared by netd, vmm and vmctl: the frame codec and the three protocols
 //! carried over it (netd requests, the control API, and the migration stream),
-//! and the listener every server socket is created and accepted through.
+//! the listener every server socket is created and accepted through, and the
+//! TUN/TAP interface with the one check of a TAP queue fd.
 
 pub mod api;
 pub mod codec;
@@ -8,3 +9,4 @@ pub mod listener;
 pub mod migration;
 pub mod netd;
 pub mod ownership;
+pub mod tun;

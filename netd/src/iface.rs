@@ -9,17 +9,13 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use common::tun::{
+    ExpectedTap, IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN_EXCL, IFF_VNET_HDR, TUNSETIFF,
+    TUNSETVNETHDRSZ, TapCheckError, check_tap_queue,
+};
+
 use crate::policy::{Cidr, MAX_IFNAME_LEN};
 
-// <linux/if_tun.h>
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: i16 = 0x0002;
-const IFF_NO_PI: i16 = 0x1000;
-const IFF_VNET_HDR: i16 = 0x4000;
-const IFF_MULTI_QUEUE: i16 = 0x0100;
-/// Fail with EBUSY instead of attaching to an existing device of that name.
-const IFF_TUN_EXCL: i16 = 0x8000_u16 as i16;
 // <linux/sockios.h>
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
 const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
@@ -43,6 +39,8 @@ pub enum IfaceError {
     VhostUnavailable(io::Error),
     #[error("cannot open /dev/vhost-net: {0}")]
     Vhost(io::Error),
+    #[error("the TAP {name:?} just created fails the client's check: {source}")]
+    Check { name: String, source: TapCheckError },
 }
 
 fn sys(what: &'static str, name: &str) -> impl FnOnce(io::Error) -> IfaceError {
@@ -249,7 +247,8 @@ pub fn create_tap(name: &str, queues: u16, vnet_hdr: bool) -> Result<Vec<File>, 
             .open("/dev/net/tun")
             .map_err(sys("open /dev/net/tun", name))?;
         let mut ifr = IfReq::new(name);
-        ifr.set_short(if q == 0 { flags | IFF_TUN_EXCL } else { flags });
+        let flags = if q == 0 { flags | IFF_TUN_EXCL } else { flags };
+        ifr.set_short(flags as i16);
         match ifreq_ioctl(&f, TUNSETIFF, &mut ifr) {
             Ok(()) => {}
             Err(e) if q == 0 && e.raw_os_error() == Some(libc::EBUSY) => {
@@ -267,6 +266,19 @@ pub fn create_tap(name: &str, queues: u16, vnet_hdr: bool) -> Result<Vec<File>, 
             }
         }
         fds.push(f);
+    }
+    // What every receiver checks (the vmm, a migration target after it):
+    // a TAP that would fail there is netd's own error, not the client's.
+    let want = ExpectedTap {
+        name,
+        queues,
+        vnet_hdr,
+    };
+    for f in &fds {
+        check_tap_queue(f, &want).map_err(|source| IfaceError::Check {
+            name: name.to_string(),
+            source,
+        })?;
     }
     Ok(fds)
 }

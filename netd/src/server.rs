@@ -643,7 +643,9 @@ fn refuse_iface(e: IfaceError, iface: Option<&str>) -> Outcome {
     let kind = match &e {
         IfaceError::Exists(_) => NetdErrorKind::NameInUse,
         IfaceError::VhostUnavailable(_) => NetdErrorKind::VhostUnavailable,
-        IfaceError::Sys { .. } | IfaceError::Vhost(_) => NetdErrorKind::System,
+        IfaceError::Sys { .. } | IfaceError::Vhost(_) | IfaceError::Check { .. } => {
+            NetdErrorKind::System
+        }
     };
     let hint = match kind {
         NetdErrorKind::NameInUse => {

@@ -27,7 +27,7 @@ use common::migration::{
 use crate::bin;
 pub use crate::echo_stream::{EchoStream, StreamResult};
 use crate::net_guest::{ScratchDir, guest_ip, guest_mac, mac_bytes};
-use crate::netd_harness::{Netd, TEST_POLICY};
+use crate::netd_harness::{Netd, TEST_POLICY, wait_for};
 use crate::vmm_process::BOOT_TIMEOUT;
 
 /// Guest RAM of every migration test guest.
@@ -439,12 +439,24 @@ pub struct Target {
 
 /// Starts a real target and waits until its incoming socket exists.
 pub fn start_target(env: &MigEnv, spec: &TargetSpec<'_>) -> Target {
-    start_target_with(&bin("vmm"), env, spec)
+    start_target_at(env, spec, &env.path("mig.sock"))
 }
 
-/// [`start_target`] on the vmm binary `vmm` (another release's).
-pub fn start_target_with(vmm: &Path, env: &MigEnv, spec: &TargetSpec<'_>) -> Target {
-    let incoming = env.path("mig.sock");
+/// [`start_target`] listening on `incoming`; that path may already exist
+/// (a stale socket a killed target left): it waits until a socket listens
+/// there (without connecting, which the target would see).
+pub fn start_target_at(env: &MigEnv, spec: &TargetSpec<'_>, incoming: &Path) -> Target {
+    start_target_with(&bin("vmm"), env, spec, incoming)
+}
+
+/// [`start_target_at`] on the vmm binary `vmm` (another release's).
+pub fn start_target_with(
+    vmm: &Path,
+    env: &MigEnv,
+    spec: &TargetSpec<'_>,
+    incoming: &Path,
+) -> Target {
+    let incoming = incoming.to_path_buf();
     let serial = env.path("serial-tgt");
     let mut c = vmm_as_tenant(vmm);
     c.args(["--memory", spec.memory])
@@ -463,7 +475,7 @@ pub fn start_target_with(vmm: &Path, env: &MigEnv, spec: &TargetSpec<'_>) -> Tar
         serial,
     };
     let t0 = Instant::now();
-    while !incoming.exists() {
+    while !is_listening(&incoming) {
         if let Some(st) = vm.try_exit() {
             panic!(
                 "target exited ({st}) before listening: {}",
@@ -479,6 +491,21 @@ pub fn start_target_with(vmm: &Path, env: &MigEnv, spec: &TargetSpec<'_>) -> Tar
         std::thread::sleep(Duration::from_millis(5));
     }
     Target { vm, incoming }
+}
+
+/// Whether a socket of this network namespace listens on `path`
+/// (/proc/net/unix: flag __SO_ACCEPTCON, the path as it was bound).
+pub fn is_listening(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.display().to_string();
+    text.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x0001_0000 != 0)
+    })
 }
 
 /// What `vmctl migrate --json` said.
@@ -741,6 +768,104 @@ pub const ECHO_PPS: u32 = 500;
 /// one datagram every 2 ms over `flows` source ports in turn.
 pub fn echo_stream(env: &MigEnv, ip: Ipv4Addr, flows: usize) -> EchoStream {
     EchoStream::start(&env.netd.ns, ip, ECHO_PPS, flows)
+}
+
+/// Whether an echo or ping reply that overtook another fails the test. A
+/// migration moves the guest between processes on one TAP, one queue per
+/// flow, with the source's in-flight frame delivered first: nothing may
+/// come out of order.
+pub const REORDER_IS_LOSS: bool = true;
+
+/// Traffic that runs across a migration.
+pub struct Traffic {
+    pub ping: Pinger,
+    pub echo: EchoStream,
+}
+
+impl Traffic {
+    pub fn start(env: &MigEnv, n: u8, flows: usize) -> Self {
+        let t = Traffic {
+            ping: Pinger::start(env, guest_ip(n)),
+            echo: echo_stream(env, guest_ip(n), flows),
+        };
+        t.wait_flowing("before the migration");
+        t
+    }
+
+    /// Both streams get answers (more of them than now).
+    pub fn wait_flowing(&self, when: &str) {
+        let p = self.ping.answered();
+        assert!(
+            self.echo.wait_more(50, SETTLE),
+            "the UDP echo stream is not answered {when}"
+        );
+        assert!(
+            wait_for(SETTLE, || self.ping.answered() >= p + 50),
+            "ping is not answered {when}"
+        );
+    }
+
+    /// Stops both and asserts nothing was lost or answered twice (and,
+    /// see [`REORDER_IS_LOSS`], nothing came out of order). Returns
+    /// (ping replies, echo datagrams sent).
+    pub fn stop_and_check(self) -> (usize, usize) {
+        let ping = self.ping.stop();
+        let echo = self.echo.stop();
+        let (missing, dups, late) = (echo.missing(), echo.duplicated(), echo.reordered());
+        eprintln!(
+            "traffic: ping {} answered, {} lost, {} duplicated, {} reordered; UDP echo {} sent, {} lost, {} duplicated, {} reordered",
+            ping.answered,
+            ping.missing.len(),
+            ping.duplicated.len(),
+            ping.reordered.len(),
+            echo.sent(),
+            missing.len(),
+            dups.len(),
+            late.len()
+        );
+        let few = |v: &[u64]| v[..v.len().min(20)].to_vec();
+        let few32 = |v: &[u32]| v[..v.len().min(20)].to_vec();
+        assert!(
+            ping.missing.is_empty(),
+            "ping lost {} of {}: icmp_seq {:?}",
+            ping.missing.len(),
+            ping.answered,
+            few(&ping.missing)
+        );
+        assert!(
+            ping.duplicated.is_empty(),
+            "ping got {} duplicate replies: icmp_seq {:?}",
+            ping.duplicated.len(),
+            few(&ping.duplicated)
+        );
+        assert!(
+            missing.is_empty(),
+            "UDP echo lost {} of {}: seq {:?}",
+            missing.len(),
+            echo.sent(),
+            few32(&missing)
+        );
+        assert!(
+            dups.is_empty(),
+            "UDP echo came back twice for {} of {}: seq {:?}",
+            dups.len(),
+            echo.sent(),
+            few32(&dups)
+        );
+        if REORDER_IS_LOSS {
+            assert!(
+                ping.reordered.is_empty(),
+                "ping replies out of order: icmp_seq {:?}",
+                few(&ping.reordered)
+            );
+            assert!(
+                late.is_empty(),
+                "UDP echoes out of order: seq {:?}",
+                few32(&late)
+            );
+        }
+        (ping.answered, echo.sent())
+    }
 }
 
 /// The guest's UDP 5000 stats, as `(boot_id, rx, tx, echo)` text fields.

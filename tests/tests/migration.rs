@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use tests::hostile::settled_fd_count;
 use tests::migration_harness::{
-    EchoStream, Exits, GuestSpec, MEMORY, MigEnv, Pinger, SETTLE, TargetSpec, Vm,
-    assert_answers_ping, assert_ticks_continuous, boot_id, echo_stream, fd_count, guest_stats,
-    migrate, start_source, start_target, ticks, vmctl,
+    Exits, GuestSpec, MEMORY, MigEnv, SETTLE, TargetSpec, Traffic, Vm, assert_answers_ping,
+    assert_ticks_continuous, boot_id, fd_count, guest_stats, migrate, start_source, start_target,
+    ticks, vmctl,
 };
 use tests::net_guest::{guest_ip, guest_mac};
 use tests::netd_harness::wait_for;
@@ -25,104 +25,6 @@ fn wait_ticks(vm: &Vm, n: usize) {
         vm.serial_text(),
         vm.proc.stderr()
     );
-}
-
-/// Whether an echo or ping reply that overtook another fails the test. A
-/// migration moves the guest between processes on one TAP, one queue per
-/// flow, with the source's in-flight frame delivered first: nothing may
-/// come out of order.
-const REORDER_IS_LOSS: bool = true;
-
-/// Traffic that runs across a migration.
-struct Traffic {
-    ping: Pinger,
-    echo: EchoStream,
-}
-
-impl Traffic {
-    fn start(env: &MigEnv, n: u8, flows: usize) -> Self {
-        let t = Traffic {
-            ping: Pinger::start(env, guest_ip(n)),
-            echo: echo_stream(env, guest_ip(n), flows),
-        };
-        t.wait_flowing("before the migration");
-        t
-    }
-
-    /// Both streams get answers (more of them than now).
-    fn wait_flowing(&self, when: &str) {
-        let p = self.ping.answered();
-        assert!(
-            self.echo.wait_more(50, SETTLE),
-            "the UDP echo stream is not answered {when}"
-        );
-        assert!(
-            wait_for(SETTLE, || self.ping.answered() >= p + 50),
-            "ping is not answered {when}"
-        );
-    }
-
-    /// Stops both and asserts nothing was lost or answered twice (and,
-    /// see [`REORDER_IS_LOSS`], nothing came out of order). Returns
-    /// (ping replies, echo datagrams sent).
-    fn stop_and_check(self) -> (usize, usize) {
-        let ping = self.ping.stop();
-        let echo = self.echo.stop();
-        let (missing, dups, late) = (echo.missing(), echo.duplicated(), echo.reordered());
-        eprintln!(
-            "traffic: ping {} answered, {} lost, {} duplicated, {} reordered; UDP echo {} sent, {} lost, {} duplicated, {} reordered",
-            ping.answered,
-            ping.missing.len(),
-            ping.duplicated.len(),
-            ping.reordered.len(),
-            echo.sent(),
-            missing.len(),
-            dups.len(),
-            late.len()
-        );
-        let few = |v: &[u64]| v[..v.len().min(20)].to_vec();
-        let few32 = |v: &[u32]| v[..v.len().min(20)].to_vec();
-        assert!(
-            ping.missing.is_empty(),
-            "ping lost {} of {}: icmp_seq {:?}",
-            ping.missing.len(),
-            ping.answered,
-            few(&ping.missing)
-        );
-        assert!(
-            ping.duplicated.is_empty(),
-            "ping got {} duplicate replies: icmp_seq {:?}",
-            ping.duplicated.len(),
-            few(&ping.duplicated)
-        );
-        assert!(
-            missing.is_empty(),
-            "UDP echo lost {} of {}: seq {:?}",
-            missing.len(),
-            echo.sent(),
-            few32(&missing)
-        );
-        assert!(
-            dups.is_empty(),
-            "UDP echo came back twice for {} of {}: seq {:?}",
-            dups.len(),
-            echo.sent(),
-            few32(&dups)
-        );
-        if REORDER_IS_LOSS {
-            assert!(
-                ping.reordered.is_empty(),
-                "ping replies out of order: icmp_seq {:?}",
-                few(&ping.reordered)
-            );
-            assert!(
-                late.is_empty(),
-                "UDP echoes out of order: seq {:?}",
-                few32(&late)
-            );
-        }
-        (ping.answered, echo.sent())
-    }
 }
 
 /// The fd count of `vm` comes back to `start` (within a few seconds: a

@@ -17,11 +17,10 @@ use std::path::Path;
 
 use tests::bin;
 use tests::migration_harness::{
-    EchoStream, Exits, GuestSpec, MigEnv, Pinger, SETTLE, TargetSpec, Vm, assert_answers_ping,
+    Exits, GuestSpec, MigEnv, SETTLE, TargetSpec, Traffic, Vm, assert_answers_ping,
     assert_ticks_continuous, boot_id, guest_stats, migrate, migrate_with, start_source,
     start_source_with, start_target_with, ticks, vmctl_with,
 };
-use tests::net_guest::guest_ip;
 use tests::netd_harness::wait_for;
 use tests::prereq::{Prerequisite, PreviousRelease, require_or_skip};
 
@@ -48,54 +47,6 @@ fn wait_ticks(vm: &Vm, n: usize) {
         vm.serial_text(),
         vm.proc.stderr()
     );
-}
-
-/// Ping every 2 ms and the numbered UDP echo stream, across a migration.
-struct Traffic {
-    ping: Pinger,
-    echo: EchoStream,
-}
-
-impl Traffic {
-    fn start(env: &MigEnv, n: u8) -> Self {
-        let t = Traffic {
-            ping: Pinger::start(env, guest_ip(n)),
-            echo: EchoStream::start(env, guest_ip(n), 1),
-        };
-        t.wait_flowing("before the migration");
-        t
-    }
-
-    fn wait_flowing(&self, when: &str) {
-        let p = self.ping.answered();
-        assert!(
-            self.echo.wait_more(50, SETTLE),
-            "the UDP echo stream is not answered {when}"
-        );
-        assert!(
-            wait_for(SETTLE, || self.ping.answered() >= p + 50),
-            "ping is not answered {when}"
-        );
-    }
-
-    /// Stops both; asserts that nothing was lost.
-    fn stop_and_check(self) -> (usize, u32) {
-        let (answered, missing) = self.ping.stop();
-        let (sent, lost) = self.echo.stop();
-        assert!(
-            missing.is_empty(),
-            "ping lost {} of {answered}: icmp_seq {:?}",
-            missing.len(),
-            &missing[..missing.len().min(20)]
-        );
-        assert!(
-            lost.is_empty(),
-            "UDP echo lost {} of {sent}: seq {:?}",
-            lost.len(),
-            &lost[..lost.len().min(20)]
-        );
-        (answered, sent)
-    }
 }
 
 /// `status` through `vmctl_bin`, which must succeed.
@@ -138,8 +89,13 @@ fn a_guest_on_the_previous_release_moves_to_this_one_with_nothing_lost() {
     let before = guest_stats(&env, 1);
     assert_eq!(before.boot_id, boot_id(&src.serial_text()));
     let ifindex = env.ifindex("vm0");
-    let mut tgt = start_target_with(&bin("vmm"), &env, &TargetSpec::like(&spec));
-    let traffic = Traffic::start(&env, 1);
+    let mut tgt = start_target_with(
+        &bin("vmm"),
+        &env,
+        &TargetSpec::like(&spec),
+        &env.path("mig.sock"),
+    );
+    let traffic = Traffic::start(&env, 1, 1);
 
     let out = migrate_with(&prev.vmctl, &api, &tgt.incoming, &[]);
     out.assert_ok();
@@ -192,8 +148,13 @@ fn this_release_hands_a_guest_to_the_previous_one_or_is_refused_before_the_pause
 
     let before = guest_stats(&env, 2);
     let ifindex = env.ifindex("vm0");
-    let mut tgt = start_target_with(&prev.vmm, &env, &TargetSpec::like(&spec));
-    let traffic = Traffic::start(&env, 2);
+    let mut tgt = start_target_with(
+        &prev.vmm,
+        &env,
+        &TargetSpec::like(&spec),
+        &env.path("mig.sock"),
+    );
+    let traffic = Traffic::start(&env, 2, 1);
 
     let out = migrate(&api, &tgt.incoming, &[]);
     if out.result() == "ok" {

@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::tun;
 use tests::NetNs;
 use tests::prereq::{Prerequisite, require_or_skip};
 use vm_memory::{Bytes, GuestAddress};
@@ -52,13 +53,18 @@ fn open_tap_queues(ns: &NetNs, name: &str, queues: usize) -> Vec<OwnedFd> {
                     .expect("/dev/net/tun");
                 let mut req = [0u8; 40];
                 req[..name.len()].copy_from_slice(name.as_bytes());
-                // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR [| IFF_MULTI_QUEUE]
-                let mq: i16 = if queues > 1 { 0x0100 } else { 0 };
-                let flags: i16 = 0x0002 | 0x1000 | 0x4000 | mq;
+                // As netd makes it: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+                // [| IFF_MULTI_QUEUE], a 12-byte vnet header.
+                let mq = if queues > 1 { tun::IFF_MULTI_QUEUE } else { 0 };
+                let flags = tun::IFF_TAP | tun::IFF_NO_PI | tun::IFF_VNET_HDR | mq;
                 req[16..18].copy_from_slice(&flags.to_ne_bytes());
                 // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
-                let r = unsafe { libc::ioctl(tun.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) };
+                let r = unsafe { libc::ioctl(tun.as_raw_fd(), tun::TUNSETIFF, req.as_mut_ptr()) };
                 assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+                let len = common::netd::VNET_HDR_LEN;
+                // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
+                let r = unsafe { libc::ioctl(tun.as_raw_fd(), tun::TUNSETVNETHDRSZ, &len) };
+                assert_eq!(r, 0, "TUNSETVNETHDRSZ: {}", std::io::Error::last_os_error());
                 OwnedFd::from(tun)
             })
             .collect::<Vec<OwnedFd>>()
@@ -93,8 +99,8 @@ impl Driver {
         self.t.write(off, &v.to_le_bytes());
     }
 
-    fn start(tap: OwnedFd) -> Self {
-        let tap = Tap::from_fds(vec![tap]).expect("TAP backend");
+    fn start(name: &str, tap: OwnedFd) -> Self {
+        let tap = Tap::from_fds(name, vec![tap]).expect("TAP backend");
         Self::start_backend(Box::new(tap))
     }
 
@@ -387,7 +393,7 @@ fn ping_from_namespace_is_answered_through_tap() {
     let tap = open_tap(&ns, "vtap0");
     ns.exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", "vtap0"]);
     ns.exec(&["ip", "link", "set", "vtap0", "up"]);
-    let mut d = Driver::start(tap);
+    let mut d = Driver::start("vtap0", tap);
     assert_eq!(d.t.device().queue_max_sizes().len(), 2);
     ping_guest(&ns, "vtap0", &mut d);
 }
@@ -401,7 +407,7 @@ fn multiqueue_tap_with_single_pair_driver_loses_nothing() {
     let fds = open_tap_queues(&ns, "vtap3", 2);
     ns.exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", "vtap3"]);
     ns.exec(&["ip", "link", "set", "vtap3", "up"]);
-    let tap = Tap::from_fds(fds).expect("multiqueue TAP backend");
+    let tap = Tap::from_fds("vtap3", fds).expect("multiqueue TAP backend");
     assert_eq!(tap.ifname(), "vtap3");
     let mut d = Driver::start_backend(Box::new(tap));
     assert_eq!(d.t.device().queue_max_sizes().len(), 5, "2 pairs + control");
@@ -417,7 +423,7 @@ fn multiqueue_tap_with_both_pairs_enabled() {
     let fds = open_tap_queues(&ns, "vtap4", 2);
     ns.exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", "vtap4"]);
     ns.exec(&["ip", "link", "set", "vtap4", "up"]);
-    let tap = Tap::from_fds(fds).expect("multiqueue TAP backend");
+    let tap = Tap::from_fds("vtap4", fds).expect("multiqueue TAP backend");
     let mut d = Driver::start_with(Box::new(tap), true);
     assert_eq!(d.ctrl(&[4, 0, 2, 0]), 0, "VQ_PAIRS_SET 2 accepted");
     assert_eq!(d.ctrl(&[4, 0, 3, 0]), 1, "VQ_PAIRS_SET 3 refused");
@@ -441,7 +447,7 @@ fn ping_through_vhost_net() {
         .write(true)
         .open("/dev/vhost-net")
         .expect("/dev/vhost-net");
-    let tap = Tap::from_fds(vec![tap]).expect("TAP backend");
+    let tap = Tap::from_fds("vtap2", vec![tap]).expect("TAP backend");
     let backend = VhostNetBackend::new(tap, vec![vhost]).expect("vhost backend");
     let mut d = Driver::start_backend(Box::new(backend));
     ping_guest(&ns, "vtap2", &mut d);
@@ -502,7 +508,7 @@ fn throughput(size: usize, ns_name: &str, dev: &str) {
     let ns = NetNs::new(ns_name);
     let tap = open_tap(&ns, dev);
     ns.exec(&["ip", "link", "set", dev, "up"]);
-    let mut d = Driver::start(tap);
+    let mut d = Driver::start(dev, tap);
     let before = link_stat(&ns, dev, "rx", "packets");
     // Frames to a MAC nobody owns: the TAP counts them, the namespace's
     // stack drops them.

@@ -68,7 +68,7 @@ struct Server {
 
 /// Binds the socket now, so errors reach the user at start.
 pub fn bind(path: &Path) -> Result<Listener, ApiError> {
-    Listener::bind(path, 0o600).map_err(|err| ApiError::Bind {
+    Listener::bind_replacing_stale(path, 0o600).map_err(|err| ApiError::Bind {
         path: path.to_path_buf(),
         err,
     })

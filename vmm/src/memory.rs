@@ -4,11 +4,19 @@
 //!
 //! Layout: RAM from 0 to 3 GiB, the MMIO hole 3..4 GiB (virtio-mmio, IOAPIC,
 //! LAPIC), the rest of RAM from 4 GiB.
+//!
+//! The memfd is sealed once sized (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL):
+//! every process that maps it (a migration target too) may truncate it no
+//! more, so none can make another's mapping fault with SIGBUS. F_SEAL_SEAL
+//! stops a peer from adding seals later (F_SEAL_FUTURE_WRITE would make the
+//! next migration's writable mapping fail); nothing here needs another seal.
+//! A target checks what it is sent with [`check_ram_seals`].
 
 use std::fs::File;
 use std::sync::Arc;
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+
 use vm_memory::{FileOffset, GuestAddress};
 
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -26,29 +34,27 @@ pub enum MemoryError {
     Memfd(std::io::Error),
     #[error("cannot size the guest RAM memfd to {size} bytes: {err}")]
     Truncate { size: u64, err: std::io::Error },
-    #[error("cannot map guest RAM: {0}")]
-    Map(String),
     #[error("cannot seal the guest RAM memfd: {0}")]
     Seal(std::io::Error),
-    #[error("the guest RAM memfd is not sealed against shrinking and growing")]
-    NotSealed,
+    #[error("cannot read the seals of the guest RAM fd (is it a memfd?): {0}")]
+    GetSeals(std::io::Error),
+    #[error("the guest RAM memfd is not sealed against shrink/grow (seals {seals:#x})")]
+    NotSealed { seals: i32 },
+    #[error("cannot map guest RAM: {0}")]
+    Map(String),
 }
 
-/// What keeps another process holding the memfd (a migration peer) from
-/// resizing guest RAM under this one's mapping.
-fn ram_seals() -> SealFlag {
-    SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW
-}
+/// The seals guest RAM must carry: no process mapping it may resize it.
+const RAM_SEALS: SealFlag = SealFlag::F_SEAL_SHRINK.union(SealFlag::F_SEAL_GROW);
 
-/// Checks that a guest RAM memfd received from another process carries
-/// the seals: without them it could shrink it and kill this process with
-/// SIGBUS.
+/// Checks that a guest RAM memfd (one a migration source sent) can no
+/// longer shrink or grow, so mapping it is safe from a later truncation.
 pub fn check_ram_seals(f: &File) -> Result<(), MemoryError> {
-    let seals = fcntl(f, FcntlArg::F_GET_SEALS).map_err(|_| MemoryError::NotSealed)?;
-    if SealFlag::from_bits_truncate(seals).contains(ram_seals()) {
+    let seals = fcntl(f, FcntlArg::F_GET_SEALS).map_err(|e| MemoryError::GetSeals(e.into()))?;
+    if SealFlag::from_bits_truncate(seals).contains(RAM_SEALS) {
         Ok(())
     } else {
-        Err(MemoryError::NotSealed)
+        Err(MemoryError::NotSealed { seals })
     }
 }
 
@@ -97,19 +103,24 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Creates a sparse memfd of `size` bytes and maps it at the layout above.
+    /// Creates a sparse memfd of `size` bytes, seals its size, and maps it
+    /// at the layout above.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         check_host_limit(size)?;
+        use nix::sys::memfd::MFdFlags;
         let fd = nix::sys::memfd::memfd_create(
             c"guest-ram",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )
         .map_err(|e| MemoryError::Memfd(e.into()))?;
         let file = File::from(fd);
         file.set_len(size)
             .map_err(|err| MemoryError::Truncate { size, err })?;
-        fcntl(&file, FcntlArg::F_ADD_SEALS(ram_seals()))
-            .map_err(|e| MemoryError::Seal(e.into()))?;
+        fcntl(
+            &file,
+            FcntlArg::F_ADD_SEALS(RAM_SEALS | SealFlag::F_SEAL_SEAL),
+        )
+        .map_err(|e| MemoryError::Seal(e.into()))?;
         Self::from_memfd(Arc::new(file), size)
     }
 
@@ -168,6 +179,59 @@ mod tests {
         let v: u32 = other.memory.read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0xdead_beef);
         assert_eq!(other.memory.num_regions(), 1);
+    }
+
+    fn unsealed_memfd(flags: nix::sys::memfd::MFdFlags) -> File {
+        let fd = nix::sys::memfd::memfd_create(c"test-ram", flags).unwrap();
+        let f = File::from(fd);
+        f.set_len(1 << 20).unwrap();
+        f
+    }
+
+    #[test]
+    fn new_ram_is_sealed_and_cannot_be_resized() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        check_ram_seals(&ram.memfd).unwrap();
+        for len in [4 << 20, 16 << 20] {
+            let e = ram.memfd.set_len(len).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "ftruncate to {len}");
+        }
+        assert_eq!(ram.memfd.metadata().unwrap().len(), 8 << 20);
+        // F_SEAL_SEAL: no peer may add a seal (e.g. one against writes).
+        let e = fcntl(
+            &*ram.memfd,
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_FUTURE_WRITE),
+        )
+        .unwrap_err();
+        assert_eq!(e, nix::errno::Errno::EPERM);
+    }
+
+    #[test]
+    fn memfds_without_both_seals_are_refused() {
+        use nix::sys::memfd::MFdFlags;
+        let plain = unsealed_memfd(MFdFlags::MFD_CLOEXEC);
+        let e = check_ram_seals(&plain).unwrap_err();
+        assert!(matches!(e, MemoryError::NotSealed { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the guest RAM memfd is not sealed against shrink/grow"),
+            "{e}"
+        );
+        let sealable = unsealed_memfd(MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING);
+        assert!(matches!(
+            check_ram_seals(&sealable),
+            Err(MemoryError::NotSealed { .. })
+        ));
+        fcntl(&sealable, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)).unwrap();
+        assert!(matches!(
+            check_ram_seals(&sealable),
+            Err(MemoryError::NotSealed { .. })
+        ));
+        fcntl(&sealable, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW)).unwrap();
+        check_ram_seals(&sealable).unwrap();
+        // A file that is no memfd has no seals to read.
+        let e = check_ram_seals(&File::open("/proc/self/stat").unwrap()).unwrap_err();
+        assert!(matches!(e, MemoryError::GetSeals(_)), "{e}");
     }
 
     #[test]

@@ -165,12 +165,16 @@ fn open_tap(ns: &NetNs, name: &str) -> OwnedFd {
             .expect("/dev/net/tun");
         let mut req = [0u8; 40];
         req[..name.len()].copy_from_slice(name.as_bytes());
-        // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
-        let flags: i16 = 0x0002 | 0x1000 | 0x4000;
+        use common::tun::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF, TUNSETVNETHDRSZ};
+        let flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
         req[16..18].copy_from_slice(&flags.to_ne_bytes());
         // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
-        let r = unsafe { libc::ioctl(tun.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) };
+        let r = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) };
         assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        let len = common::netd::VNET_HDR_LEN;
+        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
+        let r = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETVNETHDRSZ, &len) };
+        assert_eq!(r, 0, "TUNSETVNETHDRSZ: {}", std::io::Error::last_os_error());
         OwnedFd::from(tun)
     })
 }
@@ -200,7 +204,7 @@ fn main() {
         "nud",
         "permanent",
     ]);
-    let tap = Tap::from_fds(vec![fd]).expect("TAP backend");
+    let tap = Tap::from_fds("dptap0", vec![fd]).expect("TAP backend");
     let io = tap.frame_io(0).expect("queue 0");
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
     println!("TAP datapath, one thread, ns per frame (lower is better): min / median of {trials}");

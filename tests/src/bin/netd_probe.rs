@@ -38,7 +38,7 @@ fn run(args: &[String]) -> Result<serde_json::Value, String> {
                         .taps
                         .iter()
                         .map(|fd| {
-                            netd_client::tun_info(fd)
+                            common::tun::tun_info(fd)
                                 .map(|i| i.name)
                                 .unwrap_or_default()
                         })

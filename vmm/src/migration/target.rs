@@ -259,10 +259,11 @@ impl Incoming {
     /// Listens on `path`, a socket only this uid (and root) can connect to:
     /// mode 0600 whatever the umask.
     pub fn bind(path: &Path) -> Result<Self, TargetError> {
-        let listener = Listener::bind(path, 0o600).map_err(|err| TargetError::Bind {
-            path: path.to_path_buf(),
-            err,
-        })?;
+        let listener =
+            Listener::bind_replacing_stale(path, 0o600).map_err(|err| TargetError::Bind {
+                path: path.to_path_buf(),
+                err,
+            })?;
         Ok(Incoming { listener })
     }
 

@@ -133,7 +133,8 @@ fn open_net(config: NetConfig, hook: Option<ThreadHook>) -> Result<OpenedNet, Ne
 }
 
 impl OpenedNet {
-    /// A new device on TAP (and vhost-net) fds that are already open.
+    /// A new device on TAP (and vhost-net) fds that are already open: the
+    /// TAP fds must be queues of TAP `tap` (checked, as on every path).
     pub fn from_fds(
         config: NetConfig,
         tap: String,
@@ -142,10 +143,11 @@ impl OpenedNet {
         hook: Option<ThreadHook>,
     ) -> Result<Self, NetAttachError> {
         let id = config.id.clone();
-        let backend = backend_from_fds(taps, vhost).map_err(|err| NetAttachError::Backend {
-            id: id.clone(),
-            err,
-        })?;
+        let backend =
+            backend_from_fds(&tap, taps, vhost).map_err(|err| NetAttachError::Backend {
+                id: id.clone(),
+                err,
+            })?;
         let mac = config.mac.unwrap_or_else(random_mac);
         let device = NetDevice::new(backend, Some(mac)).map_err(|err| NetAttachError::Device {
             id: id.clone(),
@@ -416,14 +418,18 @@ pub(crate) mod tests {
         };
         let mut ifr = [0u8; 40];
         ifr[..name.len()].copy_from_slice(name.as_bytes());
-        // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
-        ifr[16..18].copy_from_slice(&(0x0002i16 | 0x1000 | 0x4000).to_ne_bytes());
+        use common::tun::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF, TUNSETVNETHDRSZ};
+        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
         // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
-        let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) };
+        let mut r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
+        if r == 0 {
+            // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
+            r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETVNETHDRSZ, &common::netd::VNET_HDR_LEN) };
+        }
         if r < 0 {
             netns_unavailable(
                 "net::attach::tests (a TAP of its own)",
-                "TUNSETIFF",
+                "TUNSETIFF / TUNSETVNETHDRSZ",
                 std::io::Error::last_os_error(),
             );
             return None;

@@ -19,7 +19,7 @@ use super::super::GuestMemoryMmap;
 use super::backend::{Dest, FrameIo, IOV_MAX, IoVecs, Src};
 
 /// The virtio 1.x net header (with num_buffers), which the TAP also uses.
-pub const VNET_HDR_LEN: usize = 12;
+pub const VNET_HDR_LEN: usize = common::netd::VNET_HDR_LEN as usize;
 /// Largest frame: a 64 KiB GSO payload with Ethernet and VLAN headers,
 /// behind the vnet header.
 pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 65535 + 18;

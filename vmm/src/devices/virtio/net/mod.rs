@@ -25,13 +25,15 @@ pub enum BackendError {
     Vhost(#[from] vhost::VhostError),
 }
 
-/// The backend for the fds netd sent with `NetdResponse::Tap`: the TAP
-/// queue fds, then (when vhost was granted) one vhost-net fd per queue.
+/// The backend for the fds of TAP `tap` (netd's `NetdResponse::Tap`, or a
+/// migration source's): the TAP queue fds, then (when vhost was granted)
+/// one vhost-net fd per queue.
 pub fn backend_from_fds(
+    tap: &str,
     tap_fds: Vec<OwnedFd>,
     vhost_fds: Vec<OwnedFd>,
 ) -> Result<Box<dyn NetBackend>, BackendError> {
-    let tap = Tap::from_fds(tap_fds)?;
+    let tap = Tap::from_fds(tap, tap_fds)?;
     if vhost_fds.is_empty() {
         return Ok(Box::new(tap));
     }

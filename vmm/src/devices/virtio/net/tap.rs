@@ -1,5 +1,6 @@
 //! Userspace TAP backend over the queue fds netd handed over (opened with
-//! IFF_TAP | IFF_NO_PI | IFF_VNET_HDR [| IFF_MULTI_QUEUE]).
+//! IFF_TAP | IFF_NO_PI | IFF_VNET_HDR [| IFF_MULTI_QUEUE]), or that a
+//! migration source sent: both are checked by `common::tun::check_tap_queue`.
 
 use std::fs::File;
 use std::io;
@@ -11,25 +12,15 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
 };
 
+use common::tun::{
+    ExpectedTap, IFF_ATTACH_QUEUE, IFF_DETACH_QUEUE, IFF_MULTI_QUEUE, TUNSETOFFLOAD, TUNSETQUEUE,
+    TapCheckError, check_tap_queue,
+};
+pub use common::tun::{TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO};
+
 use super::backend::{BackendKind, BackendState, FrameIo, NetBackend};
 use super::datapath::VNET_HDR_LEN;
 use crate::persist::Format10PartVersion;
-
-// <linux/if_tun.h>
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
-const IFF_TAP: i16 = 0x0002;
-const IFF_VNET_HDR: i16 = 0x4000;
-const IFF_MULTI_QUEUE: i16 = 0x0100;
-const IFF_ATTACH_QUEUE: i16 = 0x0200;
-const IFF_DETACH_QUEUE: i16 = 0x0400;
-pub const TUN_F_CSUM: u32 = 0x01;
-pub const TUN_F_TSO4: u32 = 0x02;
-pub const TUN_F_TSO6: u32 = 0x04;
-pub const TUN_F_TSO_ECN: u32 = 0x08;
-pub const TUN_F_UFO: u32 = 0x10;
 
 /// The ioctl numbers the device thread uses, for its seccomp filter.
 pub const DEVICE_THREAD_IOCTLS: &[libc::c_ulong] = &[TUNSETOFFLOAD, TUNSETQUEUE];
@@ -40,13 +31,11 @@ pub enum TapError {
     NoQueues,
     #[error("{0} TAP fds: more queue pairs than virtio-net supports")]
     TooManyQueues(usize),
-    #[error("fd {fd} is not a usable TAP: {what}")]
-    NotTap { fd: RawFd, what: String },
-    #[error("fd {fd} belongs to {found}, not to {expected}")]
-    Mismatch {
-        fd: RawFd,
-        found: String,
+    #[error("queue {queue} is not a queue of TAP {expected:?}: {err}")]
+    NotTheTap {
+        queue: usize,
         expected: String,
+        err: TapCheckError,
     },
     #[error("{op} on {fd} failed: {err}")]
     Ioctl {
@@ -56,12 +45,12 @@ pub enum TapError {
     },
 }
 
-/// An `ifreq` as TUNGETIFF/TUNSETQUEUE use it: name, then flags.
+/// An `ifreq` as TUNSETQUEUE uses it: name, then flags.
 #[repr(C)]
 #[derive(Default)]
 struct IfReq {
     name: [u8; 16],
-    flags: i16,
+    flags: u16,
     _pad: [u8; 22],
 }
 
@@ -127,11 +116,6 @@ fn ioctl_val(fd: RawFd, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()
     }
 }
 
-fn ifname(req: &IfReq) -> String {
-    let end = req.name.iter().position(|&b| b == 0).unwrap_or(16);
-    String::from_utf8_lossy(req.name.get(..end).unwrap_or_default()).into_owned()
-}
-
 /// TUN_F_* flags matching the guest offloads in `acked_features`.
 pub fn offload_flags(acked_features: u64) -> u32 {
     let has = |b: u32| acked_features & (1u64 << b) != 0;
@@ -163,42 +147,34 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Takes the fds netd sent, in queue order. Makes them non-blocking,
-    /// checks they are queues of one TAP with a vnet header, and sets the
-    /// header to the 12 bytes of virtio 1.x.
-    pub fn from_fds(fds: Vec<OwnedFd>) -> Result<Self, TapError> {
+    /// Takes the queue fds of TAP `name`, in queue order (from netd or a
+    /// migration source), checks each is a queue of that TAP as netd makes
+    /// it (`common::tun::check_tap_queue`: IFF_TAP | IFF_NO_PI, a 12-byte
+    /// vnet header, IFF_MULTI_QUEUE when more than one), and makes them
+    /// non-blocking.
+    pub fn from_fds(name: &str, fds: Vec<OwnedFd>) -> Result<Self, TapError> {
         if fds.is_empty() {
             return Err(TapError::NoQueues);
         }
-        if fds.len() > 0x8000 {
+        let Ok(count) = u16::try_from(fds.len()) else {
+            return Err(TapError::TooManyQueues(fds.len()));
+        };
+        if count > 0x8000 {
             return Err(TapError::TooManyQueues(fds.len()));
         }
+        let want = ExpectedTap {
+            name,
+            queues: count,
+            vnet_hdr: true,
+        };
         let mut queues = Vec::with_capacity(fds.len());
-        let mut name: Option<String> = None;
-        for fd in fds {
-            let raw = fd.as_raw_fd();
-            let mut req = IfReq::default();
-            ioctl_ptr(raw, TUNGETIFF, &mut req).map_err(|e| TapError::NotTap {
-                fd: raw,
-                what: format!("TUNGETIFF: {e}"),
+        for (queue, fd) in fds.into_iter().enumerate() {
+            let info = check_tap_queue(&fd, &want).map_err(|err| TapError::NotTheTap {
+                queue,
+                expected: name.to_string(),
+                err,
             })?;
-            if req.flags & IFF_TAP == 0 || req.flags & IFF_VNET_HDR == 0 {
-                return Err(TapError::NotTap {
-                    fd: raw,
-                    what: format!("flags {:#x} lack IFF_TAP or IFF_VNET_HDR", req.flags),
-                });
-            }
-            let this = ifname(&req);
-            match &name {
-                Some(n) if *n != this => {
-                    return Err(TapError::Mismatch {
-                        fd: raw,
-                        found: this,
-                        expected: n.clone(),
-                    });
-                }
-                _ => name = Some(this),
-            }
+            let raw = fd.as_raw_fd();
             // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is passed.
             let fl = unsafe { libc::fcntl(raw, libc::F_GETFL) };
             // SAFETY: as above.
@@ -209,20 +185,14 @@ impl Tap {
                     err: io::Error::last_os_error(),
                 });
             }
-            let mut hdr: libc::c_int = VNET_HDR_LEN as libc::c_int;
-            ioctl_ptr(raw, TUNSETVNETHDRSZ, &mut hdr).map_err(|err| TapError::Ioctl {
-                op: "TUNSETVNETHDRSZ",
-                fd: raw,
-                err,
-            })?;
             queues.push(Arc::new(TapQueue {
                 fd: File::from(fd),
-                multi_queue: req.flags & IFF_MULTI_QUEUE != 0,
+                multi_queue: info.flags & IFF_MULTI_QUEUE != 0,
             }));
         }
         Ok(Self {
             queues,
-            ifname: name.unwrap_or_default(),
+            ifname: name.to_string(),
             offloads: 0,
         })
     }
