@@ -240,4 +240,5 @@ pub mod migration_harness;
 pub mod net_guest;
 pub mod netd_harness;
 pub mod qmp;
+pub mod relay;
 pub mod rng;

@@ -35,7 +35,7 @@ use common::migration::{
     FdRole, MIGRATION_MAX_FDS, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, MachineShape,
     OLDEST_SOURCE_PROTOCOL, SourceMsg, TargetMsg, monotonic_ns,
 };
-use common::ownership::{Owner, OwnerPage};
+use common::ownership::{Owner, OwnerPage, process_gone};
 use nix::sys::socket::{getsockopt, sockopt};
 
 use super::{HELLO_TIMEOUT, STEP_TIMEOUT, announce, shape_mismatch};
@@ -62,6 +62,8 @@ pub enum TargetError {
     Load(String),
     #[error("the guest was not taken: it is {0}; this vmm never ran it")]
     NotOwner(Owner),
+    #[error("{err}; {fate}; this vmm never ran it")]
+    Gave { err: Box<TargetError>, fate: String },
     #[error("{0}")]
     Build(#[from] BuildError),
 }
@@ -72,6 +74,7 @@ impl TargetError {
         match self {
             TargetError::Bind { .. } => 2,
             TargetError::Build(e) => e.exit_code(),
+            TargetError::Gave { err, .. } => err.exit_code(),
             _ => 1,
         }
     }
@@ -146,7 +149,12 @@ pub fn receive(cfg: &VmConfig, started: Instant) -> Result<Vmm, TargetError> {
     log::info!("waiting for a migration on {}", path.display());
     let own_api = shell.own_api_socket().map(Path::to_path_buf);
     let mut step = Step::Listening { shell, incoming };
+    // The page a source offered: a failure then says where the guest is.
+    let mut offered: Option<Arc<OwnerPage>> = None;
     loop {
+        if let Step::Prepared { page: Some(p), .. } | Step::Loaded { page: Some(p), .. } = &step {
+            offered.get_or_insert_with(|| p.clone());
+        }
         step = match advance(cfg, step) {
             Ok(Ok(next)) => next,
             Ok(Err(vmm)) => return Ok(vmm),
@@ -156,9 +164,49 @@ pub fn receive(cfg: &VmConfig, started: Instant) -> Result<Vmm, TargetError> {
                 if let Some(p) = &own_api {
                     let _ = std::fs::remove_file(p);
                 }
-                return Err(e);
+                return Err(match offered {
+                    Some(page) => e.with_fate(&page),
+                    None => e,
+                });
             }
         };
+    }
+}
+
+/// How long a failed target waits for a source that went away to either
+/// take the guest back or be seen gone, to say which in its last line.
+const FATE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+impl TargetError {
+    /// This failure, after the source offered the guest, with where the
+    /// guest is now: a source that died before the commit took it along.
+    fn with_fate(self, page: &OwnerPage) -> TargetError {
+        if matches!(self, TargetError::NotOwner(_)) {
+            return self;
+        }
+        // A source's socket closes a moment before its pid is seen gone.
+        let t = Instant::now();
+        let owner = loop {
+            match page.owner() {
+                Owner::Offered { by } if !process_gone(by) && t.elapsed() < FATE_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                o => break o,
+            }
+        };
+        let fate = match owner {
+            Owner::Target { .. } => return self,
+            Owner::Offered { by } if process_gone(by) => {
+                format!(
+                    "the guest is lost with its source (pid {by}), which ended before the commit"
+                )
+            }
+            o => format!("the guest is {o}"),
+        };
+        TargetError::Gave {
+            err: Box::new(self),
+            fate,
+        }
     }
 }
 
@@ -187,7 +235,12 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
                 Err(e) => return Err(source.refuse(e.to_string())),
             };
             log::info!("incoming: prepared in {:?}", t.elapsed());
-            source.ready(vmm.takes_api_socket())?;
+            source
+                .ready(vmm.takes_api_socket())
+                .map_err(|e| match &page {
+                    Some(p) => e.with_fate(p),
+                    None => e,
+                })?;
             Step::Prepared { source, vmm, page }
         }
         Step::Prepared {
