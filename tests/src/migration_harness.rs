@@ -8,12 +8,12 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use common::migration::{
     FdRole, FormatVersion, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, MachineShape, NetShape,
     SourceMsg, TargetMsg,
 };
+use common::ownership::OwnerPage;
 
 use crate::bin;
 pub use crate::echo_stream::{EchoStream, StreamResult};
@@ -1210,11 +1211,33 @@ pub fn one_nic_shape(memory: u64, id: &str, n: u8, queues: u16) -> MachineShape 
     }
 }
 
-/// A memfd of `len` bytes, as a fake source's guest RAM.
+/// A memfd of `len` bytes, as a fake source's guest RAM: sealed against
+/// shrinking and growing, as a protocol-2 target requires.
 pub fn memfd(len: u64) -> OwnedFd {
+    let fd = memfd_unsealed(len);
+    // SAFETY: fcntl(F_ADD_SEALS) on a memfd this function owns.
+    let rc = unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    assert_eq!(rc, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// A memfd of `len` bytes without seals (release 0.1.0's guest RAM), that
+/// may still be sealed.
+pub fn memfd_unsealed(len: u64) -> OwnedFd {
     // SAFETY: memfd_create with a NUL-terminated name; the fd it returns
     // is ours alone.
-    let raw = unsafe { libc::memfd_create(c"fake-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let raw = unsafe {
+        libc::memfd_create(
+            c"fake-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     assert!(
         raw >= 0,
         "memfd_create: {}",
@@ -1225,6 +1248,241 @@ pub fn memfd(len: u64) -> OwnedFd {
     let f = std::fs::File::from(fd);
     f.set_len(len).expect("size the memfd");
     OwnedFd::from(f)
+}
+
+/// A fresh ownership page for a fake source's Hello (a captured one was
+/// taken back by its source, so it no longer says Offered).
+pub fn owner_page() -> OwnerPage {
+    OwnerPage::create().expect("create an ownership page")
+}
+
+// ---------------------------------------------------------------------------
+// Fault tools: what a fake peer received, trickled answers, a heartbeat
+// watched as it arrives, an owner that dies.
+
+/// Everything a peer received on a connection until EOF.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub bytes: usize,
+    pub fds: usize,
+    /// The peer closed the connection (false: the timeout passed first).
+    pub eof: bool,
+}
+
+impl Peer {
+    /// Reads bytes and fds until the peer closes (or `timeout` passes):
+    /// what a fake got, whether or not it was a frame.
+    pub fn drain(&self, timeout: Duration) -> Received {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let mut got = Received::default();
+        let t0 = Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = timeout.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                return got;
+            }
+            self.sock.set_read_timeout(Some(left)).expect("timeout");
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 64]);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let msg = match recvmsg::<()>(
+                self.sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => m,
+                Err(nix::errno::Errno::EAGAIN) => return got,
+                Err(nix::errno::Errno::ECONNRESET) => {
+                    got.eof = true;
+                    return got;
+                }
+                Err(e) => panic!("recvmsg: {e}"),
+            };
+            for c in msg.cmsgs().expect("cmsgs") {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    got.fds += fds.len();
+                    for fd in fds {
+                        // SAFETY: an fd just received, owned by nobody else.
+                        drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+                    }
+                }
+            }
+            if msg.bytes == 0 {
+                got.eof = true;
+                return got;
+            }
+            got.bytes += msg.bytes;
+        }
+    }
+
+    /// Sends `msg` as one frame, one byte every `every`, on a thread of
+    /// its own; the thread ends when all is sent or the peer is gone, and
+    /// returns how many bytes went out.
+    pub fn trickle(&self, msg: &TargetMsg, every: Duration) -> JoinHandle<usize> {
+        let payload = codec::encode(msg).expect("encode");
+        let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(payload.as_bytes());
+        let sock = self.sock.try_clone().expect("clone the socket");
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            for b in frame {
+                if (&sock).write_all(&[b]).is_err() {
+                    break;
+                }
+                sent += 1;
+                std::thread::sleep(every);
+            }
+            sent
+        })
+    }
+}
+
+impl HelloSeen {
+    /// The ownership page that came with the Hello, mapped here.
+    pub fn page(&self) -> OwnerPage {
+        let fd = self
+            .fd(&FdRole::OwnerPage)
+            .try_clone_to_owned()
+            .expect("dup the page fd");
+        OwnerPage::open(fd).expect("open the ownership page")
+    }
+}
+
+/// Takes the guest in `page` from a child process that then exits: an
+/// owner that dies. Returns the (reaped) child's pid, now in the word.
+pub fn take_in_child_and_exit(page: &OwnerPage) -> u32 {
+    // SAFETY: fork in a multi-threaded process: the child only does an
+    // atomic compare-and-swap on memory mapped before the fork, getpid and
+    // _exit, all async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = if page.take().is_ok() { 0 } else { 1 };
+        // SAFETY: leaves the child at once, running no atexit handler or
+        // destructor of the parent's state.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child could not take the guest (status {status:#x}): {}",
+        page.owner()
+    );
+    pid as u32
+}
+
+/// A guest's heartbeat as it arrives: a thread tails the serial file and
+/// stamps each `testguest: tick n` line with the time it showed up, so a
+/// pause is seen as a gap between two ticks.
+pub struct TickWatch {
+    seen: Arc<Mutex<Vec<(u64, Instant)>>>,
+    boots: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How often a [`TickWatch`] looks at the serial file.
+const TICK_POLL: Duration = Duration::from_millis(5);
+
+impl TickWatch {
+    pub fn start(serial: &Path) -> Self {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let boots = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen2, boots2, stop2) = (seen.clone(), boots.clone(), stop.clone());
+        let path = serial.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let mut off = 0usize;
+            let mut partial = String::new();
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok(bytes) = std::fs::read(&path)
+                    && bytes.len() > off
+                {
+                    let now = Instant::now();
+                    partial.push_str(&String::from_utf8_lossy(&bytes[off..]));
+                    off = bytes.len();
+                    while let Some(i) = partial.find('\n') {
+                        let line: String = partial.drain(..=i).collect();
+                        let line = line.trim();
+                        if let Some(n) = line
+                            .strip_prefix("testguest: tick ")
+                            .and_then(|n| n.trim().parse().ok())
+                        {
+                            seen2.lock().unwrap().push((n, now));
+                        } else if line.starts_with("testguest: up boot_id=") {
+                            boots2.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                std::thread::sleep(TICK_POLL);
+            }
+        });
+        TickWatch {
+            seen,
+            boots,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The ticks seen so far, with when each arrived.
+    pub fn ticks(&self) -> Vec<(u64, Instant)> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Waits until `n` more ticks than now arrived.
+    pub fn wait_more(&self, n: usize, timeout: Duration) -> bool {
+        let base = self.count();
+        wait_for(timeout, || self.count() >= base + n)
+    }
+
+    /// Ticks that arrived after `t`.
+    pub fn since(&self, t: Instant) -> usize {
+        self.ticks().iter().filter(|(_, at)| *at > t).count()
+    }
+
+    /// The largest gap between two consecutive ticks of which the later
+    /// arrived after `from`: the longest the guest was seen stopped since.
+    pub fn max_gap_since(&self, from: Instant) -> Duration {
+        self.ticks()
+            .windows(2)
+            .filter(|w| w[1].1 > from)
+            .map(|w| w[1].1 - w[0].1)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// The numbering went 1, 2, 3... without a gap or repeat, from one
+    /// boot: the same guest ran on.
+    pub fn assert_one_guest_continuous(&self, what: &str) {
+        let t = self.ticks();
+        assert!(!t.is_empty(), "{what}: no heartbeat");
+        for w in t.windows(2) {
+            assert_eq!(w[1].0, w[0].0 + 1, "{what}: heartbeat not continuous");
+        }
+        assert_eq!(
+            self.boots.load(Ordering::Relaxed),
+            1,
+            "{what}: the guest booted again"
+        );
+    }
+}
+
+impl Drop for TickWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,11 +15,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::migration::{FdRole, SourceMsg, TargetMsg};
+use common::ownership::{Owner, OwnerPage};
 use tests::migration_harness::{
-    Captured, Exits, FakeTarget, GuestSpec, MEMORY_BYTES, MigEnv, Peer, SETTLE, Target, TargetSpec,
-    Vm, assert_answers_ping, capture_from_source, hello, memfd, migrate, migrate_in_background,
-    one_nic_shape, start_source, start_target,
+    Captured, Exits, FakeTarget, GuestSpec, MEMORY_BYTES, MigEnv, MigrateOutcome, Peer, SETTLE,
+    Target, TargetSpec, TickWatch, Vm, assert_answers_ping, capture_from_source, hello, memfd,
+    memfd_unsealed, migrate, migrate_in_background, one_nic_shape, owner_page, start_source,
+    start_target, take_in_child_and_exit, vmctl,
 };
+use tests::netd_harness::wait_for;
 use vmm::persist::MACHINE_STATE_FORMAT;
 
 /// A guest on a real source, and what must not change while faults hit it.
@@ -92,9 +95,82 @@ impl Guest {
         FakeTarget::bind(&self.env.path("fake.sock"))
     }
 
-    fn finish(self) {
+    fn finish(mut self) {
+        let (code, out) = vmctl(&self.api, &["shutdown"]);
+        assert_eq!(code, Some(0), "vmctl shutdown: {out}");
+        self.exits.wait(&mut self.cur, "the last vmm, shut down");
         self.exits.assert_all_ok();
+        assert_nothing_left(&self.env);
     }
+
+    /// The source still runs the same guest after `after`: the heartbeat
+    /// `w` goes on (same boot, no tick lost or repeated), ping answers,
+    /// status says Running from the same pid on the same TAP.
+    fn assert_runs_on(&mut self, w: &TickWatch, after: &str) {
+        assert!(
+            w.wait_more(5, SETTLE),
+            "no heartbeat after {after}\n{}",
+            self.cur.proc.stderr()
+        );
+        w.assert_one_guest_continuous(after);
+        self.assert_serves(after);
+    }
+
+    /// Starts a heartbeat watch on the current vmm's serial and waits for
+    /// a few ticks.
+    fn watch(&self) -> TickWatch {
+        let w = TickWatch::start(&self.cur.serial);
+        assert!(w.wait_more(3, SETTLE), "no heartbeat");
+        w
+    }
+}
+
+/// No process, socket or TAP of this test's is left: every process whose
+/// command line names the scratch directory has ended, the directory holds
+/// no socket, and netd's namespace has no `vm*` TAP (the bridge aside).
+fn assert_nothing_left(env: &MigEnv) {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = format!("{}/", env.dir.0.display());
+    let procs = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                cmd.contains(&dir)
+                    .then(|| format!("{}: {cmd}", e.file_name().display()))
+            })
+            .collect()
+    };
+    assert!(
+        wait_for(SETTLE, || procs().is_empty()),
+        "left running: {:?}",
+        procs()
+    );
+    let sockets: Vec<_> = std::fs::read_dir(&env.dir.0)
+        .expect("the scratch directory")
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_socket()))
+        .map(|e| e.path())
+        .collect();
+    assert!(sockets.is_empty(), "sockets left behind: {sockets:?}");
+    let taps = || -> Vec<String> {
+        env.links()
+            .into_iter()
+            .filter(|l| l.starts_with("vm") && l != "vmbr0")
+            .collect()
+    };
+    assert!(
+        wait_for(SETTLE, || taps().is_empty()),
+        "TAPs left: {:?}",
+        taps()
+    );
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
 }
 
 /// A real target that must end non-zero with one line containing `needle`.
@@ -133,7 +209,7 @@ fn a_target_dying_after_hello_during_state_or_after_loaded_costs_nothing() {
     let peer = fake.accept();
     let h = peer.recv_hello();
     assert_eq!(h.roles()[0], FdRole::GuestRam);
-    drop((peer, h));
+    drop((peer, h, fake));
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
     assert!(r.contains("Hello"), "{r}");
@@ -149,11 +225,11 @@ fn a_target_dying_after_hello_during_state_or_after_loaded_costs_nothing() {
     let fake = g.fake_target();
     let job = migrate_in_background(&g.api, &fake.path, &[]);
     let peer = fake.accept();
-    let _h = peer.recv_hello();
+    let h = peer.recv_hello();
     peer.send(&ready(), &[]);
     let part = peer.read_bytes(64);
     assert!(String::from_utf8_lossy(&part[4..]).starts_with("State("));
-    drop(peer);
+    drop((peer, h, fake));
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
     assert!(r.contains("State"), "{r}");
@@ -166,7 +242,7 @@ fn a_target_dying_after_hello_during_state_or_after_loaded_costs_nothing() {
     let fake = g.fake_target();
     let job = migrate_in_background(&g.api, &fake.path, &[]);
     let peer = fake.accept();
-    let _h = peer.recv_hello();
+    let h = peer.recv_hello();
     peer.send(&ready(), &[]);
     let (state, _) = peer.recv_text().expect("State");
     assert!(state.starts_with("State("));
@@ -174,7 +250,7 @@ fn a_target_dying_after_hello_during_state_or_after_loaded_costs_nothing() {
         .shutdown(std::net::Shutdown::Read)
         .expect("shutdown");
     peer.send(&TargetMsg::Loaded { restore_us: 1 }, &[]);
-    drop(peer);
+    drop((peer, h, fake));
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
     assert!(r.contains("Commit"), "{r}");
@@ -190,36 +266,41 @@ fn a_silent_target_is_given_up_within_seconds() {
     let fake = g.fake_target();
     let job = migrate_in_background(&g.api, &fake.path, &[]);
     let peer = fake.accept();
-    let _h = peer.recv_hello();
+    let h = peer.recv_hello();
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
-    assert!(r.contains("timed out"), "{r}");
+    assert!(r.contains("Hello") && r.contains("deadline"), "{r}");
+    assert_eq!(
+        out.json["downtime_us"], 0,
+        "the guest paused: {:?}",
+        out.json
+    );
     assert!(
         out.took < Duration::from_secs(30),
         "gave up after {:?}",
         out.took
     );
     eprintln!("silent after Hello: given up after {:?}", out.took);
-    drop(peer);
+    drop((peer, h, fake));
     g.assert_serves("a target silent after Hello");
 
     // Takes the State (the guest is paused) and never answers.
     let fake = g.fake_target();
     let job = migrate_in_background(&g.api, &fake.path, &[]);
     let peer = fake.accept();
-    let _h = peer.recv_hello();
+    let h = peer.recv_hello();
     peer.send(&ready(), &[]);
     let _state = peer.recv_text().expect("State");
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
-    assert!(r.contains("timed out"), "{r}");
+    assert!(r.contains("downtime limit"), "{r}");
     assert!(
         out.took < Duration::from_secs(30),
         "gave up after {:?}",
         out.took
     );
     eprintln!("silent after State: given up after {:?}", out.took);
-    drop(peer);
+    drop((peer, h, fake));
     g.assert_serves("a target silent after State");
     g.migrate_ok("a silent target");
     g.finish();
@@ -268,8 +349,8 @@ fn hello_to_target(
     (t, peer, answer)
 }
 
-/// The captured Hello again, with its real fds (memfd, TAP), naming
-/// `format`.
+/// The captured Hello again, with its real fds (memfd, TAP) and a fresh
+/// ownership page, naming `format`.
 fn replay_hello(c: &Captured, format: common::migration::FormatVersion) -> SourceMsg<()> {
     match &c.hello.msg {
         SourceMsg::Hello {
@@ -307,14 +388,16 @@ fn with_number(text: &str, key: &str, value: u64) -> String {
     format!("{}{value}{}", &text[..at], &text[at + digits..])
 }
 
-fn real_fds(c: &Captured) -> Vec<BorrowedFd<'_>> {
-    vec![
-        c.hello.fd(&FdRole::GuestRam),
-        c.hello.fd(&FdRole::TapQueue {
-            net: "vm0".into(),
-            queue: 0,
-        }),
-    ]
+/// The fds of [`replay_hello`]: the source's memfd and TAP queue, `page`.
+fn real_fds<'a>(c: &'a Captured, page: &'a OwnerPage) -> Vec<BorrowedFd<'a>> {
+    vec![c.hello.fd(&FdRole::GuestRam), tap_fd(c), page.as_fd()]
+}
+
+fn tap_fd(c: &Captured) -> BorrowedFd<'_> {
+    c.hello.fd(&FdRole::TapQueue {
+        net: "vm0".into(),
+        queue: 0,
+    })
 }
 
 #[test]
@@ -329,7 +412,9 @@ fn a_fake_source_with_a_newer_format_wrong_fds_garbage_or_a_cut_stream_is_refuse
         major: MACHINE_STATE_FORMAT.major,
         minor: MACHINE_STATE_FORMAT.minor + 1,
     };
-    let (mut t, _peer, answer) = hello_to_target(&g, &replay_hello(&c, newer), &real_fds(&c));
+    let page = owner_page();
+    let (mut t, _peer, answer) =
+        hello_to_target(&g, &replay_hello(&c, newer), &real_fds(&c, &page));
     assert!(
         matches!(&answer, TargetMsg::Refused { reason } if reason.contains("newer")),
         "{answer:?}"
@@ -337,7 +422,7 @@ fn a_fake_source_with_a_newer_format_wrong_fds_garbage_or_a_cut_stream_is_refuse
     assert_target_failed(&mut t, "newer");
     g.assert_serves("a newer format");
 
-    // Three fds named, one sent.
+    // Four fds named, one sent.
     let mut three = replay_hello(&c, MACHINE_STATE_FORMAT);
     if let SourceMsg::Hello { fds, .. } = &mut three {
         fds.push(FdRole::ApiListener);
@@ -345,15 +430,16 @@ fn a_fake_source_with_a_newer_format_wrong_fds_garbage_or_a_cut_stream_is_refuse
     let ram = c.hello.fd(&FdRole::GuestRam);
     let (mut t, _peer, answer) = hello_to_target(&g, &three, &[ram]);
     assert!(
-        matches!(&answer, TargetMsg::Refused { reason } if reason.contains("3 fds")),
+        matches!(&answer, TargetMsg::Refused { reason } if reason.contains("4 fds")),
         "{answer:?}"
     );
-    assert_target_failed(&mut t, "3 fds, 1 arrived");
+    assert_target_failed(&mut t, "4 fds, 1 arrived");
     g.assert_serves("a wrong fd count");
 
     // A valid Hello with the real fds, then garbage for the State.
     let ok = replay_hello(&c, MACHINE_STATE_FORMAT);
-    let (mut t, peer, answer) = hello_to_target(&g, &ok, &real_fds(&c));
+    let page = owner_page();
+    let (mut t, peer, answer) = hello_to_target(&g, &ok, &real_fds(&c, &page));
     assert!(matches!(answer, TargetMsg::Ready { .. }), "{answer:?}");
     peer.send_payload("State((format:(major:1,minor:0),memory_bytes:\"x\"", &[]);
     let answer = peer.recv_target_msg().expect("answer to garbage");
@@ -362,7 +448,8 @@ fn a_fake_source_with_a_newer_format_wrong_fds_garbage_or_a_cut_stream_is_refuse
     g.assert_serves("a garbage State");
 
     // A valid Hello, then a State frame cut short.
-    let (mut t, peer, answer) = hello_to_target(&g, &ok, &real_fds(&c));
+    let page = owner_page();
+    let (mut t, peer, answer) = hello_to_target(&g, &ok, &real_fds(&c, &page));
     assert!(matches!(answer, TargetMsg::Ready { .. }), "{answer:?}");
     let frame = format!("State({})", c.state);
     peer.send_raw(&(frame.len() as u32).to_le_bytes());
@@ -407,7 +494,8 @@ fn a_hostile_source_gets_a_clear_error_and_the_tap_is_untouched() {
     ];
     for (what, state, needle) in hostile {
         assert_ne!(state, c.state, "{what}: the fixture edit did not apply");
-        let (mut t, peer, answer) = hello_to_target(&g, &ok, &real_fds(&c));
+        let page = owner_page();
+        let (mut t, peer, answer) = hello_to_target(&g, &ok, &real_fds(&c, &page));
         assert!(
             matches!(answer, TargetMsg::Ready { .. }),
             "{what}: {answer:?}"
@@ -428,20 +516,19 @@ fn a_hostile_source_gets_a_clear_error_and_the_tap_is_untouched() {
     let small = memfd(MEMORY_BYTES / 2);
     let (pipe_r, _pipe_w) = nix::unistd::pipe().expect("pipe");
     let null = std::fs::File::open("/dev/null").expect("/dev/null");
-    let tap = c.hello.fd(&FdRole::TapQueue {
-        net: "vm0".into(),
-        queue: 0,
-    });
-    let cases: [(&str, [BorrowedFd<'_>; 2], &str); 3] = [
+    let tap = tap_fd(&c);
+    let page = owner_page();
+    let p = page.as_fd();
+    let cases: [(&str, [BorrowedFd<'_>; 3], &str); 3] = [
         (
             "RAM regions larger than the memfd",
-            [small.as_fd(), tap],
+            [small.as_fd(), tap, p],
             "memfd",
         ),
-        ("a pipe as the memfd", [pipe_r.as_fd(), tap], "memfd"),
+        ("a pipe as the memfd", [pipe_r.as_fd(), tap, p], "memfd"),
         (
             "/dev/null as the TAP queue",
-            [c.hello.fd(&FdRole::GuestRam), null.as_fd()],
+            [c.hello.fd(&FdRole::GuestRam), null.as_fd(), p],
             "TAP",
         ),
     ];
@@ -467,9 +554,10 @@ fn a_hostile_source_gets_a_clear_error_and_the_tap_is_untouched() {
                 net: "vm0".into(),
                 queue: 0,
             },
+            FdRole::OwnerPage,
         ],
     );
-    let (mut t, _peer, answer) = hello_to_target(&g, &msg, &[small.as_fd(), tap]);
+    let (mut t, _peer, answer) = hello_to_target(&g, &msg, &[small.as_fd(), tap, p]);
     assert!(matches!(&answer, TargetMsg::Refused { .. }), "{answer:?}");
     assert_target_failed(&mut t, "memory");
     g.assert_serves("a shape of another size");
@@ -549,5 +637,644 @@ fn a_target_path_that_does_not_exist_is_reported_and_the_guest_runs_on() {
     assert!(t0.elapsed() < SETTLE);
     g.assert_serves("a missing target");
     g.migrate_ok("a missing target");
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------
+// Protocol 2: what a target requires of a Hello, and what it still takes
+// from release 0.1.0.
+
+#[test]
+fn a_protocol_2_hello_needs_sealed_ram_and_an_offered_sealed_page_and_protocol_1_still_works() {
+    let mut g = Guest::start("mf8", "");
+    let c = capture_from_source(&g.env, &g.api);
+    g.assert_serves("the capture");
+    let ok = replay_hello(&c, MACHINE_STATE_FORMAT);
+    let tap = tap_fd(&c);
+
+    let unsealed_ram = memfd_unsealed(MEMORY_BYTES);
+    let unsealed_page = memfd_unsealed(common::ownership::PAGE_LEN);
+    let two_pages = memfd(2 * common::ownership::PAGE_LEN);
+    let taken_back = owner_page();
+    taken_back.take_back().expect("take back a fresh page");
+    let page = owner_page();
+    let no_page = SourceMsg::Hello {
+        protocol: 2,
+        format: MACHINE_STATE_FORMAT,
+        vmm_version: "fake".into(),
+        shape: c.hello.shape(),
+        backend_transfer: true,
+        paused: false,
+        fds: vec![
+            FdRole::GuestRam,
+            FdRole::TapQueue {
+                net: "vm0".into(),
+                queue: 0,
+            },
+        ],
+    };
+    let ram = c.hello.fd(&FdRole::GuestRam);
+    let cases: [(&str, &SourceMsg<()>, Vec<BorrowedFd<'_>>, &str); 5] = [
+        (
+            "an unsealed RAM memfd",
+            &ok,
+            vec![unsealed_ram.as_fd(), tap, page.as_fd()],
+            "not sealed against shrinking and growing",
+        ),
+        (
+            "no ownership page",
+            &no_page,
+            vec![ram, tap],
+            "ownership page",
+        ),
+        (
+            "an unsealed ownership page",
+            &ok,
+            vec![ram, tap, unsealed_page.as_fd()],
+            "not sealed",
+        ),
+        (
+            "an ownership page of two pages",
+            &ok,
+            vec![ram, tap, two_pages.as_fd()],
+            "4096 bytes",
+        ),
+        (
+            "a page the source took back",
+            &ok,
+            vec![ram, tap, taken_back.as_fd()],
+            "not offered",
+        ),
+    ];
+    for (what, msg, fds, needle) in cases {
+        let (mut t, _peer, answer) = hello_to_target(&g, msg, &fds);
+        assert!(
+            matches!(&answer, TargetMsg::Refused { reason } if reason.contains(needle)),
+            "{what}: {answer:?}"
+        );
+        let line = assert_target_failed(&mut t, needle);
+        eprintln!("SUMMARY protocol 2 Hello with {what}: refused before Ready: {line}");
+        g.assert_serves(what);
+    }
+    assert_eq!(
+        page.owner(),
+        Owner::Offered {
+            by: std::process::id()
+        },
+        "a refusing target touched the page"
+    );
+
+    // Release 0.1.0's Hello: protocol 1, no page, an unsealed memfd.
+    let v1 = SourceMsg::Hello {
+        protocol: 1,
+        format: MACHINE_STATE_FORMAT,
+        vmm_version: "0.1.0".into(),
+        shape: c.hello.shape(),
+        backend_transfer: true,
+        paused: false,
+        fds: vec![
+            FdRole::GuestRam,
+            FdRole::TapQueue {
+                net: "vm0".into(),
+                queue: 0,
+            },
+        ],
+    };
+    let (mut t, peer, answer) = hello_to_target(&g, &v1, &[unsealed_ram.as_fd(), tap]);
+    assert!(
+        matches!(answer, TargetMsg::Ready { .. }),
+        "protocol 1: {answer:?}"
+    );
+    drop(peer);
+    let st = t.vm.wait_exit(SETTLE);
+    assert!(!st.success(), "the target ran on without a State");
+    assert!(!t.incoming.exists(), "the target left its socket behind");
+    eprintln!("SUMMARY protocol 1 Hello (no page, unsealed memfd): Ready");
+    g.assert_serves("a protocol 1 Hello");
+    drop(c);
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------
+// A source trusts only a target of its own uid.
+
+#[test]
+fn a_target_of_another_uid_receives_nothing_and_the_guest_runs_on() {
+    let mut g = Guest::start("mf9", "");
+    let w = g.watch();
+    // uid 4242 (socket mode 0777, so anyone may connect), and root.
+    for uid in [4242u32, 0] {
+        let fake = FakeTarget::bind_as(&g.env.path("stranger.sock"), uid);
+        let t0 = Instant::now();
+        let job = migrate_in_background(&g.api, &fake.path, &[]);
+        let peer = fake.accept();
+        let got = peer.drain(Duration::from_secs(5));
+        let out = job.join().expect("vmctl");
+        let r = out.assert_failed();
+        assert!(
+            got.eof && got.bytes == 0 && got.fds == 0,
+            "uid {uid}: the stranger received {got:?}"
+        );
+        assert!(
+            r.contains(&format!("uid {uid}")) && r.contains("nothing was sent"),
+            "{r}"
+        );
+        assert_eq!(out.json["downtime_us"], 0, "{:?}", out.json);
+        assert!(out.took < Duration::from_secs(2), "took {:?}", out.took);
+        g.assert_runs_on(&w, &format!("a target of uid {uid}"));
+        eprintln!(
+            "SUMMARY target of uid {uid} (mode 0777): it received {} bytes, {} fds; vmctl {r:?} in {} ms; the guest never paused (largest tick gap {} ms)",
+            got.bytes,
+            got.fds,
+            ms(out.took),
+            ms(w.max_gap_since(t0))
+        );
+    }
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------
+// Trickling targets, and the window after Commit.
+
+/// One byte of an answer every this long.
+const TRICKLE: Duration = Duration::from_millis(300);
+/// What a pause may exceed the downtime limit by, as the heartbeat sees it
+/// (one heartbeat period, the watch's polling, a loaded 2-core host).
+const PAUSE_MARGIN: Duration = Duration::from_millis(500);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum After {
+    Hello,
+    State,
+    Commit,
+}
+
+/// A fake target that goes through the protocol up to `after`, answering
+/// like a real one, and returns the Hello and its connection.
+fn fake_up_to(fake: &FakeTarget, after: After) -> (Peer, tests::migration_harness::HelloSeen) {
+    let peer = fake.accept();
+    let h = peer.recv_hello();
+    if after == After::Hello {
+        return (peer, h);
+    }
+    peer.send(&ready(), &[]);
+    let (state, _) = peer.recv_text().expect("State");
+    assert!(
+        state.starts_with("State("),
+        "{}",
+        &state[..state.len().min(80)]
+    );
+    if after == After::State {
+        return (peer, h);
+    }
+    peer.send(&TargetMsg::Loaded { restore_us: 1 }, &[]);
+    let (commit, _) = peer.recv_text().expect("Commit");
+    assert_eq!(commit, "Commit");
+    (peer, h)
+}
+
+fn limit_args(limit_ms: Option<u64>) -> Vec<String> {
+    limit_ms
+        .map(|l| vec!["--downtime-limit-ms".to_string(), l.to_string()])
+        .unwrap_or_default()
+}
+
+/// After a failure past the pause: vmctl named the limit, the guest was
+/// paused about the limit (on the heartbeat and in the report), and runs
+/// on at the source.
+fn assert_rolled_back_within(
+    g: &mut Guest,
+    w: &TickWatch,
+    out: &MigrateOutcome,
+    t0: Instant,
+    limit: Duration,
+    what: &str,
+) -> Duration {
+    let r = out.assert_failed();
+    g.assert_runs_on(w, what);
+    let gap = w.max_gap_since(t0);
+    let downtime = Duration::from_micros(out.json["downtime_us"].as_u64().unwrap_or(0));
+    assert!(
+        gap <= limit + PAUSE_MARGIN && downtime <= limit + PAUSE_MARGIN,
+        "{what}: paused {} ms (heartbeat), {} ms (report), limit {} ms",
+        ms(gap),
+        ms(downtime),
+        ms(limit)
+    );
+    // The heartbeat did see the pause: the measure is real.
+    assert!(
+        gap + Duration::from_millis(100) >= limit && downtime >= limit,
+        "{what}: a pause of {} ms (report {} ms) is shorter than the limit {} ms",
+        ms(gap),
+        ms(downtime),
+        ms(limit)
+    );
+    eprintln!(
+        "SUMMARY {what}: rolled back, the guest runs on the source; paused {} ms on the heartbeat, downtime_us {} (limit {} ms); vmctl: {r:?}",
+        ms(gap),
+        out.json["downtime_us"],
+        ms(limit)
+    );
+    gap
+}
+
+#[test]
+fn a_trickling_target_after_state_or_commit_holds_the_guest_at_most_the_limit() {
+    let mut g = Guest::start("mf10", "");
+    let w = g.watch();
+    for (after, limit_ms) in [
+        (After::State, Some(500)),
+        (After::State, None),
+        (After::Commit, Some(500)),
+        (After::Commit, None),
+    ] {
+        let limit = Duration::from_millis(limit_ms.unwrap_or(1000));
+        let answer = match after {
+            After::State => TargetMsg::Loaded { restore_us: 1 },
+            _ => TargetMsg::Resumed { at_ns: 1 },
+        };
+        let fake = g.fake_target();
+        let t0 = Instant::now();
+        let args = limit_args(limit_ms);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let job = migrate_in_background(&g.api, &fake.path, &a);
+        let (peer, h) = fake_up_to(&fake, after);
+        let trickler = peer.trickle(&answer, TRICKLE);
+        let out = job.join().expect("vmctl");
+        let r = out.result();
+        assert!(
+            r.contains("downtime limit") && r.contains(&format!("{limit:?}")),
+            "{after:?}: {r}"
+        );
+        drop((peer, h, fake));
+        let sent = trickler.join().expect("trickler");
+        let what = format!(
+            "a target trickling its answer after {after:?}, limit {} ms ({sent} bytes sent)",
+            ms(limit)
+        );
+        assert_rolled_back_within(&mut g, &w, &out, t0, limit, &what);
+    }
+    g.finish();
+}
+
+#[test]
+fn a_target_trickling_its_ready_is_given_up_at_the_prepare_deadline_and_the_guest_never_pauses() {
+    let mut g = Guest::start("mf11", "");
+    let w = g.watch();
+    let fake = g.fake_target();
+    let t0 = Instant::now();
+    let job = migrate_in_background(&g.api, &fake.path, &["--downtime-limit-ms", "500"]);
+    let (peer, h) = fake_up_to(&fake, After::Hello);
+    let trickler = peer.trickle(&ready(), TRICKLE);
+    let out = job.join().expect("vmctl");
+    let r = out.assert_failed();
+    assert!(r.contains("Hello") && r.contains("deadline"), "{r}");
+    drop((peer, h, fake));
+    let sent = trickler.join().expect("trickler");
+    assert_eq!(
+        out.json["downtime_us"], 0,
+        "the guest paused: {:?}",
+        out.json
+    );
+    // PREPARE_TIMEOUT (10 s) from the connect.
+    assert!(
+        out.took >= Duration::from_secs(9) && out.took < Duration::from_secs(12),
+        "gave up after {:?}",
+        out.took
+    );
+    g.assert_runs_on(&w, "a target trickling Ready");
+    let gap = w.max_gap_since(t0);
+    assert!(
+        gap < Duration::from_millis(400),
+        "the guest stopped {} ms",
+        ms(gap)
+    );
+    eprintln!(
+        "SUMMARY a target trickling Ready ({sent} bytes): given up after {} ms, the guest never paused (largest tick gap {} ms); vmctl: {r:?}",
+        ms(out.took),
+        ms(gap)
+    );
+    g.finish();
+}
+
+/// Waits for the source's exit and returns it with the heartbeat count
+/// after `since`.
+fn source_exit(g: &mut Guest) -> std::process::ExitStatus {
+    g.cur.wait_exit(SETTLE)
+}
+
+#[test]
+fn a_target_that_takes_the_guest_and_trickles_has_it_and_the_source_exits_0() {
+    let mut g = Guest::start("mf12", "");
+    let w = g.watch();
+    let fake = g.fake_target();
+    let t0 = Instant::now();
+    let job = migrate_in_background(&g.api, &fake.path, &["--downtime-limit-ms", "500"]);
+    let (peer, h) = fake_up_to(&fake, After::Commit);
+    let paused_by = Instant::now();
+    let page = h.page();
+    page.take().expect("the fake takes the guest");
+    let trickler = peer.trickle(&TargetMsg::Resumed { at_ns: 1 }, TRICKLE);
+    let out = job.join().expect("vmctl");
+    out.assert_ok();
+    let st = source_exit(&mut g);
+    drop(peer);
+    trickler.join().expect("trickler");
+    assert_eq!(st.code(), Some(0), "source exit: {}", g.cur.proc.stderr());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        w.since(paused_by),
+        0,
+        "the source ran the guest after the commit"
+    );
+    assert_eq!(
+        page.owner(),
+        Owner::Target {
+            pid: std::process::id()
+        }
+    );
+    eprintln!(
+        "SUMMARY a target that took the guest and trickled Resumed: vmctl ok after {} ms (downtime_us {}), the source exited 0 and ran no tick after the pause",
+        ms(t0.elapsed()),
+        out.json["downtime_us"]
+    );
+    drop((page, h, fake));
+    assert_nothing_left(&g.env);
+}
+
+#[test]
+fn the_window_after_commit_the_guest_runs_in_exactly_one_place() {
+    let mut g = Guest::start("mf13", "");
+    let w = g.watch();
+    let limit = Duration::from_millis(500);
+    let args = ["--downtime-limit-ms", "500"];
+
+    // Takes Commit and dies without owning.
+    let fake = g.fake_target();
+    let t0 = Instant::now();
+    let job = migrate_in_background(&g.api, &fake.path, &args);
+    let (peer, h) = fake_up_to(&fake, After::Commit);
+    drop((peer, h, fake));
+    let out = job.join().expect("vmctl");
+    let r = out.assert_failed();
+    assert!(r.contains("Commit"), "{r}");
+    g.assert_runs_on(&w, "a target that died after Commit without owning");
+    eprintln!(
+        "SUMMARY a target dying after Commit without owning: the source resumed (paused {} ms, downtime_us {}); vmctl: {r:?}",
+        ms(w.max_gap_since(t0)),
+        out.json["downtime_us"]
+    );
+
+    // Goes silent after Commit without owning.
+    let fake = g.fake_target();
+    let t0 = Instant::now();
+    let job = migrate_in_background(&g.api, &fake.path, &args);
+    let (peer, h) = fake_up_to(&fake, After::Commit);
+    let out = job.join().expect("vmctl");
+    drop((peer, h, fake));
+    assert!(out.result().contains("downtime limit"), "{out:?}");
+    assert_rolled_back_within(&mut g, &w, &out, t0, limit, "a target silent after Commit");
+
+    // Answers Resumed after the limit without owning: too late.
+    let fake = g.fake_target();
+    let t0 = Instant::now();
+    let job = migrate_in_background(&g.api, &fake.path, &args);
+    let (peer, h) = fake_up_to(&fake, After::Commit);
+    std::thread::sleep(limit + Duration::from_millis(300));
+    let _ = common::codec::send(&peer.sock, &TargetMsg::Resumed { at_ns: 1 }, &[]);
+    let out = job.join().expect("vmctl");
+    assert!(out.result().contains("downtime limit"), "{out:?}");
+    let late = h.page().take();
+    assert_eq!(
+        late,
+        Err(Owner::Source { pid: g.cur.pid() }),
+        "a late take() must fail"
+    );
+    drop((peer, h, fake));
+    assert_rolled_back_within(
+        &mut g,
+        &w,
+        &out,
+        t0,
+        limit,
+        "a target answering Resumed late without owning (its take() then failed)",
+    );
+
+    // Takes Commit, owns the guest, dies: the guest is lost with it, and
+    // the source says so in one line.
+    let fake = g.fake_target();
+    let job = migrate_in_background(&g.api, &fake.path, &args);
+    let (peer, h) = fake_up_to(&fake, After::Commit);
+    let paused_by = Instant::now();
+    let owner = take_in_child_and_exit(&h.page());
+    drop((peer, h));
+    let out = job.join().expect("vmctl");
+    let r = out.assert_failed();
+    assert!(
+        r.contains(&format!("pid {owner}")) && r.contains("lost"),
+        "{r}"
+    );
+    let st = source_exit(&mut g);
+    assert_eq!(st.code(), Some(1), "{}", g.cur.proc.stderr());
+    let lines = g.cur.error_lines();
+    assert_eq!(lines.len(), 1, "one line: {}", g.cur.proc.stderr());
+    assert!(
+        lines[0].contains("lost") && lines[0].contains(&format!("pid {owner}")),
+        "{}",
+        lines[0]
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        w.since(paused_by),
+        0,
+        "the source ran the guest after the commit"
+    );
+    eprintln!(
+        "SUMMARY a target that took the guest and died (pid {owner}): the source exited 1: {}",
+        lines[0]
+    );
+    drop(fake);
+    assert_nothing_left(&g.env);
+}
+
+// ---------------------------------------------------------------------------
+// A hostile target and the shared memory.
+
+#[test]
+fn a_target_cannot_resize_the_guest_ram_or_the_page_and_the_source_keeps_its_guest() {
+    let mut g = Guest::start("mf14", "");
+    let w = g.watch();
+    let fake = g.fake_target();
+    let job = migrate_in_background(&g.api, &fake.path, &[]);
+    let (peer, h) = fake_up_to(&fake, After::Hello);
+    let ram = std::fs::File::from(
+        h.fd(&FdRole::GuestRam)
+            .try_clone_to_owned()
+            .expect("dup the memfd"),
+    );
+    let page = std::fs::File::from(
+        h.fd(&FdRole::OwnerPage)
+            .try_clone_to_owned()
+            .expect("dup the page"),
+    );
+    let mut tried = Vec::new();
+    for (what, f, len) in [
+        ("RAM shrunk", &ram, MEMORY_BYTES / 2),
+        ("RAM to 0", &ram, 0),
+        ("RAM grown", &ram, MEMORY_BYTES * 2),
+        ("page to 0", &page, 0),
+        ("page grown", &page, 2 * common::ownership::PAGE_LEN),
+    ] {
+        let e = f.set_len(len).expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{what}: {e}");
+        tried.push(format!("{what}: {e}"));
+    }
+    assert_eq!(ram.metadata().expect("fstat").len(), MEMORY_BYTES);
+    peer.send(
+        &TargetMsg::Refused {
+            reason: "hostile".into(),
+        },
+        &[],
+    );
+    let out = job.join().expect("vmctl");
+    assert!(out.assert_failed().contains("hostile"), "{out:?}");
+    drop((peer, h, ram, page, fake));
+    // A shrunk memfd killed the source about a second later: watch longer.
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        w.since(t) >= 20,
+        "the heartbeat stopped: {}",
+        g.cur.serial_text()
+    );
+    g.assert_runs_on(&w, "a target that tried to resize the memfd");
+    eprintln!(
+        "SUMMARY a target resizing the memfd and the page before refusing: every resize failed ({}); the source ran on for 3 s and more",
+        tried.join("; ")
+    );
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------
+// vmctl while a migration runs.
+
+/// `vmctl ARGS` and how long it took.
+fn timed_vmctl(api: &std::path::Path, args: &[&str]) -> (Option<i32>, serde_json::Value, Duration) {
+    let t = Instant::now();
+    let (code, v) = vmctl(api, args);
+    (code, v, t.elapsed())
+}
+
+#[test]
+fn vmctl_during_a_migration_answers_at_once_and_only_one_migration_runs() {
+    let mut g = Guest::start("mf15", "");
+    let w = g.watch();
+    let prompt = Duration::from_secs(1);
+
+    // Its own API socket as the target.
+    let out = migrate(&g.api, &g.api, &[]);
+    let r = out.assert_failed();
+    assert!(r.contains("own socket"), "{r}");
+    assert!(out.took < prompt, "took {:?}", out.took);
+    g.assert_runs_on(&w, "a migrate to its own socket");
+    eprintln!(
+        "SUMMARY migrate --to its own API socket: {r:?} in {} ms",
+        ms(out.took)
+    );
+
+    // A migration held after Hello (no Ready): the guest runs, the source
+    // is Migrating.
+    let fake = g.fake_target();
+    let job = migrate_in_background(&g.api, &fake.path, &[]);
+    let (peer, h) = fake_up_to(&fake, After::Hello);
+    let (code, st, took) = timed_vmctl(&g.api, &["status"]);
+    assert_eq!((code, &st["state"]), (Some(0), &"Migrating".into()), "{st}");
+    assert_eq!(st["pid"], g.cur.pid(), "{st}");
+    assert!(took < prompt, "status took {took:?}");
+    let mut said = vec![format!("status Migrating in {} ms", ms(took))];
+    let other = g.env.path("other.sock");
+    let other = other.display().to_string();
+    for args in [
+        vec!["pause"],
+        vec!["resume"],
+        vec!["shutdown"],
+        vec!["migrate", "--to", &other],
+    ] {
+        let (code, v, took) = timed_vmctl(&g.api, &args);
+        let text = v.to_string();
+        assert!(
+            code != Some(0) && (text.contains("busy") || text.contains("Migrating")),
+            "{args:?}: {code:?} {text}"
+        );
+        assert!(took < prompt, "{args:?} took {took:?}");
+        said.push(format!("{} busy in {} ms", args[0], ms(took)));
+    }
+    // Four more migrates at once, and status meanwhile.
+    let fakes: Vec<FakeTarget> = (0..4).map(|_| g.fake_target()).collect();
+    let jobs: Vec<_> = fakes
+        .iter()
+        .map(|f| migrate_in_background(&g.api, &f.path, &[]))
+        .collect();
+    let (code, st, took) = timed_vmctl(&g.api, &["status"]);
+    assert_eq!(code, Some(0), "{st}");
+    assert!(took < prompt, "status took {took:?} beside 4 migrates");
+    for j in jobs {
+        let out = j.join().expect("vmctl");
+        assert!(out.assert_failed().contains("busy"), "{out:?}");
+        assert!(out.took < prompt, "a second migrate took {:?}", out.took);
+    }
+    said.push(format!(
+        "status beside 4 migrates in {} ms, each busy",
+        ms(took)
+    ));
+    assert!(w.max_gap_since(Instant::now() - Duration::from_secs(2)) < Duration::from_millis(400));
+    drop((peer, h, fake));
+    let out = job.join().expect("vmctl");
+    out.assert_failed();
+    assert_eq!(out.json["downtime_us"], 0, "{:?}", out.json);
+    drop(fakes);
+    g.assert_runs_on(&w, "vmctl during a migration");
+    eprintln!("SUMMARY vmctl during a held migration: {}", said.join(", "));
+
+    // Two real sources to one real target: the first has it, the second
+    // is turned away at once and its guest runs on.
+    let api2 = g.env.path("api2.sock");
+    let spec2 = GuestSpec {
+        n: 2,
+        nets: vec![g.env.net("vm1", 2, "")],
+        memory: tests::migration_harness::MEMORY,
+    };
+    let mut src2 = start_source(&g.env, &spec2, &api2);
+    let w2 = TickWatch::start(&src2.serial);
+    assert!(w2.wait_more(3, SETTLE));
+    let tgt = start_target(&g.env, &TargetSpec::like(&g.spec));
+    let first = migrate_in_background(&g.api, &tgt.incoming, &[]);
+    // The target stops listening once the first source said Hello.
+    assert!(wait_for(SETTLE, || !tgt.incoming.exists()));
+    let second = migrate(&api2, &tgt.incoming, &[]);
+    let r2 = second.assert_failed();
+    assert!(second.took < prompt, "the second took {:?}", second.took);
+    assert_eq!(second.json["downtime_us"], 0);
+    let first = first.join().expect("vmctl");
+    first.assert_ok();
+    assert!(w2.wait_more(5, SETTLE), "the second guest stopped");
+    w2.assert_one_guest_continuous("the second source");
+    assert_answers_ping(&g.env, 2, "on the second source");
+    let (_, st2) = vmctl(&api2, &["status"]);
+    assert_eq!(
+        (&st2["state"], &st2["pid"]),
+        (&"Running".into(), &src2.pid().into())
+    );
+    g.exits.wait(&mut g.cur, "the first source");
+    g.cur = tgt.vm;
+    assert_answers_ping(&g.env, 1, "on the target");
+    eprintln!(
+        "SUMMARY two sources to one target: the first migrated (downtime_us {}), the second failed in {} ms ({r2:?}) and its guest runs on",
+        first.json["downtime_us"],
+        ms(second.took)
+    );
+    let (code, out) = vmctl(&api2, &["shutdown"]);
+    assert_eq!(code, Some(0), "{out}");
+    g.exits.wait(&mut src2, "the second source, shut down");
     g.finish();
 }

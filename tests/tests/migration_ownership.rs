@@ -19,7 +19,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tests::migration_harness::{
-    EchoStream, GuestSpec, MigEnv, Pinger, SETTLE, TargetSpec, Vm, boot_id, guest_stats, migrate,
+    GuestSpec, MigEnv, Pinger, SETTLE, TargetSpec, Vm, boot_id, echo_stream, guest_stats, migrate,
     start_source, start_target, ticks, vmctl,
 };
 use tests::net_guest::guest_ip;
@@ -753,7 +753,7 @@ fn target_then_source_sigkilled_at_seeded_random_instants_under_traffic() {
     let spec = GuestSpec::one_nic(&env, 1, "");
     let mut guest = Some(Guest::boot(&env, &spec));
     let ping = Pinger::start(&env, guest_ip(1));
-    let echo = EchoStream::start(&env, guest_ip(1), 2);
+    let echo = echo_stream(&env, guest_ip(1), 2);
     let t_all = Instant::now();
     let mut rounds = Vec::new();
     let mut boots = 1;
