@@ -28,8 +28,7 @@ use crate::server::{Limits, Server};
 
 const USAGE: &str = "usage: netd --socket PATH --policy FILE [--audit-log FILE] \
 [--read-timeout-ms N] [--client-deadline-ms N] [--max-clients N] [--max-clients-per-uid N] \
-[--tenant-reserve N]
-       netd --version | --help";
+[--tenant-reserve N] | --version | --help";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 

@@ -204,6 +204,30 @@ impl Vm {
         self.proc.pid()
     }
 
+    /// Waits until the serial shows `n` more heartbeats than now.
+    pub fn wait_ticks(&self, n: usize) {
+        let base = ticks(&self.serial_text()).len();
+        assert!(
+            wait_for(SETTLE, || ticks(&self.serial_text()).len() >= base + n),
+            "no new heartbeat on the serial:\n{}\nstderr: {}",
+            self.serial_text(),
+            self.proc.stderr()
+        );
+    }
+
+    /// `vmctl shutdown` through `vmctl_bin` on `api`; the vmm must exit 0.
+    pub fn shutdown_with(&mut self, vmctl_bin: &Path, api: &Path) {
+        let (code, out) = vmctl_with(vmctl_bin, api, &["shutdown"]);
+        assert_eq!(code, Some(0), "vmctl shutdown: {out}");
+        let st = self.wait_exit(SETTLE);
+        assert!(st.success(), "vmm exit {st}: {}", self.proc.stderr());
+    }
+
+    /// [`Vm::shutdown_with`] this build's vmctl.
+    pub fn shutdown(&mut self, api: &Path) {
+        self.shutdown_with(&bin("vmctl"), api);
+    }
+
     pub fn serial_text(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }

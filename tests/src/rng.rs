@@ -22,3 +22,14 @@ impl Rng {
         self.below(len as u64) as usize
     }
 }
+
+/// The seed of a fuzz test: `FUZZ_SEED` when set (to replay a failure),
+/// else the test's fixed one; printed either way.
+pub fn fuzz_seed(fixed: u64) -> u64 {
+    let seed = std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(fixed);
+    eprintln!("fuzz seed {seed} (FUZZ_SEED={seed} replays it)");
+    seed
+}

@@ -16,17 +16,6 @@ use tests::migration_harness::{
 use tests::net_guest::{guest_ip, guest_mac};
 use tests::netd_harness::wait_for;
 
-/// Waits until the target's serial shows `n` more heartbeats than now.
-fn wait_ticks(vm: &Vm, n: usize) {
-    let base = ticks(&vm.serial_text()).len();
-    assert!(
-        wait_for(SETTLE, || ticks(&vm.serial_text()).len() >= base + n),
-        "no heartbeat on the target's serial:\n{}\nstderr: {}",
-        vm.serial_text(),
-        vm.proc.stderr()
-    );
-}
-
 /// The fd count of `vm` comes back to `start` (within a few seconds: a
 /// connection that just ended may still be closing).
 fn assert_fds_back(vm: &Vm, start: usize, who: &str) {
@@ -40,13 +29,6 @@ fn assert_fds_back(vm: &Vm, start: usize, who: &str) {
         "{who} (pid {}) leaked within its hop: {now} fds, {start} when it took the guest",
         vm.pid()
     );
-}
-
-fn shutdown(api: &std::path::Path, vm: &mut Vm) {
-    let (code, out) = vmctl(api, &["shutdown"]);
-    assert_eq!(code, Some(0), "vmctl shutdown: {out}");
-    let st = vm.wait_exit(SETTLE);
-    assert!(st.success(), "vmm exit {st}: {}", vm.proc.stderr());
 }
 
 #[test]
@@ -93,14 +75,14 @@ fn under_traffic_nothing_is_lost_the_guest_and_its_tap_stay_and_netd_is_not_aske
     assert!(after.rx > before.rx && after.echo > before.echo);
     assert_eq!(env.ifindex("vm0"), ifindex, "the TAP was recreated");
     assert_eq!(tgt.vm.tap_queues("vm0"), 1, "the target holds the TAP");
-    wait_ticks(&tgt.vm, 2);
+    tgt.vm.wait_ticks(2);
     assert_ticks_continuous(&[src.serial_text(), tgt.vm.serial_text()]);
 
     // The source's API path answers, from the target.
     let (_, st) = vmctl(&api, &["status"]);
     assert_eq!(st["pid"], tgt.vm.pid(), "{st}");
     assert_eq!(st["state"], "Running", "{st}");
-    shutdown(&api, &mut tgt.vm);
+    tgt.vm.shutdown(&api);
     assert!(
         wait_for(SETTLE, || !env.links().contains(&"vm0".to_string())),
         "the TAP outlived the last vmm: {:?}",
@@ -127,7 +109,7 @@ fn netd_stopped_before_the_migration_is_not_needed() {
     traffic.stop_and_check();
     assert_answers_ping(&env, 1, "after the migration without netd");
     assert_eq!(env.ifindex("vm0"), ifindex);
-    shutdown(&api, &mut tgt.vm);
+    tgt.vm.shutdown(&api);
     exits.assert_all_ok();
 }
 
@@ -152,7 +134,7 @@ fn two_queue_pairs_every_flow_answers_after_the_migration() {
     assert_eq!(tgt.vm.tap_queues("vm0"), 2, "both TAP queues moved");
     let (_, st) = vmctl(&api, &["status"]);
     assert_eq!(st["nets"][0]["queues"], 2, "{st}");
-    shutdown(&api, &mut tgt.vm);
+    tgt.vm.shutdown(&api);
     exits.assert_all_ok();
 }
 
@@ -196,7 +178,7 @@ fn two_nics_move_together_on_their_own_taps() {
         );
         assert_eq!(n["queues"], q, "{st}");
     }
-    shutdown(&api, &mut tgt.vm);
+    tgt.vm.shutdown(&api);
     assert!(wait_for(SETTLE, || {
         let l = env.links();
         !l.contains(&"vm0".to_string()) && !l.contains(&"vm1".to_string())
@@ -237,7 +219,7 @@ fn twenty_chained_migrations_under_traffic_leak_nothing() {
         cur = tgt.vm;
         pids.push(cur.pid());
         // Each vmm of the chain runs the guest: a heartbeat of its own.
-        wait_ticks(&cur, 1);
+        cur.wait_ticks(1);
         if !traffic.echo.wait_more(5, SETTLE) {
             let serial = cur.serial_text();
             let tail: Vec<&str> = serial.lines().rev().take(5).collect();
@@ -280,7 +262,7 @@ fn twenty_chained_migrations_under_traffic_leak_nothing() {
     let took = t0.elapsed();
     traffic.wait_flowing("after the last migration");
     let (pings, echoes) = traffic.stop_and_check();
-    wait_ticks(&cur, 2);
+    cur.wait_ticks(2);
     serials.push(cur.serial_text());
     assert_ticks_continuous(&serials);
     assert_eq!(guest_stats(&env, 1).boot_id, boot);
@@ -294,7 +276,7 @@ fn twenty_chained_migrations_under_traffic_leak_nothing() {
         downtimes[HOPS - 1]
     );
 
-    shutdown(&api, &mut cur);
+    cur.shutdown(&api);
     // Nothing left: no vmm of the chain, no socket, no interface.
     for pid in &pids {
         assert_eq!(fd_count(*pid), 0, "vmm {pid} still runs");
@@ -351,9 +333,9 @@ fn a_paused_guest_arrives_paused_and_resumes() {
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(vmctl(&api, &["status"]).1["state"], "Running");
     assert_answers_ping(&env, 1, "after resume");
-    wait_ticks(&tgt.vm, 2);
+    tgt.vm.wait_ticks(2);
     assert_ticks_continuous(&[src.serial_text(), tgt.vm.serial_text()]);
-    shutdown(&api, &mut tgt.vm);
+    tgt.vm.shutdown(&api);
     exits.assert_all_ok();
 }
 
@@ -411,8 +393,8 @@ fn classic_path_gets_a_new_tap_from_netd_and_announces_the_guest() {
         env.links()
     );
     assert_eq!(tgt.vm.tap_queues("vm1"), 1);
-    wait_ticks(&tgt.vm, 2);
+    tgt.vm.wait_ticks(2);
     assert_ticks_continuous(&[src.serial_text(), tgt.vm.serial_text()]);
-    shutdown(&api, &mut tgt.vm);
+    tgt.vm.shutdown(&api);
     exits.assert_all_ok();
 }

@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 use tests::migration_harness::{
     Exits, GuestSpec, MigEnv, SETTLE, TargetSpec, Vm, assert_answers_ping, assert_ticks_continuous,
     capture_from_source, guest_ram_inodes, guest_ram_mapped, migrate, start_source, start_target,
-    status_kib, ticks, vmctl,
+    status_kib,
 };
 use tests::net_guest::{GuestLink, guest_ip, guest_mac};
-use tests::netd_harness::wait_for;
 
 /// UDP port of the test guest's rx hold (tests/guest/README.md).
 const PORT_HOLD: u16 = 5003;
@@ -23,23 +22,6 @@ const PORT_HOLD: u16 = 5003;
 /// load average of 10; the test checks that the hold indeed ended on the
 /// target.
 const HOLD_TICKS: u32 = 60;
-
-fn wait_ticks(vm: &Vm, n: usize) {
-    let base = ticks(&vm.serial_text()).len();
-    assert!(
-        wait_for(SETTLE, || ticks(&vm.serial_text()).len() >= base + n),
-        "no heartbeat on the serial:\n{}\nstderr: {}",
-        vm.serial_text(),
-        vm.proc.stderr()
-    );
-}
-
-fn shutdown(api: &std::path::Path, vm: &mut Vm) {
-    let (code, out) = vmctl(api, &["shutdown"]);
-    assert_eq!(code, Some(0), "vmctl shutdown: {out}");
-    let st = vm.wait_exit(SETTLE);
-    assert!(st.success(), "vmm exit {st}: {}", vm.proc.stderr());
-}
 
 /// The serial line that starts with `testguest: <prefix>`, once there.
 fn wait_line(vm: &mut Vm, prefix: &str, timeout: Duration) -> String {
@@ -192,9 +174,9 @@ fn a_frame_read_but_not_delivered_at_the_pause_arrives_after_the_migration() {
     );
 
     assert_answers_ping(&env, 1, "after the migration");
-    wait_ticks(&tgt.vm, 2);
+    tgt.vm.wait_ticks(2);
     assert_ticks_continuous(&[src.serial_text(), tgt.vm.serial_text()]);
-    shutdown(&api, &mut tgt.vm);
+    tgt.vm.shutdown(&api);
     exits.assert_all_ok();
 }
 
@@ -256,7 +238,7 @@ fn no_page_is_copied_the_target_maps_the_same_memfd_and_its_rss_does_not_grow_wi
         );
         // The target runs the guest (it answers, its heartbeat goes on).
         assert_answers_ping(&env, n, "after the migration");
-        wait_ticks(&tgt.vm, 2);
+        tgt.vm.wait_ticks(2);
         let (vm_rss, shmem) = (status_kib(pid, "VmRSS"), status_kib(pid, "RssShmem"));
         eprintln!(
             "{memory} guest: source VmRSS {src_rss} KiB; target VmRSS {vm_rss} KiB (RssShmem {shmem} KiB), guest RAM {} KiB",
@@ -267,7 +249,7 @@ fn no_page_is_copied_the_target_maps_the_same_memfd_and_its_rss_does_not_grow_wi
             "{memory} guest: the target's VmRSS is {vm_rss} KiB"
         );
         rss.push(vm_rss);
-        shutdown(&api, &mut tgt.vm);
+        tgt.vm.shutdown(&api);
     }
     assert!(
         rss[1] <= rss[0] + RSS_GROWTH_MAX_KIB,

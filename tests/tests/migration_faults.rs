@@ -679,7 +679,7 @@ fn a_protocol_2_hello_needs_sealed_ram_and_an_offered_sealed_page_and_protocol_1
             "an unsealed RAM memfd",
             &ok,
             vec![unsealed_ram.as_fd(), tap, page.as_fd()],
-            "not sealed against shrinking and growing",
+            "not sealed against shrink",
         ),
         (
             "no ownership page",

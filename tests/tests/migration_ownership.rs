@@ -25,7 +25,7 @@ use tests::migration_harness::{
 use tests::net_guest::guest_ip;
 use tests::netd_harness::wait_for;
 use tests::relay::{Fault, Relay, SOURCE_MSGS, TARGET_MSGS, process_exited, sockets_in};
-use tests::rng::Rng;
+use tests::rng::{Rng, fuzz_seed};
 
 /// The switch-over limit of the faulted migrations: short, so that a
 /// trickled reply costs the guest little and the cases run fast.
@@ -36,17 +36,6 @@ const LIMIT_SLACK_MS: u64 = 300;
 const TRICKLE_GAP: Duration = Duration::from_millis(300);
 /// How long heartbeats are watched to see who runs the guest.
 const WINDOW: Duration = Duration::from_millis(400);
-
-/// The seed of a fuzz test: `FUZZ_SEED` when set (to replay a failure),
-/// else the test's fixed one; printed either way.
-fn fuzz_seed(fixed: u64) -> u64 {
-    let seed = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(fixed);
-    eprintln!("fuzz seed {seed} (FUZZ_SEED={seed} replays it)");
-    seed
-}
 
 /// Up to the last newline: a running guest may be in the middle of a
 /// line (`tick 1` of `tick 13`).

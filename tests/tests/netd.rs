@@ -15,7 +15,7 @@ use tests::netd_harness::{
     NOBODY, Netd, TEST_POLICY, probe, probe_hold, wait_for, world_exec_copy,
 };
 use tests::prereq::{Prerequisite, require_or_skip};
-use tests::rng::Rng;
+use tests::rng::{Rng, fuzz_seed};
 
 fn start(tag: &str, extra: &[&str]) -> (Netd, PathBuf) {
     let netd = Netd::start(&tests::bin("netd"), tag, TEST_POLICY, extra);
@@ -403,17 +403,6 @@ fn malformed_input_each_followed_by_a_served_client() {
     assert!(audit.contains("exceeds the limit"), "{audit}");
     assert!(audit.contains("in the middle of a frame"), "{audit}");
     assert!(audit.contains("read timeout"), "{audit}");
-}
-
-/// The seed of a fuzz test: `FUZZ_SEED` when set (to replay a failure),
-/// else the test's fixed one; printed either way.
-fn fuzz_seed(fixed: u64) -> u64 {
-    let seed = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(fixed);
-    eprintln!("fuzz seed {seed} (FUZZ_SEED={seed} replays it)");
-    seed
 }
 
 /// Random bytes, and random mutations of valid requests, into the frame

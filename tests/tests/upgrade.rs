@@ -17,11 +17,10 @@ use std::path::Path;
 
 use tests::bin;
 use tests::migration_harness::{
-    Exits, GuestSpec, MigEnv, SETTLE, TargetSpec, Traffic, Vm, assert_answers_ping,
-    assert_ticks_continuous, boot_id, guest_stats, migrate, migrate_with, start_source,
-    start_source_with, start_target_with, ticks, vmctl_with,
+    Exits, GuestSpec, MigEnv, TargetSpec, Traffic, assert_answers_ping, assert_ticks_continuous,
+    boot_id, guest_stats, migrate, migrate_with, start_source, start_source_with,
+    start_target_with, ticks, vmctl_with,
 };
-use tests::netd_harness::wait_for;
 use tests::prereq::{Prerequisite, PreviousRelease, require_or_skip};
 
 /// This build's version, as its vmm reports it.
@@ -38,30 +37,11 @@ fn previous() -> Option<PreviousRelease> {
     Some(PreviousRelease::from_env().unwrap_or_else(|e| panic!("{e}")))
 }
 
-/// Waits until `vm`'s serial shows `n` more heartbeats than now.
-fn wait_ticks(vm: &Vm, n: usize) {
-    let base = ticks(&vm.serial_text()).len();
-    assert!(
-        wait_for(SETTLE, || ticks(&vm.serial_text()).len() >= base + n),
-        "no new heartbeat on the serial:\n{}\nstderr: {}",
-        vm.serial_text(),
-        vm.proc.stderr()
-    );
-}
-
 /// `status` through `vmctl_bin`, which must succeed.
 fn status(vmctl_bin: &Path, api: &Path) -> serde_json::Value {
     let (code, st) = vmctl_with(vmctl_bin, api, &["status"]);
     assert_eq!(code, Some(0), "{} status: {st}", vmctl_bin.display());
     st
-}
-
-/// `shutdown` through `vmctl_bin`; the vmm then exits 0.
-fn shutdown(vmctl_bin: &Path, api: &Path, vm: &mut Vm) {
-    let (code, out) = vmctl_with(vmctl_bin, api, &["shutdown"]);
-    assert_eq!(code, Some(0), "vmctl shutdown: {out}");
-    let st = vm.wait_exit(SETTLE);
-    assert!(st.success(), "vmm exit {st}: {}", vm.proc.stderr());
 }
 
 #[test]
@@ -114,7 +94,7 @@ fn a_guest_on_the_previous_release_moves_to_this_one_with_nothing_lost() {
     assert!(after.rx > before.rx && after.echo > before.echo);
     assert_eq!(env.ifindex("vm0"), ifindex, "the TAP was recreated");
     assert_eq!(tgt.vm.tap_queues("vm0"), 1, "the target holds the TAP");
-    wait_ticks(&tgt.vm, 2);
+    tgt.vm.wait_ticks(2);
     assert_ticks_continuous(&[src.serial_text(), tgt.vm.serial_text()]);
 
     // The source's API path answers, from this build's vmm.
@@ -127,7 +107,7 @@ fn a_guest_on_the_previous_release_moves_to_this_one_with_nothing_lost() {
         vmm::persist::MACHINE_STATE_FORMAT.to_string(),
         "{st}"
     );
-    shutdown(&bin("vmctl"), &api, &mut tgt.vm);
+    tgt.vm.shutdown(&api);
     exits.assert_all_ok();
 }
 
@@ -167,7 +147,7 @@ fn this_release_hands_a_guest_to_the_previous_one_or_is_refused_before_the_pause
         assert!(after.rx > before.rx && after.echo > before.echo);
         assert_eq!(env.ifindex("vm0"), ifindex, "the TAP was recreated");
         assert_eq!(tgt.vm.tap_queues("vm0"), 1, "the target holds the TAP");
-        wait_ticks(&tgt.vm, 2);
+        tgt.vm.wait_ticks(2);
         assert_ticks_continuous(&[src.serial_text(), tgt.vm.serial_text()]);
         // The previous release answers on the source's path now.
         let st = status(&prev.vmctl, &api);
@@ -175,7 +155,7 @@ fn this_release_hands_a_guest_to_the_previous_one_or_is_refused_before_the_pause
         assert_eq!(st["state"], "Running", "{st}");
         let st = status(&bin("vmctl"), &api);
         assert_ne!(st["version"], CURRENT, "{st}");
-        shutdown(&prev.vmctl, &api, &mut tgt.vm);
+        tgt.vm.shutdown_with(&prev.vmctl, &api);
         exits.assert_all_ok();
         return;
     }
@@ -202,7 +182,7 @@ fn this_release_hands_a_guest_to_the_previous_one_or_is_refused_before_the_pause
     assert_eq!(st["state"], "Running", "{st}");
     traffic.wait_flowing("after the refusal");
     traffic.stop_and_check();
-    wait_ticks(&src, 2);
+    src.wait_ticks(2);
     assert_ticks_continuous(&[src.serial_text()]);
     assert_eq!(guest_stats(&env, 2).boot_id, before.boot_id);
     assert_eq!(env.ifindex("vm0"), ifindex, "the TAP was recreated");
@@ -215,5 +195,5 @@ fn this_release_hands_a_guest_to_the_previous_one_or_is_refused_before_the_pause
             assert_eq!(tgt.vm.tap_queues("vm0"), 0, "the target holds the TAP");
         }
     }
-    shutdown(&bin("vmctl"), &api, &mut src);
+    src.shutdown(&api);
 }

@@ -16,8 +16,7 @@ pub const DEFAULT_MEMORY: u64 = 128 << 20;
 
 pub const USAGE: &str = "usage: vmm --kernel FILE [--cmdline STR] [--memory SIZE] [--vcpus N] \
 [--serial stdout|FILE] [--api-socket PATH] [--net netd=SOCK,id=ID[,...]] [--incoming PATH] [--user UID:GID] \
-[--seccomp kill|log]
-       vmm --version | --help";
+[--seccomp kill|log] | --version | --help";
 
 /// The `--version` line: this vmm's version, and the machine state format
 /// and migration protocol it writes (what a target must read to take its

@@ -166,14 +166,14 @@ mod tests {
     use std::os::fd::OwnedFd;
     use vmm_sys_util::eventfd::EventFd;
 
-    /// A 32 MiB one-vCPU machine, with NIC `vm0` on `tap` when given (the
-    /// shape of the fixtures).
-    fn machine_on(tap: Option<OwnedFd>) -> Machine {
+    /// A 32 MiB one-vCPU machine, with NIC `vm0` on the TAP `(fd, name)`
+    /// when given (the shape of the fixtures).
+    fn machine_on(tap: Option<(OwnedFd, &str)>) -> Machine {
         let mut vm = Vm::new(Kvm::new().unwrap(), GuestRam::new(32 << 20).unwrap()).unwrap();
         let nets = match tap {
-            Some(tap) => {
+            Some((tap, name)) => {
                 let cfg = attach_tests::config("vm0");
-                let opened = OpenedNet::from_fds(cfg, "vm0".into(), vec![tap], vec![], None);
+                let opened = OpenedNet::from_fds(cfg, name.into(), vec![tap], vec![], None);
                 attach_nets(&mut vm, vec![opened.unwrap()]).unwrap()
             }
             None => Vec::new(),
@@ -260,10 +260,10 @@ mod tests {
 
     /// Restores fixture `text` into a machine of its shape, its NIC on a
     /// TAP of its own (`tap`), and reads it back.
-    fn restore_fixture(version: &str, text: &str, tap: OwnedFd) {
+    fn restore_fixture(version: &str, text: &str, tap: OwnedFd, name: &str) {
         let s = MachineState::from_ron(text)
             .unwrap_or_else(|e| panic!("fixture {version} no longer loads: {e}"));
-        let m = machine_on(Some(tap));
+        let m = machine_on(Some((tap, name)));
         let fds = m.fd_table(true);
         m.restore(&s, Some(&fds))
             .unwrap_or_else(|e| panic!("fixture {version} does not restore: {e}"));
@@ -283,10 +283,11 @@ mod tests {
 
     fn every_fixture_in_own_netns() {
         for (i, (version, text)) in FIXTURES.iter().enumerate() {
-            let Some(tap) = attach_tests::own_netns_tap(&format!("vmfx{i}")) else {
+            let name = format!("vmfx{i}");
+            let Some(tap) = attach_tests::own_netns_tap(&name) else {
                 return;
             };
-            restore_fixture(version, text, tap);
+            restore_fixture(version, text, tap, &name);
         }
     }
 

@@ -44,7 +44,7 @@ fn main() {
     match &reason {
         ExitReason::VcpuFailed { vcpu, message } => eprintln!("vmm: vCPU {vcpu}: {message}"),
         ExitReason::MigrationLost { reason } => {
-            eprintln!("vmm: migration committed but the target failed: {reason}")
+            eprintln!("vmm: migration: {reason}")
         }
         r => log::info!("VM stopped: {r:?}"),
     }

@@ -66,7 +66,7 @@ pub enum ExitReason {
     /// A migration handed the guest to a target vmm. `keep_api_socket`:
     /// the target serves this process's API socket, whose path must stay.
     Migrated { keep_api_socket: bool },
-    /// A migration committed but the target never resumed the guest.
+    /// The migration target took the guest and died: it runs nowhere.
     MigrationLost { reason: String },
 }
 

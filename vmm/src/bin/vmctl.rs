@@ -13,8 +13,7 @@ use common::api::{API_VERSION, ApiRequest, ApiResponse};
 use common::codec::{self, DEFAULT_MAX_FRAME};
 use common::migration::MAX_DOWNTIME_LIMIT_MS;
 
-const USAGE: &str = "usage: vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH [--no-backend-transfer] [--downtime-limit-ms N]} [--json]
-       vmctl --version | --help";
+const USAGE: &str = "usage: vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH [--no-backend-transfer] [--downtime-limit-ms N]} [--json] | --version | --help";
 /// Migration can take a while; everything else answers at once.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
