@@ -240,6 +240,7 @@ fn settle(
         }
         Err(Owner::Target { pid }) if process_gone(pid) => {
             offer.hold.handed_over();
+            report.downtime_us = downtime();
             let reason = format!(
                 "the target (pid {pid}) took the guest and exited, the guest is lost with it: {err}"
             );
@@ -425,7 +426,7 @@ fn run<'a>(
     // From the Hello on, the target holds the page: the guest is offered,
     // and the exit path settles it whatever happens next.
     hold.offered(page.clone(), false);
-    *offer = Some(Offer {
+    let o = offer.insert(Offer {
         hold,
         page,
         takes_api_socket: false,
@@ -439,9 +440,6 @@ fn run<'a>(
         m => return Err(unexpected("Hello", &m)),
     };
     report.phases.prepare_us = us(t.elapsed());
-    let Some(o) = offer.as_mut() else {
-        return Err(SourceError::Busy);
-    };
     o.takes_api_socket = takes_api_socket;
     o.hold.offered(o.page.clone(), takes_api_socket);
 
