@@ -893,6 +893,26 @@ impl Traffic {
     }
 }
 
+/// After a backend-transfer migration of guest 1 (NIC `vm0`): the same
+/// guest (its boot id, its counters gone on from `before`), on the same TAP
+/// (`ifindex`) that the target alone holds now, its heartbeat continuous
+/// from the source's serial to the target's.
+pub fn assert_same_guest_on_the_same_tap(
+    env: &MigEnv,
+    before: &crate::net_guest::GuestStats,
+    ifindex: u32,
+    src: &Vm,
+    tgt: &Vm,
+) {
+    let after = guest_stats(env, 1);
+    assert_eq!(after.boot_id, before.boot_id, "the guest rebooted");
+    assert!(after.rx > before.rx && after.echo > before.echo);
+    assert_eq!(env.ifindex("vm0"), ifindex, "the TAP was recreated");
+    assert_eq!(tgt.tap_queues("vm0"), 1, "the target holds the TAP");
+    tgt.wait_ticks(2);
+    assert_ticks_continuous(&[src.serial_text(), tgt.serial_text()]);
+}
+
 /// The guest's UDP 5000 stats, as `(boot_id, rx, tx, echo)` text fields.
 pub fn guest_stats(env: &MigEnv, n: u8) -> crate::net_guest::GuestStats {
     crate::net_guest::GuestLink::new(&env.netd.ns, guest_ip(n))

@@ -10,8 +10,8 @@ use std::time::Instant;
 use tests::hostile::settled_fd_count;
 use tests::migration_harness::{
     Exits, GuestSpec, MEMORY, MigEnv, SETTLE, TargetSpec, Traffic, Vm, assert_answers_ping,
-    assert_ticks_continuous, boot_id, fd_count, guest_stats, migrate, start_source, start_target,
-    ticks, vmctl,
+    assert_same_guest_on_the_same_tap, assert_ticks_continuous, boot_id, fd_count, guest_stats,
+    migrate, start_source, start_target, ticks, vmctl,
 };
 use tests::net_guest::{guest_ip, guest_mac};
 use tests::netd_harness::wait_for;
@@ -70,13 +70,7 @@ fn under_traffic_nothing_is_lost_the_guest_and_its_tap_stay_and_netd_is_not_aske
     assert!(j["state_bytes"].as_u64().is_some_and(|b| b > 0), "{j}");
 
     // The same guest, on the same TAP, now held by the target alone.
-    let after = guest_stats(&env, 1);
-    assert_eq!(after.boot_id, before.boot_id, "the guest rebooted");
-    assert!(after.rx > before.rx && after.echo > before.echo);
-    assert_eq!(env.ifindex("vm0"), ifindex, "the TAP was recreated");
-    assert_eq!(tgt.vm.tap_queues("vm0"), 1, "the target holds the TAP");
-    tgt.vm.wait_ticks(2);
-    assert_ticks_continuous(&[src.serial_text(), tgt.vm.serial_text()]);
+    assert_same_guest_on_the_same_tap(&env, &before, ifindex, &src, &tgt.vm);
 
     // The source's API path answers, from the target.
     let (_, st) = vmctl(&api, &["status"]);

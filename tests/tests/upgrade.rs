@@ -17,9 +17,9 @@ use std::path::Path;
 
 use tests::bin;
 use tests::migration_harness::{
-    Exits, GuestSpec, MigEnv, TargetSpec, Traffic, assert_answers_ping, assert_ticks_continuous,
-    boot_id, guest_stats, migrate, migrate_with, start_source, start_source_with,
-    start_target_with, ticks, vmctl_with,
+    Exits, GuestSpec, MigEnv, TargetSpec, Traffic, assert_answers_ping,
+    assert_same_guest_on_the_same_tap, assert_ticks_continuous, boot_id, guest_stats, migrate,
+    migrate_with, start_source, start_source_with, start_target_with, ticks, vmctl_with,
 };
 use tests::prereq::{Prerequisite, PreviousRelease, require_or_skip};
 
@@ -89,13 +89,7 @@ fn a_guest_on_the_previous_release_moves_to_this_one_with_nothing_lost() {
     );
 
     // The same guest on the same TAP, now held by this build's vmm alone.
-    let after = guest_stats(&env, 1);
-    assert_eq!(after.boot_id, before.boot_id, "the guest rebooted");
-    assert!(after.rx > before.rx && after.echo > before.echo);
-    assert_eq!(env.ifindex("vm0"), ifindex, "the TAP was recreated");
-    assert_eq!(tgt.vm.tap_queues("vm0"), 1, "the target holds the TAP");
-    tgt.vm.wait_ticks(2);
-    assert_ticks_continuous(&[src.serial_text(), tgt.vm.serial_text()]);
+    assert_same_guest_on_the_same_tap(&env, &before, ifindex, &src, &tgt.vm);
 
     // The source's API path answers, from this build's vmm.
     let st = status(&bin("vmctl"), &api);
