@@ -234,6 +234,21 @@ impl Drop for NetNs {
             .status();
     }
 }
+/// `name --version` prints exactly `version_line` and exits 0; `name
+/// --help` exits 0 and lists each of `flags` (and `--version`).
+pub fn assert_version_and_help(name: &str, version_line: &str, flags: &[&str]) {
+    let run = |arg: &str| {
+        let out = Command::new(bin(name)).arg(arg).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{name} {arg}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(run("--version"), format!("{version_line}\n"));
+    let help = run("--help");
+    for flag in flags.iter().chain(&["--version"]) {
+        assert!(help.contains(flag), "{name} --help lacks {flag}: {help}");
+    }
+}
+
 pub mod echo_stream;
 pub mod hostile;
 pub mod migration_harness;

@@ -1229,8 +1229,25 @@ pub fn hello(
     backend_transfer: bool,
     fds: Vec<FdRole>,
 ) -> SourceMsg<()> {
+    hello_of(
+        MIGRATION_PROTOCOL_VERSION,
+        format,
+        shape,
+        backend_transfer,
+        fds,
+    )
+}
+
+/// [`hello`] of migration protocol `protocol` (1: release 0.1.0's).
+pub fn hello_of(
+    protocol: u32,
+    format: FormatVersion,
+    shape: MachineShape,
+    backend_transfer: bool,
+    fds: Vec<FdRole>,
+) -> SourceMsg<()> {
     SourceMsg::Hello {
-        protocol: MIGRATION_PROTOCOL_VERSION,
+        protocol,
         format,
         vmm_version: "fake-source".into(),
         shape,

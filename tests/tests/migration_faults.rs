@@ -18,8 +18,8 @@ use common::migration::{FdRole, SourceMsg, TargetMsg};
 use common::ownership::{Owner, OwnerPage};
 use tests::migration_harness::{
     Captured, Exits, FakeTarget, GuestSpec, MEMORY_BYTES, MigEnv, MigrateOutcome, Peer, SETTLE,
-    Target, TargetSpec, TickWatch, Vm, assert_answers_ping, capture_from_source, hello, memfd,
-    memfd_unsealed, migrate, migrate_in_background, one_nic_shape, owner_page, start_source,
+    Target, TargetSpec, TickWatch, Vm, assert_answers_ping, capture_from_source, hello, hello_of,
+    memfd, memfd_unsealed, migrate, migrate_in_background, one_nic_shape, owner_page, start_source,
     start_target, take_in_child_and_exit, vmctl,
 };
 use tests::netd_harness::wait_for;
@@ -658,21 +658,23 @@ fn a_protocol_2_hello_needs_sealed_ram_and_an_offered_sealed_page_and_protocol_1
     let taken_back = owner_page();
     taken_back.take_back().expect("take back a fresh page");
     let page = owner_page();
-    let no_page = SourceMsg::Hello {
-        protocol: 2,
-        format: MACHINE_STATE_FORMAT,
-        vmm_version: "fake".into(),
-        shape: c.hello.shape(),
-        backend_transfer: true,
-        paused: false,
-        fds: vec![
+    // RAM and TAP only: what protocol 1 sends.
+    let ram_and_tap = || {
+        vec![
             FdRole::GuestRam,
             FdRole::TapQueue {
                 net: "vm0".into(),
                 queue: 0,
             },
-        ],
+        ]
     };
+    let no_page = hello_of(
+        2,
+        MACHINE_STATE_FORMAT,
+        c.hello.shape(),
+        true,
+        ram_and_tap(),
+    );
     let ram = c.hello.fd(&FdRole::GuestRam);
     let cases: [(&str, &SourceMsg<()>, Vec<BorrowedFd<'_>>, &str); 5] = [
         (
@@ -725,21 +727,13 @@ fn a_protocol_2_hello_needs_sealed_ram_and_an_offered_sealed_page_and_protocol_1
     );
 
     // Release 0.1.0's Hello: protocol 1, no page, an unsealed memfd.
-    let v1 = SourceMsg::Hello {
-        protocol: 1,
-        format: MACHINE_STATE_FORMAT,
-        vmm_version: "0.1.0".into(),
-        shape: c.hello.shape(),
-        backend_transfer: true,
-        paused: false,
-        fds: vec![
-            FdRole::GuestRam,
-            FdRole::TapQueue {
-                net: "vm0".into(),
-                queue: 0,
-            },
-        ],
-    };
+    let v1 = hello_of(
+        1,
+        MACHINE_STATE_FORMAT,
+        c.hello.shape(),
+        true,
+        ram_and_tap(),
+    );
     let (mut t, peer, answer) = hello_to_target(&g, &v1, &[unsealed_ram.as_fd(), tap]);
     assert!(
         matches!(answer, TargetMsg::Ready { .. }),

@@ -832,23 +832,6 @@ fn racing_requests_for_one_name_never_share_a_tap() {
 
 #[test]
 fn netd_version_and_help() {
-    let out = std::process::Command::new(tests::bin("netd"))
-        .arg("--version")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("netd {}\n", env!("CARGO_PKG_VERSION"))
-    );
-    let out = std::process::Command::new(tests::bin("netd"))
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let help = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        help.contains("--policy") && help.contains("--version"),
-        "{help}"
-    );
+    let version = format!("netd {}", env!("CARGO_PKG_VERSION"));
+    tests::assert_version_and_help("netd", &version, &["--policy"]);
 }

@@ -151,20 +151,6 @@ fn vmctl_usage_and_unreachable_socket() {
 
 #[test]
 fn vmctl_version_and_help() {
-    let out = Command::new(bin("vmctl"))
-        .arg("--version")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("vmctl {}\n", env!("CARGO_PKG_VERSION"))
-    );
-    let out = Command::new(bin("vmctl")).arg("--help").output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let help = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        help.contains("--api-socket") && help.contains("--version"),
-        "{help}"
-    );
+    let version = format!("vmctl {}", env!("CARGO_PKG_VERSION"));
+    tests::assert_version_and_help("vmctl", &version, &["--api-socket", "--downtime-limit-ms"]);
 }

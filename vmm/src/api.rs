@@ -239,9 +239,7 @@ impl Server {
             let sent = conn.send(&resp, &[]);
             // The reason to exit goes out even when vmctl left early.
             if let Some(reason) = then {
-                if matches!(reason, ExitReason::Migrated { .. }) {
-                    self.ctx.runtime.api_gate.retire();
-                }
+                // (A migration that handed the guest over retired the gate.)
                 self.ctx.runtime.exit.send(reason);
                 return sent;
             }
