@@ -433,38 +433,29 @@ fn relay_matrix(tag: &str, faults: &[(Fault, String, Owner)]) {
     );
 }
 
-#[test]
-fn target_sigkilled_just_before_each_message_of_the_source() {
+/// The target killed by `sig` just before each of the source's messages
+/// reaches it: the source keeps (or takes back) the guest every time.
+fn signal_before_each_message(tag: &str, sig: libc::c_int, name: &str) {
     let faults: Vec<(Fault, String, Owner)> = (0..3)
         .map(|msg| {
             (
-                Fault::SignalBefore {
-                    msg,
-                    sig: libc::SIGKILL,
-                },
-                format!("SIGKILL target before {}", SOURCE_MSGS[msg]),
+                Fault::SignalBefore { msg, sig },
+                format!("{name} target before {}", SOURCE_MSGS[msg]),
                 Owner::Source,
             )
         })
         .collect();
-    relay_matrix("own-kill", &faults);
+    relay_matrix(tag, &faults);
+}
+
+#[test]
+fn target_sigkilled_just_before_each_message_of_the_source() {
+    signal_before_each_message("own-kill", libc::SIGKILL, "SIGKILL");
 }
 
 #[test]
 fn target_sigtermed_just_before_each_message_of_the_source() {
-    let faults: Vec<(Fault, String, Owner)> = (0..3)
-        .map(|msg| {
-            (
-                Fault::SignalBefore {
-                    msg,
-                    sig: libc::SIGTERM,
-                },
-                format!("SIGTERM target before {}", SOURCE_MSGS[msg]),
-                Owner::Source,
-            )
-        })
-        .collect();
-    relay_matrix("own-term", &faults);
+    signal_before_each_message("own-term", libc::SIGTERM, "SIGTERM");
 }
 
 #[test]
