@@ -115,6 +115,19 @@ pub struct MigrationPhases {
     pub restore_us: u64,
     /// Commit sent to the target's vCPUs running again.
     pub resume_us: u64,
+    /// The switch-over moment by moment, from both processes (one
+    /// CLOCK_MONOTONIC): where the downtime went. Since 0.3.0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub marks: Vec<PhaseMark>,
+}
+
+/// One moment of a migration's switch-over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseMark {
+    /// "source: vcpus parked", "target: state decoded", ...
+    pub what: String,
+    /// Microseconds after the source began to pause the guest.
+    pub at_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,7 +51,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol this build speaks as a source.
-pub const MIGRATION_PROTOCOL_VERSION: u32 = 2;
+pub const MIGRATION_PROTOCOL_VERSION: u32 = 3;
 /// The oldest source protocol a target accepts (release 0.1.0's).
 pub const OLDEST_SOURCE_PROTOCOL: u32 = 1;
 
@@ -190,7 +190,26 @@ pub enum TargetMsg {
         /// CLOCK_MONOTONIC, in ns, when the target released its vCPUs.
         /// Informational: a source measures the downtime on its own clock.
         at_ns: u64,
+        /// The target's moments of the switch-over (protocol 3 on; never
+        /// sent to an older source, which refuses unknown fields).
+        #[serde(default, skip_serializing_if = "Timeline::is_empty")]
+        timeline: Timeline,
     },
+}
+
+/// Named moments of one side of a switch-over, CLOCK_MONOTONIC in ns.
+/// Informational: reported, never acted on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeline(pub Vec<(String, u64)>);
+
+impl Timeline {
+    pub fn mark(&mut self, what: &str) {
+        self.0.push((what.to_string(), monotonic_ns()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock both processes share on one

@@ -889,7 +889,10 @@ fn a_trickling_target_after_state_or_commit_holds_the_guest_at_most_the_limit() 
         let limit = Duration::from_millis(limit_ms.unwrap_or(1000));
         let answer = match after {
             After::State => TargetMsg::Loaded { restore_us: 1 },
-            _ => TargetMsg::Resumed { at_ns: 1 },
+            _ => TargetMsg::Resumed {
+                at_ns: 1,
+                timeline: Default::default(),
+            },
         };
         let fake = g.fake_target();
         let t0 = Instant::now();
@@ -972,7 +975,13 @@ fn a_target_that_takes_the_guest_and_trickles_has_it_and_the_source_exits_0() {
     let paused_by = Instant::now();
     let page = h.page();
     page.take().expect("the fake takes the guest");
-    let trickler = peer.trickle(&TargetMsg::Resumed { at_ns: 1 }, TRICKLE);
+    let trickler = peer.trickle(
+        &TargetMsg::Resumed {
+            at_ns: 1,
+            timeline: Default::default(),
+        },
+        TRICKLE,
+    );
     let out = job.join().expect("vmctl");
     out.assert_ok();
     let st = source_exit(&mut g);
@@ -1039,7 +1048,14 @@ fn the_window_after_commit_the_guest_runs_in_exactly_one_place() {
     let job = migrate_in_background(&g.api, &fake.path, &args);
     let (peer, h) = fake_up_to(&fake, After::Commit);
     std::thread::sleep(limit + Duration::from_millis(300));
-    let _ = common::codec::send(&peer.sock, &TargetMsg::Resumed { at_ns: 1 }, &[]);
+    let _ = common::codec::send(
+        &peer.sock,
+        &TargetMsg::Resumed {
+            at_ns: 1,
+            timeline: Default::default(),
+        },
+        &[],
+    );
     let out = job.join().expect("vmctl");
     assert!(out.result().contains("downtime limit"), "{out:?}");
     let late = h.page().take();

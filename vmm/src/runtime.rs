@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use common::api::{RunState, VmStatus};
+use common::migration::Timeline;
 use common::ownership::{Owner, OwnerPage, process_gone};
 
 use crate::api_gate::ApiGate;
@@ -92,12 +93,12 @@ impl Runtime {
     /// A migration target that took the guest: it runs (devices, every
     /// queue kicked, vCPUs) or stays paused as it was at the source; the
     /// API opens.
-    pub fn arrive(&self, paused: bool) -> Result<(), RuntimeError> {
+    pub fn arrive(&self, paused: bool, tl: &mut Timeline) -> Result<(), RuntimeError> {
         let mut st = self.lock();
         if paused {
             *st = RunState::Paused;
         } else {
-            self.unquiesce()?;
+            self.unquiesce(tl)?;
             *st = RunState::Running;
         }
         drop(st);
@@ -138,7 +139,7 @@ impl Runtime {
         let mut st = self.lock();
         match *st {
             RunState::Running => {
-                self.quiesce()?;
+                self.quiesce(&mut Timeline::default())?;
                 *st = RunState::Paused;
                 Ok(())
             }
@@ -152,7 +153,7 @@ impl Runtime {
         let mut st = self.lock();
         match *st {
             RunState::Paused => {
-                self.unquiesce()?;
+                self.unquiesce(&mut Timeline::default())?;
                 *st = RunState::Running;
                 Ok(())
             }
@@ -161,10 +162,13 @@ impl Runtime {
         }
     }
 
-    /// vCPUs, then devices.
-    fn quiesce(&self) -> Result<(), RuntimeError> {
+    /// vCPUs, then devices; `tl` notes when each was stopped.
+    fn quiesce(&self, tl: &mut Timeline) -> Result<(), RuntimeError> {
         self.control.pause()?;
-        if let Err(e) = self.machine.pause_devices() {
+        tl.mark("source: vcpus parked");
+        let devices = self.machine.pause_devices();
+        tl.mark("source: devices stopped");
+        if let Err(e) = devices {
             // Half paused helps nobody: give the guest its vCPUs back.
             let _ = self.machine.resume_devices();
             self.control.resume();
@@ -176,12 +180,14 @@ impl Runtime {
     /// Devices (each queue kicked once: a notification the guest sent
     /// while they were stopped, or before a migration, is not lost), then
     /// vCPUs.
-    fn unquiesce(&self) -> Result<(), RuntimeError> {
+    fn unquiesce(&self, tl: &mut Timeline) -> Result<(), RuntimeError> {
         let devices = self.machine.resume_devices();
         for n in &self.machine.nets {
             n.kick_all_queues();
         }
+        tl.mark("target: devices running");
         self.control.resume();
+        tl.mark("target: vcpus released");
         devices.map_err(RuntimeError::from)
     }
 
@@ -244,9 +250,9 @@ impl Migrating<'_> {
     }
 
     /// Stops vCPUs and devices (a paused guest already is).
-    pub fn stop(&mut self) -> Result<(), RuntimeError> {
+    pub fn stop(&mut self, tl: &mut Timeline) -> Result<(), RuntimeError> {
         if !self.was_paused && !self.stopped {
-            self.rt.quiesce()?;
+            self.rt.quiesce(tl)?;
             self.stopped = true;
         }
         Ok(())
@@ -278,7 +284,7 @@ impl Drop for Migrating<'_> {
         }
         *self.rt.handover.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if self.stopped
-            && let Err(e) = self.rt.unquiesce()
+            && let Err(e) = self.rt.unquiesce(&mut Timeline::default())
         {
             log::error!("migration failed and the guest did not resume cleanly: {e}");
         }

@@ -711,6 +711,7 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
             s.boot_ids.0,
             s.boot_ids.1
         );
+        print_marks(&mut out, s);
         if o.verbose {
             print_timeline(&mut out, s);
         }
@@ -724,6 +725,57 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
         if !lossy.is_empty() {
             let _ = writeln!(out, "  lost by migration: {}", lossy.join(", "));
         }
+    }
+}
+
+/// The switch-over moment by moment (vmm 0.3.0 on): when each mark came
+/// after the pause began, and the step from the mark before it, over all
+/// migrations of the series that have the mark.
+fn print_marks(out: &mut impl Write, s: &Series) {
+    let mut names: Vec<&str> = Vec::new();
+    for p in &s.phases {
+        for m in &p.marks {
+            if !names.contains(&m.what.as_str()) {
+                names.push(&m.what);
+            }
+        }
+    }
+    if names.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  {:<32} {:>8} {:>8} {:>8}   {:>9} {:>9} {:>9}",
+        "switch-over (us after pause)",
+        "at p50",
+        "at p90",
+        "at max",
+        "step p50",
+        "step p90",
+        "step max"
+    );
+    for name in names {
+        let mut at = Vec::new();
+        let mut step = Vec::new();
+        for p in &s.phases {
+            if let Some(i) = p.marks.iter().position(|m| m.what == name) {
+                let t = p.marks[i].at_us as f64;
+                at.push(t);
+                let before = i.checked_sub(1).map_or(0.0, |j| p.marks[j].at_us as f64);
+                step.push(t - before);
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  {:<32} {:>8.0} {:>8.0} {:>8.0}   {:>9.0} {:>9.0} {:>9.0}",
+            name,
+            percentile(&at, 0.5),
+            percentile(&at, 0.9),
+            percentile(&at, 1.0),
+            percentile(&step, 0.5),
+            percentile(&step, 0.9),
+            percentile(&step, 1.0)
+        );
     }
 }
 

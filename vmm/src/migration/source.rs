@@ -18,11 +18,12 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::api::{MigrationPhases, MigrationReport};
+use common::api::{MigrationPhases, MigrationReport, PhaseMark};
 use common::codec::{self, CodecError};
 use common::listener::PeerCred;
 use common::migration::{
-    FdRole, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, SourceMsg, TargetMsg,
+    FdRole, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, SourceMsg, TargetMsg, Timeline,
+    monotonic_ns,
 };
 use common::ownership::{Owner, OwnerPage, OwnershipError, process_gone};
 
@@ -259,6 +260,17 @@ fn settle(
     }
 }
 
+/// Both sides' moments, in order, as microseconds after the pause began.
+fn marks_after(start_ns: u64, mut tl: Timeline) -> Vec<PhaseMark> {
+    tl.0.sort_by_key(|(_, ns)| *ns);
+    tl.0.into_iter()
+        .map(|(what, ns)| PhaseMark {
+            what,
+            at_us: ns.saturating_sub(start_ns) / 1000,
+        })
+        .collect()
+}
+
 fn wire(step: &'static str) -> impl FnOnce(CodecError) -> SourceError {
     move |err| SourceError::Wire { step, err }
 }
@@ -445,6 +457,8 @@ fn run<'a>(
 
     // Downtime starts here, and so does the switch-over limit.
     let paused = Instant::now();
+    let paused_ns = monotonic_ns();
+    let mut tl = Timeline::default();
     o.paused = Some(paused);
     let deadline = paused + req.downtime_limit;
     let limit = |e: SourceError| match e {
@@ -454,15 +468,18 @@ fn run<'a>(
         } => SourceError::DowntimeLimit(req.downtime_limit),
         e => e,
     };
-    o.hold.stop()?;
+    o.hold.stop(&mut tl)?;
     report.phases.pause_us = us(paused.elapsed());
     let t = Instant::now();
     let state = machine.save(&table)?;
+    tl.mark("source: state read");
     let payload = encode("State", &SourceMsg::State(&state))?;
+    tl.mark("source: state encoded");
     report.phases.save_us = us(t.elapsed());
     report.state_bytes = payload.len() as u64;
     let t = Instant::now();
     send(&sock, "State", &payload, &[], deadline).map_err(limit)?;
+    tl.mark("source: state sent");
     match recv(&sock, "State", deadline).map_err(limit)? {
         TargetMsg::Loaded { restore_us } => report.phases.restore_us = restore_us,
         TargetMsg::Failed { reason } => return Err(SourceError::Failed(reason)),
@@ -482,10 +499,16 @@ fn run<'a>(
         deadline,
     )
     .map_err(limit)?;
+    tl.mark("source: commit sent");
     let resumed = recv(&sock, "Commit", deadline).map_err(limit)?;
+    tl.mark("source: resumed received");
     report.phases.resume_us = us(t.elapsed());
     // On this process's clock, not a timestamp the peer sends.
     report.downtime_us = us(paused.elapsed());
+    if let TargetMsg::Resumed { timeline, .. } = &resumed {
+        tl.0.extend(timeline.0.iter().cloned());
+    }
+    report.phases.marks = marks_after(paused_ns, tl);
     match resumed {
         TargetMsg::Resumed { .. } => match o.page.owner() {
             Owner::Target { .. } => Ok(()),

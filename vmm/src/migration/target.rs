@@ -22,7 +22,7 @@
 //! the protocol and checks what the source sent before anything uses it.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ use common::codec::{self, CodecError};
 use common::listener::{ListenError, Listener, PeerCred};
 use common::migration::{
     FdRole, MIGRATION_MAX_FDS, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, MachineShape,
-    OLDEST_SOURCE_PROTOCOL, SourceMsg, TargetMsg, monotonic_ns,
+    OLDEST_SOURCE_PROTOCOL, SourceMsg, TargetMsg, Timeline, monotonic_ns,
 };
 use common::ownership::{Owner, OwnerPage, process_gone};
 use nix::sys::socket::{getsockopt, sockopt};
@@ -100,6 +100,8 @@ pub struct Source {
     sock: UnixStream,
     pub hello: Hello,
     fds: Vec<Option<OwnedFd>>,
+    /// This side's moments of the switch-over, reported in Resumed.
+    timeline: Timeline,
 }
 
 /// Where an incoming migration stands.
@@ -263,11 +265,19 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
             })?;
             Step::Loaded { source, vmm, page }
         }
-        Step::Loaded { source, vmm, page } => {
+        Step::Loaded {
+            mut source,
+            vmm,
+            page,
+        } => {
             source.await_commit()?;
             Step::Committed { source, vmm, page }
         }
-        Step::Committed { source, vmm, page } => {
+        Step::Committed {
+            mut source,
+            vmm,
+            page,
+        } => {
             let exit = vmm.runtime.exit.clone();
             match &page {
                 Some(p) => vmm
@@ -277,12 +287,13 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
                 // Protocol 1 (release 0.1.0): the Commit hands it over.
                 None => vmm.signals().deliver_to(exit),
             }
+            source.timeline.mark("target: guest taken");
             log::info!("incoming: the guest is ours");
             Step::Owned { source, vmm }
         }
-        Step::Owned { source, vmm } => {
+        Step::Owned { mut source, vmm } => {
             vmm.runtime
-                .arrive(source.hello.paused)
+                .arrive(source.hello.paused, &mut source.timeline)
                 .map_err(|e| TargetError::Load(e.to_string()))?;
             if let Err(e) = source.resumed() {
                 // The guest runs here either way.
@@ -403,6 +414,7 @@ fn greet(sock: UnixStream, peer: PeerCred) -> Result<Option<Source>, TargetError
             fds: FdTable { roles: fds },
         },
         fds: received.into_iter().map(Some).collect(),
+        timeline: Timeline::default(),
     };
     if !(OLDEST_SOURCE_PROTOCOL..=MIGRATION_PROTOCOL_VERSION).contains(&protocol) {
         return Err(source.refuse(format!(
@@ -637,24 +649,24 @@ impl Source {
 
     /// The source's next message, by `deadline` however it paces its bytes.
     fn recv(
-        &self,
+        &mut self,
         step: &'static str,
         deadline: Instant,
     ) -> Result<SourceMsg<MachineState>, TargetError> {
-        let r = codec::recv_until::<_, SourceMsg<MachineState>>(
-            &self.sock,
-            MIGRATION_MAX_FRAME,
-            0,
-            deadline,
-        )
-        .map_err(|err| TargetError::Wire { step, err })?;
-        if !r.fds.is_empty() {
+        let wire = |err| TargetError::Wire { step, err };
+        let (payload, fds) =
+            codec::recv_frame_until(self.sock.as_fd(), MIGRATION_MAX_FRAME, 0, deadline)
+                .map_err(wire)?;
+        self.timeline.mark("target: message received");
+        if !fds.is_empty() {
             return Err(TargetError::Unexpected {
                 step,
-                got: format!("{} fds after Hello", r.fds.len()),
+                got: format!("{} fds after Hello", fds.len()),
             });
         }
-        match r.msg {
+        let msg = codec::decode::<SourceMsg<MachineState>>(&payload).map_err(wire)?;
+        self.timeline.mark("target: message decoded");
+        match msg {
             SourceMsg::Abort { reason } => Err(TargetError::Aborted(reason)),
             m => Ok(m),
         }
@@ -670,7 +682,11 @@ impl Source {
         let msg = self.recv("State", Instant::now() + STEP_TIMEOUT);
         let t = Instant::now();
         let result = match msg {
-            Ok(SourceMsg::State(state)) => load(&state).map_err(TargetError::Load),
+            Ok(SourceMsg::State(state)) => {
+                let r = load(&state).map_err(TargetError::Load);
+                self.timeline.mark("target: state restored");
+                r
+            }
             Ok(m) => Err(unexpected("State", &m)),
             Err(e) => Err(e),
         };
@@ -692,7 +708,7 @@ impl Source {
     }
 
     /// Loaded → Committed: the source offers the guest for good.
-    fn await_commit(&self) -> Result<(), TargetError> {
+    fn await_commit(&mut self) -> Result<(), TargetError> {
         match self.recv("Commit", Instant::now() + STEP_TIMEOUT)? {
             SourceMsg::Commit => Ok(()),
             m => Err(unexpected("Commit", &m)),
@@ -700,11 +716,19 @@ impl Source {
     }
 
     /// Owned → Resumed: tells the source the guest runs here.
-    fn resumed(&self) -> Result<(), TargetError> {
+    fn resumed(&mut self) -> Result<(), TargetError> {
+        self.timeline.mark("target: sending resumed");
+        // A source before protocol 3 refuses a field it does not know.
+        let timeline = if self.hello.protocol >= 3 {
+            std::mem::take(&mut self.timeline)
+        } else {
+            Timeline::default()
+        };
         self.send(
             "Resumed",
             &TargetMsg::Resumed {
                 at_ns: monotonic_ns(),
+                timeline,
             },
         )
     }
