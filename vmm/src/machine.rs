@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use common::migration::FdRole;
+use common::migration::{FdRole, Timeline};
 
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::net::NetError;
@@ -82,11 +82,21 @@ impl Machine {
     /// Reads the machine state, naming fds by their index in `fds`. The
     /// caller pauses the vCPUs and the devices first.
     pub fn save(&self, fds: &FdTable) -> Result<MachineState, PersistError> {
+        self.save_marked(fds, &mut Timeline::default())
+    }
+
+    /// [`Machine::save`], noting in `tl` when each part was read.
+    pub fn save_marked(
+        &self,
+        fds: &FdTable,
+        tl: &mut Timeline,
+    ) -> Result<MachineState, PersistError> {
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
             let v = v.try_lock().map_err(|_| PersistError::NotPaused)?;
             vcpus.push(v.save(&self.vcpu_caps)?);
         }
+        tl.mark("source: vcpus read");
         let nets = self
             .nets
             .iter()
@@ -97,11 +107,14 @@ impl Machine {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        tl.mark("source: devices read");
+        let vm = (&*self.vm).save(())?;
+        tl.mark("source: vm read");
         let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         Ok(MachineState {
             format: MACHINE_STATE_FORMAT,
             memory_bytes: self.vm.ram.size,
-            vm: (&*self.vm).save(())?,
+            vm,
             vcpus,
             serial: serial.save(())?,
             nets,
@@ -115,6 +128,16 @@ impl Machine {
     /// table the TAP fds came in (backend transfer), `None` when the NICs
     /// run on TAPs of their own.
     pub fn restore(&self, s: &MachineState, fds: Option<&FdTable>) -> Result<(), PersistError> {
+        self.restore_marked(s, fds, &mut Timeline::default())
+    }
+
+    /// [`Machine::restore`], noting in `tl` when each part was written.
+    pub fn restore_marked(
+        &self,
+        s: &MachineState,
+        fds: Option<&FdTable>,
+        tl: &mut Timeline,
+    ) -> Result<(), PersistError> {
         check_format(s.format)?;
         if s.vcpus.len() != self.vcpus.len() {
             return Err(PersistError::VcpuCount {
@@ -135,10 +158,12 @@ impl Machine {
             });
         }
         (&*self.vm).restore((), &s.vm)?;
+        tl.mark("target: vm restored");
         for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
             let mut v = v.try_lock().map_err(|_| PersistError::NotPaused)?;
             v.restore(&self.vcpu_caps, st)?;
         }
+        tl.mark("target: vcpus restored");
         self.serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())

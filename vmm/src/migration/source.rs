@@ -471,8 +471,7 @@ fn run<'a>(
     o.hold.stop(&mut tl)?;
     report.phases.pause_us = us(paused.elapsed());
     let t = Instant::now();
-    let state = machine.save(&table)?;
-    tl.mark("source: state read");
+    let state = machine.save_marked(&table, &mut tl)?;
     let payload = encode("State", &SourceMsg::State(&state))?;
     tl.mark("source: state encoded");
     report.phases.save_us = us(t.elapsed());

@@ -258,9 +258,9 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
                 .hello
                 .backend_transfer
                 .then(|| source.hello.fds.clone());
-            source.load(|state| {
+            source.load(|state, tl| {
                 machine
-                    .restore(state, fds.as_ref())
+                    .restore_marked(state, fds.as_ref(), tl)
                     .map_err(|e| e.to_string())
             })?;
             Step::Loaded { source, vmm, page }
@@ -676,14 +676,14 @@ impl Source {
     /// restore into the built machine); tells the source how it went.
     fn load(
         &mut self,
-        load: impl FnOnce(&MachineState) -> Result<(), String>,
+        load: impl FnOnce(&MachineState, &mut Timeline) -> Result<(), String>,
     ) -> Result<(), TargetError> {
         // The source pauses and saves right after Ready.
         let msg = self.recv("State", Instant::now() + STEP_TIMEOUT);
         let t = Instant::now();
         let result = match msg {
             Ok(SourceMsg::State(state)) => {
-                let r = load(&state).map_err(TargetError::Load);
+                let r = load(&state, &mut self.timeline).map_err(TargetError::Load);
                 self.timeline.mark("target: state restored");
                 r
             }
