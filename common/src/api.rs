@@ -109,11 +109,12 @@ pub struct MigrationPhases {
     pub pause_us: u64,
     /// Reading the state and encoding it as RON.
     pub save_us: u64,
-    /// State sent to Loaded received.
+    /// State sent to the target having restored it.
     pub load_us: u64,
-    /// Of that, the target decoding and restoring.
+    /// Of that, the target receiving, decoding and restoring.
     pub restore_us: u64,
-    /// Commit sent to the target's vCPUs running again.
+    /// The target's restore to its Resumed received: it takes the guest,
+    /// starts the devices, answers, then wakes its vCPUs.
     pub resume_us: u64,
     /// The switch-over moment by moment, from both processes (one
     /// CLOCK_MONOTONIC): where the downtime went. Since 0.3.0.

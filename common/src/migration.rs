@@ -20,25 +20,28 @@
 //!                                                  check every fd; stop listening
 //!                               ◄───────────────── Ready | Refused{reason}
 //!  ── guest still running up to here: a refusal costs it nothing ──
-//!  pause vCPUs, then device threads (frames wait in the TAP)
+//!  the target rehearses the restore on its own state (runs warm later)
+//!  stop answering the API; pause vCPUs and device threads (frames wait
+//!  in the TAP)
 //!  ── from here every step must end by pause + downtime limit ──
-//!  State(machine state, one RON document)
-//!                               ─────────────────► restore into the pre-built VM
-//!                               ◄───────────────── Loaded | Failed{reason}
-//!  stop answering the API; Commit
-//!                               ─────────────────► owner page: take() (CAS)
-//!                                                  won: devices resume, vCPUs resume,
-//!                                                  then the API is served here
+//!  State(machine state, one RON document): the commit
+//!                               ─────────────────► restore into the pre-built VM,
+//!                                                  owner page: take() (CAS)
+//!                                                  won: Resumed, then vCPUs and
+//!                                                  devices run, the API is served
 //!                                                  lost: exit 1, never runs the guest
-//!                               ◄───────────────── Resumed
+//!                               ◄───────────────── Resumed{timeline} | Failed{reason}
 //!  reply to vmctl, exit 0
 //! ```
 //!
-//! Any failure, a dead or silent target, or the downtime limit passing, on
-//! either side of Commit: the source takes the guest back with
-//! `take_back()` (CAS) and, if it wins, resumes it on its own fds. If it
-//! loses, the target owns the guest: the source exits 0 if the target
-//! lives, or says in one line that the owner died with the guest.
+//! Any failure, a dead or silent target, or the downtime limit passing:
+//! the source takes the guest back with `take_back()` (CAS) and, if it
+//! wins, resumes it on its own fds. If it loses, the target owns the
+//! guest: the source exits 0 if the target lives, or says in one line
+//! that the owner died with the guest. There is no separate Commit
+//! message since protocol 3: the ownership word is the commit, and a
+//! round trip fewer is a shorter pause. A protocol 1 or 2 source (releases
+//! 0.1.0, 0.2.0) still gets `Loaded` after its State and sends `Commit`.
 //!
 //! Versions: a target accepts a source of protocol [`MIGRATION_PROTOCOL_VERSION`]
 //! or any back to [`OLDEST_SOURCE_PROTOCOL`] (protocol 1, release 0.1.0,

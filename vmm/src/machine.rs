@@ -131,6 +131,25 @@ impl Machine {
         self.restore_marked(s, fds, &mut Timeline::default())
     }
 
+    /// The VM-wide state, then each vCPU's (the LAPIC restore relies on
+    /// the irqchip). Alone, this is the part of a restore a machine can
+    /// rehearse on its own state ([`crate::migration::target`]): it
+    /// changes nothing, where restoring a device starts its set-up.
+    pub fn restore_vm_and_vcpus(
+        &self,
+        s: &MachineState,
+        tl: &mut Timeline,
+    ) -> Result<(), PersistError> {
+        (&*self.vm).restore((), &s.vm)?;
+        tl.mark("target: vm restored");
+        for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
+            let mut v = v.try_lock().map_err(|_| PersistError::NotPaused)?;
+            v.restore(&self.vcpu_caps, st)?;
+        }
+        tl.mark("target: vcpus restored");
+        Ok(())
+    }
+
     /// [`Machine::restore`], noting in `tl` when each part was written.
     pub fn restore_marked(
         &self,
@@ -157,13 +176,7 @@ impl Machine {
                 got: s.nets.len(),
             });
         }
-        (&*self.vm).restore((), &s.vm)?;
-        tl.mark("target: vm restored");
-        for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
-            let mut v = v.try_lock().map_err(|_| PersistError::NotPaused)?;
-            v.restore(&self.vcpu_caps, st)?;
-        }
-        tl.mark("target: vcpus restored");
+        self.restore_vm_and_vcpus(s, tl)?;
         self.serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -93,17 +93,25 @@ impl Runtime {
     /// A migration target that took the guest: it runs (devices, every
     /// queue kicked, vCPUs) or stays paused as it was at the source; the
     /// API opens.
-    pub fn arrive(&self, paused: bool, tl: &mut Timeline) -> Result<(), RuntimeError> {
+    /// `answer` runs first (the source waits for it: anything woken
+    /// before it, a vCPU or a device thread, could take this thread's CPU),
+    /// then the vCPUs wake, then the devices (every queue kicked once, so
+    /// nothing the guest notified meanwhile is missed).
+    pub fn arrive(&self, paused: bool, answer: impl FnOnce()) -> Result<(), RuntimeError> {
         let mut st = self.lock();
-        if paused {
+        answer();
+        let run = if paused {
             *st = RunState::Paused;
+            Ok(())
         } else {
-            self.unquiesce(tl)?;
+            self.control.resume();
             *st = RunState::Running;
-        }
+            self.start_devices()
+        };
         drop(st);
+        // Last: it wakes the API threads.
         self.api_gate.open();
-        Ok(())
+        run
     }
 
     /// `vmctl shutdown`: refused while a migration holds the guest.
@@ -153,7 +161,7 @@ impl Runtime {
         let mut st = self.lock();
         match *st {
             RunState::Paused => {
-                self.unquiesce(&mut Timeline::default())?;
+                self.unquiesce()?;
                 *st = RunState::Running;
                 Ok(())
             }
@@ -180,14 +188,18 @@ impl Runtime {
     /// Devices (each queue kicked once: a notification the guest sent
     /// while they were stopped, or before a migration, is not lost), then
     /// vCPUs.
-    fn unquiesce(&self, tl: &mut Timeline) -> Result<(), RuntimeError> {
+    fn unquiesce(&self) -> Result<(), RuntimeError> {
+        let devices = self.start_devices();
+        self.control.resume();
+        devices
+    }
+
+    /// Restarts the device threads, every queue kicked once.
+    fn start_devices(&self) -> Result<(), RuntimeError> {
         let devices = self.machine.resume_devices();
         for n in &self.machine.nets {
             n.kick_all_queues();
         }
-        tl.mark("target: devices running");
-        self.control.resume();
-        tl.mark("target: vcpus released");
         devices.map_err(RuntimeError::from)
     }
 
@@ -284,7 +296,7 @@ impl Drop for Migrating<'_> {
         }
         *self.rt.handover.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if self.stopped
-            && let Err(e) = self.rt.unquiesce(&mut Timeline::default())
+            && let Err(e) = self.rt.unquiesce()
         {
             log::error!("migration failed and the guest did not resume cleanly: {e}");
         }

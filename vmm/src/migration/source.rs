@@ -455,6 +455,11 @@ fn run<'a>(
     o.takes_api_socket = takes_api_socket;
     o.hold.offered(o.page.clone(), takes_api_socket);
 
+    // Only the owner answers the API: stop accepting before the target
+    // may take the guest (connections wait in the socket's backlog; the
+    // gate opens again if this process keeps the guest).
+    rt.api_gate.close();
+
     // Downtime starts here, and so does the switch-over limit.
     let paused = Instant::now();
     let paused_ns = monotonic_ns();
@@ -476,43 +481,34 @@ fn run<'a>(
     tl.mark("source: state encoded");
     report.phases.save_us = us(t.elapsed());
     report.state_bytes = payload.len() as u64;
-    let t = Instant::now();
+    // The State is the commit (protocol 3): the target takes the guest as
+    // soon as it has restored it, unless this process took it back first.
     send(&sock, "State", &payload, &[], deadline).map_err(limit)?;
     tl.mark("source: state sent");
-    match recv(&sock, "State", deadline).map_err(limit)? {
-        TargetMsg::Loaded { restore_us } => report.phases.restore_us = restore_us,
+    let answer = recv(&sock, "State", deadline).map_err(limit)?;
+    tl.mark("source: resumed received");
+    // On this process's clock, not a timestamp the peer sends.
+    report.downtime_us = us(paused.elapsed());
+    match answer {
+        TargetMsg::Resumed { timeline, .. } => tl.0.extend(timeline.0),
         TargetMsg::Failed { reason } => return Err(SourceError::Failed(reason)),
         m => return Err(unexpected("State", &m)),
     }
-    report.phases.load_us = us(t.elapsed());
-
-    // Only the owner answers the API: stop accepting before the target
-    // may take the guest (connections wait in the socket's backlog).
-    let t = Instant::now();
-    rt.api_gate.close();
-    send(
-        &sock,
-        "Commit",
-        &encode("Commit", &SourceMsg::<()>::Commit)?,
-        &[],
-        deadline,
-    )
-    .map_err(limit)?;
-    tl.mark("source: commit sent");
-    let resumed = recv(&sock, "Commit", deadline).map_err(limit)?;
-    tl.mark("source: resumed received");
-    report.phases.resume_us = us(t.elapsed());
-    // On this process's clock, not a timestamp the peer sends.
-    report.downtime_us = us(paused.elapsed());
-    if let TargetMsg::Resumed { timeline, .. } = &resumed {
-        tl.0.extend(timeline.0.iter().cloned());
-    }
     report.phases.marks = marks_after(paused_ns, tl);
-    match resumed {
-        TargetMsg::Resumed { .. } => match o.page.owner() {
-            Owner::Target { .. } => Ok(()),
-            other => Err(SourceError::NotTaken(other)),
-        },
-        m => Err(unexpected("Commit", &m)),
+    let at = |what: &str| {
+        report
+            .phases
+            .marks
+            .iter()
+            .find(|m| m.what == what)
+            .map(|m| m.at_us)
+    };
+    let span = |from: &str, to: &str| at(to).zip(at(from)).map_or(0, |(b, a)| b.saturating_sub(a));
+    report.phases.load_us = span("source: state sent", "target: state restored");
+    report.phases.restore_us = span("target: message received", "target: state restored");
+    report.phases.resume_us = span("target: state restored", "source: resumed received");
+    match o.page.owner() {
+        Owner::Target { .. } => Ok(()),
+        other => Err(SourceError::NotTaken(other)),
     }
 }

@@ -236,6 +236,10 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
                 Ok(v) => v,
                 Err(e) => return Err(source.refuse(e.to_string())),
             };
+            if let Err(e) = rehearse(&vmm.runtime.machine) {
+                // Only slower: the switch-over runs cold.
+                log::warn!("incoming: rehearsing the restore failed: {e}");
+            }
             log::info!("incoming: prepared in {:?}", t.elapsed());
             source
                 .ready(vmm.takes_api_socket())
@@ -292,13 +296,15 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
             Step::Owned { source, vmm }
         }
         Step::Owned { mut source, vmm } => {
+            let paused = source.hello.paused;
             vmm.runtime
-                .arrive(source.hello.paused, &mut source.timeline)
+                .arrive(paused, || {
+                    if let Err(e) = source.resumed() {
+                        // The guest runs here either way.
+                        log::warn!("incoming: could not tell the source: {e}");
+                    }
+                })
                 .map_err(|e| TargetError::Load(e.to_string()))?;
-            if let Err(e) = source.resumed() {
-                // The guest runs here either way.
-                log::warn!("incoming: could not tell the source: {e}");
-            }
             Step::Resumed { source, vmm }
         }
         Step::Resumed { source, vmm } => {
@@ -317,6 +323,28 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
             return Ok(Err(vmm));
         }
     }))
+}
+
+/// Runs the switch-over's own work once, on this machine's own state,
+/// while the source's guest still runs: the save, the RON round trip of a
+/// State message, and the restore of the VM and vCPUs into themselves (no
+/// change). A fresh process does everything for the first time, and the
+/// first RON decode and KVM restore cost about twice the next ones (code
+/// and heap paged in, caches cold): rehearsed, the real ones run warm
+/// inside the downtime.
+fn rehearse(machine: &crate::machine::Machine) -> Result<(), String> {
+    let state = machine
+        .save(&FdTable::default())
+        .map_err(|e| e.to_string())?;
+    let text = codec::encode(&SourceMsg::State(&state)).map_err(|e| e.to_string())?;
+    let back = match codec::decode::<SourceMsg<MachineState>>(text.as_bytes()) {
+        Ok(SourceMsg::State(s)) => s,
+        Ok(_) => return Err("the rehearsal decoded another message".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    machine
+        .restore_vm_and_vcpus(&back, &mut Timeline::default())
+        .map_err(|e| e.to_string())
 }
 
 impl Incoming {
@@ -699,6 +727,9 @@ impl Source {
             );
             return Err(e);
         }
+        if self.state_is_commit() {
+            return Ok(());
+        }
         self.send(
             "Loaded",
             &TargetMsg::Loaded {
@@ -707,8 +738,18 @@ impl Source {
         )
     }
 
-    /// Loaded → Committed: the source offers the guest for good.
+    /// Protocol 3 on: the State is the commit (no Loaded, no Commit); the
+    /// ownership word alone decides who runs the guest.
+    fn state_is_commit(&self) -> bool {
+        self.hello.protocol >= 3
+    }
+
+    /// Loaded → Committed: the source offers the guest for good (a
+    /// protocol 3 source did with its State).
     fn await_commit(&mut self) -> Result<(), TargetError> {
+        if self.state_is_commit() {
+            return Ok(());
+        }
         match self.recv("Commit", Instant::now() + STEP_TIMEOUT)? {
             SourceMsg::Commit => Ok(()),
             m => Err(unexpected("Commit", &m)),
