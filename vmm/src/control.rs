@@ -4,7 +4,7 @@
 //! the thread enters KVM_RUN is lost, so the pauser kicks again until every
 //! thread has reported itself parked.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,8 @@ const PAUSE: u8 = 1;
 const STOP: u8 = 2;
 
 const KICK_INTERVAL: Duration = Duration::from_millis(2);
+/// How long a pauser spins on [`RunControl::all_parked`] before it sleeps.
+const PARK_SPIN: Duration = Duration::from_micros(200);
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The signal that kicks a vCPU out of KVM_RUN.
@@ -54,6 +56,9 @@ struct Inner {
 
 pub struct RunControl {
     want: AtomicU8,
+    /// Every registered vCPU is parked (kept with `Inner::parked`): what
+    /// a spinning pauser reads.
+    all_parked: AtomicBool,
     inner: Mutex<Inner>,
     cv: Condvar,
 }
@@ -78,6 +83,7 @@ impl RunControl {
     fn with_state(want: u8) -> Self {
         RunControl {
             want: AtomicU8::new(want),
+            all_parked: AtomicBool::new(true),
             inner: Mutex::new(Inner {
                 threads: Vec::new(),
                 parked: 0,
@@ -94,23 +100,53 @@ impl RunControl {
     pub fn register_current_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        self.lock().threads.push(me);
+        let mut g = self.lock();
+        g.threads.push(me);
+        self.note_parked(&g);
     }
 
     /// Stops every registered vCPU and returns once all are parked.
     pub fn pause(&self) -> Result<(), ControlError> {
+        self.request_pause()?;
+        self.wait_parked()
+    }
+
+    /// Asks every vCPU to park and kicks each out of KVM_RUN, without
+    /// waiting: the caller can stop other things meanwhile, then
+    /// [`RunControl::wait_parked`].
+    pub fn request_pause(&self) -> Result<(), ControlError> {
         if self.want.load(Ordering::SeqCst) == STOP {
             return Err(ControlError::Stopping);
         }
         self.want.store(PAUSE, Ordering::SeqCst);
+        self.kick_all(&self.lock());
+        Ok(())
+    }
+
+    fn kick_all(&self, g: &Inner) {
+        for t in &g.threads {
+            // SAFETY: registered threads are vCPU threads that live until
+            // the process exits (they are never joined or detached early).
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+    }
+
+    /// Returns once every vCPU asked to pause is parked, kicking again
+    /// those a kick missed (it landed just before their KVM_RUN). A parking
+    /// vCPU takes a few tens of microseconds: a short spin on the count
+    /// sees it without a wake-up of this thread.
+    pub fn wait_parked(&self) -> Result<(), ControlError> {
+        let spin_until = Instant::now() + PARK_SPIN;
+        while Instant::now() < spin_until {
+            if self.all_parked.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            // A vCPU thread waiting for this CPU gets it.
+            std::thread::yield_now();
+        }
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         let mut g = self.lock();
         while g.parked < g.threads.len() {
-            for t in &g.threads {
-                // SAFETY: registered threads are vCPU threads that live until
-                // the process exits (they are never joined or detached early).
-                unsafe { libc::pthread_kill(*t, kick_signal()) };
-            }
             if Instant::now() > deadline {
                 return Err(ControlError::PauseTimeout(PAUSE_TIMEOUT));
             }
@@ -119,6 +155,9 @@ impl RunControl {
                 .wait_timeout(g, KICK_INTERVAL)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            if g.parked < g.threads.len() {
+                self.kick_all(&g);
+            }
         }
         Ok(())
     }
@@ -160,13 +199,20 @@ impl RunControl {
     pub fn thread_exited(&self) {
         let mut g = self.lock();
         g.parked += 1;
+        self.note_parked(&g);
         self.cv.notify_all();
+    }
+
+    fn note_parked(&self, g: &Inner) {
+        self.all_parked
+            .store(g.parked >= g.threads.len(), Ordering::Release);
     }
 
     /// vCPU side: parks while paused. Returns false when the thread must end.
     pub fn park(&self) -> bool {
         let mut g = self.lock();
         g.parked += 1;
+        self.note_parked(&g);
         self.cv.notify_all();
         loop {
             match self.want.load(Ordering::SeqCst) {
@@ -174,12 +220,14 @@ impl RunControl {
                 STOP => {
                     // The thread exits and reports that by thread_exited().
                     g.parked -= 1;
+                    self.note_parked(&g);
                     return false;
                 }
                 _ => g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner()),
             }
         }
         g.parked -= 1;
+        self.note_parked(&g);
         true
     }
 }

@@ -30,6 +30,31 @@ unsafe impl Pod for kvm_bindings::kvm_irqchip {}
 // SAFETY: as above (three channel states laid out without gaps, flags,
 // reserved words).
 unsafe impl Pod for kvm_bindings::kvm_pit_state2 {}
+// SAFETY: as above (eighteen u64 registers).
+unsafe impl Pod for kvm_bindings::kvm_regs {}
+// SAFETY: as above (segments and descriptor tables with their explicit
+// `padding` fields, u64 control registers, the interrupt bitmap).
+unsafe impl Pod for kvm_bindings::kvm_sregs {}
+// SAFETY: as above (u8 fields grouped in fours, explicit `pad` and
+// `reserved` bytes, the u64 payload at offset 56).
+unsafe impl Pod for kvm_bindings::kvm_vcpu_events {}
+// SAFETY: as above (u64 registers, flags, reserved words).
+unsafe impl Pod for kvm_bindings::kvm_debugregs {}
+// SAFETY: as above (u32 count and flags, 16-byte entries with an explicit
+// reserved word, u64 padding).
+unsafe impl Pod for kvm_bindings::kvm_xcrs {}
+// SAFETY: as above (one u32).
+unsafe impl Pod for kvm_bindings::kvm_mp_state {}
+
+// The KVM ABI sizes: a gap the bindings left implicit would show here.
+const _: () = {
+    assert!(size_of::<kvm_bindings::kvm_regs>() == 144);
+    assert!(size_of::<kvm_bindings::kvm_sregs>() == 312);
+    assert!(size_of::<kvm_bindings::kvm_vcpu_events>() == 64);
+    assert!(size_of::<kvm_bindings::kvm_debugregs>() == 128);
+    assert!(size_of::<kvm_bindings::kvm_xcrs>() == 392);
+    assert!(size_of::<kvm_bindings::kvm_mp_state>() == 4);
+};
 
 fn bytes_of<T: Pod>(v: &T) -> &[u8] {
     // SAFETY: `T: Pod` has no uninitialized bytes; the slice borrows `v`
@@ -115,37 +140,144 @@ pub mod option {
     }
 }
 
-/// CPUID entries as `(function, index, flags, eax, ebx, ecx, edx)`
-/// tuples: a third of the named-field form.
+/// A struct written as hex since format 1.2, read as hex or in the
+/// named-field form formats 1.0 and 1.1 wrote (`(rax:1,rbx:0,...)`).
+pub mod either {
+    use super::*;
+    use serde::de::{MapAccess, Visitor, value::MapAccessDeserializer};
+
+    pub fn serialize<T: Pod, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        super::serialize(v, s)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: Pod + Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Pod + Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "lowercase hex of at most {} bytes, or a struct", size_of::<T>())
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+                decode(s).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(s), &self))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+
+    /// The same for an optional struct.
+    pub mod option {
+        use super::*;
+
+        struct Either<T>(T);
+
+        impl<'de, T: Pod + Deserialize<'de>> Deserialize<'de> for Either<T> {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                super::deserialize(d).map(Either)
+            }
+        }
+
+        pub fn serialize<T: Pod, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+            super::super::option::serialize(v, s)
+        }
+
+        pub fn deserialize<'de, T, D>(d: D) -> Result<Option<T>, D::Error>
+        where
+            T: Pod + Deserialize<'de>,
+            D: Deserializer<'de>,
+        {
+            Ok(Option::<Either<T>>::deserialize(d)?.map(|e| e.0))
+        }
+    }
+}
+
+/// CPUID entries, written since format 1.2 as one hex string of seven
+/// little-endian words per entry (function, index, flags, eax, ebx, ecx,
+/// edx); read also as the `(function, index, ...)` tuples of formats 1.0
+/// and 1.1. As tuples they were a third of a one-vCPU state's decoding.
 pub mod cpuid {
     use kvm_bindings::kvm_cpuid_entry2;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserializer, Serialize, Serializer};
 
     type Entry = (u32, u32, u32, u32, u32, u32, u32);
+    /// Hex characters per entry: seven words of eight.
+    const ENTRY_HEX: usize = 56;
+
+    fn words(e: &kvm_cpuid_entry2) -> [u32; 7] {
+        [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx]
+    }
+
+    fn entry(w: [u32; 7]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function: w[0],
+            index: w[1],
+            flags: w[2],
+            eax: w[3],
+            ebx: w[4],
+            ecx: w[5],
+            edx: w[6],
+            ..Default::default()
+        }
+    }
 
     pub fn serialize<S: Serializer>(v: &[kvm_cpuid_entry2], s: S) -> Result<S::Ok, S::Error> {
-        v.iter()
-            .map(|e| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx))
-            .collect::<Vec<Entry>>()
-            .serialize(s)
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(v.len() * ENTRY_HEX);
+        for w in v.iter().flat_map(words) {
+            for b in w.to_le_bytes() {
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 15)]));
+            }
+        }
+        out.serialize(s)
+    }
+
+    fn parse(s: &str) -> Option<Vec<kvm_cpuid_entry2>> {
+        let h = s.as_bytes();
+        if !h.len().is_multiple_of(ENTRY_HEX) {
+            return None;
+        }
+        h.chunks_exact(ENTRY_HEX)
+            .map(|e| {
+                let mut w = [0u32; 7];
+                for (word, hex) in w.iter_mut().zip(e.chunks_exact(8)) {
+                    let mut b = [0u8; 4];
+                    for (byte, pair) in b.iter_mut().zip(hex.chunks_exact(2)) {
+                        *byte = (super::nibble(pair[0])? << 4) | super::nibble(pair[1])?;
+                    }
+                    *word = u32::from_le_bytes(b);
+                }
+                Some(entry(w))
+            })
+            .collect()
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<kvm_cpuid_entry2>, D::Error> {
-        Ok(Vec::<Entry>::deserialize(d)?
-            .into_iter()
-            .map(
-                |(function, index, flags, eax, ebx, ecx, edx)| kvm_cpuid_entry2 {
-                    function,
-                    index,
-                    flags,
-                    eax,
-                    ebx,
-                    ecx,
-                    edx,
-                    ..Default::default()
-                },
-            )
-            .collect())
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<kvm_cpuid_entry2>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("CPUID entries as hex, or as (function, index, ...) tuples")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                parse(s).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(s), &self))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some((a, b, c, d, e, f, g)) = seq.next_element::<Entry>()? {
+                    v.push(entry([a, b, c, d, e, f, g]));
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

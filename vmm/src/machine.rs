@@ -14,8 +14,11 @@ use crate::net::attach::NetAttachment;
 use crate::persist::{
     FdTable, MACHINE_STATE_FORMAT, MachineState, Persist, PersistError, check_format,
 };
-use crate::vcpu::{Vcpu, VcpuCaps};
+use crate::vcpu::{Vcpu, VcpuCaps, VcpuState};
 use crate::vm::Vm;
+
+/// About as many CPUID entries as KVM reports here (the rehearsal's size).
+const REHEARSAL_CPUID_ENTRIES: usize = 64;
 
 /// Handles on everything whose state makes up the machine. The vCPU mutexes
 /// are the ones the vCPU threads hold during KVM_RUN: a paused vCPU's lock is
@@ -129,6 +132,25 @@ impl Machine {
     /// run on TAPs of their own.
     pub fn restore(&self, s: &MachineState, fds: Option<&FdTable>) -> Result<(), PersistError> {
         self.restore_marked(s, fds, &mut Timeline::default())
+    }
+
+    /// A state document shaped like this running machine's, for a source
+    /// to rehearse the encoding while the guest still runs (a fresh
+    /// process's first encoding costs about twice the next): the VM and
+    /// the serial port as they are, blank vCPUs (their state cannot be
+    /// read while they run), no NICs (nor can theirs). Never restored.
+    pub fn rehearsal_state(&self) -> Result<MachineState, PersistError> {
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(MachineState {
+            format: MACHINE_STATE_FORMAT,
+            memory_bytes: self.vm.ram.size,
+            vm: (&*self.vm).save(())?,
+            vcpus: (0..self.vcpus.len())
+                .map(|id| VcpuState::blank(id as u8, REHEARSAL_CPUID_ENTRIES, &self.vcpu_caps.msrs))
+                .collect(),
+            serial: serial.save(())?,
+            nets: Vec::new(),
+        })
     }
 
     /// The VM-wide state, then each vCPU's (the LAPIC restore relies on

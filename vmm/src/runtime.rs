@@ -1,9 +1,10 @@
 //! The one owner of a running machine's run state. The API (pause, resume,
 //! status, shutdown), the exit path and a migration all go through it, so
-//! the order is the same everywhere: pause stops the vCPUs first, then the
-//! device threads (no driver write races the device pause; frames wait in
-//! the TAP); resume restarts the devices first (the guest finds its queues
-//! served, every queue kicked once), then the vCPUs. A migration holds the
+//! the order is the same everywhere: pause kicks the vCPUs, stops the
+//! device threads while they park (frames wait in the TAP), then waits for
+//! the vCPUs; resume restarts the devices first (the guest finds its queues
+//! served, every queue kicked once), then the vCPUs. A migration target
+//! wakes its vCPUs first, its devices right after (see [`Runtime::arrive`]). A migration holds the
 //! machine for its whole run, and other requests are answered "busy"
 //! meanwhile.
 //!
@@ -170,17 +171,28 @@ impl Runtime {
         }
     }
 
-    /// vCPUs, then devices; `tl` notes when each was stopped.
+    /// vCPUs and devices together: the vCPUs are kicked, the device
+    /// threads stopped while they park, then the vCPUs waited for. A
+    /// driver write that raced the device pause is handled under the
+    /// device's lock like any other; should it have started a device again
+    /// (a reset and re-activation in those microseconds), the second
+    /// `pause_devices` (a no-op on paused devices) stops it. `tl` notes
+    /// when each was stopped.
     fn quiesce(&self, tl: &mut Timeline) -> Result<(), RuntimeError> {
-        self.control.pause()?;
-        tl.mark("source: vcpus parked");
+        self.control.request_pause()?;
         let devices = self.machine.pause_devices();
         tl.mark("source: devices stopped");
-        if let Err(e) = devices {
-            // Half paused helps nobody: give the guest its vCPUs back.
+        let vcpus = self.control.wait_parked();
+        tl.mark("source: vcpus parked");
+        let stopped = vcpus
+            .map_err(RuntimeError::from)
+            .and(devices.map_err(RuntimeError::from))
+            .and_then(|()| self.machine.pause_devices().map_err(RuntimeError::from));
+        if let Err(e) = stopped {
+            // Half paused helps nobody: give the guest everything back.
             let _ = self.machine.resume_devices();
             self.control.resume();
-            return Err(e.into());
+            return Err(e);
         }
         Ok(())
     }

@@ -105,21 +105,50 @@ pub struct VcpuState {
     pub id: u8,
     #[serde(with = "crate::kvm_blob::cpuid")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    #[serde(with = "crate::kvm_blob::either")]
     pub mp_state: kvm_mp_state,
+    #[serde(with = "crate::kvm_blob::either")]
     pub regs: kvm_regs,
+    #[serde(with = "crate::kvm_blob::either")]
     pub sregs: kvm_sregs,
     /// Present when KVM has KVM_CAP_XSAVE (it then also covers the FPU).
     #[serde(with = "crate::kvm_blob::option")]
     pub xsave: Option<kvm_xsave>,
     /// Present when KVM has KVM_CAP_XCRS.
+    #[serde(with = "crate::kvm_blob::either::option")]
     pub xcrs: Option<kvm_xcrs>,
+    #[serde(with = "crate::kvm_blob::either")]
     pub debugregs: kvm_debugregs,
     #[serde(with = "crate::kvm_blob")]
     pub lapic: kvm_lapic_state,
     /// (index, value) of each saved MSR. A plain list: RON decodes it ~50x
     /// faster than kvm-bindings' `Msrs`, and it is on the downtime path.
     pub msrs: Vec<(u32, u64)>,
+    #[serde(with = "crate::kvm_blob::either")]
     pub vcpu_events: kvm_vcpu_events,
+}
+
+impl VcpuState {
+    /// A state of zeros shaped like a real one (`cpuid_entries` CPUID
+    /// entries, every optional part present, `msrs` MSRs): what a source
+    /// encodes to rehearse the encoding while its vCPUs still run
+    /// ([`crate::machine::Machine::rehearsal_state`]). Never restored.
+    pub fn blank(id: u8, cpuid_entries: usize, msrs: &[u32]) -> Self {
+        VcpuState {
+            format_1_0_version: Format10PartVersion,
+            id,
+            cpuid: vec![kvm_cpuid_entry2::default(); cpuid_entries],
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            xsave: Some(kvm_xsave::default()),
+            xcrs: Some(kvm_xcrs::default()),
+            debugregs: kvm_debugregs::default(),
+            lapic: kvm_lapic_state::default(),
+            msrs: msrs.iter().map(|&m| (m, 0)).collect(),
+            vcpu_events: kvm_vcpu_events::default(),
+        }
+    }
 }
 
 pub struct Vcpu {
