@@ -770,7 +770,7 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
     );
     let _ = writeln!(
         out,
-        "{:<30} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
+        "{:<33} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
         "path",
         "RAM",
         "runs",
@@ -784,14 +784,14 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
     );
     let _ = writeln!(
         out,
-        "{:<30} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
+        "{:<33} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
         "", "", "", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)", "(in migr.)", ""
     );
     for s in series {
         let (sent, lost, max_one, _) = s.losses();
         let _ = writeln!(
             out,
-            "{:<30} {:>5} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10.3} {:>11} {:>9}",
+            "{:<33} {:>5} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10.3} {:>11} {:>9}",
             s.label,
             s.ram,
             s.downtime_us.len(),
@@ -807,7 +807,7 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "vmm phase medians (us): {:<30} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6} {:>8} {:>7}",
+        "vmm phase medians (us): {:<33} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6} {:>8} {:>7}",
         "path", "RAM", "connect", "prepare", "pause", "save", "load", "restore", "resume"
     );
     type Phase = fn(&MigrationPhases) -> u64;
@@ -832,7 +832,7 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
             .collect();
         let _ = writeln!(
             out,
-            "                        {:<30} {:>5} {:>8.0} {:>8.0} {:>6.0} {:>6.0} {:>6.0} {:>8.0} {:>7.0}",
+            "                        {:<33} {:>5} {:>8.0} {:>8.0} {:>6.0} {:>6.0} {:>6.0} {:>8.0} {:>7.0}",
             s.label, s.ram, med[0], med[1], med[2], med[3], med[4], med[5], med[6]
         );
     }
