@@ -25,6 +25,9 @@ pub struct Config {
     /// `testguest.fault`: after the banner, a deliberate triple fault.
     pub fault: bool,
     pub heartbeat_ms: Option<u32>,
+    /// `testguest.busy` (or `testguest.busy=1`): compute and write RAM
+    /// between interrupts instead of halting (`busy.rs`).
+    pub busy: bool,
     /// `testguest.txqueue=N`: use at most N tx descriptors (tests use a
     /// tiny ring to exercise the wait-for-space path).
     pub tx_queue_max: Option<u32>,
@@ -64,6 +67,47 @@ pub unsafe fn from_start_info(start_info: u64) -> &'static [u8] {
     unsafe { core::slice::from_raw_parts(p, len) }
 }
 
+/// Whether the PVH memory map (start info version 1 and later) has one RAM
+/// entry covering `[base, base + len)`.
+///
+/// # Safety
+/// As [`from_start_info`].
+pub unsafe fn ram_covers(start_info: u64, base: u64, len: u64) -> bool {
+    const MEMMAP_MAX: u32 = 128;
+    const E820_RAM: u32 = 1;
+    if start_info == 0 || start_info >= 0x1_0000_0000 {
+        return false;
+    }
+    let p = start_info as *const u8;
+    // SAFETY: the loader put a hvm_start_info there: magic at 0, version at
+    // 4, memmap_paddr at 40, memmap_entries at 48.
+    let (magic, version, map, n) = unsafe {
+        (
+            core::ptr::read_unaligned(p as *const u32),
+            core::ptr::read_unaligned(p.add(4) as *const u32),
+            core::ptr::read_unaligned(p.add(40) as *const u64),
+            core::ptr::read_unaligned(p.add(48) as *const u32),
+        )
+    };
+    if magic != HVM_START_MAGIC || version < 1 || map == 0 || map >= 0x1_0000_0000 {
+        return false;
+    }
+    let end = base.saturating_add(len);
+    (0..n.min(MEMMAP_MAX) as usize).any(|i| {
+        let e = (map as usize + 24 * i) as *const u8;
+        // SAFETY: entry i of the table the loader wrote (addr, size, type),
+        // bounded by its own count and MEMMAP_MAX.
+        let (addr, size, kind) = unsafe {
+            (
+                core::ptr::read_unaligned(e as *const u64),
+                core::ptr::read_unaligned(e.add(8) as *const u64),
+                core::ptr::read_unaligned(e.add(16) as *const u32),
+            )
+        };
+        kind == E820_RAM && addr <= base && addr.saturating_add(size) >= end
+    })
+}
+
 pub fn parse(cmdline: &[u8]) -> Config {
     let mut cfg = Config::default();
     for word in cmdline.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
@@ -98,6 +142,17 @@ pub fn parse(cmdline: &[u8]) -> Config {
                 cfg.fault = true;
                 true
             }
+            (b"testguest.busy", None) => {
+                cfg.busy = true;
+                true
+            }
+            (b"testguest.busy", Some(v)) => match parse_u64(v) {
+                Some(n) if n <= 1 => {
+                    cfg.busy = n == 1;
+                    true
+                }
+                _ => false,
+            },
             (b"testguest.heartbeat", Some(v)) => {
                 cfg.heartbeat_ms = parse_u64(v)
                     .and_then(|ms| u32::try_from(ms).ok())

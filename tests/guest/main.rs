@@ -10,6 +10,7 @@
 #![no_main]
 
 mod arch;
+mod busy;
 mod cmdline;
 mod entry;
 mod intr;
@@ -85,6 +86,25 @@ extern "C" fn rust_main(start_info: u64) -> ! {
         .get(..cfg.n_devices)
         .and_then(|devs| start_net(devs, &cfg, boot_id));
 
+    // SAFETY: as from_start_info above.
+    let mut busy = (cfg.busy && unsafe { cmdline::ram_covers(start_info, busy::BASE, busy::LEN) })
+        .then(|| busy::Busy::new(boot_id));
+    if cfg.busy {
+        let mut line = TextBuf::<80>::new();
+        if busy.is_some() {
+            line.str("busy: writing ")
+                .dec(busy::LEN >> 20)
+                .str(" MiB at 0x")
+                .hex(busy::BASE, 8)
+                .str(" between interrupts");
+        } else {
+            line.str("busy: no RAM at 0x")
+                .hex(busy::BASE, 8)
+                .str(" in the memory map, idling instead");
+        }
+        serial::line(line.as_bytes());
+    }
+
     let mut line = TextBuf::<64>::new();
     line.str("up boot_id=").hex(boot_id, 16);
     serial::line(line.as_bytes());
@@ -106,7 +126,13 @@ extern "C" fn rust_main(start_info: u64) -> ! {
         let devices = intr::take_device_pending();
         let ticks_due = heartbeat.as_ref().is_some_and(Heartbeat::due);
         if devices == 0 && !ticks_due {
-            arch::sti_hlt();
+            match busy.as_mut() {
+                Some(b) => {
+                    arch::sti();
+                    b.step();
+                }
+                None => arch::sti_hlt(),
+            }
             continue;
         }
         arch::sti();
@@ -117,6 +143,7 @@ extern "C" fn rust_main(start_info: u64) -> ! {
             }
         }
         if let (Some((dev, stack)), true) = (net.as_mut(), devices != 0) {
+            stack.busy_passes = busy.as_ref().map(|b| b.passes);
             dev.poll(stack, heartbeat.as_ref().map(|h| h.printed));
         }
     }

@@ -5,7 +5,8 @@
 //! Counters reported by UDP 5000 (`boot_id=<hex> rx=<n> tx=<n> echo=<n>`):
 //! rx = frames taken from the rx ring (all of them, dropped ones included),
 //! tx = frames handed to the tx ring before this reply, echo = ICMP echo
-//! replies plus UDP port 7 replies.
+//! replies plus UDP port 7 replies. With `testguest.busy` the reply ends in
+//! ` busy=<n>`, n = passes of the busy loop over its region so far.
 //!
 //! UDP 5001 blast: request `<count> <size>` (decimal); the guest sends
 //! `count` datagrams of `size` payload bytes (at most 1472, count at most
@@ -71,6 +72,9 @@ pub struct Stack {
     pub discarded: u64,
     /// An rx hold asked for on UDP 5003 (ticks), for the driver to take.
     pub hold_request: Option<u32>,
+    /// With `testguest.busy`: the busy loop's completed passes, reported
+    /// as ` busy=<n>` at the end of the stats reply.
+    pub busy_passes: Option<u64>,
     ip_id: u16,
     probe: Option<Probe>,
 }
@@ -158,6 +162,7 @@ impl Stack {
             echo_replies: 0,
             discarded: 0,
             hold_request: None,
+            busy_passes: None,
             ip_id: 0,
             probe: None,
         }
@@ -318,6 +323,9 @@ impl Stack {
                 t.str(" rx=").dec(self.rx_frames);
                 t.str(" tx=").dec(self.tx_frames);
                 t.str(" echo=").dec(self.echo_replies);
+                if let Some(passes) = self.busy_passes {
+                    t.str(" busy=").dec(passes);
+                }
                 let text = t.as_bytes();
                 self.send_udp(tx, peer, PORT_STATS, text.len(), &mut |out| {
                     put(out, 0, text)

@@ -89,6 +89,9 @@ pub struct GuestStats {
     pub rx: u64,
     pub tx: u64,
     pub echo: u64,
+    /// `busy=<n>` of a guest booted with `testguest.busy`: passes of its
+    /// busy loop so far.
+    pub busy: Option<u64>,
 }
 
 impl GuestStats {
@@ -106,11 +109,17 @@ impl GuestStats {
             v.parse::<u64>()
                 .map_err(|_| format!("bad number in {text:?}"))
         };
+        let (rx, tx, echo) = (num(next("rx")?)?, num(next("tx")?)?, num(next("echo")?)?);
+        let busy = match fields.find(|f| matches!(f, Some(("busy", _)))) {
+            Some(Some((_, v))) => Some(num(v.to_string())?),
+            _ => None,
+        };
         Ok(GuestStats {
             boot_id,
-            rx: num(next("rx")?)?,
-            tx: num(next("tx")?)?,
-            echo: num(next("echo")?)?,
+            rx,
+            tx,
+            echo,
+            busy,
         })
     }
 }
@@ -317,6 +326,19 @@ pub fn vmm_command(
     api_socket: Option<&Path>,
     run_as: RunAs,
 ) -> Command {
+    vmm_command_with_cmdline(netd, tap, n, net_extra, api_socket, run_as, "")
+}
+
+/// [`vmm_command`] with more guest command-line keys (e.g. `testguest.busy`).
+pub fn vmm_command_with_cmdline(
+    netd: &Netd,
+    tap: &str,
+    n: u8,
+    net_extra: &str,
+    api_socket: Option<&Path>,
+    run_as: RunAs,
+    cmdline_extra: &str,
+) -> Command {
     let vmm = crate::bin("vmm");
     let vmm = vmm.as_path();
     let mut c = match run_as {
@@ -338,7 +360,10 @@ pub fn vmm_command(
     }
     c.arg("--kernel")
         .arg(crate::guest_elf())
-        .args(["--cmdline", &format!("testguest.ip={}/24", guest_ip(n))])
+        .args([
+            "--cmdline",
+            format!("testguest.ip={}/24 {cmdline_extra}", guest_ip(n)).trim_end(),
+        ])
         .args(["--net", &net]);
     if let Some(p) = api_socket {
         c.arg("--api-socket").arg(p);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tests::bin;
 use tests::net_guest::{
     GuestLink, RunAs, ScratchDir, guest_ip, guest_mac, mac_bytes, ping, send_raw_frames,
-    start_vmm_guest, udp_frame, vmm_command, wait_ping,
+    start_vmm_guest, udp_frame, vmm_command, vmm_command_with_cmdline, wait_ping,
 };
 use tests::netd_harness::{Netd, TEST_POLICY, wait_for};
 use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess};
@@ -134,6 +134,47 @@ fn ping_udp_services_and_blast_through_netd_tap() {
         "TAP vm0 still exists after vmm exited: {:?}",
         netd.links()
     );
+}
+
+/// `testguest.busy`: the guest computes and writes RAM between interrupts,
+/// and still answers ping, UDP echo and stats, which say it is busy.
+#[test]
+fn busy_guest_still_answers_ping_echo_and_reports_busy() {
+    let netd = netd("nvb");
+    let cmd = vmm_command_with_cmdline(
+        &netd,
+        "vm0",
+        1,
+        "",
+        None,
+        RunAs::RootWithUserOption,
+        "testguest.busy",
+    );
+    let (vm, boot_id) = start_vmm_guest(cmd, BOOT_TIMEOUT);
+    assert!(
+        vm.output()
+            .contains("testguest: busy: writing 4 MiB at 0x00400000 between interrupts"),
+        "no busy banner:\n{}",
+        vm.output()
+    );
+    assert_ping(&netd, 1, &vm);
+    let link = GuestLink::new(&netd.ns, guest_ip(1));
+    let before = link.stats().expect("stats");
+    assert_eq!(before.boot_id, boot_id, "stats come from this boot");
+    let echoed = link.echo_round_trips(500, 64, REPLY);
+    assert_eq!(echoed, 500, "UDP echo round trips lost");
+    // The busy loop goes on between the requests: its passes grow.
+    let mut after = link.stats().expect("stats");
+    let t0 = std::time::Instant::now();
+    while after.busy <= before.busy && t0.elapsed() < SETTLE {
+        std::thread::sleep(Duration::from_millis(100));
+        after = link.stats().expect("stats");
+    }
+    match (before.busy, after.busy) {
+        (Some(a), Some(b)) => assert!(b > a, "busy passes did not grow: {a} -> {b}"),
+        other => panic!("stats do not report busy: {other:?}"),
+    }
+    assert!(after.echo >= before.echo + 500);
 }
 
 #[test]

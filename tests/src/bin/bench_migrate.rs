@@ -6,6 +6,14 @@
 //!
 //! bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N]
 //!               [--paths transfer,classic,qemu] [--skip-qemu] [--verbose]
+//!               [--guest-busy] [--host-load] [--rows]
+//!
+//! `--guest-busy`: the guests boot with `testguest.busy` (their vCPU
+//! computes and writes RAM between interrupts); `--host-load`: one host
+//! core is kept busy by another process (a shell loop) during each chain.
+//! Rows so made are labelled " busy" / " loaded". `--rows`: the issue's
+//! table in one run, whatever `--sizes`/`--paths` say: transfer and QEMU at
+//! 256M and 16G, then transfer and QEMU at 256M busy and at 256M loaded.
 //!
 //! Run as root after `cargo build --release --workspace`. It starts its own
 //! netd in a network namespace. Each migration's target becomes the next
@@ -34,7 +42,7 @@ use serde_json::{Value, json};
 use tests::echo_stream::{EchoStream, StreamResult};
 use tests::net_guest::{
     GuestLink, RunAs, ScratchDir, guest_ip, guest_mac, qemu_available, qemu_on_netd_tap,
-    vmm_command, wait_ping,
+    vmm_command_with_cmdline, wait_ping,
 };
 use tests::netd_harness::{NOBODY, Netd, TEST_POLICY};
 use tests::qmp::{Qmp, event_time_us, realtime_us};
@@ -56,6 +64,12 @@ struct Opts {
     paths: Vec<String>,
     /// One line per migration: downtime and where the lost datagrams were.
     verbose: bool,
+    /// Guests boot with `testguest.busy`.
+    guest_busy: bool,
+    /// One host core busy with another process during each chain.
+    host_load: bool,
+    /// The fixed set of rows ([`Row::issue_rows`]).
+    rows: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -66,8 +80,11 @@ fn parse_opts() -> Opts {
         pps: 1000,
         paths: vec!["transfer".into(), "classic".into(), "qemu".into()],
         verbose: false,
+        guest_busy: false,
+        host_load: false,
+        rows: false,
     };
-    let usage = "usage: bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N] [--paths transfer,classic,qemu] [--skip-qemu] [--verbose]";
+    let usage = "usage: bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N] [--paths transfer,classic,qemu] [--skip-qemu] [--verbose] [--guest-busy] [--host-load] [--rows]";
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -90,6 +107,9 @@ fn parse_opts() -> Opts {
             "--paths" => o.paths = value().split(',').map(str::to_string).collect(),
             "--skip-qemu" => o.paths.retain(|p| p != "qemu"),
             "--verbose" => o.verbose = true,
+            "--guest-busy" => o.guest_busy = true,
+            "--host-load" => o.host_load = true,
+            "--rows" => o.rows = true,
             _ => {
                 eprintln!("{usage}");
                 std::process::exit(2);
@@ -99,9 +119,124 @@ fn parse_opts() -> Opts {
     o
 }
 
+/// Which chain a row runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Chain {
+    Transfer,
+    Classic,
+    Qemu,
+}
+
+/// One row of the table: a chain of migrations and its conditions.
+struct Row {
+    path: Chain,
+    ram: String,
+    /// The guest runs `testguest.busy`.
+    busy: bool,
+    /// Another process keeps one host core busy.
+    loaded: bool,
+}
+
+impl Row {
+    fn new(path: Chain, ram: &str, busy: bool, loaded: bool) -> Row {
+        Row {
+            path,
+            ram: ram.to_string(),
+            busy,
+            loaded,
+        }
+    }
+
+    /// `--rows`: the rows issue 13 asks for, in one run.
+    fn issue_rows() -> Vec<Row> {
+        use Chain::{Qemu, Transfer};
+        vec![
+            Row::new(Transfer, "256M", false, false),
+            Row::new(Transfer, "16G", false, false),
+            Row::new(Qemu, "256M", false, false),
+            Row::new(Qemu, "16G", false, false),
+            Row::new(Transfer, "256M", true, false),
+            Row::new(Transfer, "256M", false, true),
+            Row::new(Qemu, "256M", true, false),
+            Row::new(Qemu, "256M", false, true),
+        ]
+    }
+
+    /// Without `--rows`: every asked path at every size, vmm first.
+    fn from_opts(o: &Opts) -> Vec<Row> {
+        let mut rows = Vec::new();
+        let asked = |p: &str| o.paths.iter().any(|q| q == p);
+        for ram in &o.sizes {
+            for (name, path) in [("transfer", Chain::Transfer), ("classic", Chain::Classic)] {
+                if asked(name) {
+                    rows.push(Row::new(path, ram, o.guest_busy, o.host_load));
+                }
+            }
+        }
+        if asked("qemu") {
+            for ram in &o.sizes {
+                rows.push(Row::new(Chain::Qemu, ram, o.guest_busy, o.host_load));
+            }
+        }
+        rows
+    }
+
+    fn label(&self) -> String {
+        let base = match self.path {
+            Chain::Transfer => "vmm backend transfer",
+            Chain::Classic => "vmm new TAP (classic)",
+            Chain::Qemu => "QEMU 7.2 new TAP",
+        };
+        format!(
+            "{base}{}{}",
+            if self.busy { " busy" } else { "" },
+            if self.loaded { " loaded" } else { "" }
+        )
+    }
+
+    /// Distinguishes the file names of rows of the same path and size.
+    fn tag(&self) -> String {
+        format!(
+            "{}{}{}",
+            self.ram,
+            if self.busy { "-busy" } else { "" },
+            if self.loaded { "-loaded" } else { "" }
+        )
+    }
+
+    /// Extra guest command-line keys.
+    fn cmdline_extra(&self) -> &'static str {
+        if self.busy { "testguest.busy" } else { "" }
+    }
+}
+
+/// One host core kept busy by another process (a shell loop) while it
+/// lives; the panic hook kills it too.
+struct HostLoad(std::process::Child);
+
+impl HostLoad {
+    fn start() -> HostLoad {
+        let child = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("start the host load");
+        leftovers().pids.push(child.id());
+        HostLoad(child)
+    }
+}
+
+impl Drop for HostLoad {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let pid = self.0.id();
+        leftovers().pids.retain(|q| *q != pid);
+    }
+}
+
 /// One chain of migrations of one guest.
 struct Series {
-    label: &'static str,
+    label: String,
     ram: String,
     /// Downtime of each migration, microseconds.
     downtime_us: Vec<f64>,
@@ -125,7 +260,7 @@ struct Series {
 }
 
 impl Series {
-    fn new(label: &'static str, ram: &str) -> Series {
+    fn new(label: String, ram: &str) -> Series {
         Series {
             label,
             ram: ram.to_string(),
@@ -215,6 +350,20 @@ fn boot_id(netd: &Netd, n: u8) -> String {
         .stats()
         .map(|s| s.boot_id)
         .unwrap_or_else(|e| format!("({e})"))
+}
+
+/// A row with a busy guest checks that the guest says so (stats `busy=`).
+fn check_busy(netd: &Netd, n: u8, row: &Row) {
+    if !row.busy {
+        return;
+    }
+    let stats = GuestLink::new(&netd.ns, guest_ip(n)).stats();
+    assert!(
+        stats.as_ref().is_ok_and(|s| s.busy.is_some()),
+        "{} {}: the guest does not report testguest.busy: {stats:?}",
+        row.label(),
+        row.ram
+    );
 }
 
 /// Starts the stream and waits until its echoes flow.
@@ -339,17 +488,11 @@ fn vmctl(api: &Path, command: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// A chain of `runs` vmm migrations of guest `n` with `ram` of RAM.
-fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pps: u32) -> Series {
+/// A chain of `runs` vmm migrations of guest `n` as `row` says.
+fn vmm_series(netd: &Netd, dir: &Path, row: &Row, runs: usize, pps: u32) -> Series {
+    let (ram, classic) = (row.ram.as_str(), row.path == Chain::Classic);
     let n: u8 = if classic { 2 } else { 1 };
-    let mut s = Series::new(
-        if classic {
-            "vmm new TAP (classic)"
-        } else {
-            "vmm backend transfer"
-        },
-        ram,
-    );
+    let mut s = Series::new(row.label(), ram);
     // The classic path needs a TAP of another name for each target; the
     // source's is gone once it exits, so three names in turn suffice.
     let tap = |i: usize| {
@@ -359,9 +502,17 @@ fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pp
             format!("vm{n}")
         }
     };
-    let tag = format!("{}-{ram}", if classic { "c" } else { "t" });
+    let tag = format!("{}-{}", if classic { "c" } else { "t" }, row.tag());
     let api = dir.join(format!("api-{tag}.sock"));
-    let mut cmd = vmm_command(netd, &tap(0), n, "", Some(&api), RunAs::RootWithUserOption);
+    let mut cmd = vmm_command_with_cmdline(
+        netd,
+        &tap(0),
+        n,
+        "",
+        Some(&api),
+        RunAs::RootWithUserOption,
+        row.cmdline_extra(),
+    );
     cmd.args(["--memory", ram]);
     let mut current = spawn(cmd);
     current.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
@@ -370,6 +521,7 @@ fn vmm_series(netd: &Netd, dir: &Path, ram: &str, classic: bool, runs: usize, pp
         "guest {n} does not answer ping"
     );
     s.boot_ids.0 = boot_id(netd, n);
+    check_busy(netd, n, row);
     let stream = start_stream(netd, n, pps);
     for i in 0..runs {
         eprint!("\rbench_migrate: {} {ram}: {}/{runs} ", s.label, i + 1);
@@ -426,16 +578,18 @@ impl Drop for ShmFile {
 
 /// QEMU microvm as uid 65534 (kvm group) on a new TAP `tap` from netd
 /// (netd_probe execs it with the fd), RAM in `mem_path` (shared), QMP on
-/// `qmp`; waiting for an incoming migration when `incoming`.
+/// `qmp`; waiting for an incoming migration when `incoming`. RAM size and
+/// guest command line as `row` says.
 fn qemu_command(
     netd: &Netd,
     tap: &str,
     n: u8,
-    ram: &str,
+    row: &Row,
     mem_path: &Path,
     qmp: &Path,
     incoming: bool,
 ) -> Command {
+    let (ram, cmdline_extra) = (row.ram.as_str(), row.cmdline_extra());
     let mut c = qemu_on_netd_tap(&bin("netd_probe"), netd, tap);
     c.args([
         "-m",
@@ -454,7 +608,7 @@ fn qemu_command(
         "-device",
         &format!("virtio-net-device,netdev=n0,mac={}", guest_mac(n)),
         "-append",
-        &format!("testguest.ip={}/24", guest_ip(n)),
+        format!("testguest.ip={}/24 {cmdline_extra}", guest_ip(n)).trim_end(),
         "-qmp",
         &format!("unix:{},server=on,wait=off", qmp.display()),
         "-kernel",
@@ -475,24 +629,24 @@ fn ignore_shared(q: &mut Qmp) {
     .expect("set x-ignore-shared");
 }
 
-/// A chain of `runs` QEMU migrations of guest 3 with `ram` of RAM.
-fn qemu_series(netd: &Netd, dir: &Path, ram: &str, runs: usize, pps: u32) -> Series {
-    let n = 3;
-    let mut s = Series::new("QEMU 7.2 new TAP", ram);
+/// A chain of `runs` QEMU migrations of guest 3 as `row` says.
+fn qemu_series(netd: &Netd, dir: &Path, row: &Row, runs: usize, pps: u32) -> Series {
+    let (n, ram, tag) = (3, row.ram.as_str(), row.tag());
+    let mut s = Series::new(row.label(), ram);
     let shm = ShmFile(PathBuf::from(format!(
-        "/dev/shm/bench-migrate-{}-{ram}",
+        "/dev/shm/bench-migrate-{}-{tag}",
         std::process::id()
     )));
     leftovers().paths.push(shm.0.clone());
     let _ = std::fs::remove_file(&shm.0);
     let tap = |i: usize| format!("vm{n}q{}", i % 3);
-    let qmp_path = |i: usize| dir.join(format!("qmp-{ram}-{i}.sock"));
+    let qmp_path = |i: usize| dir.join(format!("qmp-{tag}-{i}.sock"));
 
     let mut current = spawn(qemu_command(
         netd,
         &tap(0),
         n,
-        ram,
+        row,
         &shm.0,
         &qmp_path(0),
         false,
@@ -504,18 +658,19 @@ fn qemu_series(netd: &Netd, dir: &Path, ram: &str, runs: usize, pps: u32) -> Ser
         "QEMU guest does not answer ping"
     );
     s.boot_ids.0 = boot_id(netd, n);
+    check_busy(netd, n, row);
     let stream = start_stream(netd, n, pps);
     for i in 0..runs {
         eprint!("\rbench_migrate: {} {ram}: {}/{runs} ", s.label, i + 1);
         let uri = format!(
             "unix:{}",
-            dir.join(format!("qmig-{ram}-{i}.sock")).display()
+            dir.join(format!("qmig-{tag}-{i}.sock")).display()
         );
         let target = spawn(qemu_command(
             netd,
             &tap(i + 1),
             n,
-            ram,
+            row,
             &shm.0,
             &qmp_path(i + 1),
             true,
@@ -615,7 +770,7 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
     );
     let _ = writeln!(
         out,
-        "{:<22} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
+        "{:<33} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
         "path",
         "RAM",
         "runs",
@@ -629,14 +784,14 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
     );
     let _ = writeln!(
         out,
-        "{:<22} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
+        "{:<33} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9}",
         "", "", "", "(ms)", "(ms)", "(ms)", "(ms)", "(ms)", "(in migr.)", ""
     );
     for s in series {
         let (sent, lost, max_one, _) = s.losses();
         let _ = writeln!(
             out,
-            "{:<22} {:>5} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10.3} {:>11} {:>9}",
+            "{:<33} {:>5} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10.3} {:>11} {:>9}",
             s.label,
             s.ram,
             s.downtime_us.len(),
@@ -652,7 +807,7 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "vmm phase medians (us): {:<22} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6} {:>8} {:>7}",
+        "vmm phase medians (us): {:<33} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6} {:>8} {:>7}",
         "path", "RAM", "connect", "prepare", "pause", "save", "load", "restore", "resume"
     );
     type Phase = fn(&MigrationPhases) -> u64;
@@ -677,14 +832,15 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
             .collect();
         let _ = writeln!(
             out,
-            "                        {:<22} {:>5} {:>8.0} {:>8.0} {:>6.0} {:>6.0} {:>6.0} {:>8.0} {:>7.0}",
+            "                        {:<33} {:>5} {:>8.0} {:>8.0} {:>6.0} {:>6.0} {:>6.0} {:>8.0} {:>7.0}",
             s.label, s.ram, med[0], med[1], med[2], med[3], med[4], med[5], med[6]
         );
     }
     for s in series.iter().filter(|s| !s.qemu_reported_ms.is_empty()) {
         let _ = writeln!(
             out,
-            "QEMU {}: its own query-migrate downtime p50 {:.0} ms (ms resolution); total = `migrate` to the target's RESUME event",
+            "{} {}: its own query-migrate downtime p50 {:.0} ms (ms resolution); total = `migrate` to the target's RESUME event",
+            s.label,
             s.ram,
             percentile(&s.qemu_reported_ms, 0.5)
         );
@@ -835,27 +991,27 @@ fn main() {
     }
     let dir = ScratchDir::new("bm");
     leftovers().paths.push(dir.0.clone());
-    let mut series = Vec::new();
-    for ram in &o.sizes {
-        for classic in [false, true] {
-            if !o
-                .paths
-                .iter()
-                .any(|p| p == if classic { "classic" } else { "transfer" })
-            {
-                continue;
-            }
-            series.push(vmm_series(&netd, &dir.0, ram, classic, o.runs, o.pps));
-        }
-    }
-    if !o.paths.iter().any(|p| p == "qemu") {
-        eprintln!("bench_migrate: QEMU not asked for");
-    } else if qemu_available() {
-        for ram in &o.sizes {
-            series.push(qemu_series(&netd, &dir.0, ram, o.qemu_runs, o.pps));
-        }
+    let rows = if o.rows {
+        Row::issue_rows()
     } else {
+        Row::from_opts(&o)
+    };
+    let qemu = rows.iter().any(|r| r.path == Chain::Qemu) && qemu_available();
+    if !rows.iter().any(|r| r.path == Chain::Qemu) {
+        eprintln!("bench_migrate: QEMU not asked for");
+    } else if !qemu {
         eprintln!("bench_migrate: QEMU skipped");
+    }
+    let mut series = Vec::new();
+    for row in &rows {
+        let _load = row.loaded.then(HostLoad::start);
+        match row.path {
+            Chain::Qemu if qemu => {
+                series.push(qemu_series(&netd, &dir.0, row, o.qemu_runs, o.pps));
+            }
+            Chain::Qemu => {}
+            _ => series.push(vmm_series(&netd, &dir.0, row, o.runs, o.pps)),
+        }
     }
     print_table(&series, &o, &load_before);
 }
