@@ -144,7 +144,8 @@ pub mod option {
 /// named-field form formats 1.0 and 1.1 wrote (`(rax:1,rbx:0,...)`).
 pub mod either {
     use super::*;
-    use serde::de::{MapAccess, Visitor, value::MapAccessDeserializer};
+    use serde::de::value::{BytesDeserializer, MapAccessDeserializer, SeqAccessDeserializer};
+    use serde::de::{MapAccess, SeqAccess, Visitor};
 
     pub fn serialize<T: Pod, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
         super::serialize(v, s)
@@ -159,13 +160,24 @@ pub mod either {
         impl<'de, T: Pod + Deserialize<'de>> Visitor<'de> for V<T> {
             type Value = T;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                write!(f, "lowercase hex of at most {} bytes, or a struct", size_of::<T>())
+                write!(
+                    f,
+                    "lowercase hex of at most {} bytes, or the struct",
+                    size_of::<T>()
+                )
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
                 decode(s).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(s), &self))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
                 T::deserialize(MapAccessDeserializer::new(map))
+            }
+            // kvm-bindings writes some structs as byte strings or sequences.
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<T, E> {
+                T::deserialize(BytesDeserializer::new(b))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+                T::deserialize(SeqAccessDeserializer::new(seq))
             }
         }
         d.deserialize_any(V(std::marker::PhantomData))
