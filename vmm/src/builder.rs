@@ -308,22 +308,15 @@ fn launch(
     });
     let pio = Arc::new(std::mem::take(&mut p.vm.pio));
     let mmio = Arc::new(std::mem::take(&mut p.vm.mmio));
-    let vcpu_caps = VcpuCaps::of(&p.vm.kvm)?;
-    let machine = Arc::new(Machine {
-        vm: Arc::new(p.vm),
-        vcpus: p
-            .vcpus
-            .into_iter()
-            .map(|v| Arc::new(Mutex::new(v)))
-            .collect(),
-        serial: p.serial,
-        vcpu_caps,
-        nets: p.nets,
-    });
+    let vcpus: Vec<Arc<Mutex<Vcpu>>> = p
+        .vcpus
+        .into_iter()
+        .map(|v| Arc::new(Mutex::new(v)))
+        .collect();
     // The vCPUs first: on a boot the guest's first instruction should not
-    // wait for the other threads' start-up (each installs its filter).
+    // wait for the rest (the other threads' start-up, KVM queries).
     let mut vcpu_threads = Vec::new();
-    for v in &machine.vcpus {
+    for v in &vcpus {
         vcpu_threads.push(vcpu::spawn(
             v.clone(),
             pio.clone(),
@@ -332,6 +325,14 @@ fn launch(
             p.exit_tx.clone(),
         )?);
     }
+    let vcpu_caps = VcpuCaps::of(&p.vm.kvm)?;
+    let machine = Arc::new(Machine {
+        vm: Arc::new(p.vm),
+        vcpus,
+        serial: p.serial,
+        vcpu_caps,
+        nets: p.nets,
+    });
     let adopted_api = matches!(api, ApiSocket::Adopted(_));
     let (listener, own_path) = match api {
         ApiSocket::None => (None, None),
