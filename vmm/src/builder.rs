@@ -30,6 +30,7 @@ use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDev
 use crate::devices::virtio::net::event_handler::ThreadHook;
 use crate::exit::{self, SignalWatch};
 use crate::inputs;
+use crate::kvm_cpuid;
 use crate::machine::Machine;
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::migration::source::MigrationWorker;
@@ -135,6 +136,8 @@ fn device_hook() -> ThreadHook {
 /// Boots `cfg.kernel`.
 pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let (kvm, signals) = enter_sandbox(cfg)?;
+    // Asked while the VM is built; the vCPU set-up waits for it.
+    let cpuid = kvm_cpuid::Prefetch::start(&kvm).map_err(io_err("start the CPUID query"))?;
     // TAPs come from netd as the tenant's uid. The device threads start
     // now, before any vCPU can activate a device.
     let nets = net_attach::open_nets(&cfg.nets, Some(device_hook()))?;
@@ -146,7 +149,8 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
         signals.remove_on_early_exit(path);
     }
     let ram = GuestRam::new(cfg.memory)?;
-    let mut vm = Vm::new(kvm, ram)?;
+    let mut vm = Vm::new_without_pit(kvm, ram)?;
+    let pit = PendingPit::start(&vm)?;
     let (exit_tx, exit_rx) = vm::exit_channel();
     signals.deliver_to(exit_tx.clone());
     let serial = add_legacy_devices(&mut vm, open_serial(cfg)?, &exit_tx)?;
@@ -161,6 +165,7 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
     }
     let entry = pvh::load(&vm.ram, &cfg.kernel, &cmdline)?;
     let boot_vcpu = Vcpu::new(&vm.fd, 0)?;
+    cpuid.wait();
     boot_vcpu.configure_pvh(&vm.kvm, &vm.ram.memory, entry)?;
     let parts = Parts {
         vm,
@@ -170,10 +175,39 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
         exit_tx,
         exit_rx,
     };
+    pit.wait()?;
     let vmm = launch(parts, api, signals, RunState::Running, started)?;
     enter_main_filter()?;
     log::info!("guest started after {:?}", started.elapsed());
     Ok(vmm)
+}
+
+/// The PIT, created on a thread of its own while the rest of the VM is
+/// built: KVM starts a kernel thread for it, which takes from 0.03 ms to
+/// several ms here with the host's load. The thread inherits the `setup`
+/// filter, makes that one ioctl and ends before any vCPU runs.
+struct PendingPit(JoinHandle<Result<(), VmError>>);
+
+impl PendingPit {
+    fn start(vm: &Vm) -> Result<Self, BuildError> {
+        let fd = vm.fd.clone();
+        std::thread::Builder::new()
+            .name("pit".into())
+            .stack_size(64 << 10)
+            .spawn(move || vm::create_pit(&fd))
+            .map(PendingPit)
+            .map_err(io_err("start the PIT thread"))
+    }
+
+    fn wait(self) -> Result<(), BuildError> {
+        match self.0.join() {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(BuildError::Io {
+                what: "create the PIT",
+                err: std::io::Error::other("its thread panicked"),
+            }),
+        }
+    }
 }
 
 /// Where the API is served from.
@@ -255,8 +289,8 @@ struct Parts {
     exit_rx: Receiver<ExitReason>,
 }
 
-/// Starts the machine's threads: the migration worker, the API, the vCPUs
-/// (parked unless `state` is Running). The caller is still under the `setup`
+/// Starts the machine's threads: the vCPUs (parked unless `state` is
+/// Running), the migration worker, the API. The caller is still under the `setup`
 /// filter (these are the last threads this process creates).
 fn launch(
     mut p: Parts,
@@ -274,14 +308,27 @@ fn launch(
     });
     let pio = Arc::new(std::mem::take(&mut p.vm.pio));
     let mmio = Arc::new(std::mem::take(&mut p.vm.mmio));
+    let vcpus: Vec<Arc<Mutex<Vcpu>>> = p
+        .vcpus
+        .into_iter()
+        .map(|v| Arc::new(Mutex::new(v)))
+        .collect();
+    // The vCPUs first: on a boot the guest's first instruction should not
+    // wait for the rest (the other threads' start-up, KVM queries).
+    let mut vcpu_threads = Vec::new();
+    for v in &vcpus {
+        vcpu_threads.push(vcpu::spawn(
+            v.clone(),
+            pio.clone(),
+            mmio.clone(),
+            ctl.clone(),
+            p.exit_tx.clone(),
+        )?);
+    }
     let vcpu_caps = VcpuCaps::of(&p.vm.kvm)?;
     let machine = Arc::new(Machine {
         vm: Arc::new(p.vm),
-        vcpus: p
-            .vcpus
-            .into_iter()
-            .map(|v| Arc::new(Mutex::new(v)))
-            .collect(),
+        vcpus,
         serial: p.serial,
         vcpu_caps,
         nets: p.nets,
@@ -328,16 +375,6 @@ fn launch(
                 migration: worker,
             },
         )?;
-    }
-    let mut vcpu_threads = Vec::new();
-    for v in &machine.vcpus {
-        vcpu_threads.push(vcpu::spawn(
-            v.clone(),
-            pio.clone(),
-            mmio.clone(),
-            ctl.clone(),
-            p.exit_tx.clone(),
-        )?);
     }
     Ok(Vmm {
         runtime,

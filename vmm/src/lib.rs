@@ -14,8 +14,10 @@
 //! power) → virtio devices ([`net::attach::attach_nets`] through
 //! [`vm::Vm::attach_virtio_mmio`]) → [`boot::pvh::load`] (kernel, start
 //! info, memory map, command line) → [`vcpu::Vcpu`] set up for the PVH
-//! entry → the migration thread, the [`api`] thread, the vCPU threads (each
-//! installs its own filter first, [`sandbox::enter_thread`]) → the main
+//! entry (KVM's supported CPUID and the PIT asked meanwhile on short-lived
+//! threads, [`kvm_cpuid`]) → the vCPU threads, the migration thread, the
+//! [`api`] thread (each installs its own filter first,
+//! [`sandbox::enter_thread`]) → the main
 //! thread's `main` filter → wait for the first [`vm::ExitReason`] →
 //! [`exit::teardown`] → exit with the reason's code (the table in [`exit`]).
 //!
@@ -39,6 +41,7 @@ pub mod devices;
 pub mod exit;
 pub mod inputs;
 pub mod kvm_blob;
+pub mod kvm_cpuid;
 pub mod machine;
 pub mod memory;
 pub mod migration;

@@ -221,9 +221,7 @@ impl Vcpu {
     /// per package, the hypervisor bit; no VMX (no nested guests) and no
     /// architectural PMU (its MSRs are not part of the migrated state).
     pub fn configure_cpuid(&self, kvm: &Kvm) -> Result<(), VcpuError> {
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("get supported CPUID"))?;
+        let mut cpuid = crate::kvm_cpuid::supported(kvm).map_err(kvm_err("get supported CPUID"))?;
         for e in cpuid.as_mut_slice() {
             match e.function {
                 1 => {

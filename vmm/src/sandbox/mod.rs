@@ -15,6 +15,7 @@
 //! A panic prints one line without a backtrace: capturing one opens files
 //! that the filters forbid (RUST_BACKTRACE may be set by the user).
 
+pub mod bpf_tree;
 pub mod caps;
 pub mod landlock;
 pub mod malloc;

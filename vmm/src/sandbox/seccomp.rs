@@ -1,6 +1,7 @@
 //! Per-thread seccomp filters. One allow-list per thread kind lives in
 //! `policy/seccomp/<kind>.json` (seccompiler's Firecracker-style format),
-//! embedded here at build time. Filters stack: a thread created by a
+//! compiled to BPF by build.rs (a binary search on the syscall number, see
+//! [`super::bpf_tree`]) and embedded; the JSON is embedded too, for tests. Filters stack: a thread created by a
 //! filtered thread inherits its filter, and installing its own narrows it
 //! further (the kernel applies the strictest verdict). So the `setup`
 //! filter, installed on the main thread before any other thread exists,
@@ -9,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use seccompiler::{BpfProgram, TargetArch};
+use seccompiler::BpfProgramRef;
 
 /// What a syscall outside the allow-list does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,39 +98,39 @@ pub enum SeccompError {
     },
 }
 
-/// Compiles one thread kind's filter with the given default action.
-pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
-    let err = |message: String| SeccompError::Policy {
-        kind: kind.name(),
-        message,
-    };
-    let mut doc: serde_json::Value =
-        serde_json::from_str(kind.policy()).map_err(|e| err(e.to_string()))?;
-    let filter = doc
-        .get_mut(kind.name())
-        .ok_or_else(|| err(format!("no filter named {}", kind.name())))?;
-    if mode == SeccompMode::Log {
-        filter["default_action"] = serde_json::Value::from("log");
-    }
-    let text = doc.to_string();
-    let mut map = seccompiler::compile_from_json(text.as_bytes(), TargetArch::x86_64)
-        .map_err(|e| err(e.to_string()))?;
-    map.remove(kind.name())
-        .ok_or_else(|| err(format!("no filter named {}", kind.name())))
+mod programs {
+    include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs"));
 }
 
-/// Every kind's filter, compiled once before the first is installed (the
-/// compiler allocates and parses; installing is one syscall).
+/// One thread kind's filter with the given default action, compiled by
+/// build.rs (see [`super::bpf_tree`]).
+pub fn program(
+    kind: ThreadKind,
+    mode: SeccompMode,
+) -> Result<BpfProgramRef<'static>, SeccompError> {
+    let log = mode == SeccompMode::Log;
+    programs::PROGRAMS
+        .iter()
+        .find(|(name, m, _)| *name == kind.name() && *m == log)
+        .map(|(_, _, p)| *p)
+        .ok_or(SeccompError::Policy {
+            kind: kind.name(),
+            message: "not compiled".into(),
+        })
+}
+
+/// Every kind's filter, looked up once before the first is installed
+/// (built at compile time: nothing is parsed at start-up).
 pub struct Filters {
     mode: SeccompMode,
-    programs: HashMap<ThreadKind, BpfProgram>,
+    programs: HashMap<ThreadKind, BpfProgramRef<'static>>,
 }
 
 impl Filters {
     pub fn compile(mode: SeccompMode) -> Result<Self, SeccompError> {
         let mut programs = HashMap::new();
         for kind in ThreadKind::ALL {
-            programs.insert(kind, compile(kind, mode)?);
+            programs.insert(kind, program(kind, mode)?);
         }
         Ok(Filters { mode, programs })
     }
@@ -141,7 +142,7 @@ impl Filters {
     /// Installs `kind`'s filter on the calling thread (sets no_new_privs
     /// too, which the kernel requires of an unprivileged caller).
     pub fn apply(&self, kind: ThreadKind) -> Result<(), SeccompError> {
-        let prog = self.programs.get(&kind).ok_or(SeccompError::Policy {
+        let prog = *self.programs.get(&kind).ok_or(SeccompError::Policy {
             kind: kind.name(),
             message: "not compiled".into(),
         })?;
@@ -152,8 +153,8 @@ impl Filters {
     }
 
     /// The compiled program (tests apply it in a forked child).
-    pub fn program(&self, kind: ThreadKind) -> Option<&BpfProgram> {
-        self.programs.get(&kind)
+    pub fn program(&self, kind: ThreadKind) -> Option<BpfProgramRef<'static>> {
+        self.programs.get(&kind).copied()
     }
 }
 
@@ -167,6 +168,107 @@ mod tests {
             let f = Filters::compile(mode).unwrap();
             for kind in ThreadKind::ALL {
                 assert!(!f.program(kind).unwrap().is_empty(), "{kind:?}");
+            }
+        }
+    }
+
+    /// A classic-BPF interpreter for what seccompiler and the tree emit
+    /// (loads of `seccomp_data` words, AND, forward jumps, returns).
+    /// Returns the verdict and how many instructions ran.
+    fn run(prog: &[seccompiler::sock_filter], data: &[u8; 64]) -> (u32, usize) {
+        let mut a: u32 = 0;
+        let mut pc = 0usize;
+        for steps in 1.. {
+            let i = &prog[pc];
+            pc += 1;
+            let jump = |cond: bool| usize::from(if cond { i.jt } else { i.jf });
+            match i.code {
+                0x20 => {
+                    let k = i.k as usize;
+                    a = u32::from_ne_bytes(data[k..k + 4].try_into().unwrap());
+                }
+                0x54 => a &= i.k,
+                0x05 => pc += i.k as usize,
+                0x15 => pc += jump(a == i.k),
+                0x25 => pc += jump(a > i.k),
+                0x35 => pc += jump(a >= i.k),
+                0x45 => pc += jump(a & i.k != 0),
+                0x06 => return (i.k, steps),
+                c => panic!("instruction {c:#x} at {}", pc - 1),
+            }
+        }
+        unreachable!()
+    }
+
+    fn seccomp_data(nr: u32, arch: u32, args: [u64; 6]) -> [u8; 64] {
+        let mut d = [0u8; 64];
+        d[0..4].copy_from_slice(&nr.to_ne_bytes());
+        d[4..8].copy_from_slice(&arch.to_ne_bytes());
+        for (i, v) in args.iter().enumerate() {
+            d[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_ne_bytes());
+        }
+        d
+    }
+
+    /// The build-time binary-search programs give seccompiler's verdict for
+    /// every syscall number, with argument values taken from the rules
+    /// (each, one off, with other bits set) and pseudo-random ones.
+    #[test]
+    fn tree_programs_match_seccompiler() {
+        const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+        const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+        for mode in [SeccompMode::Kill, SeccompMode::Log] {
+            for kind in ThreadKind::ALL {
+                let log = mode == SeccompMode::Log;
+                let linear =
+                    super::super::bpf_tree::linear(kind.policy(), kind.name(), log).unwrap();
+                let tree = program(kind, mode).unwrap();
+                let doc: serde_json::Value = serde_json::from_str(kind.policy()).unwrap();
+                let mut vals: Vec<u64> = vec![0, 1, u64::MAX, 0xffff_ffff, 1 << 32];
+                for r in doc[kind.name()]["filter"].as_array().unwrap() {
+                    for a in r["args"].as_array().into_iter().flatten() {
+                        let v = a["val"].as_u64().unwrap();
+                        vals.extend([v, v.wrapping_add(1), v.wrapping_sub(1), v | 1 << 40]);
+                        if let Some(m) = a["op"]["masked_eq"].as_u64() {
+                            vals.extend([m, v | m, !m]);
+                        }
+                    }
+                }
+                let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+                let mut rng = move || {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed
+                };
+                let (mut checked, mut tree_steps, mut linear_steps) = (0, 0, 0);
+                for nr in (0..=600).chain([0x4000_0000, 0x4000_0001, u32::MAX]) {
+                    for arch in [AUDIT_ARCH_X86_64, AUDIT_ARCH_I386] {
+                        let mut cases: Vec<[u64; 6]> = vals.iter().map(|&v| [v; 6]).collect();
+                        for _ in 0..8 {
+                            let pick = |r: u64| vals[(r % vals.len() as u64) as usize];
+                            cases.push(std::array::from_fn(|_| pick(rng())));
+                            cases.push(std::array::from_fn(|_| rng()));
+                        }
+                        for args in cases {
+                            let d = seccomp_data(nr, arch, args);
+                            let (t, l) = (run(tree, &d), run(&linear, &d));
+                            assert_eq!(
+                                t.0, l.0,
+                                "{kind:?} {mode:?} nr {nr} arch {arch:#x} args {args:x?}"
+                            );
+                            checked += 1;
+                            tree_steps += t.1;
+                            linear_steps += l.1;
+                        }
+                    }
+                }
+                assert!(checked > 1000);
+                // The point of the tree: fewer steps to a verdict.
+                assert!(
+                    tree_steps * 2 < linear_steps,
+                    "{kind:?}: {tree_steps} steps, linear {linear_steps}"
+                );
             }
         }
     }
