@@ -343,8 +343,10 @@ fn relayed_case(
             "{} {}{}",
             run.code.map_or("-".into(), |c| c.to_string()),
             run.result,
-            run.downtime_us
-                .map_or(String::new(), |d| format!(" (downtime {} ms)", d / 1000))
+            run.downtime_us.map_or(String::new(), |d| format!(
+                " (downtime {:.1} ms)",
+                d as f64 / 1000.0
+            ))
         ),
         source: format!("{}: {}", status_text(src_st), one_line(&g.owner)),
         target: format!("{}: {}", status_text(tgt_st), one_line(&tgt.vm)),
