@@ -201,9 +201,10 @@ impl Pump {
             };
             let name = names.get(n).copied().unwrap_or("extra");
             self.note(format!(
-                "{dir:?} #{n} ({name}): {} bytes, {} fds",
+                "{dir:?} #{n} ({name}): {} bytes, {} fds, says {}",
                 payload.len(),
-                fds.len()
+                fds.len(),
+                leading_word(&payload)
             ));
             let this = n;
             n += 1;
@@ -265,6 +266,27 @@ impl Pump {
             if dead { "dead" } else { "still alive" }
         ));
     }
+}
+
+/// The identifier a payload starts with (a RON message's variant name:
+/// `Hello`, `Loaded`...), for the log: what passed, not what it said.
+fn leading_word(payload: &[u8]) -> String {
+    let n = payload
+        .iter()
+        .take(32)
+        .take_while(|b| b.is_ascii_alphanumeric())
+        .count();
+    String::from_utf8_lossy(&payload[..n]).into_owned()
+}
+
+/// The variant names that passed one way (`FromSource` or `FromTarget`)
+/// in a relay's [`Relay::log`], in order.
+pub fn said(log: &[String], dir: &str) -> Vec<String> {
+    let prefix = format!("{dir} #");
+    log.iter()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit_once(", says ").map(|(_, w)| w.to_string()))
+        .collect()
 }
 
 /// Writes one frame (length prefix, payload) but for its last byte.
