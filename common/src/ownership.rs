@@ -8,11 +8,14 @@
 //! ```text
 //!             source creates the page: Offered{source pid}
 //!   ┌──────────────────────────┼───────────────────────────┐
-//!   target, after Commit:      target, on SIGTERM before   source, on any failure or
+//!   target, after the State:   target, on SIGTERM before   source, on any failure or
 //!   take() ──► Target{pid}     owning: decline() ──►       deadline: take_back() ──►
 //!   (runs the guest)           Declined{pid}               Source{pid} (runs it again)
 //!                              (source may take_back)
 //! ```
+//!
+//! The target takes the guest once it restored the State (protocol 3), or
+//! after the Commit of a protocol 2 source (release 0.2.0).
 //!
 //! `Offered` and `Declined` may be won by the source; only `Offered` by the
 //! target. Whoever loses never runs the guest. A process that owns the guest

@@ -1144,7 +1144,9 @@ pub struct Captured {
 }
 
 /// Plays a target that takes the Hello and the State, then answers Failed
-/// so the source resumes its guest. The test keeps the source's fds.
+/// without taking the ownership page (protocol 3: the State is the commit,
+/// and only the page's CAS hands the guest over), so the source takes its
+/// guest back and resumes it. The test keeps the source's fds.
 pub fn capture_from_source(env: &MigEnv, api: &Path) -> Captured {
     let fake = FakeTarget::bind(&env.path("capture.sock"));
     let job = migrate_in_background(api, &fake.path, &[]);
@@ -1172,6 +1174,14 @@ pub fn capture_from_source(env: &MigEnv, api: &Path) -> Captured {
     let out = job.join().expect("vmctl thread");
     let r = out.assert_failed();
     assert!(r.contains("captured by the test"), "{out:?}");
+    assert!(
+        matches!(
+            hello.page().owner(),
+            common::ownership::Owner::Source { .. }
+        ),
+        "the source did not take its guest back: {}",
+        hello.page().owner()
+    );
     Captured { hello, state }
 }
 
@@ -1273,7 +1283,8 @@ pub fn one_nic_shape(memory: u64, id: &str, n: u8, queues: u16) -> MachineShape 
 }
 
 /// A memfd of `len` bytes, as a fake source's guest RAM: sealed against
-/// shrinking and growing, as a protocol-2 target requires.
+/// shrinking and growing, as a target requires of a source of protocol 2
+/// on.
 pub fn memfd(len: u64) -> OwnedFd {
     let fd = memfd_unsealed(len);
     // SAFETY: fcntl(F_ADD_SEALS) on a memfd this function owns.

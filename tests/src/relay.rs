@@ -4,8 +4,13 @@
 //! `--incoming` socket as root (a target accepts root), and passes each
 //! frame and its fds on as it came, counting messages but never decoding
 //! them. A scripted [`Fault`] signals the target just before a message of
-//! the source reaches it, trickles a reply of the target, or delays every
-//! message.
+//! the source reaches it (or with all of it but its last byte passed),
+//! holds a message of the source, trickles a reply of the target, or
+//! delays every message.
+//!
+//! Protocol 3 (this build's source): Hello → Ready, then State → Resumed
+//! (or Failed). The State is the commit: there is no Loaded and no Commit
+//! between a source of this build and its target.
 
 use std::io::Write;
 use std::net::Shutdown;
@@ -22,10 +27,10 @@ use common::migration::{MIGRATION_MAX_FDS, MIGRATION_MAX_FRAME};
 
 use crate::migration_harness::{SETTLE, VMM_UID, listen_as};
 
-/// Names of the source's messages, in protocol order.
-pub const SOURCE_MSGS: [&str; 3] = ["Hello", "State", "Commit"];
-/// Names of the target's replies, in protocol order.
-pub const TARGET_MSGS: [&str; 3] = ["Ready", "Loaded", "Resumed"];
+/// Names of the source's messages, in protocol order (protocol 3).
+pub const SOURCE_MSGS: [&str; 2] = ["Hello", "State"];
+/// Names of the target's replies, in protocol order (protocol 3).
+pub const TARGET_MSGS: [&str; 2] = ["Ready", "Resumed"];
 
 /// What the relay does to one migration.
 #[derive(Debug, Clone, Copy)]
@@ -33,11 +38,17 @@ pub enum Fault {
     /// Passes everything.
     Pass,
     /// Sends `sig` to the target and waits until it is dead, just before
-    /// the source's message number `msg` (0 Hello, 1 State, 2 Commit) is
-    /// passed on.
+    /// the source's message number `msg` (0 Hello, 1 State) is passed on.
     SignalBefore { msg: usize, sig: i32 },
-    /// Passes the target's reply number `msg` (0 Ready, 1 Loaded,
-    /// 2 Resumed) to the source one byte every `gap`.
+    /// Passes the source's message number `msg` to the target but for its
+    /// last byte (the target waits in the middle of the frame: it cannot
+    /// have acted on it), then sends `sig` and waits until it is dead.
+    SignalDuring { msg: usize, sig: i32 },
+    /// Holds the source's message number `msg` for `delay`, then passes it
+    /// on (after a source that gave up meanwhile closed its end).
+    Hold { msg: usize, delay: Duration },
+    /// Passes the target's reply number `msg` (0 Ready, 1 Resumed) to the
+    /// source one byte every `gap`.
     Trickle { msg: usize, gap: Duration },
     /// SIGKILLs the target once its reply number `msg` arrived, and drops
     /// that reply (the target died right after sending it).
@@ -190,15 +201,27 @@ impl Pump {
             };
             let name = names.get(n).copied().unwrap_or("extra");
             self.note(format!(
-                "{dir:?} #{n} ({name}): {} bytes, {} fds",
+                "{dir:?} #{n} ({name}): {} bytes, {} fds, says {}",
                 payload.len(),
-                fds.len()
+                fds.len(),
+                leading_word(&payload)
             ));
             let this = n;
             n += 1;
             match (self.fault, dir) {
                 (Fault::SignalBefore { msg, sig }, Dir::FromSource) if msg == this => {
                     self.signal_target(sig);
+                }
+                (Fault::SignalDuring { msg, sig }, Dir::FromSource) if msg == this => {
+                    assert!(fds.is_empty(), "cut a message with fds");
+                    let passed = send_all_but_last_byte(to, &payload);
+                    self.note(format!("{name}: all but its last byte passed: {passed:?}"));
+                    self.signal_target(sig);
+                    break;
+                }
+                (Fault::Hold { msg, delay }, Dir::FromSource) if msg == this => {
+                    std::thread::sleep(delay);
+                    self.note(format!("{name} held {delay:?}"));
                 }
                 (Fault::KillAndDrop { msg }, Dir::FromTarget) if msg == this => {
                     self.signal_target(libc::SIGKILL);
@@ -243,6 +266,35 @@ impl Pump {
             if dead { "dead" } else { "still alive" }
         ));
     }
+}
+
+/// The identifier a payload starts with (a RON message's variant name:
+/// `Hello`, `Loaded`...), for the log: what passed, not what it said.
+fn leading_word(payload: &[u8]) -> String {
+    let n = payload
+        .iter()
+        .take(32)
+        .take_while(|b| b.is_ascii_alphanumeric())
+        .count();
+    String::from_utf8_lossy(&payload[..n]).into_owned()
+}
+
+/// The variant names that passed one way (`FromSource` or `FromTarget`)
+/// in a relay's [`Relay::log`], in order.
+pub fn said(log: &[String], dir: &str) -> Vec<String> {
+    let prefix = format!("{dir} #");
+    log.iter()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit_once(", says ").map(|(_, w)| w.to_string()))
+        .collect()
+}
+
+/// Writes one frame (length prefix, payload) but for its last byte.
+fn send_all_but_last_byte(to: &UnixStream, payload: &[u8]) -> std::io::Result<()> {
+    let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(payload);
+    frame.pop();
+    (&*to).write_all(&frame)
 }
 
 /// Writes one frame (length prefix, payload) one byte every `gap`;

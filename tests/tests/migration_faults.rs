@@ -1,8 +1,14 @@
-//! The migration fault matrix: what goes wrong before the commit must cost
-//! the guest nothing. Scripted fake peers written against
+//! The migration fault matrix: what goes wrong before the target takes the
+//! guest must cost the guest nothing. Scripted fake peers written against
 //! `common::migration` (a fake target for a real source, a fake source for
 //! a real target) break the protocol at each step; real targets are
 //! started with the wrong shape; strangers knock on the target's socket.
+//!
+//! Protocol 3 (this build's source): Hello → Ready, State → Resumed or
+//! Failed. The State is the commit: a fake target takes the ownership
+//! page (CAS) itself before it answers Resumed, as the real one does. A
+//! fake source of protocol 2 (release 0.2.0) still gets Loaded after its
+//! State and must send Commit.
 //! After each fault the source still serves the guest (ping, the same TAP)
 //! and a second migration to a fresh real target succeeds. A hostile
 //! source gets a non-zero exit with one line from the target, and the TAP
@@ -14,13 +20,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::migration::{FdRole, SourceMsg, TargetMsg};
+use common::migration::{FdRole, MIGRATION_PROTOCOL_VERSION, SourceMsg, TargetMsg};
 use common::ownership::{Owner, OwnerPage};
 use tests::migration_harness::{
     Captured, Exits, FakeTarget, GuestSpec, MEMORY_BYTES, MigEnv, MigrateOutcome, Peer, SETTLE,
-    Target, TargetSpec, TickWatch, Vm, assert_answers_ping, capture_from_source, hello, hello_of,
-    memfd, memfd_unsealed, migrate, migrate_in_background, one_nic_shape, owner_page, start_source,
-    start_target, take_in_child_and_exit, vmctl,
+    Target, TargetSpec, TickWatch, Vm, assert_answers_ping, assert_ticks_continuous,
+    capture_from_source, hello, hello_of, memfd, memfd_unsealed, migrate, migrate_in_background,
+    one_nic_shape, owner_page, start_source, start_target, take_in_child_and_exit, ticks, vmctl,
 };
 use tests::netd_harness::wait_for;
 use vmm::persist::MACHINE_STATE_FORMAT;
@@ -200,7 +206,7 @@ fn ready() -> TargetMsg {
 }
 
 #[test]
-fn a_target_dying_after_hello_during_state_or_after_loaded_costs_nothing() {
+fn a_target_dying_after_hello_during_state_or_answering_loaded_costs_nothing() {
     let mut g = Guest::start("mf1", "");
 
     // Dies right after reading the Hello.
@@ -236,9 +242,9 @@ fn a_target_dying_after_hello_during_state_or_after_loaded_costs_nothing() {
     g.assert_serves("a target that died during State");
     g.migrate_ok("a target that died during State");
 
-    // Loads, answers Loaded and dies before the Commit. It stops reading
-    // first, so the Commit cannot reach it (a UNIX socket whose peer shut
-    // its read side fails the send): the source must resume.
+    // Takes the whole State, answers Loaded as a protocol 2 target would
+    // (a protocol 3 source sends no Commit) without taking the guest, and
+    // dies: the source must resume.
     let fake = g.fake_target();
     let job = migrate_in_background(&g.api, &fake.path, &[]);
     let peer = fake.accept();
@@ -246,16 +252,20 @@ fn a_target_dying_after_hello_during_state_or_after_loaded_costs_nothing() {
     peer.send(&ready(), &[]);
     let (state, _) = peer.recv_text().expect("State");
     assert!(state.starts_with("State("));
-    peer.sock
-        .shutdown(std::net::Shutdown::Read)
-        .expect("shutdown");
     peer.send(&TargetMsg::Loaded { restore_us: 1 }, &[]);
+    let page = h.page();
     drop((peer, h, fake));
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
-    assert!(r.contains("Commit"), "{r}");
-    g.assert_serves("a target that died after Loaded");
-    g.migrate_ok("a target that died after Loaded");
+    assert!(r.contains("State") && r.contains("Loaded"), "{r}");
+    assert_eq!(
+        page.owner(),
+        Owner::Source { pid: g.cur.pid() },
+        "the source took the guest back"
+    );
+    drop(page);
+    g.assert_serves("a target that answered Loaded and died");
+    g.migrate_ok("a target that answered Loaded and died");
     g.finish();
 }
 
@@ -641,15 +651,23 @@ fn a_target_path_that_does_not_exist_is_reported_and_the_guest_runs_on() {
 }
 
 // ---------------------------------------------------------------------------
-// Protocol 2: what a target requires of a Hello, and what it still takes
-// from release 0.1.0.
+// Protocols 2 and 3: what a target requires of a Hello, and what it still
+// takes from releases 0.1.0 and 0.2.0.
+
+/// `msg` (a Hello) saying it is of migration protocol `protocol`.
+fn with_protocol(msg: &SourceMsg<()>, protocol: u32) -> SourceMsg<()> {
+    let mut m = msg.clone();
+    if let SourceMsg::Hello { protocol: p, .. } = &mut m {
+        *p = protocol;
+    }
+    m
+}
 
 #[test]
 fn a_protocol_2_hello_needs_sealed_ram_and_an_offered_sealed_page_and_protocol_1_still_works() {
     let mut g = Guest::start("mf8", "");
     let c = capture_from_source(&g.env, &g.api);
     g.assert_serves("the capture");
-    let ok = replay_hello(&c, MACHINE_STATE_FORMAT);
     let tap = tap_fd(&c);
 
     let unsealed_ram = memfd_unsealed(MEMORY_BYTES);
@@ -668,55 +686,61 @@ fn a_protocol_2_hello_needs_sealed_ram_and_an_offered_sealed_page_and_protocol_1
             },
         ]
     };
-    let no_page = hello_of(
-        2,
-        MACHINE_STATE_FORMAT,
-        c.hello.shape(),
-        true,
-        ram_and_tap(),
-    );
     let ram = c.hello.fd(&FdRole::GuestRam);
-    let cases: [(&str, &SourceMsg<()>, Vec<BorrowedFd<'_>>, &str); 5] = [
-        (
-            "an unsealed RAM memfd",
-            &ok,
-            vec![unsealed_ram.as_fd(), tap, page.as_fd()],
-            "not sealed against shrink",
-        ),
-        (
-            "no ownership page",
-            &no_page,
-            vec![ram, tap],
-            "ownership page",
-        ),
-        (
-            "an unsealed ownership page",
-            &ok,
-            vec![ram, tap, unsealed_page.as_fd()],
-            "not sealed",
-        ),
-        (
-            "an ownership page of two pages",
-            &ok,
-            vec![ram, tap, two_pages.as_fd()],
-            "4096 bytes",
-        ),
-        (
-            "a page the source took back",
-            &ok,
-            vec![ram, tap, taken_back.as_fd()],
-            "not offered",
-        ),
-    ];
-    for (what, msg, fds, needle) in cases {
-        let (mut t, _peer, answer) = hello_to_target(&g, msg, &fds);
-        assert!(
-            matches!(&answer, TargetMsg::Refused { reason } if reason.contains(needle)),
-            "{what}: {answer:?}"
+    // Release 0.2.0's protocol, and this build's: the same requirements.
+    for protocol in [2, MIGRATION_PROTOCOL_VERSION] {
+        let ok = with_protocol(&replay_hello(&c, MACHINE_STATE_FORMAT), protocol);
+        let no_page = hello_of(
+            protocol,
+            MACHINE_STATE_FORMAT,
+            c.hello.shape(),
+            true,
+            ram_and_tap(),
         );
-        let line = assert_target_failed(&mut t, needle);
-        eprintln!("SUMMARY protocol 2 Hello with {what}: refused before Ready: {line}");
-        g.assert_serves(what);
+        let cases: [(&str, &SourceMsg<()>, Vec<BorrowedFd<'_>>, &str); 5] = [
+            (
+                "an unsealed RAM memfd",
+                &ok,
+                vec![unsealed_ram.as_fd(), tap, page.as_fd()],
+                "not sealed against shrink",
+            ),
+            (
+                "no ownership page",
+                &no_page,
+                vec![ram, tap],
+                "ownership page",
+            ),
+            (
+                "an unsealed ownership page",
+                &ok,
+                vec![ram, tap, unsealed_page.as_fd()],
+                "not sealed",
+            ),
+            (
+                "an ownership page of two pages",
+                &ok,
+                vec![ram, tap, two_pages.as_fd()],
+                "4096 bytes",
+            ),
+            (
+                "a page the source took back",
+                &ok,
+                vec![ram, tap, taken_back.as_fd()],
+                "not offered",
+            ),
+        ];
+        for (what, msg, fds, needle) in cases {
+            let (mut t, _peer, answer) = hello_to_target(&g, msg, &fds);
+            assert!(
+                matches!(&answer, TargetMsg::Refused { reason } if reason.contains(needle)),
+                "{what}: {answer:?}"
+            );
+            let line = assert_target_failed(&mut t, needle);
+            eprintln!(
+                "SUMMARY protocol {protocol} Hello with {what}: refused before Ready: {line}"
+            );
+            g.assert_serves(what);
+        }
     }
     assert_eq!(
         page.owner(),
@@ -746,6 +770,122 @@ fn a_protocol_2_hello_needs_sealed_ram_and_an_offered_sealed_page_and_protocol_1
     eprintln!("SUMMARY protocol 1 Hello (no page, unsealed memfd): Ready");
     g.assert_serves("a protocol 1 Hello");
     drop(c);
+    g.finish();
+}
+
+/// Between a real source (protocol 3) and a real target: passes the
+/// source's Hello to the target as protocol 2 (release 0.2.0's), its
+/// fds along, and the target's Ready back; then the State on. Returns
+/// the two connections, the Hello and the target's answer to the State.
+fn protocol_2_middle(
+    fake: &FakeTarget,
+    target: &Target,
+) -> (Peer, Peer, tests::migration_harness::HelloSeen, TargetMsg) {
+    let src = fake.accept();
+    let h = src.recv_hello();
+    assert!(
+        matches!(h.msg, SourceMsg::Hello { protocol, .. } if protocol == MIGRATION_PROTOCOL_VERSION),
+        "{:?}",
+        h.msg
+    );
+    let tgt = Peer::connect(&target.incoming);
+    let fds: Vec<BorrowedFd<'_>> = h.fds.iter().map(|f| f.as_fd()).collect();
+    tgt.send(&with_protocol(&h.msg, 2), &fds);
+    drop(fds);
+    let ready = tgt.recv_target_msg().expect("Ready");
+    assert!(matches!(ready, TargetMsg::Ready { .. }), "{ready:?}");
+    src.send(&ready, &[]);
+    let (state, _) = src.recv_text().expect("State");
+    assert!(
+        state.starts_with("State("),
+        "{}",
+        &state[..state.len().min(80)]
+    );
+    tgt.send_payload(&state, &[]);
+    let answer = tgt.recv_target_msg().expect("the answer to the State");
+    (src, tgt, h, answer)
+}
+
+#[test]
+fn a_protocol_2_source_gets_loaded_and_only_its_commit_and_the_cas_hand_the_guest_over() {
+    let mut g = Guest::start("mf16", "");
+    let w = g.watch();
+    let source_pid = g.cur.pid();
+
+    // Commit withheld past the source's limit: the source takes the guest
+    // back; the Commit that comes then makes the target's CAS fail.
+    let mut t = start_target(&g.env, &TargetSpec::like(&g.spec));
+    let fake = g.fake_target();
+    let t0 = Instant::now();
+    let job = migrate_in_background(&g.api, &fake.path, &["--downtime-limit-ms", "500"]);
+    let (src, tgt, h, answer) = protocol_2_middle(&fake, &t);
+    assert!(
+        matches!(answer, TargetMsg::Loaded { .. }),
+        "a protocol 2 source gets Loaded: {answer:?}"
+    );
+    let page = h.page();
+    assert_eq!(
+        page.owner(),
+        Owner::Offered { by: source_pid },
+        "the target took the guest before the Commit"
+    );
+    let out = job.join().expect("vmctl");
+    assert!(out.result().contains("downtime limit"), "{out:?}");
+    assert_eq!(page.owner(), Owner::Source { pid: source_pid });
+    tgt.send(&SourceMsg::<()>::Commit, &[]);
+    let line = assert_target_failed(&mut t, "taken back by the source");
+    assert!(line.ends_with("this vmm never ran it"), "{line}");
+    assert!(
+        ticks(&t.vm.serial_text()).is_empty(),
+        "the target ran the guest"
+    );
+    drop((src, tgt, h, page, fake));
+    assert_rolled_back_within(
+        &mut g,
+        &w,
+        &out,
+        t0,
+        Duration::from_millis(500),
+        "a protocol 2 Commit after the source's limit",
+    );
+    eprintln!("SUMMARY protocol 2, Commit after the limit: the target said {line:?}");
+
+    // Commit in time: the target takes the guest, answers Resumed without
+    // a timeline (a protocol 2 source refuses unknown fields), runs it.
+    let t = start_target(&g.env, &TargetSpec::like(&g.spec));
+    let fake = g.fake_target();
+    let job = migrate_in_background(&g.api, &fake.path, &[]);
+    let (src, tgt, h, answer) = protocol_2_middle(&fake, &t);
+    assert!(matches!(answer, TargetMsg::Loaded { .. }), "{answer:?}");
+    let page = h.page();
+    assert_eq!(page.owner(), Owner::Offered { by: source_pid });
+    tgt.send(&SourceMsg::<()>::Commit, &[]);
+    let (resumed, fds) = tgt.recv_text().expect("Resumed");
+    assert!(fds.is_empty());
+    assert!(
+        resumed.starts_with("Resumed(") && !resumed.contains("timeline"),
+        "{resumed}"
+    );
+    assert_eq!(page.owner(), Owner::Target { pid: t.vm.pid() });
+    src.send_payload(&resumed, &[]);
+    let out = job.join().expect("vmctl");
+    out.assert_ok();
+    drop((src, tgt, h, page, fake));
+    g.exits
+        .wait(&mut g.cur, "the source of the protocol 2 migration");
+    let source_serial = g.cur.serial_text();
+    g.cur = t.vm;
+    g.cur.wait_ticks(2);
+    assert_ticks_continuous(&[source_serial, g.cur.serial_text()]);
+    assert_answers_ping(&g.env, 1, "after the protocol 2 migration");
+    let (_, st) = vmctl(&g.api, &["status"]);
+    assert_eq!(st["pid"], g.cur.pid(), "{st}");
+    assert_eq!(st["state"], "Running", "{st}");
+    assert_eq!(g.env.ifindex("vm0"), g.ifindex, "the TAP was recreated");
+    eprintln!(
+        "SUMMARY protocol 2 (Hello, Ready, State, Loaded, Commit, Resumed): the target runs the guest (downtime_us {})",
+        out.json["downtime_us"]
+    );
     g.finish();
 }
 
@@ -788,7 +928,7 @@ fn a_target_of_another_uid_receives_nothing_and_the_guest_runs_on() {
 }
 
 // ---------------------------------------------------------------------------
-// Trickling targets, and the window after Commit.
+// Trickling targets, and the window after the State (the commit).
 
 /// One byte of an answer every this long.
 const TRICKLE: Duration = Duration::from_millis(300);
@@ -803,12 +943,14 @@ const PAUSE_MARGIN: Duration = Duration::from_millis(500);
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum After {
     Hello,
+    /// The whole State arrived: the guest is offered for good (protocol 3
+    /// has no Commit), and is the fake's if it takes the page.
     State,
-    Commit,
 }
 
 /// A fake target that goes through the protocol up to `after`, answering
-/// like a real one, and returns the Hello and its connection.
+/// like a real one, and returns the Hello and its connection (it neither
+/// takes the guest nor answers the State).
 fn fake_up_to(fake: &FakeTarget, after: After) -> (Peer, tests::migration_harness::HelloSeen) {
     let peer = fake.accept();
     let h = peer.recv_hello();
@@ -822,12 +964,6 @@ fn fake_up_to(fake: &FakeTarget, after: After) -> (Peer, tests::migration_harnes
         "{}",
         &state[..state.len().min(80)]
     );
-    if after == After::State {
-        return (peer, h);
-    }
-    peer.send(&TargetMsg::Loaded { restore_us: 1 }, &[]);
-    let (commit, _) = peer.recv_text().expect("Commit");
-    assert_eq!(commit, "Commit");
     (peer, h)
 }
 
@@ -877,23 +1013,26 @@ fn assert_rolled_back_within(
 }
 
 #[test]
-fn a_trickling_target_after_state_or_commit_holds_the_guest_at_most_the_limit() {
+fn a_trickling_target_after_the_state_holds_the_guest_at_most_the_limit() {
     let mut g = Guest::start("mf10", "");
     let w = g.watch();
-    for (after, limit_ms) in [
-        (After::State, Some(500)),
-        (After::State, None),
-        (After::Commit, Some(500)),
-        (After::Commit, None),
+    let resumed = || TargetMsg::Resumed {
+        at_ns: 1,
+        timeline: Default::default(),
+    };
+    let failed = || TargetMsg::Failed {
+        reason: "trickled".into(),
+    };
+    // Neither takes the guest: a Resumed without the CAS is not a
+    // hand-over, whenever it arrives.
+    for (answer, limit_ms) in [
+        (failed(), Some(500)),
+        (failed(), None),
+        (resumed(), Some(500)),
+        (resumed(), None),
     ] {
         let limit = Duration::from_millis(limit_ms.unwrap_or(1000));
-        let answer = match after {
-            After::State => TargetMsg::Loaded { restore_us: 1 },
-            _ => TargetMsg::Resumed {
-                at_ns: 1,
-                timeline: Default::default(),
-            },
-        };
+        let after = After::State;
         let fake = g.fake_target();
         let t0 = Instant::now();
         let args = limit_args(limit_ms);
@@ -905,12 +1044,12 @@ fn a_trickling_target_after_state_or_commit_holds_the_guest_at_most_the_limit() 
         let r = out.result();
         assert!(
             r.contains("downtime limit") && r.contains(&format!("{limit:?}")),
-            "{after:?}: {r}"
+            "{answer:?}: {r}"
         );
         drop((peer, h, fake));
         let sent = trickler.join().expect("trickler");
         let what = format!(
-            "a target trickling its answer after {after:?}, limit {} ms ({sent} bytes sent)",
+            "a target trickling {answer:?} after the State, limit {} ms ({sent} bytes sent)",
             ms(limit)
         );
         assert_rolled_back_within(&mut g, &w, &out, t0, limit, &what);
@@ -971,9 +1110,10 @@ fn a_target_that_takes_the_guest_and_trickles_has_it_and_the_source_exits_0() {
     let fake = g.fake_target();
     let t0 = Instant::now();
     let job = migrate_in_background(&g.api, &fake.path, &["--downtime-limit-ms", "500"]);
-    let (peer, h) = fake_up_to(&fake, After::Commit);
+    let (peer, h) = fake_up_to(&fake, After::State);
     let paused_by = Instant::now();
     let page = h.page();
+    // As the real target: the CAS first, then Resumed.
     page.take().expect("the fake takes the guest");
     let trickler = peer.trickle(
         &TargetMsg::Resumed {
@@ -1010,43 +1150,78 @@ fn a_target_that_takes_the_guest_and_trickles_has_it_and_the_source_exits_0() {
 }
 
 #[test]
-fn the_window_after_commit_the_guest_runs_in_exactly_one_place() {
+fn the_window_after_the_state_the_guest_runs_in_exactly_one_place() {
     let mut g = Guest::start("mf13", "");
     let w = g.watch();
     let limit = Duration::from_millis(500);
     let args = ["--downtime-limit-ms", "500"];
 
-    // Takes Commit and dies without owning.
+    // Takes the whole State (the commit) and dies without owning.
     let fake = g.fake_target();
     let t0 = Instant::now();
     let job = migrate_in_background(&g.api, &fake.path, &args);
-    let (peer, h) = fake_up_to(&fake, After::Commit);
+    let (peer, h) = fake_up_to(&fake, After::State);
     drop((peer, h, fake));
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
-    assert!(r.contains("Commit"), "{r}");
-    g.assert_runs_on(&w, "a target that died after Commit without owning");
+    assert!(r.contains("State"), "{r}");
+    g.assert_runs_on(&w, "a target that died after the State without owning");
     eprintln!(
-        "SUMMARY a target dying after Commit without owning: the source resumed (paused {} ms, downtime_us {}); vmctl: {r:?}",
+        "SUMMARY a target dying after the State without owning: the source resumed (paused {} ms, downtime_us {}); vmctl: {r:?}",
         ms(w.max_gap_since(t0)),
         out.json["downtime_us"]
     );
 
-    // Goes silent after Commit without owning.
+    // Answers Resumed at once without owning: a lie the word exposes.
     let fake = g.fake_target();
     let t0 = Instant::now();
     let job = migrate_in_background(&g.api, &fake.path, &args);
-    let (peer, h) = fake_up_to(&fake, After::Commit);
+    let (peer, h) = fake_up_to(&fake, After::State);
+    peer.send(
+        &TargetMsg::Resumed {
+            at_ns: 1,
+            timeline: Default::default(),
+        },
+        &[],
+    );
+    let out = job.join().expect("vmctl");
+    let r = out.assert_failed();
+    assert!(r.contains("did not take the guest"), "{r}");
+    assert_eq!(
+        h.page().take(),
+        Err(Owner::Source { pid: g.cur.pid() }),
+        "the source took the guest back"
+    );
+    drop((peer, h, fake));
+    g.assert_runs_on(&w, "a target that said Resumed without owning");
+    eprintln!(
+        "SUMMARY a target answering Resumed without owning: the source resumed (paused {} ms, downtime_us {}); vmctl: {r:?}",
+        ms(w.max_gap_since(t0)),
+        out.json["downtime_us"]
+    );
+
+    // Goes silent after the State without owning.
+    let fake = g.fake_target();
+    let t0 = Instant::now();
+    let job = migrate_in_background(&g.api, &fake.path, &args);
+    let (peer, h) = fake_up_to(&fake, After::State);
     let out = job.join().expect("vmctl");
     drop((peer, h, fake));
     assert!(out.result().contains("downtime limit"), "{out:?}");
-    assert_rolled_back_within(&mut g, &w, &out, t0, limit, "a target silent after Commit");
+    assert_rolled_back_within(
+        &mut g,
+        &w,
+        &out,
+        t0,
+        limit,
+        "a target silent after the State",
+    );
 
     // Answers Resumed after the limit without owning: too late.
     let fake = g.fake_target();
     let t0 = Instant::now();
     let job = migrate_in_background(&g.api, &fake.path, &args);
-    let (peer, h) = fake_up_to(&fake, After::Commit);
+    let (peer, h) = fake_up_to(&fake, After::State);
     std::thread::sleep(limit + Duration::from_millis(300));
     let _ = common::codec::send(
         &peer.sock,
@@ -1074,11 +1249,11 @@ fn the_window_after_commit_the_guest_runs_in_exactly_one_place() {
         "a target answering Resumed late without owning (its take() then failed)",
     );
 
-    // Takes Commit, owns the guest, dies: the guest is lost with it, and
-    // the source says so in one line.
+    // Takes the State, owns the guest, dies before Resumed: the guest is
+    // lost with it, and the source says so in one line.
     let fake = g.fake_target();
     let job = migrate_in_background(&g.api, &fake.path, &args);
-    let (peer, h) = fake_up_to(&fake, After::Commit);
+    let (peer, h) = fake_up_to(&fake, After::State);
     let paused_by = Instant::now();
     let owner = take_in_child_and_exit(&h.page());
     drop((peer, h));

@@ -1,8 +1,13 @@
 //! Exactly one owner of the guest, with real processes: a real source, a
 //! real target, and between them a blind relay (tests/src/relay.rs) that
-//! signals the target just before each message of the source reaches it,
-//! or trickles the target's replies; then real targets and real sources
+//! signals the target just before each message of the source reaches it
+//! or in the middle of the State, holds the State past the limit, or
+//! trickles the target's replies; then real targets and real sources
 //! SIGKILLed at seeded random instants of migrations under traffic.
+//!
+//! Protocol 3: Hello → Ready, State → Resumed. The State is the commit:
+//! the target takes the guest (the ownership CAS) as soon as it restored
+//! it, before it answers Resumed; a source that gave up first took it back.
 //!
 //! After each fault: the guest runs in exactly one process (or in none
 //! when the owner itself was killed, and the survivor says so in one
@@ -314,8 +319,9 @@ fn relayed_case(
         ),
     };
     assert_eq!(owner, expect, "{what}");
-    if let Fault::Trickle { msg: 1, .. } = fault {
-        // The source took the guest back; the target says so.
+    if let Fault::Hold { msg: 1, .. } = fault {
+        // The source took the guest back before the State reached the
+        // target, which restored it, lost the CAS, and says so.
         let line = one_line(&tgt.vm);
         assert!(
             line.contains(&format!("taken back by the source (pid {})", g.owner.pid()))
@@ -323,7 +329,7 @@ fn relayed_case(
             "{what}: the target's line: {line}"
         );
     }
-    if let Fault::Trickle { msg: 1.., .. } = fault {
+    if let Fault::Trickle { msg: 1.., .. } | Fault::Hold { msg: 1.., .. } = fault {
         // The guest was paused when the reply was due: at most the limit.
         let d = run.downtime_us.unwrap_or(u64::MAX);
         assert!(
@@ -337,8 +343,10 @@ fn relayed_case(
             "{} {}{}",
             run.code.map_or("-".into(), |c| c.to_string()),
             run.result,
-            run.downtime_us
-                .map_or(String::new(), |d| format!(" (downtime {} ms)", d / 1000))
+            run.downtime_us.map_or(String::new(), |d| format!(
+                " (downtime {:.1} ms)",
+                d as f64 / 1000.0
+            ))
         ),
         source: format!("{}: {}", status_text(src_st), one_line(&g.owner)),
         target: format!("{}: {}", status_text(tgt_st), one_line(&tgt.vm)),
@@ -434,9 +442,11 @@ fn relay_matrix(tag: &str, faults: &[(Fault, String, Owner)]) {
 }
 
 /// The target killed by `sig` just before each of the source's messages
-/// reaches it: the source keeps (or takes back) the guest every time.
+/// reaches it, and with all of the State but its last byte (the commit
+/// on its way: the target cannot have taken the guest): the source keeps
+/// (or takes back) the guest every time.
 fn signal_before_each_message(tag: &str, sig: libc::c_int, name: &str) {
-    let faults: Vec<(Fault, String, Owner)> = (0..3)
+    let mut faults: Vec<(Fault, String, Owner)> = (0..SOURCE_MSGS.len())
         .map(|msg| {
             (
                 Fault::SignalBefore { msg, sig },
@@ -445,6 +455,11 @@ fn signal_before_each_message(tag: &str, sig: libc::c_int, name: &str) {
             )
         })
         .collect();
+    faults.push((
+        Fault::SignalDuring { msg: 1, sig },
+        format!("{name} target with the State but its last byte"),
+        Owner::Source,
+    ));
     relay_matrix(tag, &faults);
 }
 
@@ -459,8 +474,8 @@ fn target_sigtermed_just_before_each_message_of_the_source() {
 }
 
 #[test]
-fn each_reply_of_the_target_trickled_and_a_target_dying_after_it_took_the_guest() {
-    let mut faults: Vec<(Fault, String, Owner)> = (0..3)
+fn each_reply_of_the_target_trickled_a_late_state_and_a_target_dying_after_it_took_the_guest() {
+    let mut faults: Vec<(Fault, String, Owner)> = (0..TARGET_MSGS.len())
         .map(|msg| {
             (
                 Fault::Trickle {
@@ -469,7 +484,7 @@ fn each_reply_of_the_target_trickled_and_a_target_dying_after_it_took_the_guest(
                 },
                 format!("{} trickled", TARGET_MSGS[msg]),
                 // Resumed is sent by a target that owns the guest.
-                if msg == 2 {
+                if TARGET_MSGS[msg] == "Resumed" {
                     Owner::Target
                 } else {
                     Owner::Source
@@ -477,8 +492,19 @@ fn each_reply_of_the_target_trickled_and_a_target_dying_after_it_took_the_guest(
             )
         })
         .collect();
+    // The State reaches the target after the source gave up at the limit
+    // and took the guest back: the target restores it, loses the CAS and
+    // never runs it.
     faults.push((
-        Fault::KillAndDrop { msg: 2 },
+        Fault::Hold {
+            msg: 1,
+            delay: Duration::from_millis(LIMIT_MS + LIMIT_SLACK_MS + 300),
+        },
+        "State held past the limit".into(),
+        Owner::Source,
+    ));
+    faults.push((
+        Fault::KillAndDrop { msg: 1 },
         "SIGKILL target after it took the guest (Resumed dropped)".into(),
         Owner::None,
     ));

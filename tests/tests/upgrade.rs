@@ -5,23 +5,29 @@
 //! - previous → current: a guest booted on the previous release moves to
 //!   this build's vmm as it would in a migration between equals: no packet
 //!   lost under a 2 ms ping and a numbered UDP echo stream, the same boot,
-//!   a heartbeat that counts on, the same TAP.
+//!   a heartbeat that counts on, the same TAP. A blind relay between them
+//!   sees the previous release's protocol: 0.2.0 (protocol 2) gets Loaded
+//!   after its State and sends Commit, where this build's protocol 3 has
+//!   neither.
 //! - current → previous: either that works just the same, or the previous
-//!   target refuses before the pause (a newer migration protocol): then the
-//!   source's guest never stops, loses nothing, and keeps its vmm.
+//!   target refuses before the pause (a newer migration protocol, which it
+//!   must refuse): then the source's guest never stops, loses nothing, and
+//!   keeps its vmm.
 //!
 //! Without `PREVIOUS_VMM` the tests skip loudly (`REQUIRE_PREVIOUS=1`, set
 //! by `.ci/run`, makes that a failure).
 
 use std::path::Path;
 
+use common::migration::MIGRATION_PROTOCOL_VERSION;
 use tests::bin;
 use tests::migration_harness::{
-    Exits, GuestSpec, MigEnv, TargetSpec, Traffic, assert_answers_ping,
+    Exits, GuestSpec, MigEnv, SETTLE, TargetSpec, Traffic, assert_answers_ping,
     assert_same_guest_on_the_same_tap, assert_ticks_continuous, boot_id, guest_stats, migrate,
     migrate_with, start_source, start_source_with, start_target_with, ticks, vmctl_with,
 };
 use tests::prereq::{Prerequisite, PreviousRelease, require_or_skip};
+use tests::relay::{Fault, Relay, said};
 
 /// This build's version, as its vmm reports it.
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
@@ -35,6 +41,20 @@ fn previous() -> Option<PreviousRelease> {
         return None;
     }
     Some(PreviousRelease::from_env().unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// The migration protocol a vmm binary speaks as a source, from its
+/// `--version` line (`vmm X (machine state format A.B, migration protocol N)`).
+fn protocol_of(vmm: &Path) -> u32 {
+    let out = std::process::Command::new(vmm)
+        .arg("--version")
+        .output()
+        .expect("run vmm --version");
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    line.split("migration protocol ")
+        .nth(1)
+        .and_then(|r| r.trim().trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no protocol in {line:?}"))
 }
 
 /// `status` through `vmctl_bin`, which must succeed.
@@ -76,10 +96,32 @@ fn a_guest_on_the_previous_release_moves_to_this_one_with_nothing_lost() {
         &env.path("mig.sock"),
     );
     let traffic = Traffic::start(&env, 1, 1);
+    let mut relay = Relay::start(
+        &env.path("relay.sock"),
+        &tgt.incoming,
+        tgt.vm.pid(),
+        Fault::Pass,
+    );
 
-    let out = migrate_with(&prev.vmctl, &api, &tgt.incoming, &[]);
+    let out = migrate_with(&prev.vmctl, &api, &relay.path, &[]);
     out.assert_ok();
     exits.wait(&mut src, "the previous release's source");
+    assert!(relay.wait_done(SETTLE), "the relay still passes");
+    // What each side said, as the previous release's protocol has it.
+    let log = relay.log();
+    let (from_source, from_target) = (said(&log, "FromSource"), said(&log, "FromTarget"));
+    match protocol_of(&prev.vmm) {
+        2 => {
+            assert_eq!(from_source, ["Hello", "State", "Commit"], "{log:?}");
+            assert_eq!(from_target, ["Ready", "Loaded", "Resumed"], "{log:?}");
+        }
+        p if p == MIGRATION_PROTOCOL_VERSION => {
+            assert_eq!(from_source, ["Hello", "State"], "{log:?}");
+            assert_eq!(from_target, ["Ready", "Resumed"], "{log:?}");
+        }
+        p => panic!("the previous release speaks migration protocol {p}: {log:?}"),
+    }
+    drop(relay);
     traffic.wait_flowing("after the migration");
     let (pings, echoes) = traffic.stop_and_check();
     eprintln!(
@@ -131,6 +173,12 @@ fn this_release_hands_a_guest_to_the_previous_one_or_is_refused_before_the_pause
     let traffic = Traffic::start(&env, 2, 1);
 
     let out = migrate(&api, &tgt.incoming, &[]);
+    // A target takes no newer protocol than its own.
+    assert!(
+        out.result() != "ok" || protocol_of(&prev.vmm) >= MIGRATION_PROTOCOL_VERSION,
+        "a target of protocol {} took this build's protocol {MIGRATION_PROTOCOL_VERSION}: {out:?}",
+        protocol_of(&prev.vmm)
+    );
     if out.result() == "ok" {
         out.assert_ok();
         exits.wait(&mut src, "this build's source");
@@ -158,6 +206,11 @@ fn this_release_hands_a_guest_to_the_previous_one_or_is_refused_before_the_pause
     // guest never noticed.
     let reason = out.assert_failed();
     eprintln!("the previous release refused this build's migration: {reason}");
+    assert!(
+        protocol_of(&prev.vmm) < MIGRATION_PROTOCOL_VERSION
+            && reason.contains(&format!("migration protocol {MIGRATION_PROTOCOL_VERSION}")),
+        "refused for another reason than a newer protocol: {reason}"
+    );
     assert!(
         out.stderr.is_empty(),
         "vmctl got no report from the source: {out:?}"
