@@ -62,6 +62,11 @@ fn bytes_of<T: Pod>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
+/// Whether two values are the same bytes.
+pub fn same<T: Pod>(a: &T, b: &T) -> bool {
+    bytes_of(a) == bytes_of(b)
+}
+
 fn encode<T: Pod>(v: &T) -> String {
     let b = bytes_of(v);
     let end = b.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);

@@ -14,7 +14,8 @@
 //!   no SA_RESTART) to a thread in KVM_RUN → KVM_RUN returns EINTR, for a
 //!   halted guest (`sti; hlt`) and a spinning one (`jmp $`);
 //! - (f) RON encode and decode of the machine state fixture
-//!   (`tests/fixtures/machine-state-1.1.ron`) as `vmm::persist::MachineState`.
+//!   of the format this build writes (`tests/fixtures/machine-state-X.Y.ron`)
+//!   as `vmm::persist::MachineState`.
 //!
 //! `bench_floor [--reps N]` (default 1000), as root (or with /dev/kvm).
 
@@ -552,7 +553,7 @@ fn vcpu_kick(reps: usize) -> Vec<Row> {
 fn ron_state(reps: usize) -> Vec<Row> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
-        .join("machine-state-1.1.ron");
+        .join(format!("machine-state-{}.ron", vmm::persist::MACHINE_STATE_FORMAT));
     let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let state: vmm::persist::MachineState =
         common::codec::decode(&text).expect("decode the fixture");

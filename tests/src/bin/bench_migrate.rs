@@ -240,6 +240,12 @@ struct Series {
     ram: String,
     /// Downtime of each migration, microseconds.
     downtime_us: Vec<f64>,
+    /// Pause to the target's vCPUs resuming, microseconds: for vmm the
+    /// target's "sending resumed" mark (its vCPUs wake right after; both
+    /// processes' CLOCK_MONOTONIC), for QEMU the same as `downtime_us`
+    /// (its STOP and RESUME events). The source-clock `downtime_us` of
+    /// vmm also counts the source's own wake-up to read Resumed.
+    guest_paused_us: Vec<f64>,
     /// Request to reply (vmm: vmctl's total; QEMU: `migrate` to the
     /// target's RESUME event), microseconds.
     total_us: Vec<f64>,
@@ -265,6 +271,7 @@ impl Series {
             label,
             ram: ram.to_string(),
             downtime_us: Vec::new(),
+            guest_paused_us: Vec::new(),
             total_us: Vec::new(),
             phases: Vec::new(),
             qemu_reported_ms: Vec::new(),
@@ -542,6 +549,13 @@ fn vmm_series(netd: &Netd, dir: &Path, row: &Row, runs: usize, pps: u32) -> Seri
             )
         });
         s.downtime_us.push(report.downtime_us as f64);
+        let resumed = report
+            .phases
+            .marks
+            .iter()
+            .find(|m| m.what == "target: sending resumed")
+            .map_or(report.downtime_us, |m| m.at_us);
+        s.guest_paused_us.push(resumed as f64);
         s.total_us.push(report.total_us as f64);
         s.phases.push(report.phases);
         let st = reap(&mut current);
@@ -702,6 +716,7 @@ fn qemu_series(netd: &Netd, dir: &Path, row: &Row, runs: usize, pps: u32) -> Ser
             event_time_us(&resume).expect("RESUME timestamp"),
         );
         s.downtime_us.push((resume_us - stop_us) as f64);
+        s.guest_paused_us.push((resume_us - stop_us) as f64);
         s.total_us.push((resume_us - requested) as f64);
         // QEMU's own figure (milliseconds, from the source's view).
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
@@ -802,6 +817,29 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
             ms(percentile(&s.total_us, 0.5)),
             format!("{lost}/{sent}"),
             max_one
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "guest paused: source pause to target vCPUs resumed (vmm: both processes' marks; QEMU: STOP to RESUME)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<33} {:>5} {:>4} {:>9} {:>9} {:>9} {:>9}",
+        "path", "RAM", "runs", "p50 (ms)", "p90 (ms)", "p99 (ms)", "max (ms)"
+    );
+    for s in series {
+        let _ = writeln!(
+            out,
+            "{:<33} {:>5} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+            s.label,
+            s.ram,
+            s.guest_paused_us.len(),
+            ms(percentile(&s.guest_paused_us, 0.5)),
+            ms(percentile(&s.guest_paused_us, 0.9)),
+            ms(percentile(&s.guest_paused_us, 0.99)),
+            ms(percentile(&s.guest_paused_us, 1.0)),
         );
     }
     let _ = writeln!(out);

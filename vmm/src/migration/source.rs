@@ -317,7 +317,7 @@ fn send(
 }
 
 fn encode<T: serde::Serialize>(step: &'static str, msg: &T) -> Result<String, SourceError> {
-    codec::encode(msg).map_err(wire(step))
+    codec::encode_unescaped(msg).map_err(wire(step))
 }
 
 fn unexpected(step: &'static str, m: &TargetMsg) -> SourceError {

@@ -177,7 +177,7 @@ pub fn receive(cfg: &VmConfig, started: Instant) -> Result<Vmm, TargetError> {
 
 /// How long a failed target waits for a source that went away to either
 /// take the guest back or be seen gone, to say which in its last line.
-const FATE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+const FATE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl TargetError {
     /// This failure, after the source offered the guest, with where the
