@@ -482,7 +482,13 @@ mod tests {
             })),
         };
         assert_eq!(encode_unescaped(&plain).unwrap(), encode(&plain).unwrap());
-        for odd in ["a\"b", "back\\slash", "line\nbreak\ttab", "r#\"x\"#", "é\u{0}"] {
+        for odd in [
+            "a\"b",
+            "back\\slash",
+            "line\nbreak\ttab",
+            "r#\"x\"#",
+            "é\u{0}",
+        ] {
             let d = Doc {
                 id: odd.into(),
                 ..Doc {

@@ -34,8 +34,9 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Stops the devices' threads (after the vCPUs are paused): frames
-    /// wait in the TAP queues. Tries every device; reports the first error.
+    /// Stops the devices' threads (while the vCPUs park, see
+    /// [`crate::runtime`]): frames wait in the TAP queues. Tries every
+    /// device; reports the first error.
     pub fn pause_devices(&self) -> Result<(), PersistError> {
         self.each_net(|n| n.pause())
     }

@@ -518,7 +518,11 @@ impl Persist for Vcpu {
             unsafe { self.fd.set_xsave(x) }.map_err(kvm_err("set xsave"))?;
         }
         if let Some(x) = &s.xcrs
-            && !has(|k, s| k.xcrs.zip(s.xcrs).is_some_and(|(a, b)| crate::kvm_blob::same(&a, &b)))
+            && !has(|k, s| {
+                k.xcrs
+                    .zip(s.xcrs)
+                    .is_some_and(|(a, b)| crate::kvm_blob::same(&a, &b))
+            })
         {
             self.fd.set_xcrs(x).map_err(kvm_err("set xcrs"))?;
         }

@@ -553,7 +553,10 @@ fn vcpu_kick(reps: usize) -> Vec<Row> {
 fn ron_state(reps: usize) -> Vec<Row> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
-        .join(format!("machine-state-{}.ron", vmm::persist::MACHINE_STATE_FORMAT));
+        .join(format!(
+            "machine-state-{}.ron",
+            vmm::persist::MACHINE_STATE_FORMAT
+        ));
     let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let state: vmm::persist::MachineState =
         common::codec::decode(&text).expect("decode the fixture");
