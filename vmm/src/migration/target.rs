@@ -4,10 +4,10 @@
 //! ```text
 //! Listening ──a peer of this uid says Hello──────────► Greeted    (listener closed)
 //! Greeted ──versions, shape and fds fit; machine built─► Prepared   (Ready sent)
-//! Prepared ──State restored────────────────────────────► Loaded     (Loaded sent)
-//! Loaded ──Commit──────────────────────────────────────► Committed
+//! Prepared ──State restored────────────────────────────► Loaded     (protocol 1-2: Loaded sent)
+//! Loaded ──protocol 1-2: Commit; 3: nothing to await──► Committed
 //! Committed ──owner page: take() wins──────────────────► Owned
-//! Owned ──devices, vCPUs and the API run here──────────► Resumed    (Resumed sent)
+//! Owned ──Resumed sent; vCPUs, devices, API run here───► Resumed
 //! Resumed ──classic path: RARP for each NIC────────────► done
 //! ```
 //!
