@@ -24,7 +24,7 @@
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{ControlMessage, MsgFlags, getsockopt, sendmsg, sockopt};
@@ -253,22 +253,7 @@ pub fn recv_frame_until(
     max_fds: usize,
     deadline: Instant,
 ) -> Result<(Vec<u8>, Vec<OwnedFd>), CodecError> {
-    recv_frame_spinning_until(fd, max_len, max_fds, deadline, Duration::ZERO)
-}
-
-/// [`recv_frame_until`] for a frame due within microseconds: the first
-/// `spin` of the wait polls without sleeping (yielding the CPU to anyone
-/// who wants it), so the frame is seen without this thread being woken.
-pub fn recv_frame_spinning_until(
-    fd: BorrowedFd<'_>,
-    max_len: usize,
-    max_fds: usize,
-    deadline: Instant,
-    spin: Duration,
-) -> Result<(Vec<u8>, Vec<OwnedFd>), CodecError> {
-    let mut r = FrameReader::new(fd, max_fds, Some(deadline));
-    r.spin = spin;
-    r.frame(max_len)
+    FrameReader::new(fd, max_fds, Some(deadline)).frame(max_len)
 }
 
 /// One frame being received.
@@ -283,8 +268,6 @@ struct FrameReader<'a> {
     fds: Vec<OwnedFd>,
     /// Room for this many fds per `recvmsg` (SCM_MAX_FD but in unit tests).
     cmsg_fds: usize,
-    /// How long the first wait for bytes polls without sleeping.
-    spin: Duration,
 }
 
 impl<'a> FrameReader<'a> {
@@ -307,7 +290,6 @@ impl<'a> FrameReader<'a> {
             idle,
             fds: Vec::new(),
             cmsg_fds: SCM_MAX_FD,
-            spin: Duration::ZERO,
         }
     }
 
@@ -359,19 +341,10 @@ impl<'a> FrameReader<'a> {
 
     /// With a deadline, waits until the socket is readable, failing with
     /// `Deadline` when it passes or `Timeout` after the socket's read timeout.
-    fn wait_readable(&mut self) -> Result<(), CodecError> {
+    fn wait_readable(&self) -> Result<(), CodecError> {
         let Some(deadline) = self.deadline else {
             return Ok(());
         };
-        let spin_until = Instant::now() + std::mem::take(&mut self.spin);
-        while Instant::now() < spin_until.min(deadline) {
-            let mut pfd = [PollFd::new(self.fd, PollFlags::POLLIN)];
-            match poll(&mut pfd, PollTimeout::ZERO) {
-                Ok(0) | Err(nix::errno::Errno::EINTR) => std::thread::yield_now(),
-                Ok(_) => return Ok(()),
-                Err(e) => return Err(CodecError::from_errno(e)),
-            }
-        }
         let idle_until = self.idle.map(|d| Instant::now() + d);
         loop {
             let now = Instant::now();

@@ -22,13 +22,6 @@ pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
 /// source State to Loaded, Commit to Resumed): a peer that does not answer
 /// is given up within seconds.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Each side of the switch-over waits for a message due within a few
-/// hundred microseconds (the target for the State once it said Ready, the
-/// source for Resumed once it sent the State): the first part of that
-/// wait polls instead of sleeping, so no wake-up is paid (measured on
-/// 2 cores: 20 to 60 us, and up to 1 ms when the woken thread waits for
-/// a CPU). Bounded, and it yields the CPU to anyone who wants it.
-pub const SWITCH_OVER_SPIN: Duration = Duration::from_millis(1);
 /// A connected peer must say Hello within this, or the target forgets it
 /// and waits for another.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);

@@ -27,7 +27,7 @@ use common::migration::{
 };
 use common::ownership::{Owner, OwnerPage, OwnershipError, process_gone};
 
-use super::{PREPARE_TIMEOUT, SWITCH_OVER_SPIN, shape_of};
+use super::{PREPARE_TIMEOUT, shape_of};
 use crate::devices::virtio::net::FrameIo;
 use crate::persist::{MACHINE_STATE_FORMAT, PersistError};
 use crate::runtime::{Migrating, Runtime, RuntimeError};
@@ -275,24 +275,21 @@ fn wire(step: &'static str) -> impl FnOnce(CodecError) -> SourceError {
     move |err| SourceError::Wire { step, err }
 }
 
-/// Receives the target's next message by `deadline`, the first `spin` of
-/// the wait without sleeping.
+/// Receives the target's next message by `deadline`.
 fn recv(
     sock: &UnixStream,
     step: &'static str,
     deadline: Instant,
-    spin: Duration,
 ) -> Result<TargetMsg, SourceError> {
-    let (payload, fds) =
-        codec::recv_frame_spinning_until(sock.as_fd(), MIGRATION_MAX_FRAME, 0, deadline, spin)
-            .map_err(wire(step))?;
-    if !fds.is_empty() {
+    let r = codec::recv_until::<_, TargetMsg>(sock, MIGRATION_MAX_FRAME, 0, deadline)
+        .map_err(wire(step))?;
+    if !r.fds.is_empty() {
         return Err(SourceError::Unexpected {
             step,
-            got: format!("{} fds", fds.len()),
+            got: format!("{} fds", r.fds.len()),
         });
     }
-    codec::decode(&payload).map_err(wire(step))
+    Ok(r.msg)
 }
 
 /// Sends `payload` by `deadline` (a peer that stops reading cannot hold
@@ -453,7 +450,7 @@ fn run<'a>(
         Ok(st) => drop(encode("State", &SourceMsg::State(&st))),
         Err(e) => log::debug!("migration: no rehearsal of the encoding: {e}"),
     }
-    let takes_api_socket = match recv(&sock, "Hello", prepare_deadline, Duration::ZERO)? {
+    let takes_api_socket = match recv(&sock, "Hello", prepare_deadline)? {
         TargetMsg::Ready {
             takes_api_socket, ..
         } => takes_api_socket,
@@ -494,7 +491,7 @@ fn run<'a>(
     // soon as it has restored it, unless this process took it back first.
     send(&sock, "State", &payload, &[], deadline).map_err(limit)?;
     tl.mark("source: state sent");
-    let answer = recv(&sock, "State", deadline, SWITCH_OVER_SPIN).map_err(limit)?;
+    let answer = recv(&sock, "State", deadline).map_err(limit)?;
     tl.mark("source: resumed received");
     // On this process's clock, not a timestamp the peer sends.
     report.downtime_us = us(paused.elapsed());

@@ -27,7 +27,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::codec::{self, CodecError};
 use common::listener::{ListenError, Listener, PeerCred};
@@ -38,7 +38,7 @@ use common::migration::{
 use common::ownership::{Owner, OwnerPage, process_gone};
 use nix::sys::socket::{getsockopt, sockopt};
 
-use super::{HELLO_TIMEOUT, STEP_TIMEOUT, SWITCH_OVER_SPIN, announce, shape_mismatch};
+use super::{HELLO_TIMEOUT, STEP_TIMEOUT, announce, shape_mismatch};
 use crate::builder::{Arrived, BuildError, IncomingShell, Vmm};
 use crate::config::VmConfig;
 use crate::persist::{FdTable, MachineState, check_format};
@@ -680,17 +680,11 @@ impl Source {
         &mut self,
         step: &'static str,
         deadline: Instant,
-        spin: Duration,
     ) -> Result<SourceMsg<MachineState>, TargetError> {
         let wire = |err| TargetError::Wire { step, err };
-        let (payload, fds) = codec::recv_frame_spinning_until(
-            self.sock.as_fd(),
-            MIGRATION_MAX_FRAME,
-            0,
-            deadline,
-            spin,
-        )
-        .map_err(wire)?;
+        let (payload, fds) =
+            codec::recv_frame_until(self.sock.as_fd(), MIGRATION_MAX_FRAME, 0, deadline)
+                .map_err(wire)?;
         self.timeline.mark("target: message received");
         if !fds.is_empty() {
             return Err(TargetError::Unexpected {
@@ -713,7 +707,7 @@ impl Source {
         load: impl FnOnce(&MachineState, &mut Timeline) -> Result<(), String>,
     ) -> Result<(), TargetError> {
         // The source pauses and saves right after Ready.
-        let msg = self.recv("State", Instant::now() + STEP_TIMEOUT, SWITCH_OVER_SPIN);
+        let msg = self.recv("State", Instant::now() + STEP_TIMEOUT);
         let t = Instant::now();
         let result = match msg {
             Ok(SourceMsg::State(state)) => {
@@ -756,7 +750,7 @@ impl Source {
         if self.state_is_commit() {
             return Ok(());
         }
-        match self.recv("Commit", Instant::now() + STEP_TIMEOUT, Duration::ZERO)? {
+        match self.recv("Commit", Instant::now() + STEP_TIMEOUT)? {
             SourceMsg::Commit => Ok(()),
             m => Err(unexpected("Commit", &m)),
         }

@@ -538,9 +538,6 @@ pub struct DeviceThread {
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
-/// How long [`DeviceThread::finished`] spins before it sleeps.
-const STOP_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
-
 impl DeviceThread {
     pub fn spawn(name: String, hook: Option<ThreadHook>) -> std::io::Result<Self> {
         let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
@@ -584,18 +581,8 @@ impl DeviceThread {
         self.stop.write(1)
     }
 
-    /// Waits for the job stopped by `request_stop`. A stopping thread
-    /// answers within tens of microseconds: the first part of the wait
-    /// spins (yielding the CPU), so the pauser is not a thread to wake.
+    /// Waits for the job stopped by `request_stop`.
     pub fn finished(&self) -> Option<Job> {
-        let spin_until = std::time::Instant::now() + STOP_SPIN;
-        while std::time::Instant::now() < spin_until {
-            match self.done.try_recv() {
-                Ok(job) => return Some(job),
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
-                Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::yield_now(),
-            }
-        }
         self.done.recv().ok()
     }
 }
