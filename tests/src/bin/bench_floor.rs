@@ -562,10 +562,15 @@ fn ron_state(reps: usize) -> Vec<Row> {
         common::codec::decode(&text).expect("decode the fixture");
     let encoded = common::codec::encode(&state).expect("encode");
     let (mut enc, mut dec) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    let mut fast = Vec::with_capacity(reps);
     for _ in 0..reps {
         let mut out = String::new();
         enc.push(time_us(|| {
             out = common::codec::encode(&state).expect("encode")
+        }));
+        std::hint::black_box(&out);
+        fast.push(time_us(|| {
+            out = common::codec::encode_unescaped(&state).expect("encode")
         }));
         std::hint::black_box(&out);
         let mut back = None;
@@ -580,6 +585,11 @@ fn ron_state(reps: usize) -> Vec<Row> {
     let size = format!("{:.1} KB", encoded.len() as f64 / 1000.0);
     vec![
         row("(f) RON", format!("encode MachineState ({size})"), enc),
+        row(
+            "(f) RON",
+            format!("encode_unescaped (the State's; {size})"),
+            fast,
+        ),
         row("(f) RON", format!("decode MachineState ({size})"), dec),
     ]
 }
