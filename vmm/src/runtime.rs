@@ -4,9 +4,9 @@
 //! device threads while they park (frames wait in the TAP), then waits for
 //! the vCPUs; resume restarts the devices first (the guest finds its queues
 //! served, every queue kicked once), then the vCPUs. A migration target
-//! wakes its vCPUs first, its devices right after (see [`Runtime::arrive`]). A migration holds the
-//! machine for its whole run, and other requests are answered "busy"
-//! meanwhile.
+//! wakes its vCPUs first, its devices right after ([`Runtime::arrive`]).
+//! A migration holds the machine for its whole run, and other requests are
+//! answered "busy" meanwhile.
 //!
 //! After a migration began, this process runs the guest's vCPUs again only
 //! if it wins the migration's ownership word ([`common::ownership`]): the
@@ -91,10 +91,8 @@ impl Runtime {
         *self.lock()
     }
 
-    /// A migration target that took the guest: it runs (devices, every
-    /// queue kicked, vCPUs) or stays paused as it was at the source; the
-    /// API opens.
-    /// `answer` runs first (the source waits for it: anything woken
+    /// A migration target that took the guest: it runs, or stays paused as
+    /// it was at the source; the API opens. `answer` runs first (the source waits for it: anything woken
     /// before it, a vCPU or a device thread, could take this thread's CPU),
     /// then the vCPUs wake, then the devices (every queue kicked once, so
     /// nothing the guest notified meanwhile is missed).
