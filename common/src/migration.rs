@@ -200,6 +200,17 @@ pub enum TargetMsg {
     },
 }
 
+/// The marks of a timeline that something reads back (the source's
+/// phases, bench_migrate); the others are for people.
+pub mod marks {
+    pub const STATE_SENT: &str = "source: state sent";
+    pub const RESUMED_RECEIVED: &str = "source: resumed received";
+    pub const MESSAGE_RECEIVED: &str = "target: message received";
+    pub const STATE_RESTORED: &str = "target: state restored";
+    /// The target's last moment before it wakes its vCPUs.
+    pub const SENDING_RESUMED: &str = "target: sending resumed";
+}
+
 /// Named moments of one side of a switch-over, CLOCK_MONOTONIC in ns.
 /// Informational: reported, never acted on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

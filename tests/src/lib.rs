@@ -257,3 +257,4 @@ pub mod netd_harness;
 pub mod qmp;
 pub mod relay;
 pub mod rng;
+pub mod stats;

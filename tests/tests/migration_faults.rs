@@ -101,6 +101,23 @@ impl Guest {
         FakeTarget::bind(&self.env.path("fake.sock"))
     }
 
+    /// Migrates this guest (vmctl `args`) to a fake target that answers
+    /// Ready and reads the State, nothing more: where the cases of the
+    /// window after the State start.
+    fn migrate_to_the_state(&self, args: &[&str]) -> AtState {
+        let fake = self.fake_target();
+        let t0 = Instant::now();
+        let job = migrate_in_background(&self.api, &fake.path, args);
+        let (peer, h) = fake_up_to(&fake, After::State);
+        AtState {
+            fake,
+            job,
+            peer,
+            h,
+            t0,
+        }
+    }
+
     fn finish(mut self) {
         let (code, out) = vmctl(&self.api, &["shutdown"]);
         assert_eq!(code, Some(0), "vmctl shutdown: {out}");
@@ -951,6 +968,25 @@ enum After {
 /// A fake target that goes through the protocol up to `after`, answering
 /// like a real one, and returns the Hello and its connection (it neither
 /// takes the guest nor answers the State).
+/// A migration whose fake target holds the State ([`Guest::migrate_to_the_state`]).
+struct AtState {
+    fake: FakeTarget,
+    job: std::thread::JoinHandle<MigrateOutcome>,
+    peer: Peer,
+    h: tests::migration_harness::HelloSeen,
+    /// When vmctl was asked.
+    t0: Instant,
+}
+
+/// A Resumed as a fake target says it (the source never acts on its
+/// fields).
+fn fake_resumed() -> TargetMsg {
+    TargetMsg::Resumed {
+        at_ns: 1,
+        timeline: Default::default(),
+    }
+}
+
 fn fake_up_to(fake: &FakeTarget, after: After) -> (Peer, tests::migration_harness::HelloSeen) {
     let peer = fake.accept();
     let h = peer.recv_hello();
@@ -1016,10 +1052,6 @@ fn assert_rolled_back_within(
 fn a_trickling_target_after_the_state_holds_the_guest_at_most_the_limit() {
     let mut g = Guest::start("mf10", "");
     let w = g.watch();
-    let resumed = || TargetMsg::Resumed {
-        at_ns: 1,
-        timeline: Default::default(),
-    };
     let failed = || TargetMsg::Failed {
         reason: "trickled".into(),
     };
@@ -1028,8 +1060,8 @@ fn a_trickling_target_after_the_state_holds_the_guest_at_most_the_limit() {
     for (answer, limit_ms) in [
         (failed(), Some(500)),
         (failed(), None),
-        (resumed(), Some(500)),
-        (resumed(), None),
+        (fake_resumed(), Some(500)),
+        (fake_resumed(), None),
     ] {
         let limit = Duration::from_millis(limit_ms.unwrap_or(1000));
         let after = After::State;
@@ -1107,21 +1139,18 @@ fn source_exit(g: &mut Guest) -> std::process::ExitStatus {
 fn a_target_that_takes_the_guest_and_trickles_has_it_and_the_source_exits_0() {
     let mut g = Guest::start("mf12", "");
     let w = g.watch();
-    let fake = g.fake_target();
-    let t0 = Instant::now();
-    let job = migrate_in_background(&g.api, &fake.path, &["--downtime-limit-ms", "500"]);
-    let (peer, h) = fake_up_to(&fake, After::State);
+    let AtState {
+        fake,
+        job,
+        peer,
+        h,
+        t0,
+    } = g.migrate_to_the_state(&["--downtime-limit-ms", "500"]);
     let paused_by = Instant::now();
     let page = h.page();
     // As the real target: the CAS first, then Resumed.
     page.take().expect("the fake takes the guest");
-    let trickler = peer.trickle(
-        &TargetMsg::Resumed {
-            at_ns: 1,
-            timeline: Default::default(),
-        },
-        TRICKLE,
-    );
+    let trickler = peer.trickle(&fake_resumed(), TRICKLE);
     let out = job.join().expect("vmctl");
     out.assert_ok();
     let st = source_exit(&mut g);
@@ -1157,10 +1186,13 @@ fn the_window_after_the_state_the_guest_runs_in_exactly_one_place() {
     let args = ["--downtime-limit-ms", "500"];
 
     // Takes the whole State (the commit) and dies without owning.
-    let fake = g.fake_target();
-    let t0 = Instant::now();
-    let job = migrate_in_background(&g.api, &fake.path, &args);
-    let (peer, h) = fake_up_to(&fake, After::State);
+    let AtState {
+        fake,
+        job,
+        peer,
+        h,
+        t0,
+    } = g.migrate_to_the_state(&args);
     drop((peer, h, fake));
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
@@ -1173,17 +1205,14 @@ fn the_window_after_the_state_the_guest_runs_in_exactly_one_place() {
     );
 
     // Answers Resumed at once without owning: a lie the word exposes.
-    let fake = g.fake_target();
-    let t0 = Instant::now();
-    let job = migrate_in_background(&g.api, &fake.path, &args);
-    let (peer, h) = fake_up_to(&fake, After::State);
-    peer.send(
-        &TargetMsg::Resumed {
-            at_ns: 1,
-            timeline: Default::default(),
-        },
-        &[],
-    );
+    let AtState {
+        fake,
+        job,
+        peer,
+        h,
+        t0,
+    } = g.migrate_to_the_state(&args);
+    peer.send(&fake_resumed(), &[]);
     let out = job.join().expect("vmctl");
     let r = out.assert_failed();
     assert!(r.contains("did not take the guest"), "{r}");
@@ -1201,10 +1230,13 @@ fn the_window_after_the_state_the_guest_runs_in_exactly_one_place() {
     );
 
     // Goes silent after the State without owning.
-    let fake = g.fake_target();
-    let t0 = Instant::now();
-    let job = migrate_in_background(&g.api, &fake.path, &args);
-    let (peer, h) = fake_up_to(&fake, After::State);
+    let AtState {
+        fake,
+        job,
+        peer,
+        h,
+        t0,
+    } = g.migrate_to_the_state(&args);
     let out = job.join().expect("vmctl");
     drop((peer, h, fake));
     assert!(out.result().contains("downtime limit"), "{out:?}");
@@ -1218,19 +1250,15 @@ fn the_window_after_the_state_the_guest_runs_in_exactly_one_place() {
     );
 
     // Answers Resumed after the limit without owning: too late.
-    let fake = g.fake_target();
-    let t0 = Instant::now();
-    let job = migrate_in_background(&g.api, &fake.path, &args);
-    let (peer, h) = fake_up_to(&fake, After::State);
+    let AtState {
+        fake,
+        job,
+        peer,
+        h,
+        t0,
+    } = g.migrate_to_the_state(&args);
     std::thread::sleep(limit + Duration::from_millis(300));
-    let _ = common::codec::send(
-        &peer.sock,
-        &TargetMsg::Resumed {
-            at_ns: 1,
-            timeline: Default::default(),
-        },
-        &[],
-    );
+    let _ = common::codec::send(&peer.sock, &fake_resumed(), &[]);
     let out = job.join().expect("vmctl");
     assert!(out.result().contains("downtime limit"), "{out:?}");
     let late = h.page().take();
@@ -1251,9 +1279,9 @@ fn the_window_after_the_state_the_guest_runs_in_exactly_one_place() {
 
     // Takes the State, owns the guest, dies before Resumed: the guest is
     // lost with it, and the source says so in one line.
-    let fake = g.fake_target();
-    let job = migrate_in_background(&g.api, &fake.path, &args);
-    let (peer, h) = fake_up_to(&fake, After::State);
+    let AtState {
+        fake, job, peer, h, ..
+    } = g.migrate_to_the_state(&args);
     let paused_by = Instant::now();
     let owner = take_in_child_and_exit(&h.page());
     drop((peer, h));

@@ -2,6 +2,7 @@
 //! KVM_RUN and dispatching port and MMIO exits to the buses, and its state
 //! for migration ([`VcpuState`], through [`Persist`]).
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -162,7 +163,7 @@ pub struct Vcpu {
     /// written while the vCPU was parked; forgotten when it runs. A
     /// migration target's rehearsal reads them, and the restore then skips
     /// each set whose value is already there (7 us per vCPU ioctl here).
-    parked_parts: Mutex<Option<ParkedParts>>,
+    parked_parts: Cell<Option<ParkedParts>>,
     /// Registers, special registers and events are in kvm_run, stored by
     /// the KVM_RUN that finished the vCPU's last exit before it parked
     /// ([`finish_for_park`]); false once it runs again.
@@ -245,14 +246,14 @@ impl Vcpu {
             id,
             fd,
             cpuid: Mutex::new(Vec::new()),
-            parked_parts: Mutex::new(None),
+            parked_parts: Cell::new(None),
             snapshot: false,
         })
     }
 
     /// The vCPU is about to run: what it held while parked may change.
     fn forget_parked_parts(&mut self) {
-        *self.parked_parts.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.parked_parts.set(None);
         self.snapshot = false;
     }
 
@@ -493,8 +494,7 @@ impl Persist for Vcpu {
             msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
             vcpu_events,
         };
-        *self.parked_parts.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(ParkedParts::of(&state));
+        self.parked_parts.set(Some(ParkedParts::of(&state)));
         Ok(state)
     }
 
@@ -510,11 +510,7 @@ impl Persist for Vcpu {
         if !same {
             self.set_cpuid(&s.cpuid)?;
         }
-        let known = self
-            .parked_parts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let known = self.parked_parts.take();
         let has = |same: fn(&ParkedParts, &VcpuState) -> bool| known.is_some_and(|k| same(&k, s));
         if !has(|k, s| crate::kvm_blob::same(&k.mp_state, &s.mp_state)) {
             self.fd
@@ -557,7 +553,7 @@ impl Persist for Vcpu {
                 .set_vcpu_events(&s.vcpu_events)
                 .map_err(kvm_err("set vCPU events"))?;
         }
-        *self.parked_parts.lock().unwrap_or_else(|p| p.into_inner()) = Some(ParkedParts::of(s));
+        self.parked_parts.set(Some(ParkedParts::of(s)));
         Ok(())
     }
 }

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use common::migration::monotonic_ns;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_irqchip,
     kvm_msr_entry,
@@ -35,6 +36,7 @@ use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
     sendmsg, socketpair,
 };
+use tests::stats::percentile;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::memory::GuestRam;
 use vmm::vcpu::Vcpu;
@@ -58,28 +60,6 @@ const HALT_AT: u64 = 0x1000;
 const SPIN_CODE: &[u8] = &[0xeb, 0xfe];
 const SPIN_AT: u64 = 0x2000;
 const RAM: u64 = 16 << 20;
-
-/// CLOCK_MONOTONIC in nanoseconds (comparable across processes).
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes only the timespec we pass it.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Nearest-rank percentile of unsorted values.
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let rank = (p * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
-}
 
 /// One table row: samples in microseconds.
 struct Row {
@@ -360,7 +340,7 @@ fn receiver(sock: OwnedFd) -> ! {
                 want = (len as usize).clamp(HEADER, buf.len());
             }
         }
-        let now = mono_ns();
+        let now = monotonic_ns();
         let sent = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
         let reply = now.wrapping_sub(sent).to_le_bytes();
         let iov = [IoSlice::new(&reply)];
@@ -407,7 +387,7 @@ fn unix_send(reps: usize) -> Vec<Row> {
             let fds = [passed.as_fd().as_raw_fd()];
             let rights = [ControlMessage::ScmRights(&fds)];
             let cmsgs: &[ControlMessage] = if with_fd { &rights } else { &[] };
-            let t0 = mono_ns();
+            let t0 = monotonic_ns();
             msg[8..16].copy_from_slice(&t0.to_le_bytes());
             let iov = [IoSlice::new(&msg)];
             let n = sendmsg::<()>(mine.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
@@ -450,7 +430,7 @@ fn condvar_wake(reps: usize) -> Vec<Row> {
                 while !*g {
                     g = sh.cv.wait(g).expect("wait");
                 }
-                let t = mono_ns();
+                let t = monotonic_ns();
                 *g = false;
                 drop(g);
                 if woke_tx.send(t).is_err() {
@@ -462,7 +442,7 @@ fn condvar_wake(reps: usize) -> Vec<Row> {
     let mut us = Vec::with_capacity(reps);
     for _ in 0..reps {
         std::thread::sleep(Duration::from_micros(500));
-        let t0 = mono_ns();
+        let t0 = monotonic_ns();
         *sh.ready.lock().expect("lock") = true;
         sh.cv.notify_one();
         let woke = woke_rx.recv().expect("the waiter's report");
@@ -499,7 +479,7 @@ fn vcpu_kick(reps: usize) -> Vec<Row> {
                     match fd.run() {
                         Ok(VcpuExit::IoOut(_, _)) => {}
                         Err(e) if e.errno() == libc::EINTR => {
-                            let t = mono_ns();
+                            let t = monotonic_ns();
                             if stop.load(Ordering::SeqCst) || returned_tx.send(t).is_err() {
                                 return;
                             }
@@ -521,7 +501,7 @@ fn vcpu_kick(reps: usize) -> Vec<Row> {
             }
             // A late report of a kick given up on below.
             while returned.try_recv().is_ok() {}
-            let t0 = mono_ns();
+            let t0 = monotonic_ns();
             // SAFETY: `tid` is the live vCPU thread (joined only below); the
             // signal's handler is installed.
             unsafe { libc::pthread_kill(tid, vmm::control::kick_signal()) };

@@ -38,6 +38,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::api::{MigrationPhases, MigrationReport};
+use common::migration::marks;
 use serde_json::{Value, json};
 use tests::echo_stream::{EchoStream, StreamResult};
 use tests::net_guest::{
@@ -46,6 +47,7 @@ use tests::net_guest::{
 };
 use tests::netd_harness::{NOBODY, Netd, TEST_POLICY};
 use tests::qmp::{Qmp, event_time_us, realtime_us};
+use tests::stats::{percentile, quartet};
 use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess};
 use tests::{bin, guest_elf};
 
@@ -326,17 +328,6 @@ impl Series {
     }
 }
 
-/// Nearest-rank percentile of unsorted values.
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let rank = (p * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
-}
-
 /// Waits until `path` exists (a target's listening socket) or its process
 /// exits.
 fn wait_for_socket(p: &mut VmmProcess, path: &Path, what: &str) {
@@ -553,7 +544,7 @@ fn vmm_series(netd: &Netd, dir: &Path, row: &Row, runs: usize, pps: u32) -> Seri
             .phases
             .marks
             .iter()
-            .find(|m| m.what == "target: sending resumed")
+            .find(|m| m.what == marks::SENDING_RESUMED)
             .map_or(report.downtime_us, |m| m.at_us);
         s.guest_paused_us.push(resumed as f64);
         s.total_us.push(report.total_us as f64);
@@ -804,16 +795,17 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
     );
     for s in series {
         let (sent, lost, max_one, _) = s.losses();
+        let down = quartet(&s.downtime_us).map(ms);
         let _ = writeln!(
             out,
             "{:<33} {:>5} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10.3} {:>11} {:>9}",
             s.label,
             s.ram,
             s.downtime_us.len(),
-            ms(percentile(&s.downtime_us, 0.5)),
-            ms(percentile(&s.downtime_us, 0.9)),
-            ms(percentile(&s.downtime_us, 0.99)),
-            ms(percentile(&s.downtime_us, 1.0)),
+            down[0],
+            down[1],
+            down[2],
+            down[3],
             ms(percentile(&s.total_us, 0.5)),
             format!("{lost}/{sent}"),
             max_one
@@ -830,16 +822,13 @@ fn print_table(series: &[Series], o: &Opts, load_before: &str) {
         "path", "RAM", "runs", "p50 (ms)", "p90 (ms)", "p99 (ms)", "max (ms)"
     );
     for s in series {
+        let [p50, p90, p99, max] = quartet(&s.guest_paused_us).map(ms);
         let _ = writeln!(
             out,
-            "{:<33} {:>5} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+            "{:<33} {:>5} {:>4} {p50:>9.3} {p90:>9.3} {p99:>9.3} {max:>9.3}",
             s.label,
             s.ram,
             s.guest_paused_us.len(),
-            ms(percentile(&s.guest_paused_us, 0.5)),
-            ms(percentile(&s.guest_paused_us, 0.9)),
-            ms(percentile(&s.guest_paused_us, 0.99)),
-            ms(percentile(&s.guest_paused_us, 1.0)),
         );
     }
     let _ = writeln!(out);

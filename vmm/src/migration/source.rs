@@ -22,7 +22,7 @@ use common::api::{MigrationPhases, MigrationReport, PhaseMark};
 use common::codec::{self, CodecError};
 use common::listener::PeerCred;
 use common::migration::{
-    FdRole, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, SourceMsg, TargetMsg, Timeline,
+    FdRole, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, SourceMsg, TargetMsg, Timeline, marks,
     monotonic_ns,
 };
 use common::ownership::{Owner, OwnerPage, OwnershipError, process_gone};
@@ -490,9 +490,9 @@ fn run<'a>(
     // The State is the commit (protocol 3): the target takes the guest as
     // soon as it has restored it, unless this process took it back first.
     send(&sock, "State", &payload, &[], deadline).map_err(limit)?;
-    tl.mark("source: state sent");
+    tl.mark(marks::STATE_SENT);
     let answer = recv(&sock, "State", deadline).map_err(limit)?;
-    tl.mark("source: resumed received");
+    tl.mark(marks::RESUMED_RECEIVED);
     // On this process's clock, not a timestamp the peer sends.
     report.downtime_us = us(paused.elapsed());
     match answer {
@@ -510,9 +510,9 @@ fn run<'a>(
             .map(|m| m.at_us)
     };
     let span = |from: &str, to: &str| at(to).zip(at(from)).map_or(0, |(b, a)| b.saturating_sub(a));
-    report.phases.load_us = span("source: state sent", "target: state restored");
-    report.phases.restore_us = span("target: message received", "target: state restored");
-    report.phases.resume_us = span("target: state restored", "source: resumed received");
+    report.phases.load_us = span(marks::STATE_SENT, marks::STATE_RESTORED);
+    report.phases.restore_us = span(marks::MESSAGE_RECEIVED, marks::STATE_RESTORED);
+    report.phases.resume_us = span(marks::STATE_RESTORED, marks::RESUMED_RECEIVED);
     match o.page.owner() {
         Owner::Target { .. } => Ok(()),
         other => Err(SourceError::NotTaken(other)),

@@ -33,7 +33,7 @@ use common::codec::{self, CodecError};
 use common::listener::{ListenError, Listener, PeerCred};
 use common::migration::{
     FdRole, MIGRATION_MAX_FDS, MIGRATION_MAX_FRAME, MIGRATION_PROTOCOL_VERSION, MachineShape,
-    OLDEST_SOURCE_PROTOCOL, SourceMsg, TargetMsg, Timeline, monotonic_ns,
+    OLDEST_SOURCE_PROTOCOL, SourceMsg, TargetMsg, Timeline, marks, monotonic_ns,
 };
 use common::ownership::{Owner, OwnerPage, process_gone};
 use nix::sys::socket::{getsockopt, sockopt};
@@ -685,7 +685,7 @@ impl Source {
         let (payload, fds) =
             codec::recv_frame_until(self.sock.as_fd(), MIGRATION_MAX_FRAME, 0, deadline)
                 .map_err(wire)?;
-        self.timeline.mark("target: message received");
+        self.timeline.mark(marks::MESSAGE_RECEIVED);
         if !fds.is_empty() {
             return Err(TargetError::Unexpected {
                 step,
@@ -712,7 +712,7 @@ impl Source {
         let result = match msg {
             Ok(SourceMsg::State(state)) => {
                 let r = load(&state, &mut self.timeline).map_err(TargetError::Load);
-                self.timeline.mark("target: state restored");
+                self.timeline.mark(marks::STATE_RESTORED);
                 r
             }
             Ok(m) => Err(unexpected("State", &m)),
@@ -758,7 +758,7 @@ impl Source {
 
     /// Owned → Resumed: tells the source the guest runs here.
     fn resumed(&mut self) -> Result<(), TargetError> {
-        self.timeline.mark("target: sending resumed");
+        self.timeline.mark(marks::SENDING_RESUMED);
         // A source before protocol 3 refuses a field it does not know.
         let timeline = if self.hello.protocol >= 3 {
             std::mem::take(&mut self.timeline)

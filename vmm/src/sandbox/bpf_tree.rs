@@ -30,6 +30,12 @@ const LEAF: usize = 3;
 /// seccompiler's linear program for filter `name` of `json`, with the
 /// default action replaced by `log` when `log_mode` (debugging).
 pub fn linear(json: &str, name: &str, log_mode: bool) -> Result<BpfProgram, String> {
+    compile_one(&document(json, name, log_mode)?, name)
+}
+
+/// The policy document `json`, checked to hold filter `name`, with that
+/// filter's default action replaced by `log` when `log_mode`.
+fn document(json: &str, name: &str, log_mode: bool) -> Result<serde_json::Value, String> {
     let mut doc: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let filter = doc
         .get_mut(name)
@@ -37,7 +43,7 @@ pub fn linear(json: &str, name: &str, log_mode: bool) -> Result<BpfProgram, Stri
     if log_mode {
         filter["default_action"] = serde_json::Value::from("log");
     }
-    compile_one(&doc, name)
+    Ok(doc)
 }
 
 fn compile_one(doc: &serde_json::Value, name: &str) -> Result<BpfProgram, String> {
@@ -66,14 +72,8 @@ pub fn tree(json: &str, name: &str, log_mode: bool) -> Result<BpfProgram, String
         return Err(format!("{name}: unexpected program layout"));
     }
 
-    let mut doc: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let filter = doc
-        .get_mut(name)
-        .ok_or_else(|| format!("no filter named {name}"))?;
-    if log_mode {
-        filter["default_action"] = serde_json::Value::from("log");
-    }
-    let entries = filter["filter"]
+    let doc = document(json, name, log_mode)?;
+    let entries = doc[name]["filter"]
         .as_array()
         .ok_or_else(|| format!("{name}: no filter list"))?
         .clone();
