@@ -74,6 +74,46 @@ pub struct VmStatus {
     /// The machine state format it writes ("major.minor"); since 0.2.0.
     #[serde(default)]
     pub format: Option<String>,
+    /// Each vCPU, in index order; since 0.3.0.
+    #[serde(default)]
+    pub vcpu_list: Option<Vec<VcpuStatus>>,
+}
+
+/// One vCPU as `vmctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuStatus {
+    pub id: u8,
+    /// What the guest's firmware tables call it.
+    pub apic_id: u32,
+    pub run: VcpuRun,
+    /// As last seen by its thread (an exit, a wake-up, a pause's save).
+    pub mp_state: VcpuMpState,
+}
+
+/// A vCPU's thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VcpuRun {
+    Running,
+    /// Parked: the VM is paused, migrating, or not started yet.
+    Paused,
+    /// The VM is ending, or the vCPU failed.
+    Ended,
+}
+
+/// KVM's MP state of a vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VcpuMpState {
+    Runnable,
+    Halted,
+    /// An application processor the guest has not started (no INIT yet).
+    WaitingForInit,
+    /// INIT received, waiting for the guest's SIPI.
+    WaitingForSipi,
+    SipiReceived,
+    /// A state this vmm has no name for (KVM's number).
+    Other(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -385,6 +385,10 @@ pub struct GuestSpec {
     /// `--net` values (from [`MigEnv::net`]).
     pub nets: Vec<String>,
     pub memory: &'static str,
+    /// `--vcpus`.
+    pub vcpus: u8,
+    /// Appended to the guest's command line (e.g. `testguest.hold_ap=3`).
+    pub cmdline: &'static str,
 }
 
 impl GuestSpec {
@@ -393,6 +397,8 @@ impl GuestSpec {
             n,
             nets: vec![env.net("vm0", n, extra)],
             memory: MEMORY,
+            vcpus: 1,
+            cmdline: "",
         }
     }
 }
@@ -415,12 +421,15 @@ pub fn start_source_with(vmm: &Path, env: &MigEnv, spec: &GuestSpec, api: &Path)
     c.arg("--kernel")
         .arg(crate::guest_elf())
         .args(["--memory", spec.memory])
+        .args(["--vcpus", &spec.vcpus.to_string()])
         .args([
             "--cmdline",
-            &format!(
-                "testguest.ip={}/24 testguest.heartbeat={HEARTBEAT_MS}",
-                guest_ip(spec.n)
-            ),
+            format!(
+                "testguest.ip={}/24 testguest.heartbeat={HEARTBEAT_MS} {}",
+                guest_ip(spec.n),
+                spec.cmdline
+            )
+            .trim_end(),
         ])
         .arg("--api-socket")
         .arg(api)
@@ -441,6 +450,7 @@ pub fn start_source_with(vmm: &Path, env: &MigEnv, spec: &GuestSpec, api: &Path)
 pub struct TargetSpec<'a> {
     pub nets: Vec<String>,
     pub memory: &'a str,
+    pub vcpus: u8,
     /// `--api-socket` of its own; without it the target adopts the source's.
     pub api: Option<&'a Path>,
 }
@@ -451,6 +461,7 @@ impl<'a> TargetSpec<'a> {
         TargetSpec {
             nets: spec.nets.clone(),
             memory: spec.memory,
+            vcpus: spec.vcpus,
             api: None,
         }
     }
@@ -485,6 +496,7 @@ pub fn start_target_with(
     let serial = env.path("serial-tgt");
     let mut c = vmm_as_tenant(vmm);
     c.args(["--memory", spec.memory])
+        .args(["--vcpus", &spec.vcpus.to_string()])
         .arg("--incoming")
         .arg(&incoming)
         .arg("--serial")

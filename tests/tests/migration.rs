@@ -143,6 +143,8 @@ fn two_nics_move_together_on_their_own_taps() {
         n: 1,
         nets: vec![env.net("vm0", 1, ""), env.net("vm1", 2, "queues=2")],
         memory: MEMORY,
+        vcpus: 1,
+        cmdline: "",
     };
     let mut src = start_source(&env, &spec, &api);
     assert_answers_ping(&env, 1, "before the migration");
@@ -345,6 +347,7 @@ fn classic_path_gets_a_new_tap_from_netd_and_announces_the_guest() {
     let tspec = TargetSpec {
         nets: vec![env.net("vm1", 1, "backend-transfer=off")],
         memory: MEMORY,
+        vcpus: 1,
         api: None,
     };
     let mut tgt = start_target(&env, &tspec);

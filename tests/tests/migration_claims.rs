@@ -211,6 +211,8 @@ fn no_page_is_copied_the_target_maps_the_same_memfd_and_its_rss_does_not_grow_wi
             n,
             nets: vec![env.net(&format!("vm{n}"), n, "")],
             memory,
+            vcpus: 1,
+            cmdline: "",
         };
         let mut src = start_source(&env, &spec, &api);
         assert_answers_ping(&env, n, "before the migration");

@@ -347,6 +347,7 @@ fn a_target_of_another_shape_refuses_while_the_guest_runs() {
             &TargetSpec {
                 nets: vec![net],
                 memory,
+                vcpus: 1,
                 api: None,
             },
         );
@@ -1463,6 +1464,8 @@ fn vmctl_during_a_migration_answers_at_once_and_only_one_migration_runs() {
         n: 2,
         nets: vec![g.env.net("vm1", 2, "")],
         memory: tests::migration_harness::MEMORY,
+        vcpus: 1,
+        cmdline: "",
     };
     let mut src2 = start_source(&g.env, &spec2, &api2);
     let w2 = TickWatch::start(&src2.serial);

@@ -132,6 +132,8 @@ fn a_killed_targets_incoming_socket_does_not_block_a_new_target() {
         n: 2,
         nets: vec![],
         memory: MEMORY,
+        vcpus: 1,
+        cmdline: "",
     };
     let api = env.path("api.sock");
     let mut source = start_source(&env, &spec, &api);

@@ -70,6 +70,8 @@ fn the_current_format_has_a_fixture_captured_from_a_real_source() {
         n: FIXTURE_GUEST,
         nets: vec![env.net("vm0", FIXTURE_GUEST, "")],
         memory: "32M",
+        vcpus: 1,
+        cmdline: "",
     };
     let _source = start_source(&env, &spec, &api);
     assert_answers_ping(&env, FIXTURE_GUEST, "before the capture");

@@ -51,6 +51,8 @@ pub enum BuildError {
     Privilege(#[from] PrivilegeError),
     #[error("cannot open /dev/kvm: {0}")]
     Kvm(kvm_ioctls::Error),
+    #[error("--vcpus {asked} is too many: this host's KVM allows at most {max}")]
+    KvmVcpus { asked: u8, max: usize },
     #[error("{0}")]
     Memory(#[from] MemoryError),
     #[error("{0}")]
@@ -79,6 +81,7 @@ impl BuildError {
     pub fn exit_code(&self) -> i32 {
         match self {
             BuildError::Config(_)
+            | BuildError::KvmVcpus { .. }
             | BuildError::Privilege(PrivilegeError::RootWithoutUser)
             | BuildError::Privilege(PrivilegeError::RootTarget)
             | BuildError::Memory(MemoryError::TooLarge { .. })
@@ -117,6 +120,13 @@ fn enter_sandbox(cfg: &VmConfig) -> Result<(Kvm, SignalWatch), BuildError> {
     cfg.check_files()?;
     privileges::check_invocation(cfg.user)?;
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    let max = kvm.get_max_vcpus();
+    if usize::from(cfg.vcpus) > max {
+        return Err(BuildError::KvmVcpus {
+            asked: cfg.vcpus,
+            max,
+        });
+    }
     // The bounding set needs CAP_SETPCAP, which the uid drop takes away.
     sandbox::drop_bounding_set();
     if let Some((uid, gid)) = cfg.user {
@@ -164,12 +174,22 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
         cmdline.push_str(extra);
     }
     let entry = pvh::load(&vm.ram, &cfg.kernel, &cmdline)?;
-    let boot_vcpu = Vcpu::new(&vm.fd, 0)?;
+    let vcpus = (0..cfg.vcpus)
+        .map(|i| Vcpu::new(&vm.fd, i))
+        .collect::<Result<Vec<_>, _>>()?;
     cpuid.wait();
-    boot_vcpu.configure_pvh(&vm.kvm, &vm.ram.memory, entry)?;
+    // The boot processor starts at the PVH entry; the others wait in KVM
+    // for the guest's INIT and SIPI.
+    for v in &vcpus {
+        if v.id == 0 {
+            v.configure_pvh(&vm.kvm, &vm.ram.memory, entry, cfg.vcpus)?;
+        } else {
+            v.configure_ap(&vm.kvm, cfg.vcpus)?;
+        }
+    }
     let parts = Parts {
         vm,
-        vcpus: vec![boot_vcpu],
+        vcpus,
         serial,
         nets,
         exit_tx,
@@ -308,6 +328,7 @@ fn launch(
     });
     let pio = Arc::new(std::mem::take(&mut p.vm.pio));
     let mmio = Arc::new(std::mem::take(&mut p.vm.mmio));
+    let vcpu_activity = p.vcpus.iter().map(|v| v.activity.clone()).collect();
     let vcpus: Vec<Arc<Mutex<Vcpu>>> = p
         .vcpus
         .into_iter()
@@ -325,10 +346,14 @@ fn launch(
             p.exit_tx.clone(),
         )?);
     }
-    let vcpu_caps = VcpuCaps::of(&p.vm.kvm)?;
+    let vcpu_caps = VcpuCaps {
+        several: vcpus.len() > 1,
+        ..VcpuCaps::of(&p.vm.kvm)?
+    };
     let machine = Arc::new(Machine {
         vm: Arc::new(p.vm),
         vcpus,
+        vcpu_activity,
         serial: p.serial,
         vcpu_caps,
         nets: p.nets,
@@ -468,7 +493,7 @@ impl IncomingShell {
         let vcpus = (0..cfg.vcpus)
             .map(|i| {
                 let v = Vcpu::new(&shell.fd, i)?;
-                v.configure_cpuid(&shell.kvm)?;
+                v.configure_cpuid(&shell.kvm, cfg.vcpus)?;
                 Ok(v)
             })
             .collect::<Result<Vec<_>, VcpuError>>()?;

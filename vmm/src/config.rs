@@ -14,6 +14,11 @@ use crate::sandbox::SeccompMode;
 /// Guest RAM when `--memory` is not given.
 pub const DEFAULT_MEMORY: u64 = 128 << 20;
 
+/// The most vCPUs a VM may have whatever KVM allows: vCPU i has APIC ID i,
+/// and the guest finds them as xAPIC IDs (8 bits, 0xff is the broadcast
+/// address). More would need x2APIC IDs in CPUID and the tables.
+pub const MAX_VCPUS: u8 = 255;
+
 pub const USAGE: &str = "usage: vmm --kernel FILE [--cmdline STR] [--memory SIZE] [--vcpus N] \
 [--serial stdout|FILE] [--api-socket PATH] [--net netd=SOCK,id=ID[,...]] [--incoming PATH] [--user UID:GID] \
 [--seccomp kill|log] | --version | --help";
@@ -90,10 +95,10 @@ pub enum ConfigError {
     ZeroMemory,
     #[error("memory size {0} is not a multiple of 4 KiB")]
     UnalignedMemory(u64),
-    #[error("invalid --vcpus '{0}'")]
+    #[error("invalid --vcpus '{0}': expected a number from 1 to {MAX_VCPUS}")]
     BadVcpus(String),
-    #[error("--vcpus {0} is not supported: this vmm boots exactly 1 vCPU (no MP table yet)")]
-    TooManyVcpus(u8),
+    #[error("--vcpus {0} is too many: at most {MAX_VCPUS} (vCPUs are numbered by 8-bit xAPIC IDs)")]
+    TooManyVcpus(String),
     #[error("invalid --user '{0}': expected UID:GID")]
     BadUser(String),
     #[error("invalid --seccomp '{0}': expected kill or log")]
@@ -119,6 +124,22 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     }
     let n: u64 = num.parse().map_err(|_| bad())?;
     n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// `--vcpus`: 1 to [`MAX_VCPUS`] (KVM's own limit is checked once
+/// /dev/kvm is open).
+fn parse_vcpus(s: &str) -> Result<u8, ConfigError> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ConfigError::BadVcpus(s.to_string()));
+    }
+    match s.parse::<u64>() {
+        Ok(0) => Err(ConfigError::BadVcpus(s.to_string())),
+        Ok(n) if n <= u64::from(MAX_VCPUS) => {
+            u8::try_from(n).map_err(|_| ConfigError::TooManyVcpus(s.to_string()))
+        }
+        // Digits only, so anything else is a number too large.
+        _ => Err(ConfigError::TooManyVcpus(s.to_string())),
+    }
 }
 
 fn parse_user(s: &str) -> Result<(u32, u32), ConfigError> {
@@ -217,9 +238,7 @@ impl VmConfig {
                 "--memory" => set(&mut memory, parse_size(&value?)?, &name)?,
                 "--vcpus" => {
                     let value = value?;
-                    let n: u8 = value
-                        .parse()
-                        .map_err(|_| ConfigError::BadVcpus(value.clone()))?;
+                    let n = parse_vcpus(&value)?;
                     set(&mut vcpus, n, &name)?
                 }
                 "--net" => nets.push(value?),
@@ -241,11 +260,6 @@ impl VmConfig {
             return Err(ConfigError::UnalignedMemory(memory));
         }
         let vcpus = vcpus.unwrap_or(1);
-        match vcpus {
-            0 => return Err(ConfigError::BadVcpus("0".into())),
-            1 => {}
-            n => return Err(ConfigError::TooManyVcpus(n)),
-        }
         // A migration target gets its guest from the source: no kernel.
         let kernel = match (kernel, &incoming) {
             (Some(k), _) => k,
@@ -324,8 +338,33 @@ mod tests {
             Err(ConfigError::ZeroMemory)
         );
         assert_eq!(
-            parse(&["--kernel", "k", "--vcpus", "2"]),
-            Err(ConfigError::TooManyVcpus(2))
+            parse(&["--kernel", "k", "--vcpus", "32"])
+                .unwrap()
+                .unwrap()
+                .vcpus,
+            32
+        );
+        assert_eq!(
+            parse(&["--kernel", "k", "--vcpus=255"])
+                .unwrap()
+                .unwrap()
+                .vcpus,
+            255
+        );
+        assert_eq!(
+            parse(&["--kernel", "k", "--vcpus", "256"]),
+            Err(ConfigError::TooManyVcpus("256".into()))
+        );
+        for bad in ["0", "", "-1", "+2", "two", "1.5", " 4"] {
+            assert_eq!(
+                parse(&["--kernel", "k", "--vcpus", bad]),
+                Err(ConfigError::BadVcpus(bad.into())),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse(&["--kernel", "k", "--vcpus", "99999999999999999999999"]),
+            Err(ConfigError::TooManyVcpus("99999999999999999999999".into()))
         );
         assert_eq!(
             parse(&["--kernel"]),

@@ -37,6 +37,7 @@ pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod control;
+pub mod cpuid;
 pub mod devices;
 pub mod exit;
 pub mod inputs;

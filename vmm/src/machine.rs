@@ -14,7 +14,7 @@ use crate::net::attach::NetAttachment;
 use crate::persist::{
     FdTable, MACHINE_STATE_FORMAT, MachineState, Persist, PersistError, check_format,
 };
-use crate::vcpu::{Vcpu, VcpuCaps, VcpuState};
+use crate::vcpu::{Vcpu, VcpuActivity, VcpuCaps, VcpuState};
 use crate::vm::Vm;
 
 /// About as many CPUID entries as KVM reports here (the rehearsal's size).
@@ -26,6 +26,8 @@ const REHEARSAL_CPUID_ENTRIES: usize = 64;
 pub struct Machine {
     pub vm: Arc<Vm>,
     pub vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    /// Each vCPU's [`Vcpu::activity`], readable while its thread holds it.
+    pub vcpu_activity: Vec<Arc<VcpuActivity>>,
     pub serial: Arc<Mutex<SerialDevice>>,
     /// What KVM can save of a vCPU (MSR list, XSAVE, XCRs).
     pub vcpu_caps: VcpuCaps,
@@ -230,6 +232,12 @@ mod tests {
     /// A 32 MiB one-vCPU machine, with NIC `vm0` on the TAP `(fd, name)`
     /// when given (the shape of the fixtures).
     fn machine_on(tap: Option<(OwnedFd, &str)>) -> Machine {
+        machine_of(1, tap)
+    }
+
+    /// [`machine_on`] with `count` vCPUs: vCPU 0 at the PVH entry, the
+    /// others application processors waiting for INIT.
+    fn machine_of(count: u8, tap: Option<(OwnedFd, &str)>) -> Machine {
         let mut vm = Vm::new(Kvm::new().unwrap(), GuestRam::new(32 << 20).unwrap()).unwrap();
         let nets = match tap {
             Some((tap, name)) => {
@@ -239,17 +247,31 @@ mod tests {
             }
             None => Vec::new(),
         };
-        let v = Vcpu::new(&vm.fd, 0).unwrap();
         let entry = PvhEntry {
             entry: 0x10_0000,
             start_info: 0x6000,
         };
-        v.configure_pvh(&vm.kvm, &vm.ram.memory, entry).unwrap();
-        let vcpu_caps = VcpuCaps::of(&vm.kvm).unwrap();
+        let vcpus: Vec<Vcpu> = (0..count)
+            .map(|i| {
+                let v = Vcpu::new(&vm.fd, i).unwrap();
+                if i == 0 {
+                    v.configure_pvh(&vm.kvm, &vm.ram.memory, entry, count)
+                        .unwrap();
+                } else {
+                    v.configure_ap(&vm.kvm, count).unwrap();
+                }
+                v
+            })
+            .collect();
+        let vcpu_caps = VcpuCaps {
+            several: count > 1,
+            ..VcpuCaps::of(&vm.kvm).unwrap()
+        };
         let serial = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
         Machine {
             vm: Arc::new(vm),
-            vcpus: vec![Arc::new(Mutex::new(v))],
+            vcpu_activity: vcpus.iter().map(|v| v.activity.clone()).collect(),
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             serial: Arc::new(Mutex::new(serial)),
             vcpu_caps,
             nets,
@@ -284,6 +306,47 @@ mod tests {
             ron::to_string(&again.vcpus[0].sregs).unwrap(),
             ron::to_string(&state.vcpus[0].sregs).unwrap()
         );
+    }
+
+    #[test]
+    fn every_vcpu_of_a_4_vcpu_machine_round_trips() {
+        use kvm_bindings::{KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
+        let a = machine_of(4, None);
+        let text = a.save(&a.fd_table(true)).unwrap().to_ron().unwrap();
+        let state = MachineState::from_ron(&text).unwrap();
+        assert_eq!(state.vcpus.len(), 4);
+        for (i, v) in state.vcpus.iter().enumerate() {
+            assert_eq!((usize::from(v.id), v.apic_id), (i, Some(i as u32)));
+            // The boot processor runs; the APs wait for the guest's INIT.
+            let want = if i == 0 {
+                KVM_MP_STATE_RUNNABLE
+            } else {
+                KVM_MP_STATE_UNINITIALIZED
+            };
+            assert_eq!(v.mp_state.mp_state, want, "vCPU {i}");
+            let leaf1 = v.cpuid.iter().find(|e| e.function == 1).unwrap();
+            assert_eq!(leaf1.ebx >> 24, i as u32, "vCPU {i}'s CPUID APIC ID");
+        }
+        let b = machine_of(4, None);
+        b.restore(&state, None).unwrap();
+        let again = b.save(&b.fd_table(true)).unwrap();
+        for (x, y) in again.vcpus.iter().zip(&state.vcpus) {
+            assert_eq!(x.mp_state.mp_state, y.mp_state.mp_state);
+            assert_eq!(x.regs.rip, y.regs.rip);
+            assert!(crate::kvm_blob::same(&x.lapic, &y.lapic));
+        }
+
+        // Another vCPU's state in a slot is refused, not restored.
+        let mut swapped = MachineState::from_ron(&text).unwrap();
+        swapped.vcpus.swap(1, 2);
+        let e = machine_of(4, None).restore(&swapped, None).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        // A 1.2 document has no APIC IDs: vCPU i is APIC ID i.
+        let mut old = MachineState::from_ron(&text).unwrap();
+        for v in &mut old.vcpus {
+            v.apic_id = None;
+        }
+        machine_of(4, None).restore(&old, None).unwrap();
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //! |--------|------------|--------|
 //! | 1.0 | v0.1.0 | first |
 //! | 1.1 | v0.2.0 | the per-part `version: 1` fields are no longer written |
-//! | 1.2 | v0.3.0 | a vCPU's registers, special registers, events, debug registers, XCRs, MP state and CPUID are hex strings (`kvm_blob`): a third of the decoding time |
+//! | 1.2 | v0.3.0 development | a vCPU's registers, special registers, events, debug registers, XCRs, MP state and CPUID are hex strings (`kvm_blob`): a third of the decoding time |
+//! | 1.3 | v0.3.0 | several vCPUs: each names the APIC ID the guest knows it by (`apic_id`; absent in older documents, where the one vCPU is ID 0), and a restore refuses a vCPU's state in another's slot |
 //!
 //! fds never go into the RON: they travel beside it (SCM_RIGHTS) in the
 //! order of an [`FdTable`], and the state names them by index in that table.
@@ -35,7 +36,7 @@ use crate::vcpu::{VcpuError, VcpuState};
 use crate::vm::{VmError, VmState};
 
 /// The machine state format this build writes (and the newest it reads).
-pub const MACHINE_STATE_FORMAT: FormatVersion = FormatVersion { major: 1, minor: 2 };
+pub const MACHINE_STATE_FORMAT: FormatVersion = FormatVersion { major: 1, minor: 3 };
 
 /// Symmetric save and restore of one component, implemented beside it: the
 /// one way its migratable state goes out and comes back. `save` reads a
@@ -203,6 +204,10 @@ pub(crate) const FIXTURES: &[(&str, &str)] = &[
     (
         "1.2",
         include_str!("../../tests/fixtures/machine-state-1.2.ron"),
+    ),
+    (
+        "1.3",
+        include_str!("../../tests/fixtures/machine-state-1.3.ron"),
     ),
 ];
 

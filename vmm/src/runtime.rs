@@ -223,6 +223,13 @@ impl Runtime {
             nets: self.machine.nets.iter().map(|n| n.status()).collect(),
             version: Some(env!("CARGO_PKG_VERSION").to_string()),
             format: Some(crate::persist::MACHINE_STATE_FORMAT.to_string()),
+            vcpu_list: Some(
+                self.machine
+                    .vcpu_activity
+                    .iter()
+                    .map(|a| a.status())
+                    .collect(),
+            ),
         }
     }
 

@@ -104,7 +104,7 @@ fn machine(rip: u64) -> Machine {
         .expect("write guest code");
     let vm = Vm::new(kvm, ram).expect("create the VM");
     let vcpu = Vcpu::new(&vm.fd, 0).expect("create the vCPU");
-    vcpu.configure_cpuid(&vm.kvm).expect("set CPUID");
+    vcpu.configure_cpuid(&vm.kvm, 1).expect("set CPUID");
     let mut sregs = vcpu.fd.get_sregs().expect("get sregs");
     sregs.cs.base = 0;
     sregs.cs.selector = 0;

@@ -6,7 +6,7 @@
 //!
 //! bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N]
 //!               [--paths transfer,classic,qemu] [--skip-qemu] [--verbose]
-//!               [--guest-busy] [--host-load] [--rows]
+//!               [--guest-busy] [--host-load] [--rows] [--vcpus 1,2,4,8]
 //!
 //! `--guest-busy`: the guests boot with `testguest.busy` (their vCPU
 //! computes and writes RAM between interrupts); `--host-load`: one host
@@ -14,6 +14,8 @@
 //! Rows so made are labelled " busy" / " loaded". `--rows`: the issue's
 //! table in one run, whatever `--sizes`/`--paths` say: transfer and QEMU at
 //! 256M and 16G, then transfer and QEMU at 256M busy and at 256M loaded.
+//! `--vcpus 1,2,4,8`: each row at each vCPU count (`--vcpus N` for vmm,
+//! `-smp N` for QEMU), labelled " N vCPUs" (without it, one vCPU).
 //!
 //! Run as root after `cargo build --release --workspace`. It starts its own
 //! netd in a network namespace. Each migration's target becomes the next
@@ -72,6 +74,8 @@ struct Opts {
     host_load: bool,
     /// The fixed set of rows ([`Row::issue_rows`]).
     rows: bool,
+    /// vCPU counts; every row is run at each.
+    vcpus: Vec<u8>,
 }
 
 fn parse_opts() -> Opts {
@@ -85,8 +89,9 @@ fn parse_opts() -> Opts {
         guest_busy: false,
         host_load: false,
         rows: false,
+        vcpus: vec![1],
     };
-    let usage = "usage: bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N] [--paths transfer,classic,qemu] [--skip-qemu] [--verbose] [--guest-busy] [--host-load] [--rows]";
+    let usage = "usage: bench_migrate [--runs N] [--qemu-runs N] [--sizes 256M,16G] [--pps N] [--paths transfer,classic,qemu] [--skip-qemu] [--verbose] [--guest-busy] [--host-load] [--rows] [--vcpus 1,2,4,8]";
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -112,6 +117,12 @@ fn parse_opts() -> Opts {
             "--guest-busy" => o.guest_busy = true,
             "--host-load" => o.host_load = true,
             "--rows" => o.rows = true,
+            "--vcpus" => {
+                o.vcpus = value()
+                    .split(',')
+                    .map(|v| num(v.to_string()).clamp(1, 255) as u8)
+                    .collect()
+            }
             _ => {
                 eprintln!("{usage}");
                 std::process::exit(2);
@@ -137,6 +148,7 @@ struct Row {
     busy: bool,
     /// Another process keeps one host core busy.
     loaded: bool,
+    vcpus: u8,
 }
 
 impl Row {
@@ -146,7 +158,22 @@ impl Row {
             ram: ram.to_string(),
             busy,
             loaded,
+            vcpus: 1,
         }
+    }
+
+    /// Each row at each vCPU count, in that order.
+    fn at_vcpu_counts(rows: Vec<Row>, counts: &[u8]) -> Vec<Row> {
+        counts
+            .iter()
+            .flat_map(|&n| {
+                rows.iter().map(move |r| Row {
+                    ram: r.ram.clone(),
+                    vcpus: n,
+                    ..*r
+                })
+            })
+            .collect()
     }
 
     /// `--rows`: the rows issue 13 asks for, in one run.
@@ -190,19 +217,25 @@ impl Row {
             Chain::Qemu => "QEMU 7.2 new TAP",
         };
         format!(
-            "{base}{}{}",
+            "{base}{}{}{}",
             if self.busy { " busy" } else { "" },
-            if self.loaded { " loaded" } else { "" }
+            if self.loaded { " loaded" } else { "" },
+            if self.vcpus > 1 {
+                format!(" {} vCPUs", self.vcpus)
+            } else {
+                String::new()
+            }
         )
     }
 
     /// Distinguishes the file names of rows of the same path and size.
     fn tag(&self) -> String {
         format!(
-            "{}{}{}",
+            "{}{}{}-{}cpu",
             self.ram,
             if self.busy { "-busy" } else { "" },
-            if self.loaded { "-loaded" } else { "" }
+            if self.loaded { "-loaded" } else { "" },
+            self.vcpus
         )
     }
 
@@ -439,20 +472,26 @@ fn reap(p: &mut VmmProcess) -> ExitStatus {
 // ---------------------------------------------------------------- vmm ---
 
 /// A vmm waiting for a migration on `incoming`, with the same guest shape.
-fn vmm_target(netd: &Netd, id: &str, n: u8, ram: &str, incoming: &Path, classic: bool) -> Command {
+fn vmm_target(netd: &Netd, id: &str, n: u8, row: &Row, incoming: &Path, classic: bool) -> Command {
     let mut c = Command::new(bin("vmm"));
-    c.args(["--user", &format!("{NOBODY}:{NOBODY}"), "--memory", ram])
-        .args([
-            "--net",
-            &format!(
-                "netd={},id={id},mac={}{}",
-                netd.socket.display(),
-                guest_mac(n),
-                if classic { ",backend-transfer=off" } else { "" }
-            ),
-        ])
-        .arg("--incoming")
-        .arg(incoming);
+    c.args([
+        "--user",
+        &format!("{NOBODY}:{NOBODY}"),
+        "--memory",
+        &row.ram,
+    ])
+    .args(["--vcpus", &row.vcpus.to_string()])
+    .args([
+        "--net",
+        &format!(
+            "netd={},id={id},mac={}{}",
+            netd.socket.display(),
+            guest_mac(n),
+            if classic { ",backend-transfer=off" } else { "" }
+        ),
+    ])
+    .arg("--incoming")
+    .arg(incoming);
     c
 }
 
@@ -511,7 +550,7 @@ fn vmm_series(netd: &Netd, dir: &Path, row: &Row, runs: usize, pps: u32) -> Seri
         RunAs::RootWithUserOption,
         row.cmdline_extra(),
     );
-    cmd.args(["--memory", ram]);
+    cmd.args(["--memory", ram, "--vcpus", &row.vcpus.to_string()]);
     let mut current = spawn(cmd);
     current.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
     assert!(
@@ -524,7 +563,7 @@ fn vmm_series(netd: &Netd, dir: &Path, row: &Row, runs: usize, pps: u32) -> Seri
     for i in 0..runs {
         eprint!("\rbench_migrate: {} {ram}: {}/{runs} ", s.label, i + 1);
         let incoming = dir.join(format!("mig-{tag}-{i}.sock"));
-        let mut target = spawn(vmm_target(netd, &tap(i + 1), n, ram, &incoming, classic));
+        let mut target = spawn(vmm_target(netd, &tap(i + 1), n, row, &incoming, classic));
         wait_for_socket(&mut target, &incoming, "vmm target");
         if let Some(m) = s.marks.last_mut() {
             m.1 = Some(Instant::now());
@@ -597,6 +636,8 @@ fn qemu_command(
     let (ram, cmdline_extra) = (row.ram.as_str(), row.cmdline_extra());
     let mut c = qemu_on_netd_tap(&bin("netd_probe"), netd, tap);
     c.args([
+        "-smp",
+        &row.vcpus.to_string(),
         "-m",
         ram,
         "-object",
@@ -1018,11 +1059,14 @@ fn main() {
     }
     let dir = ScratchDir::new("bm");
     leftovers().paths.push(dir.0.clone());
-    let rows = if o.rows {
-        Row::issue_rows()
-    } else {
-        Row::from_opts(&o)
-    };
+    let rows = Row::at_vcpu_counts(
+        if o.rows {
+            Row::issue_rows()
+        } else {
+            Row::from_opts(&o)
+        },
+        &o.vcpus,
+    );
     let qemu = rows.iter().any(|r| r.path == Chain::Qemu) && qemu_available();
     if !rows.iter().any(|r| r.path == Chain::Qemu) {
         eprintln!("bench_migrate: QEMU not asked for");

@@ -137,12 +137,20 @@ fn print(resp: &ApiResponse, json: bool) -> bool {
         ApiResponse::Status(s) => (
             true,
             format!(
-                "state: {:?}\npid: {}\nversion: {}\nformat: {}\nvcpus: {}\nmemory_bytes: {}\nuptime_ms: {}\nnets: {}{}",
+                "state: {:?}\npid: {}\nversion: {}\nformat: {}\nvcpus: {}{}\nmemory_bytes: {}\nuptime_ms: {}\nnets: {}{}",
                 s.state,
                 s.pid,
                 s.version.as_deref().unwrap_or("unknown (before 0.2.0)"),
                 s.format.as_deref().unwrap_or("unknown (before 0.2.0)"),
                 s.vcpus,
+                s.vcpu_list
+                    .iter()
+                    .flatten()
+                    .map(|v| format!(
+                        "\nvcpu {}: apic id {} {:?}, {:?}",
+                        v.id, v.apic_id, v.run, v.mp_state
+                    ))
+                    .collect::<String>(),
                 s.memory_bytes,
                 s.uptime_ms,
                 s.nets.len(),

@@ -23,6 +23,9 @@ use crate::persist::{Format10PartVersion, Persist};
 use crate::sandbox::ThreadKind;
 use crate::vm::{ExitReason, ExitSender};
 
+mod activity;
+pub use activity::VcpuActivity;
+
 /// A boot GDT in low RAM (below the PVH start info), as the PVH ABI expects
 /// flat 32-bit code and data segments.
 const BOOT_GDT_ADDR: u64 = 0x500;
@@ -90,6 +93,10 @@ pub enum VcpuError {
     Cpuid(String),
     #[error("cannot start the vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error(
+        "the state of vCPU {id} (APIC ID {apic_id}) does not fit this machine's vCPU {index} (APIC ID {index})"
+    )]
+    Identity { index: u8, id: u8, apic_id: u32 },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -104,6 +111,10 @@ pub struct VcpuState {
     #[serde(rename = "version", default, skip_serializing)]
     pub format_1_0_version: Format10PartVersion,
     pub id: u8,
+    /// The APIC ID the guest knows this vCPU by (its firmware tables
+    /// name it). Since format 1.3; absent, it is `id` (one vCPU, ID 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apic_id: Option<u32>,
     #[serde(with = "crate::kvm_blob::cpuid")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     #[serde(with = "crate::kvm_blob::either")]
@@ -138,6 +149,7 @@ impl VcpuState {
         VcpuState {
             format_1_0_version: Format10PartVersion,
             id,
+            apic_id: Some(u32::from(id)),
             cpuid: vec![kvm_cpuid_entry2::default(); cpuid_entries],
             mp_state: kvm_mp_state::default(),
             regs: kvm_regs::default(),
@@ -168,6 +180,8 @@ pub struct Vcpu {
     /// the KVM_RUN that finished the vCPU's last exit before it parked
     /// ([`finish_for_park`]); false once it runs again.
     snapshot: bool,
+    /// What the API reports of this vCPU while its thread holds it.
+    pub activity: Arc<VcpuActivity>,
 }
 
 /// See [`Vcpu::parked_parts`]. Nothing changes these while no vCPU of the
@@ -199,6 +213,11 @@ pub struct VcpuCaps {
     pub msrs: Vec<u32>,
     pub xsave: bool,
     pub xcrs: bool,
+    /// The machine has other vCPUs, which may still run after this one
+    /// parked: an NMI or SIPI one of them sends changes this vCPU's
+    /// events, so a save reads them once all are parked, not from the
+    /// snapshot taken at its park.
+    pub several: bool,
 }
 
 impl VcpuCaps {
@@ -207,6 +226,7 @@ impl VcpuCaps {
             msrs: Vcpu::saveable_msrs(kvm)?,
             xsave: kvm.check_extension(Cap::Xsave),
             xcrs: kvm.check_extension(Cap::Xcrs),
+            several: false,
         })
     }
 }
@@ -248,7 +268,13 @@ impl Vcpu {
             cpuid: Mutex::new(Vec::new()),
             parked_parts: Cell::new(None),
             snapshot: false,
+            activity: Arc::new(VcpuActivity::new(id)),
         })
+    }
+
+    /// vCPU i has APIC ID i (CPUID, MADT, MP table).
+    pub fn apic_id(&self) -> u32 {
+        u32::from(self.id)
     }
 
     /// The vCPU is about to run: what it held while parked may change.
@@ -257,28 +283,24 @@ impl Vcpu {
         self.snapshot = false;
     }
 
-    /// CPUID from KVM's supported set: our APIC ID, one logical processor
-    /// per package, the hypervisor bit; no VMX (no nested guests) and no
-    /// architectural PMU (its MSRs are not part of the migrated state).
-    pub fn configure_cpuid(&self, kvm: &Kvm) -> Result<(), VcpuError> {
-        let mut cpuid = crate::kvm_cpuid::supported(kvm).map_err(kvm_err("get supported CPUID"))?;
-        for e in cpuid.as_mut_slice() {
-            match e.function {
-                1 => {
-                    e.ebx = (e.ebx & 0x0000_ffff) | (1 << 16) | (u32::from(self.id) << 24);
-                    e.ecx = (e.ecx & !(1 << 5)) | (1 << 31);
-                }
-                0xa => {
-                    e.eax = 0;
-                    e.ebx = 0;
-                    e.ecx = 0;
-                    e.edx = 0;
-                }
-                0xb | 0x1f => e.edx = u32::from(self.id),
-                _ => {}
-            }
-        }
-        self.set_cpuid(cpuid.as_slice())
+    /// CPUID from KVM's supported set for this vCPU of a machine of
+    /// `count` ([`crate::cpuid::for_vcpu`]).
+    pub fn configure_cpuid(&self, kvm: &Kvm, count: u8) -> Result<(), VcpuError> {
+        let supported = crate::kvm_cpuid::supported(kvm).map_err(kvm_err("get supported CPUID"))?;
+        self.set_cpuid(&crate::cpuid::for_vcpu(
+            supported.as_slice(),
+            self.id,
+            count,
+        ))
+    }
+
+    /// An application processor of a machine of `count` vCPUs: its CPUID
+    /// and boot MSRs. KVM leaves it in the MP state UNINITIALIZED, where
+    /// KVM_RUN waits until the guest's INIT and SIPI start it in real mode,
+    /// as on hardware; its registers are the reset ones until then.
+    pub fn configure_ap(&self, kvm: &Kvm, count: u8) -> Result<(), VcpuError> {
+        self.configure_cpuid(kvm, count)?;
+        self.configure_msrs()
     }
 
     fn set_cpuid(&self, entries: &[kvm_cpuid_entry2]) -> Result<(), VcpuError> {
@@ -317,7 +339,8 @@ impl Vcpu {
     }
 
     /// LINT0 as ExtINT (the 8259 behind it) and LINT1 as NMI, as a PC
-    /// firmware leaves the boot CPU's local APIC.
+    /// firmware leaves the boot CPU's local APIC (an AP's stay masked, as
+    /// at reset: the guest programs them).
     fn configure_lapic(&self) -> Result<(), VcpuError> {
         const APIC_LVT0: usize = 0x350;
         const APIC_LVT1: usize = 0x360;
@@ -349,8 +372,9 @@ impl Vcpu {
         kvm: &Kvm,
         mem: &GuestMemoryMmap,
         entry: PvhEntry,
+        count: u8,
     ) -> Result<(), VcpuError> {
-        self.configure_cpuid(kvm)?;
+        self.configure_cpuid(kvm, count)?;
         self.configure_msrs()?;
         self.configure_lapic()?;
 
@@ -427,17 +451,22 @@ impl Persist for Vcpu {
     fn save(&self, caps: &VcpuCaps) -> Result<VcpuState, VcpuError> {
         let msr_indices = &caps.msrs;
         let mp_state = self.fd.get_mp_state().map_err(kvm_err("get MP state"))?;
-        let (regs, sregs, vcpu_events) = if self.snapshot {
+        let (regs, sregs, snapshot_events) = if self.snapshot {
             let s = self.fd.sync_regs();
-            (s.regs, s.sregs, s.events)
+            (s.regs, s.sregs, Some(s.events).filter(|_| !caps.several))
         } else {
             (
                 self.fd.get_regs().map_err(kvm_err("get registers"))?,
                 self.fd.get_sregs().map_err(kvm_err("get sregs"))?,
-                self.fd
-                    .get_vcpu_events()
-                    .map_err(kvm_err("get vCPU events"))?,
+                None,
             )
+        };
+        let vcpu_events = match snapshot_events {
+            Some(e) => e,
+            None => self
+                .fd
+                .get_vcpu_events()
+                .map_err(kvm_err("get vCPU events"))?,
         };
         let xsave = if caps.xsave {
             Some(self.fd.get_xsave().map_err(kvm_err("get xsave"))?)
@@ -453,17 +482,10 @@ impl Persist for Vcpu {
             .fd
             .get_debug_regs()
             .map_err(kvm_err("get debug regs"))?;
-        let lapic = self.fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
-        let known = self.cpuid.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let cpuid = if known.is_empty() {
-            self.fd
-                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-                .map_err(kvm_err("get CPUID"))?
-                .as_slice()
-                .to_vec()
-        } else {
-            known
-        };
+        // The MSRs before the LAPIC: a TSC-deadline timer that expires in
+        // between then shows both as still armed (MSR) and as fired (IRR),
+        // and the guest gets one spurious timer interrupt; the other order
+        // would lose that interrupt.
         let entries: Vec<kvm_msr_entry> = msr_indices
             .iter()
             .map(|&index| kvm_msr_entry {
@@ -480,9 +502,21 @@ impl Persist for Vcpu {
                 entries.len()
             )));
         }
+        let lapic = self.fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
+        let known = self.cpuid.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let cpuid = if known.is_empty() {
+            self.fd
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm_err("get CPUID"))?
+                .as_slice()
+                .to_vec()
+        } else {
+            known
+        };
         let state = VcpuState {
             format_1_0_version: Format10PartVersion,
             id: self.id,
+            apic_id: Some(self.apic_id()),
             cpuid,
             mp_state,
             regs,
@@ -495,11 +529,20 @@ impl Persist for Vcpu {
             vcpu_events,
         };
         self.parked_parts.set(Some(ParkedParts::of(&state)));
+        self.activity.saw_mp_state(state.mp_state.mp_state);
         Ok(state)
     }
 
     /// Writes a saved state into this (fresh) vCPU.
     fn restore(&mut self, _: &VcpuCaps, s: &VcpuState) -> Result<(), VcpuError> {
+        let apic_id = s.apic_id.unwrap_or(u32::from(s.id));
+        if s.id != self.id || apic_id != self.apic_id() {
+            return Err(VcpuError::Identity {
+                index: self.id,
+                id: s.id,
+                apic_id,
+            });
+        }
         self.snapshot = false;
         let same = {
             let key =
@@ -554,6 +597,7 @@ impl Persist for Vcpu {
                 .map_err(kvm_err("set vCPU events"))?;
         }
         self.parked_parts.set(Some(ParkedParts::of(s)));
+        self.activity.saw_mp_state(s.mp_state.mp_state);
         Ok(())
     }
 }
@@ -695,6 +739,11 @@ fn run_loop(
     exit: ExitSender,
 ) {
     ctl.register_current_thread();
+    let activity = vcpu
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .activity
+        .clone();
     // KVM_RUN entered once: before that there is nothing to finish (an
     // exit's instruction, which KVM completes only on the next KVM_RUN)
     // nor to snapshot, and a first KVM_RUN is best left to the guest.
@@ -704,6 +753,7 @@ fn run_loop(
             if has_run {
                 finish_for_park(&vcpu);
             }
+            activity.parked();
             if !ctl.park() {
                 return;
             }
@@ -711,15 +761,29 @@ fn run_loop(
                 .unwrap_or_else(|p| p.into_inner())
                 .forget_parked_parts();
         }
+        activity.running();
         has_run = true;
         // Held for one KVM_RUN and its exit: a pauser that has seen the
         // thread park can take the lock and save the state.
         let mut v = vcpu.lock().unwrap_or_else(|p| p.into_inner());
         let id = v.id;
         let next = match v.fd.run() {
-            Ok(e) => handle_exit(e, &pio, &mmio),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            Ok(e) => {
+                activity.saw_guest_exit();
+                handle_exit(e, &pio, &mmio)
+            }
+            Err(e) if e.errno() == libc::EINTR => {
                 v.fd.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            // An application processor that was waiting for INIT or SIPI
+            // got one: KVM returns to let userspace see the new MP state,
+            // and the next KVM_RUN goes on.
+            Err(e) if e.errno() == libc::EAGAIN => {
+                v.fd.set_kvm_immediate_exit(0);
+                if let Ok(mp) = v.fd.get_mp_state() {
+                    activity.saw_mp_state(mp.mp_state);
+                }
                 Next::Continue
             }
             Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
@@ -757,7 +821,10 @@ pub fn spawn(
     ctl: Arc<RunControl>,
     exit: ExitSender,
 ) -> Result<JoinHandle<()>, VcpuError> {
-    let id = vcpu.lock().unwrap_or_else(|p| p.into_inner()).id;
+    let (id, activity) = {
+        let v = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+        (v.id, v.activity.clone())
+    };
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .stack_size(VCPU_STACK_SIZE)
@@ -770,6 +837,7 @@ pub fn spawn(
                 return;
             }
             run_loop(vcpu, pio, mmio, ctl.clone(), exit);
+            activity.ended();
             ctl.thread_exited();
         })
         .map_err(VcpuError::Thread)
