@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs,
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
@@ -182,6 +182,8 @@ pub struct Vcpu {
     snapshot: bool,
     /// What the API reports of this vCPU while its thread holds it.
     pub activity: Arc<VcpuActivity>,
+    /// [`OwnParts`] read at the last park, for the save that follows.
+    captured: Cell<Option<Box<OwnParts>>>,
 }
 
 /// See [`Vcpu::parked_parts`]. Nothing changes these while no vCPU of the
@@ -204,6 +206,20 @@ impl ParkedParts {
             vcpu_events: s.vcpu_events,
         }
     }
+}
+
+/// The parts of a one-vCPU machine's vCPU state that nothing but the vCPU
+/// changes (no device or timer does): read as it parks, on its own thread,
+/// when a migration asks ([`RunControl::request_pause_capturing`]), while
+/// the devices stop. What a device or a timer can still change (MP state,
+/// LAPIC, events) is read by the save. With several vCPUs another one,
+/// still running, could INIT this one after its park (resetting all of
+/// it), so the save reads everything.
+struct OwnParts {
+    xsave: Option<kvm_xsave>,
+    xcrs: Option<kvm_xcrs>,
+    debugregs: kvm_debugregs,
+    msrs: Vec<(u32, u64)>,
 }
 
 /// What saving a vCPU's state needs to know of KVM, asked once.
@@ -269,6 +285,7 @@ impl Vcpu {
             parked_parts: Cell::new(None),
             snapshot: false,
             activity: Arc::new(VcpuActivity::new(id)),
+            captured: Cell::new(None),
         })
     }
 
@@ -281,6 +298,56 @@ impl Vcpu {
     fn forget_parked_parts(&mut self) {
         self.parked_parts.set(None);
         self.snapshot = false;
+        self.captured.set(None);
+    }
+
+    fn read_own_parts(&self, caps: &VcpuCaps) -> Result<OwnParts, VcpuError> {
+        let xsave = if caps.xsave {
+            Some(self.fd.get_xsave().map_err(kvm_err("get xsave"))?)
+        } else {
+            None
+        };
+        let xcrs = if caps.xcrs {
+            Some(self.fd.get_xcrs().map_err(kvm_err("get xcrs"))?)
+        } else {
+            None
+        };
+        let debugregs = self
+            .fd
+            .get_debug_regs()
+            .map_err(kvm_err("get debug regs"))?;
+        let entries: Vec<kvm_msr_entry> = caps
+            .msrs
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(format!("{e:?}")))?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(kvm_err("get MSRs"))?;
+        if read != entries.len() {
+            return Err(VcpuError::Msrs(format!(
+                "KVM read {read} of {} MSRs",
+                entries.len()
+            )));
+        }
+        Ok(OwnParts {
+            xsave,
+            xcrs,
+            debugregs,
+            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
+        })
+    }
+
+    /// At a park a migration asked for: reads [`OwnParts`] now. A failure
+    /// only means the save reads them itself.
+    fn capture_own_parts(&self, caps: &VcpuCaps) {
+        match self.read_own_parts(caps) {
+            Ok(own) => self.captured.set(Some(Box::new(own))),
+            Err(e) => log::debug!("vCPU {}: reading its state at the park: {e}", self.id),
+        }
     }
 
     /// CPUID from KVM's supported set for this vCPU of a machine of
@@ -449,9 +516,16 @@ impl Persist for Vcpu {
 
     /// Reads the whole vCPU state. The vCPU must not be running.
     fn save(&self, caps: &VcpuCaps) -> Result<VcpuState, VcpuError> {
-        let msr_indices = &caps.msrs;
         let mp_state = self.fd.get_mp_state().map_err(kvm_err("get MP state"))?;
-        let (regs, sregs, snapshot_events) = if self.snapshot {
+        // KVM_GET_MP_STATE first: it lets KVM act on an INIT or SIPI
+        // another vCPU sent after this one parked, which resets its
+        // registers; the snapshot taken at the park is then stale.
+        let started_over = caps.several
+            && !matches!(
+                mp_state.mp_state,
+                KVM_MP_STATE_RUNNABLE | KVM_MP_STATE_HALTED
+            );
+        let (regs, sregs, snapshot_events) = if self.snapshot && !started_over {
             let s = self.fd.sync_regs();
             (s.regs, s.sregs, Some(s.events).filter(|_| !caps.several))
         } else {
@@ -468,40 +542,16 @@ impl Persist for Vcpu {
                 .get_vcpu_events()
                 .map_err(kvm_err("get vCPU events"))?,
         };
-        let xsave = if caps.xsave {
-            Some(self.fd.get_xsave().map_err(kvm_err("get xsave"))?)
-        } else {
-            None
+        // Read at the park when a migration asked (on this vCPU's own
+        // thread, beside the others), unless INIT started it over since.
+        let own = match self.captured.take() {
+            Some(own) if !started_over => *own,
+            _ => self.read_own_parts(caps)?,
         };
-        let xcrs = if caps.xcrs {
-            Some(self.fd.get_xcrs().map_err(kvm_err("get xcrs"))?)
-        } else {
-            None
-        };
-        let debugregs = self
-            .fd
-            .get_debug_regs()
-            .map_err(kvm_err("get debug regs"))?;
-        // The MSRs before the LAPIC: a TSC-deadline timer that expires in
-        // between then shows both as still armed (MSR) and as fired (IRR),
-        // and the guest gets one spurious timer interrupt; the other order
-        // would lose that interrupt.
-        let entries: Vec<kvm_msr_entry> = msr_indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(format!("{e:?}")))?;
-        let read = self.fd.get_msrs(&mut msrs).map_err(kvm_err("get MSRs"))?;
-        if read != entries.len() {
-            return Err(VcpuError::Msrs(format!(
-                "KVM read {read} of {} MSRs",
-                entries.len()
-            )));
-        }
+        // The MSRs (in `own`) before the LAPIC: a TSC-deadline timer that
+        // expires in between then shows both as still armed (MSR) and as
+        // fired (IRR), and the guest gets one spurious timer interrupt; the
+        // other order would lose that interrupt.
         let lapic = self.fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
         let known = self.cpuid.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let cpuid = if known.is_empty() {
@@ -521,11 +571,11 @@ impl Persist for Vcpu {
             mp_state,
             regs,
             sregs,
-            xsave,
-            xcrs,
-            debugregs,
+            xsave: own.xsave,
+            xcrs: own.xcrs,
+            debugregs: own.debugregs,
             lapic,
-            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
+            msrs: own.msrs,
             vcpu_events,
         };
         self.parked_parts.set(Some(ParkedParts::of(&state)));
@@ -544,6 +594,7 @@ impl Persist for Vcpu {
             });
         }
         self.snapshot = false;
+        self.captured.set(None);
         let same = {
             let key =
                 |e: &kvm_cpuid_entry2| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx);
@@ -733,6 +784,7 @@ const SNAPSHOT_REGS: [SyncReg; 3] = [
 /// The vCPU thread body: run until power-off, failure or stop.
 fn run_loop(
     vcpu: Arc<Mutex<Vcpu>>,
+    caps: Arc<VcpuCaps>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     ctl: Arc<RunControl>,
@@ -752,6 +804,11 @@ fn run_loop(
         if ctl.pending() {
             if has_run {
                 finish_for_park(&vcpu);
+            }
+            if ctl.capturing() && !caps.several {
+                vcpu.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .capture_own_parts(&caps);
             }
             activity.parked();
             if !ctl.park() {
@@ -816,6 +873,7 @@ fn run_loop(
 /// Starts the vCPU thread (small stack: the loop needs little).
 pub fn spawn(
     vcpu: Arc<Mutex<Vcpu>>,
+    caps: Arc<VcpuCaps>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     ctl: Arc<RunControl>,
@@ -836,7 +894,7 @@ pub fn spawn(
                 });
                 return;
             }
-            run_loop(vcpu, pio, mmio, ctl.clone(), exit);
+            run_loop(vcpu, caps, pio, mmio, ctl.clone(), exit);
             activity.ended();
             ctl.thread_exited();
         })
