@@ -11,6 +11,9 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+/// ACPICA's compiler and disassembler.
+pub const IASL: &str = "iasl";
+
 /// A host feature some tests depend on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prerequisite {
@@ -25,6 +28,9 @@ pub enum Prerequisite {
     /// The previous release's `vmm` and `vmctl`, built by `.ci/run` and
     /// named by `PREVIOUS_VMM` and `PREVIOUS_VMCTL` (the upgrade test).
     PreviousRelease,
+    /// ACPICA's `iasl` (Debian's acpica-tools), which checks the ACPI
+    /// tables the vmm builds.
+    Iasl,
 }
 
 /// The previous release's binaries, from `PREVIOUS_VMM` and
@@ -68,6 +74,7 @@ impl Prerequisite {
             Self::VhostNet => "REQUIRE_VHOST_NET",
             Self::UserNamespaces => "REQUIRE_USERNS",
             Self::PreviousRelease => "REQUIRE_PREVIOUS",
+            Self::Iasl => "REQUIRE_IASL",
         }
     }
 
@@ -104,6 +111,16 @@ impl Prerequisite {
                 (!ok).then(|| "uid 65534 may not create a user namespace here".to_string())
             }
             Self::PreviousRelease => PreviousRelease::from_env().err(),
+            Self::Iasl => {
+                // `iasl -v` prints its banner and exits 0.
+                let ok = Command::new(IASL)
+                    .arg("-v")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                (!ok).then(|| format!("{IASL} is not installed (apt-get install acpica-tools)"))
+            }
         }
     }
 

@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::api::{self, ApiContext, ApiError};
 use crate::api_gate::ApiGate;
+use crate::boot::firmware::Firmware;
 use crate::boot::pvh::{self, BootError};
 use crate::config::{ConfigError, SerialTarget, VmConfig};
 use crate::control::{self, RunControl};
@@ -88,8 +89,7 @@ impl BuildError {
             | BuildError::Serial { .. }
             | BuildError::Api(ApiError::Bind { .. }) => 2,
             BuildError::Net(e) if e.is_bad_input() => 2,
-            BuildError::Boot(BootError::Write(_)) => 1,
-            BuildError::Boot(_) => 2,
+            BuildError::Boot(e) if e.is_bad_input() => 2,
             _ => 1,
         }
     }
@@ -152,7 +152,7 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
     // now, before any vCPU can activate a device.
     let nets = net_attach::open_nets(&cfg.nets, Some(device_hook()))?;
     // Bad kernels fail before a VM exists (tearing one down costs ~20 ms).
-    pvh::check_kernel(&cfg.kernel, cfg.memory)?;
+    pvh::check_inputs(&cfg.kernel, cfg.initrd.as_deref(), cfg.memory)?;
     memory::check_host_limit(cfg.memory)?;
     let api = bind_api(cfg)?;
     if let ApiSocket::Own(_, path) = &api {
@@ -173,11 +173,21 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
         }
         cmdline.push_str(extra);
     }
-    let entry = pvh::load(&vm.ram, &cfg.kernel, &cmdline)?;
     let vcpus = (0..cfg.vcpus)
         .map(|i| Vcpu::new(&vm.fd, i))
         .collect::<Result<Vec<_>, _>>()?;
     cpuid.wait();
+    // The tables describe the devices in the slots they were given.
+    let slots = nets.iter().map(|n| n.slot).collect();
+    let firmware =
+        Firmware::for_vm(&vm.kvm, u32::from(cfg.vcpus), slots).map_err(BootError::from)?;
+    let entry = pvh::load(
+        &vm.ram,
+        &cfg.kernel,
+        cfg.initrd.as_deref(),
+        &cmdline,
+        &firmware,
+    )?;
     // The boot processor starts at the PVH entry; the others wait in KVM
     // for the guest's INIT and SIPI.
     for v in &vcpus {

@@ -20,8 +20,8 @@ pub const DEFAULT_MEMORY: u64 = 128 << 20;
 pub const MAX_VCPUS: u8 = 255;
 
 pub const USAGE: &str = "usage: vmm --kernel FILE [--cmdline STR] [--memory SIZE] [--vcpus N] \
-[--serial stdout|FILE] [--api-socket PATH] [--net netd=SOCK,id=ID[,...]] [--incoming PATH] [--user UID:GID] \
-[--seccomp kill|log] | --version | --help";
+[--serial stdout|FILE] [--api-socket PATH] [--net netd=SOCK,id=ID[,...]] [--initrd FILE] [--incoming PATH] \
+[--user UID:GID] [--seccomp kill|log] [--dump-acpi DIR] | --version | --help";
 
 /// The `--version` line: this vmm's version, and the machine state format
 /// and migration protocol it writes (what a target must read to take its
@@ -36,6 +36,8 @@ pub fn version_line() -> String {
 }
 
 /// What a command line asks for.
+// Built once per process and consumed at once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invocation {
     Run(VmConfig),
@@ -74,6 +76,12 @@ pub struct VmConfig {
     /// `--net` values as given; the net backend parses them.
     pub nets: Vec<String>,
     pub incoming: Option<PathBuf>,
+    /// `--initrd`: loaded into guest RAM on a boot (not on a migration
+    /// target, whose guest RAM comes from the source).
+    pub initrd: Option<PathBuf>,
+    /// `--dump-acpi DIR`: write the ACPI tables this VM would get to DIR
+    /// and exit, running nothing.
+    pub dump_acpi: Option<PathBuf>,
     pub user: Option<(u32, u32)>,
     /// What a forbidden syscall does: kill (default) or log (debugging).
     pub seccomp: SeccompMode,
@@ -164,6 +172,8 @@ impl VmConfig {
         let mut api_socket = None;
         let mut nets = Vec::new();
         let mut incoming = None;
+        let mut initrd = None;
+        let mut dump_acpi = None;
         let mut user = None;
         let mut seccomp = None;
         // Non-UTF-8 bytes show as U+FFFD in messages.
@@ -198,6 +208,8 @@ impl VmConfig {
                 "--api-socket",
                 "--net",
                 "--incoming",
+                "--initrd",
+                "--dump-acpi",
                 "--user",
                 "--seccomp",
             ];
@@ -226,6 +238,8 @@ impl VmConfig {
                 "--kernel" => set(&mut kernel, path, &name)?,
                 "--api-socket" => set(&mut api_socket, path, &name)?,
                 "--incoming" => set(&mut incoming, path, &name)?,
+                "--initrd" => set(&mut initrd, path, &name)?,
+                "--dump-acpi" => set(&mut dump_acpi, path, &name)?,
                 "--serial" => {
                     let t = if raw_value == "stdout" {
                         SerialTarget::Stdout
@@ -275,12 +289,14 @@ impl VmConfig {
             api_socket,
             nets,
             incoming,
+            initrd,
+            dump_acpi,
             user,
             seccomp: seccomp.unwrap_or_default(),
         }))
     }
 
-    /// Checks that `--kernel` names a regular file and `--serial FILE` a
+    /// Checks that `--kernel` and `--initrd` name regular files and `--serial FILE` a
     /// regular file or character device, without opening (or blocking on)
     /// either. Run it before the sandbox hides the paths.
     pub fn check_files(&self) -> Result<(), ConfigError> {
@@ -288,7 +304,7 @@ impl VmConfig {
             SerialTarget::File(p) => Some(p.as_path()),
             SerialTarget::Stdout => None,
         };
-        Ok(inputs::check(&self.kernel, serial)?)
+        Ok(inputs::check(&self.kernel, self.initrd.as_deref(), serial)?)
     }
 }
 
@@ -380,6 +396,16 @@ mod tests {
             Ok(Invocation::Version)
         );
         assert_eq!(c.seccomp, SeccompMode::Kill);
+        assert_eq!((c.initrd.as_ref(), c.dump_acpi.as_ref()), (None, None));
+        let c = parse(&["--kernel", "k", "--initrd", "i", "--dump-acpi=d"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.initrd, Some(PathBuf::from("i")));
+        assert_eq!(c.dump_acpi, Some(PathBuf::from("d")));
+        assert_eq!(
+            parse(&["--kernel", "k", "--initrd", "i", "--initrd", "j"]),
+            Err(ConfigError::Duplicate("--initrd".into()))
+        );
         let c = parse(&["--kernel", "k", "--seccomp=log"]).unwrap().unwrap();
         assert_eq!(c.seccomp, SeccompMode::Log);
         assert_eq!(

@@ -1,4 +1,5 @@
-//! The files named on the command line (`--kernel`, `--serial FILE`): what
+//! The files named on the command line (`--kernel`, `--initrd`, `--serial
+//! FILE`): what
 //! kind each may be, and opening them without ever blocking.
 //!
 //! A plain `open` blocks on a FIFO until the other end shows up (forever,
@@ -18,6 +19,8 @@ use std::path::{Path, PathBuf};
 pub enum InputError {
     #[error("kernel {0} is {1}, not a regular file")]
     Kernel(PathBuf, &'static str),
+    #[error("initrd {0} is {1}, not a regular file")]
+    Initrd(PathBuf, &'static str),
     #[error("serial output {0} is {1}, not a regular file, terminal or character device")]
     Serial(PathBuf, &'static str),
 }
@@ -42,6 +45,7 @@ fn kind_of(m: &Metadata) -> &'static str {
     }
 }
 
+/// The kernel and the initrd are read whole: regular files only.
 fn kernel_ok(m: &Metadata) -> bool {
     m.file_type().is_file()
 }
@@ -53,13 +57,24 @@ fn serial_ok(m: &Metadata) -> bool {
     t.is_file() || t.is_char_device()
 }
 
-/// Checks what the paths name, without opening them. A missing kernel is
-/// left to the open that reports it; a missing serial file is created later.
-pub fn check(kernel: &Path, serial: Option<&Path>) -> Result<(), InputError> {
+/// Checks what the paths name, without opening them. A missing kernel or
+/// initrd is left to the open that reports it; a missing serial file is
+/// created later.
+pub fn check(
+    kernel: &Path,
+    initrd: Option<&Path>,
+    serial: Option<&Path>,
+) -> Result<(), InputError> {
     if let Ok(m) = std::fs::metadata(kernel)
         && !kernel_ok(&m)
     {
         return Err(InputError::Kernel(kernel.to_path_buf(), kind_of(&m)));
+    }
+    if let Some(p) = initrd
+        && let Ok(m) = std::fs::metadata(p)
+        && !kernel_ok(&m)
+    {
+        return Err(InputError::Initrd(p.to_path_buf(), kind_of(&m)));
     }
     if let Some(p) = serial
         && let Ok(m) = std::fs::metadata(p)
@@ -91,6 +106,15 @@ fn refuse(what: String) -> io::Error {
 /// Opens the kernel image for reading; anything but a regular file is
 /// refused (a directory with EISDIR's message), never waited for.
 pub fn open_kernel(path: &Path) -> io::Result<File> {
+    open_regular(path)
+}
+
+/// Opens the initrd for reading, as [`open_kernel`] does the kernel.
+pub fn open_initrd(path: &Path) -> io::Result<File> {
+    open_regular(path)
+}
+
+fn open_regular(path: &Path) -> io::Result<File> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -168,21 +192,35 @@ mod tests {
         mkfifo(&fifo);
         let t0 = Instant::now();
         assert_eq!(
-            check(&fifo, None),
+            check(&fifo, None, None),
             Err(InputError::Kernel(fifo.clone(), "a FIFO"))
         );
         assert_eq!(
-            check(&d.0, None),
+            check(&d.0, None, None),
             Err(InputError::Kernel(d.0.clone(), "a directory"))
         );
         let file = d.0.join("k");
         std::fs::write(&file, b"x").unwrap();
         assert_eq!(
-            check(&file, Some(&fifo)),
+            check(&file, None, Some(&fifo)),
             Err(InputError::Serial(fifo.clone(), "a FIFO"))
         );
-        assert_eq!(check(&file, Some(Path::new("/dev/null"))), Ok(()));
-        assert_eq!(check(&file, Some(&d.0.join("new"))), Ok(()));
+        assert_eq!(
+            check(&file, Some(&fifo), None),
+            Err(InputError::Initrd(fifo.clone(), "a FIFO"))
+        );
+        assert_eq!(
+            check(&file, Some(&d.0), None),
+            Err(InputError::Initrd(d.0.clone(), "a directory"))
+        );
+        assert_eq!(check(&file, Some(&file), None), Ok(()));
+        assert_eq!(check(&file, None, Some(Path::new("/dev/null"))), Ok(()));
+        assert_eq!(check(&file, None, Some(&d.0.join("new"))), Ok(()));
+        assert!(open_initrd(&fifo).is_err());
+        assert_eq!(
+            open_initrd(&d.0).unwrap_err().raw_os_error(),
+            Some(libc::EISDIR)
+        );
 
         assert!(open_kernel(&fifo).is_err());
         let e = open_kernel(&d.0).unwrap_err();

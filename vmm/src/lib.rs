@@ -9,11 +9,12 @@
 //! seccomp filter) → [`exit::SignalWatch`] (SIGTERM/SIGINT blocked, one
 //! thread takes them) → [`net::attach::open_nets`] (TAPs from netd as the
 //! tenant's uid, device threads started, each installing its filter) →
-//! [`boot::pvh::check_kernel`] → [`memory::GuestRam`] (memfd, MAP_SHARED) →
+//! [`boot::pvh::check_inputs`] → [`memory::GuestRam`] (memfd, MAP_SHARED) →
 //! [`vm::Vm`] (RAM slots, TSS, irqchip, PIT) → legacy devices (serial,
 //! power) → virtio devices ([`net::attach::attach_nets`] through
 //! [`vm::Vm::attach_virtio_mmio`]) → [`boot::pvh::load`] (kernel, start
-//! info, memory map, command line) → [`vcpu::Vcpu`] set up for the PVH
+//! info, memory map, command line, initrd, firmware tables from
+//! [`boot::firmware`]) → [`vcpu::Vcpu`] set up for the PVH
 //! entry (KVM's supported CPUID and the PIT asked meanwhile on short-lived
 //! threads, [`kvm_cpuid`]) → the vCPU threads, the migration thread, the
 //! [`api`] thread (each installs its own filter first,

@@ -1,5 +1,6 @@
 //! vmm: boots a guest under KVM as an unprivileged user, or takes one over
-//! from another vmm (`--incoming`). A thin front end: the library's
+//! from another vmm (`--incoming`), or writes the firmware tables a VM
+//! would get (`--dump-acpi`). A thin front end: the library's
 //! [`vmm::builder`] builds the VM; this maps the outcome to an exit code.
 
 use std::process::exit;
@@ -28,6 +29,16 @@ fn main() {
             exit(2);
         }
     };
+    if let Some(dir) = &cfg.dump_acpi {
+        // Tables only: no guest, no KVM, no netd.
+        match vmm::boot::dump::dump_acpi(&cfg, dir) {
+            Ok(_) => exit(0),
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                exit(2);
+            }
+        }
+    }
     let built = if cfg.incoming.is_some() {
         target::receive(&cfg, started).map_err(|e| (e.to_string(), e.exit_code()))
     } else {

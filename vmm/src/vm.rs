@@ -124,6 +124,17 @@ pub struct VirtioSlot {
 }
 
 impl VirtioSlot {
+    /// Slot `index`'s registers and GSI: the one layout that the devices,
+    /// their command-line entries and the firmware tables (DSDT, MP table)
+    /// all read.
+    pub fn at(index: u32) -> Option<VirtioSlot> {
+        (index < VIRTIO_MAX_SLOTS).then(|| VirtioSlot {
+            index,
+            base: VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_FIRST_GSI + index,
+        })
+    }
+
     /// The Linux command-line entry announcing this device.
     pub fn cmdline_entry(&self) -> String {
         format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.gsi)
@@ -283,15 +294,7 @@ impl Vm {
         queue_notifiers: &[(u32, &EventFd)],
         irq: &EventFd,
     ) -> Result<VirtioSlot, VmError> {
-        if self.virtio_slots >= VIRTIO_MAX_SLOTS {
-            return Err(VmError::NoVirtioSlot);
-        }
-        let index = self.virtio_slots;
-        let slot = VirtioSlot {
-            index,
-            base: VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE,
-            gsi: VIRTIO_FIRST_GSI + index,
-        };
+        let slot = VirtioSlot::at(self.virtio_slots).ok_or(VmError::NoVirtioSlot)?;
         self.mmio.insert(slot.base, VIRTIO_MMIO_SIZE, device)?;
         for (queue, evt) in queue_notifiers {
             self.register_ioevent(slot.base + VIRTIO_MMIO_QUEUE_NOTIFY, *queue, evt)?;

@@ -9,8 +9,10 @@ pub const DEBUG_EXIT_PORT: u64 = 0x501;
 pub const I8042_PORT: u64 = 0x60;
 /// 0x60..0x65 covers the data (0x60) and command/status (0x64) ports.
 pub const I8042_PORT_LEN: u64 = 5;
-const I8042_COMMAND: u64 = 4;
-const I8042_RESET: u8 = 0xfe;
+/// Offset of the command port (0x64) in the controller's range.
+pub const I8042_COMMAND: u64 = 4;
+/// The reset command (the FADT's RESET_VALUE).
+pub const I8042_RESET: u8 = 0xfe;
 
 /// isa-debug-exit: any write powers off.
 pub struct DebugExit {

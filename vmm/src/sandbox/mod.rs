@@ -133,12 +133,14 @@ pub fn enter_thread_or_exit(kind: ThreadKind) {
 }
 
 impl Plan {
-    /// The sandbox for a VMM started with `cfg`: it reads the kernel, writes
+    /// The sandbox for a VMM started with `cfg`: it reads the kernel (and
+    /// the initrd), writes
     /// the serial file, owns the API (and incoming migration) socket.
     pub fn for_config(cfg: &crate::config::VmConfig) -> Self {
         let mut fs = FsPlan::default();
         if cfg.incoming.is_none() {
             fs.read_files.push(cfg.kernel.clone());
+            fs.read_files.extend(cfg.initrd.iter().cloned());
         }
         if let crate::config::SerialTarget::File(p) = &cfg.serial {
             fs.write_files.push(p.clone());
