@@ -86,10 +86,13 @@ pub struct Stack {
     /// With several CPUs: how many are up, reported as ` cpus=<n>`.
     pub cpus_up: Option<u32>,
     /// Starts a held AP by APIC id (UDP 5004); None: this guest cannot.
-    pub start_ap: Option<fn(u32) -> Result<(), &'static str>>,
+    pub start_ap: Option<StartAp>,
     ip_id: u16,
     probe: Option<Probe>,
 }
+
+/// Starts a held AP by APIC id, or says why not.
+pub type StartAp = fn(u32) -> Result<(), &'static str>;
 
 /// A pending UDP 5002 probe: who asked, whom to reach, what is known.
 #[derive(Clone, Copy)]

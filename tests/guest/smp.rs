@@ -43,11 +43,15 @@ const TIMER_DIVIDERS: [u32; 8] = [
     0b1011, 0b0000, 0b0001, 0b0010, 0b0011, 0b1000, 0b1001, 0b1010,
 ];
 
-/// Bounded waits, in TSC cycles (KVM needs no Linux-style 10 ms INIT
-/// delay; these only bound how long a CPU that never comes is waited for).
-const WAIT_ALIVE: u64 = 1 << 27;
-const WAIT_UP: u64 = 1 << 30;
-const WAIT_CALIBRATION: u64 = 1 << 32;
+/// Bounded waits, in LAPIC timer counts at divide 1 (1 ns each on KVM,
+/// slower on hardware; this host's TSC rate is unusable as a clock). KVM
+/// needs no Linux-style 10 ms INIT delay; these only bound how long a CPU
+/// that never comes is waited for.
+const WAIT_ICR: u32 = 10_000_000;
+const WAIT_ALIVE: u32 = 20_000_000;
+const WAIT_UP: u32 = 1_000_000_000;
+/// Wake-ups (any interrupt) the BSP waits through for the calibration.
+const WAIT_CALIBRATION_WAKEUPS: u32 = 10_000;
 
 const NOT_STARTED: u8 = 0;
 const HELD: u8 = 1;
@@ -301,17 +305,24 @@ pub fn start_held(id: u32) -> Result<(), &'static str> {
     }
 }
 
-fn wait_until(cycles: u64, done: impl Fn() -> bool) -> bool {
-    let t0 = arch::rdtsc();
-    loop {
+/// Polls `done` until it holds or the BSP's LAPIC timer, armed one-shot
+/// and masked with `counts`, runs out. Only the BSP waits, and only after
+/// the calibration, so the timer is free.
+fn wait_until(counts: u32, done: impl Fn() -> bool) -> bool {
+    arch::mmio_write32(LAPIC_TIMER_DIV, TIMER_DIVIDERS[0]);
+    arch::mmio_write32(LAPIC_LVT_TIMER, LVT_MASKED | u32::from(TICK_VECTOR));
+    arch::mmio_write32(LAPIC_TIMER_INIT, counts);
+    let ok = loop {
         if done() {
-            return true;
+            break true;
         }
-        if arch::rdtsc().wrapping_sub(t0) > cycles {
-            return false;
+        if arch::mmio_read32(LAPIC_TIMER_CUR) == 0 {
+            break done();
         }
         core::hint::spin_loop();
-    }
+    };
+    arch::mmio_write32(LAPIC_TIMER_INIT, 0);
+    ok
 }
 
 fn send_ipi(id: u32, low: u32) {
@@ -417,15 +428,16 @@ pub fn on_pit_irq() {
 /// Waits (interrupts on) for the calibration, then sets the APs' timer to
 /// `pit_irqs` PIT periods. False if the PIT never gave two edges.
 pub fn calibrate_finish(pit_irqs: u64) -> bool {
-    let done = wait_until(WAIT_CALIBRATION, || {
+    let mut done = false;
+    for _ in 0..WAIT_CALIBRATION_WAKEUPS {
         arch::cli();
-        let done = CAL_STATE.load(Ordering::Acquire) == CAL_DONE;
-        if !done {
-            arch::sti_hlt();
+        done = CAL_STATE.load(Ordering::Acquire) == CAL_DONE;
+        if done {
+            arch::sti();
+            break;
         }
-        arch::sti();
-        done
-    });
+        arch::sti_hlt();
+    }
     let total = u64::from(CAL_COUNTS.load(Ordering::Acquire)).saturating_mul(pit_irqs);
     if !done || total == 0 {
         return false;
