@@ -89,6 +89,16 @@ pub unsafe fn from_start_info(start_info: u64) -> &'static [u8] {
 /// # Safety
 /// As [`from_start_info`].
 pub unsafe fn ram_covers(start_info: u64, base: u64, len: u64) -> bool {
+    // SAFETY: as the caller's.
+    unsafe { map_covers(start_info, base, len, true) }
+}
+
+/// Whether one PVH memory map entry (RAM only, or of any type: firmware
+/// areas are "reserved") covers `[base, base + len)`.
+///
+/// # Safety
+/// As [`from_start_info`].
+pub unsafe fn map_covers(start_info: u64, base: u64, len: u64, ram_only: bool) -> bool {
     const MEMMAP_MAX: u32 = 128;
     const E820_RAM: u32 = 1;
     if start_info == 0 || start_info >= 0x1_0000_0000 {
@@ -120,7 +130,7 @@ pub unsafe fn ram_covers(start_info: u64, base: u64, len: u64) -> bool {
                 core::ptr::read_unaligned(e.add(16) as *const u32),
             )
         };
-        kind == E820_RAM && addr <= base && addr.saturating_add(size) >= end
+        (kind == E820_RAM || !ram_only) && addr <= base && addr.saturating_add(size) >= end
     })
 }
 

@@ -80,24 +80,40 @@ impl Cpus {
 
 /// The CPUs the firmware describes; `rsdp_hint` is hvm_start_info's
 /// rsdp_paddr (0: none given); `use_acpi` false skips ACPI (`acpi=off`).
-pub fn discover(rsdp_hint: u64, use_acpi: bool, bsp: u32) -> Cpus {
+/// Legacy areas are scanned only where `start_info`'s memory map has an
+/// entry (RAM or reserved): a hole there (our vmm has none at
+/// 0xA0000..0x100000) would make every read an MMIO exit, ~50 ms in all.
+pub fn discover(start_info: u64, rsdp_hint: u64, use_acpi: bool, bsp: u32) -> Cpus {
+    // SAFETY: start_info is the loader's hvm_start_info (or 0).
+    let mapped = |from: u64, to: u64| unsafe {
+        crate::cmdline::map_covers(start_info, from, to - from, false)
+    };
     let mut cpus = use_acpi
-        .then(|| acpi(rsdp_hint))
+        .then(|| acpi(rsdp_hint, &mapped))
         .flatten()
-        .or_else(mp_table)
+        .or_else(|| mp_table(&mapped))
         .unwrap_or_else(|| Cpus::new(Source::Nothing));
     cpus.bsp_first(bsp);
     cpus
 }
 
+type Mapped<'a> = &'a dyn Fn(u64, u64) -> bool;
+
 /// The EBDA's segment from the BIOS data area, if it looks sane.
-fn ebda() -> Option<u64> {
+fn ebda(mapped: Mapped) -> Option<u64> {
+    if !mapped(0x400, 0x500) {
+        return None;
+    }
     let base = u64::from(read16(0x40e)) << 4;
     (0x8_0000..0xa_0000).contains(&base).then_some(base)
 }
 
-/// First 16-byte aligned address in `[from, to)` where `check` holds.
-fn scan(from: u64, to: u64, check: impl Fn(u64) -> bool) -> Option<u64> {
+/// First 16-byte aligned address in `[from, to)` where `check` holds,
+/// if the memory map covers that range.
+fn scan(mapped: Mapped, from: u64, to: u64, check: impl Fn(u64) -> bool) -> Option<u64> {
+    if !mapped(from, to) {
+        return None;
+    }
     (from..to).step_by(16).find(|&a| check(a))
 }
 
@@ -114,13 +130,13 @@ fn rsdp_valid(a: u64) -> bool {
     read8(a + 15) < 2 || sum8(a, 36) == 0
 }
 
-fn find_rsdp(hint: u64) -> Option<u64> {
+fn find_rsdp(hint: u64, mapped: Mapped) -> Option<u64> {
     if hint != 0 && rsdp_valid(hint) {
         return Some(hint);
     }
-    ebda()
-        .and_then(|e| scan(e, e + 1024, rsdp_valid))
-        .or_else(|| scan(0xe_0000, 0x10_0000, rsdp_valid))
+    ebda(mapped)
+        .and_then(|e| scan(mapped, e, e + 1024, rsdp_valid))
+        .or_else(|| scan(mapped, 0xe_0000, 0x10_0000, rsdp_valid))
 }
 
 /// A checksummed SDT with signature `sig` at `addr`: its length.
@@ -133,8 +149,8 @@ fn sdt(addr: u64, sig: &[u8]) -> Option<u32> {
     (sum8(addr, u64::from(len)) == 0).then_some(len)
 }
 
-fn acpi(hint: u64) -> Option<Cpus> {
-    let rsdp = find_rsdp(hint)?;
+fn acpi(hint: u64, mapped: Mapped) -> Option<Cpus> {
+    let rsdp = find_rsdp(hint, mapped)?;
     let xsdt = if read8(rsdp + 15) >= 2 {
         read64(rsdp + 24)
     } else {
@@ -188,11 +204,11 @@ fn mp_floating_valid(a: u64) -> bool {
     }
 }
 
-fn mp_table() -> Option<Cpus> {
-    let fp = ebda()
-        .and_then(|e| scan(e, e + 1024, mp_floating_valid))
-        .or_else(|| scan(0x9_fc00, 0xa_0000, mp_floating_valid))
-        .or_else(|| scan(0xf_0000, 0x10_0000, mp_floating_valid))?;
+fn mp_table(mapped: Mapped) -> Option<Cpus> {
+    let fp = ebda(mapped)
+        .and_then(|e| scan(mapped, e, e + 1024, mp_floating_valid))
+        .or_else(|| scan(mapped, 0x9_fc00, 0xa_0000, mp_floating_valid))
+        .or_else(|| scan(mapped, 0xf_0000, 0x10_0000, mp_floating_valid))?;
     let table = u64::from(read32(fp + 4));
     if table == 0 || !signature(table, b"PCMP") {
         // A "default configuration" (no table) is not something our peers use.

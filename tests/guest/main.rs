@@ -113,7 +113,7 @@ extern "C" fn rust_main(start_info: u64) -> ! {
     line.str("up boot_id=").hex(boot_id, 16);
     serial::line(line.as_bytes());
     // The tables are read after the banner (nothing to print before it).
-    let cpus = firmware::discover(rsdp_hint(start_info), !cfg.acpi_off, smp::lapic_id());
+    let cpus = firmware::discover(start_info, rsdp_hint(start_info), !cfg.acpi_off, smp::lapic_id());
     let has_initrd = initrd::module0(start_info).is_some();
     if cfg.exit && cpus.n <= 1 && !has_initrd {
         power_off();
@@ -169,7 +169,7 @@ extern "C" fn rust_main(start_info: u64) -> ! {
         }
         if let (Some((dev, stack)), true) = (net.as_mut(), devices != 0) {
             stack.busy_passes = busy.as_ref().map(|b| b.passes);
-            stack.cpus_up = several.then(smp::up);
+            stack.cpus_up = several.then_some(smp::up as fn() -> u32);
             stack.start_ap = Some(smp::start_held);
             dev.poll(stack, heartbeat.as_ref().map(|h| h.printed));
         }

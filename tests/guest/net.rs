@@ -83,8 +83,10 @@ pub struct Stack {
     /// With `testguest.busy`: the busy loop's completed passes, reported
     /// as ` busy=<n>` at the end of the stats reply.
     pub busy_passes: Option<u64>,
-    /// With several CPUs: how many are up, reported as ` cpus=<n>`.
-    pub cpus_up: Option<u32>,
+    /// With several CPUs: how many are up (read when a stats request
+    /// comes, so an AP started earlier in the same poll counts), reported
+    /// as ` cpus=<n>`.
+    pub cpus_up: Option<fn() -> u32>,
     /// Starts a held AP by APIC id (UDP 5004); None: this guest cannot.
     pub start_ap: Option<StartAp>,
     ip_id: u16,
@@ -343,8 +345,8 @@ impl Stack {
                 if let Some(passes) = self.busy_passes {
                     t.str(" busy=").dec(passes);
                 }
-                if let Some(n) = self.cpus_up {
-                    t.str(" cpus=").dec(u64::from(n));
+                if let Some(up) = self.cpus_up {
+                    t.str(" cpus=").dec(u64::from(up()));
                 }
                 let text = t.as_bytes();
                 self.send_udp(tx, peer, PORT_STATS, text.len(), &mut |out| {
