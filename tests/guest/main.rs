@@ -113,7 +113,12 @@ extern "C" fn rust_main(start_info: u64) -> ! {
     line.str("up boot_id=").hex(boot_id, 16);
     serial::line(line.as_bytes());
     // The tables are read after the banner (nothing to print before it).
-    let cpus = firmware::discover(start_info, rsdp_hint(start_info), !cfg.acpi_off, smp::lapic_id());
+    let cpus = firmware::discover(
+        start_info,
+        rsdp_hint(start_info),
+        !cfg.acpi_off,
+        smp::lapic_id(),
+    );
     let has_initrd = initrd::module0(start_info).is_some();
     if cfg.exit && cpus.n <= 1 && !has_initrd {
         power_off();
