@@ -31,8 +31,24 @@ pub struct Config {
     /// `testguest.txqueue=N`: use at most N tx descriptors (tests use a
     /// tiny ring to exercise the wait-for-space path).
     pub tx_queue_max: Option<u32>,
+    /// `testguest.hold_ap=ID[,ID...]` (the key may repeat): APs (xAPIC ids
+    /// 0..=255) not started at boot, one bit per id, for UDP 5004 to start.
+    pub hold_ap: [u64; 4],
+    /// `acpi=off` (Linux's key): find the CPUs in the MP table only.
+    pub acpi_off: bool,
     /// Keys we could not parse, counted so that the guest can say so.
     pub bad_keys: u32,
+}
+
+impl Config {
+    pub fn held(&self, apic_id: u32) -> bool {
+        let word = self
+            .hold_ap
+            .get((apic_id / 64) as usize)
+            .copied()
+            .unwrap_or(0);
+        word & (1 << (apic_id % 64)) != 0
+    }
 }
 
 /// The command line bytes (without the NUL) that `start_info` points to.
@@ -73,6 +89,16 @@ pub unsafe fn from_start_info(start_info: u64) -> &'static [u8] {
 /// # Safety
 /// As [`from_start_info`].
 pub unsafe fn ram_covers(start_info: u64, base: u64, len: u64) -> bool {
+    // SAFETY: as the caller's.
+    unsafe { map_covers(start_info, base, len, true) }
+}
+
+/// Whether one PVH memory map entry (RAM only, or of any type: firmware
+/// areas are "reserved") covers `[base, base + len)`.
+///
+/// # Safety
+/// As [`from_start_info`].
+pub unsafe fn map_covers(start_info: u64, base: u64, len: u64, ram_only: bool) -> bool {
     const MEMMAP_MAX: u32 = 128;
     const E820_RAM: u32 = 1;
     if start_info == 0 || start_info >= 0x1_0000_0000 {
@@ -104,7 +130,7 @@ pub unsafe fn ram_covers(start_info: u64, base: u64, len: u64) -> bool {
                 core::ptr::read_unaligned(e.add(16) as *const u32),
             )
         };
-        kind == E820_RAM && addr <= base && addr.saturating_add(size) >= end
+        (kind == E820_RAM || !ram_only) && addr <= base && addr.saturating_add(size) >= end
     })
 }
 
@@ -165,6 +191,21 @@ pub fn parse(cmdline: &[u8]) -> Config {
                     .filter(|&n| n > 0);
                 cfg.tx_queue_max.is_some()
             }
+            (b"acpi", Some(v)) => {
+                cfg.acpi_off = v == b"off";
+                true
+            }
+            (b"testguest.hold_ap", Some(v)) => v.split(|&c| c == b',').all(|id| {
+                match parse_u64(id)
+                    .and_then(|id| cfg.hold_ap.get_mut((id / 64) as usize).map(|w| (w, id)))
+                {
+                    Some((w, id)) => {
+                        *w |= 1 << (id % 64);
+                        true
+                    }
+                    None => false,
+                }
+            }),
             _ => true, // someone else's key
         };
         if !ok {

@@ -1,6 +1,7 @@
 //! Interrupts: IDT with stubs that save every GPR, the LAPIC (enable, EOI),
 //! IOAPIC redirection entries, the 8259 PIC masked, and the PIT as the
 //! heartbeat timer. Handlers only count and record; the main loop acts.
+//! APs share the IDT and take only their LAPIC timer (`smp.rs`).
 
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
@@ -111,7 +112,8 @@ unsafe extern "C" {
 struct Idt([u64; 512]);
 
 struct IdtCell(core::cell::UnsafeCell<Idt>);
-// SAFETY: written once, single CPU, before interrupts are enabled.
+// SAFETY: written once by the BSP before interrupts are enabled and before
+// any AP starts; read-only afterwards (APs only load its address).
 unsafe impl Sync for IdtCell {}
 static IDT: IdtCell = IdtCell(core::cell::UnsafeCell::new(Idt([0; 512])));
 
@@ -129,15 +131,39 @@ fn set_gate(idt: &mut Idt, vector: u8, handler: u64) {
 
 /// Installs the IDT, masks the 8259s, enables the LAPIC. Interrupts stay off.
 pub fn init() {
-    // SAFETY: single CPU, interrupts off, no other reference to IDT exists.
-    let idt = unsafe { &mut *IDT.0.get() };
-    let stubs = &raw const guest_irq_stubs as u64;
-    for k in 0..STUB_COUNT {
-        set_gate(idt, STUB_FIRST + k, stubs + u64::from(k) * 16);
+    {
+        // SAFETY: the BSP alone, interrupts off, before any AP runs: no
+        // other reference to IDT exists.
+        let idt = unsafe { &mut *IDT.0.get() };
+        let stubs = &raw const guest_irq_stubs as u64;
+        for k in 0..STUB_COUNT {
+            set_gate(idt, STUB_FIRST + k, stubs + u64::from(k) * 16);
+        }
+        set_gate(idt, SPURIOUS_VECTOR, &raw const guest_irq_spurious as u64);
     }
-    set_gate(idt, SPURIOUS_VECTOR, &raw const guest_irq_spurious as u64);
+    load_idt();
+
+    // KVM wires the PIC to LINT0 as ExtINT: mask it before any sti.
+    arch::outb(0x21, 0xff);
+    arch::outb(0xa1, 0xff);
+    lapic_enable();
+}
+
+/// An AP's share of [`init`]: the BSP's IDT (complete before any AP
+/// starts) and its own LAPIC.
+pub fn init_ap() {
+    load_idt();
+    lapic_enable();
+}
+
+fn lapic_enable() {
+    arch::mmio_write32(LAPIC_TPR, 0);
+    arch::mmio_write32(LAPIC_SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
+}
+
+fn load_idt() {
     let ptr: [u16; 5] = {
-        let base = idt as *const Idt as u64;
+        let base = IDT.0.get() as u64;
         [
             (512 * 8 - 1) as u16,
             base as u16,
@@ -148,12 +174,6 @@ pub fn init() {
     };
     // SAFETY: the IDT is static and its gates point at the stubs above.
     unsafe { core::arch::asm!("lidt [{}]", in(reg) &ptr, options(nostack, readonly)) };
-
-    // KVM wires the PIC to LINT0 as ExtINT: mask it before any sti.
-    arch::outb(0x21, 0xff);
-    arch::outb(0xa1, 0xff);
-    arch::mmio_write32(LAPIC_TPR, 0);
-    arch::mmio_write32(LAPIC_SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
 }
 
 /// Routes IOAPIC `pin` to `vector` on the boot CPU: fixed, physical,
@@ -206,7 +226,9 @@ extern "C" fn guest_irq_dispatch(vector: u64) {
                 ioapic_mask(2 - pin);
             }
             TIMER_IRQS.fetch_add(1, Ordering::AcqRel);
+            crate::smp::on_pit_irq();
         }
+        crate::smp::TICK_VECTOR => crate::smp::on_tick(),
         v if (DEVICE_VECTOR_BASE..DEVICE_VECTOR_BASE + MAX_DEVICE_VECTORS).contains(&v) => {
             let slot = v - DEVICE_VECTOR_BASE;
             let base = DEVICE_MMIO

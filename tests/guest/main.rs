@@ -13,11 +13,15 @@ mod arch;
 mod busy;
 mod cmdline;
 mod entry;
+mod firmware;
+mod initrd;
 mod intr;
 mod mem;
 mod net;
 mod netdev;
+mod phys;
 mod serial;
+mod smp;
 mod text;
 mod virtio;
 
@@ -108,7 +112,15 @@ extern "C" fn rust_main(start_info: u64) -> ! {
     let mut line = TextBuf::<64>::new();
     line.str("up boot_id=").hex(boot_id, 16);
     serial::line(line.as_bytes());
-    if cfg.exit {
+    // The tables are read after the banner (nothing to print before it).
+    let cpus = firmware::discover(
+        start_info,
+        rsdp_hint(start_info),
+        !cfg.acpi_off,
+        smp::lapic_id(),
+    );
+    let has_initrd = initrd::module0(start_info).is_some();
+    if cfg.exit && cpus.n <= 1 && !has_initrd {
         power_off();
     }
     if cfg.reset {
@@ -120,7 +132,25 @@ extern "C" fn rust_main(start_info: u64) -> ! {
         arch::triple_fault();
     }
 
+    report_cpus(&cpus);
+    smp::init(&cpus);
+    let several = smp::count() > 1;
+    if several && cfg.heartbeat_ms.is_some() {
+        // Before the PIT starts: its first two interrupts time the LAPIC timer.
+        smp::calibrate_start();
+    }
     let mut heartbeat = cfg.heartbeat_ms.map(Heartbeat::start);
+    if let (true, Some(hb)) = (several, heartbeat.as_ref())
+        && !smp::calibrate_finish(hb.irqs_per_tick)
+    {
+        serial::line(b"lapic timer not calibrated (no PIT interrupts): APs will not tick");
+    }
+    smp::start_all(start_info, &|id| cfg.held(id));
+    initrd::report(start_info);
+    if cfg.exit {
+        // With APs or an initrd, `exit` waits for their lines.
+        power_off();
+    }
     loop {
         arch::cli();
         let devices = intr::take_device_pending();
@@ -144,8 +174,42 @@ extern "C" fn rust_main(start_info: u64) -> ! {
         }
         if let (Some((dev, stack)), true) = (net.as_mut(), devices != 0) {
             stack.busy_passes = busy.as_ref().map(|b| b.passes);
+            stack.cpus_up = several.then_some(smp::up as fn() -> u32);
+            stack.start_ap = Some(smp::start_held);
             dev.poll(stack, heartbeat.as_ref().map(|h| h.printed));
         }
+    }
+}
+
+/// hvm_start_info's rsdp_paddr (0: none).
+fn rsdp_hint(start_info: u64) -> u64 {
+    const HVM_START_MAGIC: u32 = 0x336e_c578;
+    if start_info == 0 || phys::read32(start_info) != HVM_START_MAGIC {
+        return 0;
+    }
+    phys::read64(start_info + 32)
+}
+
+/// `testguest: acpi madt: 4 cpus, ioapic 0xfec00000` and the like.
+fn report_cpus(cpus: &firmware::Cpus) {
+    let mut line = TextBuf::<96>::new();
+    line.str(match cpus.source {
+        firmware::Source::AcpiMadt => "acpi madt: ",
+        firmware::Source::MpTable => "mp table: ",
+        firmware::Source::Nothing => "no acpi madt or mp table: ",
+    });
+    line.dec(cpus.n as u64)
+        .str(if cpus.n == 1 { " cpu" } else { " cpus" });
+    if let Some(a) = cpus.ioapic {
+        line.str(", ioapic 0x").hex(u64::from(a), 8);
+    }
+    serial::line(line.as_bytes());
+    if cpus.dropped > 0 {
+        let mut line = TextBuf::<96>::new();
+        line.dec(cpus.dropped as u64)
+            .str(" more cpus not started: this guest handles at most ")
+            .dec(firmware::MAX_CPUS as u64);
+        serial::line(line.as_bytes());
     }
 }
 
@@ -201,7 +265,9 @@ fn start_net(
 }
 
 /// `testguest: tick <n>` every `ms` milliseconds, counted in delivered PIT
-/// interrupts (a paused VM resumes the count where it stopped).
+/// interrupts (a paused VM resumes the count where it stopped). With
+/// several CPUs: `testguest: tick <n> cpus <n>,<a1>,<a2>...`, the BSP's
+/// count then each AP's own LAPIC timer ticks, in table order.
 struct Heartbeat {
     irqs_per_tick: u64,
     printed: u64,
@@ -229,8 +295,15 @@ impl Heartbeat {
     fn print_due(&mut self) {
         while self.due() {
             self.printed += 1;
-            let mut line = TextBuf::<32>::new();
+            let mut line = TextBuf::<{ 32 + 21 * firmware::MAX_CPUS }>::new();
             line.str("tick ").dec(self.printed);
+            let n = smp::count();
+            if n > 1 {
+                line.str(" cpus ").dec(self.printed);
+                for i in 1..n {
+                    line.byte(b',').dec(smp::ticks(i));
+                }
+            }
             serial::line(line.as_bytes());
         }
     }

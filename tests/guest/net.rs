@@ -20,6 +20,13 @@
 //! time (a new request replaces the pending one); no timeout: a requester
 //! that gets no answer asks again.
 //!
+//! With several CPUs in the firmware tables the stats reply ends in
+//! ` cpus=<n>` (after ` busy=` if any), n = CPUs up, the BSP included.
+//!
+//! UDP 5004 AP start: request `start <apic id>` (decimal); the guest starts
+//! that AP if `testguest.hold_ap` held it back and answers `started <id>`,
+//! else `error: <why>`.
+//!
 //! UDP 5003 rx hold: request `<ticks>` (decimal, 1 to 100,000); the driver
 //! stops giving rx buffers back to the device for that many heartbeat
 //! ticks (needs `testguest.heartbeat`), then gives them all back. The
@@ -57,6 +64,7 @@ pub const PORT_STATS: u16 = 5000;
 pub const PORT_BLAST: u16 = 5001;
 pub const PORT_PROBE: u16 = 5002;
 pub const PORT_HOLD: u16 = 5003;
+pub const PORT_START_AP: u16 = 5004;
 /// Longest rx hold a request may ask for, in heartbeat ticks.
 const MAX_HOLD_TICKS: u64 = 100_000;
 /// ICMP echo identifier of the probe's pings.
@@ -75,9 +83,18 @@ pub struct Stack {
     /// With `testguest.busy`: the busy loop's completed passes, reported
     /// as ` busy=<n>` at the end of the stats reply.
     pub busy_passes: Option<u64>,
+    /// With several CPUs: how many are up (read when a stats request
+    /// comes, so an AP started earlier in the same poll counts), reported
+    /// as ` cpus=<n>`.
+    pub cpus_up: Option<fn() -> u32>,
+    /// Starts a held AP by APIC id (UDP 5004); None: this guest cannot.
+    pub start_ap: Option<StartAp>,
     ip_id: u16,
     probe: Option<Probe>,
 }
+
+/// Starts a held AP by APIC id, or says why not.
+pub type StartAp = fn(u32) -> Result<(), &'static str>;
 
 /// A pending UDP 5002 probe: who asked, whom to reach, what is known.
 #[derive(Clone, Copy)]
@@ -163,6 +180,8 @@ impl Stack {
             discarded: 0,
             hold_request: None,
             busy_passes: None,
+            cpus_up: None,
+            start_ap: None,
             ip_id: 0,
             probe: None,
         }
@@ -326,6 +345,9 @@ impl Stack {
                 if let Some(passes) = self.busy_passes {
                     t.str(" busy=").dec(passes);
                 }
+                if let Some(up) = self.cpus_up {
+                    t.str(" cpus=").dec(u64::from(up()));
+                }
                 let text = t.as_bytes();
                 self.send_udp(tx, peer, PORT_STATS, text.len(), &mut |out| {
                     put(out, 0, text)
@@ -334,8 +356,34 @@ impl Stack {
             PORT_BLAST => self.blast(peer, data, tx),
             PORT_PROBE => self.probe_start(peer, data, tx),
             PORT_HOLD => self.hold(peer, data, tx),
+            PORT_START_AP => self.start_ap(peer, data, tx),
             _ => {}
         }
+    }
+
+    fn start_ap(&mut self, peer: Peer, request: &[u8], tx: &mut dyn Transmit) {
+        let mut words = request
+            .split(|&c| c == b' ' || c == b'\n' || c == b'\r' || c == b'\t' || c == 0)
+            .filter(|w| !w.is_empty());
+        let id = match (words.next(), words.next(), words.next()) {
+            (Some(b"start"), Some(id), None) => {
+                crate::text::parse_u64(id).and_then(|id| u32::try_from(id).ok())
+            }
+            _ => None,
+        };
+        let mut t = TextBuf::<64>::new();
+        match (id, self.start_ap) {
+            (None, _) => t.str("error: expected start <apic id>"),
+            (Some(_), None) => t.str("error: no APs here"),
+            (Some(id), Some(start)) => match start(id) {
+                Ok(()) => t.str("started ").dec(u64::from(id)),
+                Err(why) => t.str("error: cpu ").dec(u64::from(id)).str(" ").str(why),
+            },
+        };
+        let text = t.as_bytes();
+        self.send_udp(tx, peer, PORT_START_AP, text.len(), &mut |out| {
+            put(out, 0, text)
+        });
     }
 
     fn hold(&mut self, peer: Peer, request: &[u8], tx: &mut dyn Transmit) {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests and benchmarks: where the built
 //! binaries and the test guest are, and network namespaces that clean up.
 
+pub mod guest_lines;
 pub mod prereq;
 pub mod vmm_process;
 

@@ -635,11 +635,11 @@ pub fn vmctl_with(vmctl: &Path, api: &Path, args: &[&str]) -> (Option<i32>, serd
     (out.status.code(), json)
 }
 
-/// The `testguest: tick n` numbers in `text`, in order.
+/// The `testguest: tick n` numbers in `text`, in order (with several CPUs
+/// the per-CPU counts after n are left out: see `guest_lines`).
 pub fn ticks(text: &str) -> Vec<u64> {
     text.lines()
-        .filter_map(|l| l.trim().strip_prefix("testguest: tick "))
-        .filter_map(|n| n.trim().parse().ok())
+        .filter_map(crate::guest_lines::tick_number)
         .collect()
 }
 
@@ -1492,10 +1492,7 @@ impl TickWatch {
                     while let Some(i) = partial.find('\n') {
                         let line: String = partial.drain(..=i).collect();
                         let line = line.trim();
-                        if let Some(n) = line
-                            .strip_prefix("testguest: tick ")
-                            .and_then(|n| n.trim().parse().ok())
-                        {
+                        if let Some(n) = crate::guest_lines::tick_number(line) {
                             seen2.lock().unwrap().push((n, now));
                         } else if line.starts_with("testguest: up boot_id=") {
                             boots2.fetch_add(1, Ordering::Relaxed);
