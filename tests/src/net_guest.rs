@@ -92,6 +92,8 @@ pub struct GuestStats {
     /// `busy=<n>` of a guest booted with `testguest.busy`: passes of its
     /// busy loop so far.
     pub busy: Option<u64>,
+    /// `cpus=<n>` of a guest with several CPUs: how many are up.
+    pub cpus: Option<u64>,
 }
 
 impl GuestStats {
@@ -110,16 +112,21 @@ impl GuestStats {
                 .map_err(|_| format!("bad number in {text:?}"))
         };
         let (rx, tx, echo) = (num(next("rx")?)?, num(next("tx")?)?, num(next("echo")?)?);
-        let busy = match fields.find(|f| matches!(f, Some(("busy", _)))) {
-            Some(Some((_, v))) => Some(num(v.to_string())?),
-            _ => None,
-        };
+        let (mut busy, mut cpus) = (None, None);
+        for f in fields {
+            match f {
+                Some(("busy", v)) => busy = Some(num(v.to_string())?),
+                Some(("cpus", v)) => cpus = Some(num(v.to_string())?),
+                _ => {}
+            }
+        }
         Ok(GuestStats {
             boot_id,
             rx,
             tx,
             echo,
             busy,
+            cpus,
         })
     }
 }

@@ -1,21 +1,23 @@
-//! Several vCPUs: `--vcpus N` on real KVM, the test guest finding its CPUs
-//! in the vmm's firmware tables and starting each application processor
-//! with INIT-SIPI-SIPI; pause, resume and local live migration of every
-//! vCPU together (running ones, and one the guest has not started yet);
-//! bad `--vcpus` values refused with exit 2.
+//! Several vCPUs on real KVM: the test guest finds its CPUs in the vmm's
+//! ACPI tables (MADT) and starts each application processor with
+//! INIT-SIPI-SIPI; each CPU ticks on its own LAPIC timer. Pause, resume
+//! and local live migration take every vCPU together, running ones and an
+//! AP the guest has not started yet (`testguest.hold_ap`), which it starts
+//! after the migration. Bad `--vcpus` values are refused with exit 2.
 
+use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tests::guest_lines::{all_cpu_ticks, assert_cpu_ticks_continuous};
 use tests::migration_harness::{
-    Exits, GuestSpec, MigEnv, TargetSpec, Traffic, assert_answers_ping, migrate, start_source,
-    start_target, vmctl,
+    Exits, GuestSpec, HEARTBEAT_MS, MigEnv, TargetSpec, Traffic, Vm, assert_answers_ping,
+    guest_stats, migrate, start_source, start_target, start_target_at, vmctl,
 };
-
-const N: u8 = 4;
+use tests::net_guest::{GuestLink, guest_ip};
 
 /// The vCPU list of `vmctl status --json`: (apic id, run, mp_state).
-fn vcpu_list(api: &std::path::Path) -> Vec<(u64, String, String)> {
+fn vcpu_list(api: &Path) -> Vec<(u64, String, String)> {
     let (code, st) = vmctl(api, &["status"]);
     assert_eq!(code, Some(0), "{st}");
     st["vcpu_list"]
@@ -30,6 +32,38 @@ fn vcpu_list(api: &std::path::Path) -> Vec<(u64, String, String)> {
             )
         })
         .collect()
+}
+
+/// Waits for `testguest: cpu i up` of every AP in `aps`.
+fn wait_aps_up(vm: &mut Vm, aps: impl IntoIterator<Item = u8>) {
+    for i in aps {
+        vm.wait_serial(&format!("testguest: cpu {i} up\n"), Duration::from_secs(60));
+    }
+}
+
+/// The last heartbeat's per-CPU ticks in `vm`'s serial output, once it has
+/// at least `n` heartbeats.
+fn last_ticks(vm: &Vm, n: usize) -> Vec<u64> {
+    let t0 = Instant::now();
+    loop {
+        let all = all_cpu_ticks(&vm.serial_text());
+        if all.len() >= n {
+            return all.last().cloned().unwrap_or_default();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "fewer than {n} heartbeats: {}",
+            vm.serial_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spec(env: &MigEnv, vcpus: u8, cmdline: &'static str) -> GuestSpec {
+    let mut s = GuestSpec::one_nic(env, 1, "");
+    s.vcpus = vcpus;
+    s.cmdline = cmdline;
+    s
 }
 
 #[test]
@@ -47,20 +81,105 @@ fn bad_vcpu_counts_exit_2_with_one_line() {
 }
 
 #[test]
-fn migration_with_four_vcpus_under_traffic_loses_nothing() {
-    let mut exits = Exits::default();
-    let env = MigEnv::new("smp1");
+fn four_and_thirty_two_vcpus_all_come_up_answer_and_power_off() {
+    for n in [4u8, 32] {
+        let mut exits = Exits::default();
+        let env = MigEnv::new(&format!("smpb{n}"));
+        let api = env.path("api.sock");
+        let mut vm = start_source(&env, &spec(&env, n, ""), &api);
+        vm.wait_serial(
+            &format!("testguest: acpi madt: {n} cpus"),
+            Duration::from_secs(10),
+        );
+        wait_aps_up(&mut vm, 1..n);
+        let text = vm.serial_text();
+        for i in 1..n {
+            let line = format!("testguest: cpu {i} up\n");
+            assert_eq!(text.matches(&line).count(), 1, "{line}: {text}");
+        }
+        assert_answers_ping(&env, 1, &format!("with {n} vCPUs"));
+        assert_eq!(guest_stats(&env, 1).cpus, Some(u64::from(n)));
+        // Every CPU ticks on its own timer.
+        let first = last_ticks(&vm, 1);
+        let seen = all_cpu_ticks(&vm.serial_text()).len();
+        let later = last_ticks(&vm, seen + 5);
+        assert_eq!(first.len(), usize::from(n), "{first:?}");
+        for (cpu, (a, b)) in first.iter().zip(&later).enumerate() {
+            assert!(b > a, "CPU #{cpu} does not tick: {first:?} then {later:?}");
+        }
+        let list = vcpu_list(&api);
+        assert_eq!(list.len(), usize::from(n), "{list:?}");
+        assert!(
+            list.iter()
+                .enumerate()
+                .all(|(i, v)| v.0 == i as u64 && v.1 == "running" && v.2 == "runnable"),
+            "{list:?}"
+        );
+        vm.shutdown(&api);
+        exits.wait(&mut vm, &format!("{n} vCPUs"));
+        exits.assert_all_ok();
+    }
+}
+
+#[test]
+fn pause_and_resume_stop_and_restart_every_vcpu() {
+    const N: u8 = 4;
+    let env = MigEnv::new("smpp");
     let api = env.path("api.sock");
-    let mut spec = GuestSpec::one_nic(&env, 1, "");
-    spec.vcpus = N;
+    let mut vm = start_source(&env, &spec(&env, N, ""), &api);
+    wait_aps_up(&mut vm, 1..N);
+    let seen = all_cpu_ticks(&vm.serial_text()).len();
+    last_ticks(&vm, seen + 3);
+
+    assert_eq!(vmctl(&api, &["pause"]).0, Some(0));
+    let paused = vcpu_list(&api);
+    assert!(paused.iter().all(|v| v.1 == "paused"), "{paused:?}");
+    let before = last_ticks(&vm, 1);
+    let lines = all_cpu_ticks(&vm.serial_text()).len();
+    // Twenty heartbeat periods: a CPU that ran on would gain about 20.
+    std::thread::sleep(Duration::from_millis(u64::from(HEARTBEAT_MS) * 20));
+    assert_eq!(
+        all_cpu_ticks(&vm.serial_text()).len(),
+        lines,
+        "the guest printed while paused"
+    );
+    assert_eq!(vmctl(&api, &["resume"]).0, Some(0));
+    let running = vcpu_list(&api);
+    assert!(running.iter().all(|v| v.1 == "running"), "{running:?}");
+    let after = last_ticks(&vm, lines + 1);
+    let later = last_ticks(&vm, lines + 6);
+    for cpu in 0..usize::from(N) {
+        // A timer that expired during the pause is delivered once at the
+        // resume: at most one tick more than a heartbeat's worth.
+        assert!(
+            after[cpu] <= before[cpu] + 3,
+            "CPU #{cpu} ticked while paused: {before:?} then {after:?}"
+        );
+        assert!(
+            later[cpu] > after[cpu],
+            "CPU #{cpu} stopped after the resume: {after:?} then {later:?}"
+        );
+    }
+    assert_answers_ping(&env, 1, "after resume");
+    vm.shutdown(&api);
+}
+
+#[test]
+fn migration_with_four_vcpus_and_a_parked_ap_under_traffic_loses_nothing() {
+    const N: u8 = 4;
+    let mut exits = Exits::default();
+    let env = MigEnv::new("smpm");
+    let api = env.path("api.sock");
+    // AP 3 stays parked in KVM (never sent INIT) until after the migration.
+    let spec = spec(&env, N, "testguest.hold_ap=3");
     let mut src = start_source(&env, &spec, &api);
+    wait_aps_up(&mut src, 1..N - 1);
+    src.wait_serial("testguest: cpu 3 held", Duration::from_secs(10));
     assert_answers_ping(&env, 1, "before the migration");
+    assert_eq!(guest_stats(&env, 1).cpus, Some(u64::from(N) - 1));
     let before = vcpu_list(&api);
     assert_eq!(before.len(), usize::from(N), "{before:?}");
-    for (i, v) in before.iter().enumerate() {
-        assert_eq!(v.0, i as u64, "{before:?}");
-        assert_eq!(v.1, "running", "{before:?}");
-    }
+    assert_eq!(before[3].2, "waiting-for-init", "{before:?}");
 
     let mut tgt = start_target(&env, &TargetSpec::like(&spec));
     let traffic = Traffic::start(&env, 1, 1);
@@ -70,23 +189,36 @@ fn migration_with_four_vcpus_under_traffic_loses_nothing() {
     traffic.wait_flowing("after the migration");
     traffic.stop_and_check();
     eprintln!(
-        "{N} vCPUs: downtime {} us, phases {}",
+        "{N} vCPUs (one parked): downtime {} us, phases {}",
         out.json["downtime_us"], out.json["phases"]
     );
 
-    // Every vCPU arrived with the MP state it had at the source.
+    // Every vCPU arrived in the state it left: AP 3 still waits for INIT.
     let after = vcpu_list(&api);
     assert_eq!(after.len(), usize::from(N), "{after:?}");
-    for (a, b) in after.iter().zip(&before) {
-        assert_eq!((a.0, &a.1), (b.0, &b.1), "{after:?} vs {before:?}");
-    }
+    assert_eq!(after[3].2, "waiting-for-init", "{after:?}");
+    assert!(after.iter().all(|v| v.1 == "running"), "{after:?}");
+
+    // The guest starts the parked AP on the target.
+    let link = GuestLink::new(&env.netd.ns, guest_ip(1));
+    let reply = link
+        .call(5004, b"start 3", 3, Duration::from_secs(5))
+        .expect("a reply to start 3");
+    assert_eq!(String::from_utf8_lossy(&reply), "started 3");
+    tgt.vm
+        .wait_serial("testguest: cpu 3 up\n", Duration::from_secs(10));
+    assert_eq!(guest_stats(&env, 1).cpus, Some(u64::from(N)));
+    let seen = all_cpu_ticks(&tgt.vm.serial_text()).len();
+    last_ticks(&tgt.vm, seen + 5);
+    // Each CPU's ticks went on across the migration, AP 3's from 0.
+    assert_cpu_ticks_continuous(&[src.serial_text(), tgt.vm.serial_text()]);
 
     // A target of another vCPU count is refused before the guest pauses.
     let mut other = TargetSpec::like(&spec);
     other.vcpus = N - 1;
     let api2 = env.path("api2.sock");
     other.api = Some(&api2);
-    let mut wrong = tests::migration_harness::start_target_at(&env, &other, &env.path("m2.sock"));
+    let mut wrong = start_target_at(&env, &other, &env.path("m2.sock"));
     let refused = migrate(&api, &wrong.incoming, &[]);
     let why = refused.assert_failed();
     assert!(why.contains("vCPU count differs"), "{why}");
@@ -96,21 +228,4 @@ fn migration_with_four_vcpus_under_traffic_loses_nothing() {
 
     tgt.vm.shutdown(&api);
     exits.assert_all_ok();
-}
-
-#[test]
-fn pause_and_resume_stop_and_restart_every_vcpu() {
-    let env = MigEnv::new("smp2");
-    let api = env.path("api.sock");
-    let mut spec = GuestSpec::one_nic(&env, 1, "");
-    spec.vcpus = N;
-    let mut src = start_source(&env, &spec, &api);
-    assert_eq!(vmctl(&api, &["pause"]).0, Some(0));
-    let paused = vcpu_list(&api);
-    assert!(paused.iter().all(|v| v.1 == "paused"), "{paused:?}");
-    assert_eq!(vmctl(&api, &["resume"]).0, Some(0));
-    let running = vcpu_list(&api);
-    assert!(running.iter().all(|v| v.1 == "running"), "{running:?}");
-    assert_answers_ping(&env, 1, "after resume");
-    src.shutdown(&api);
 }

@@ -199,10 +199,14 @@ impl Runtime {
         Ok(())
     }
 
-    /// Devices (each queue kicked once: a notification the guest sent
-    /// while they were stopped, or before a migration, is not lost), then
-    /// vCPUs.
+    /// The PIT restarted, devices (each queue kicked once: a notification
+    /// the guest sent while they were stopped, or before a migration, is
+    /// not lost), then vCPUs.
     fn unquiesce(&self) -> Result<(), RuntimeError> {
+        // Paused time does not count: the PIT does not catch up on it.
+        if let Err(e) = self.machine.vm.restart_pit() {
+            log::warn!("resume: {e}");
+        }
         let devices = self.start_devices();
         self.control.resume();
         devices

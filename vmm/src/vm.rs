@@ -279,6 +279,16 @@ impl Vm {
     }
 
     /// Raises `gsi` whenever `evt` is written.
+    /// Restarts the in-kernel PIT's channels from now, as reloading their
+    /// counts does: the ticks that fell due while the guest was paused are
+    /// dropped, where KVM would otherwise inject every one of them at the
+    /// resume (the guest's PIT clock would run on through the pause). QEMU
+    /// does the same on `cont`.
+    pub fn restart_pit(&self) -> Result<(), VmError> {
+        let pit = self.fd.get_pit2().map_err(kvm_err("get PIT"))?;
+        self.fd.set_pit2(&pit).map_err(kvm_err("set PIT"))
+    }
+
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd
             .register_irqfd(evt, gsi)

@@ -143,9 +143,12 @@ fn main() {
         ];
         for _ in 0..runs {
             let mut c = Command::new(&vmm);
-            c.arg("--kernel")
-                .arg(&guest)
-                .args(["--user", "65534:65534", "--vcpus", &n.to_string()]);
+            c.arg("--kernel").arg(&guest).args([
+                "--user",
+                "65534:65534",
+                "--vcpus",
+                &n.to_string(),
+            ]);
             if !cmdline.is_empty() {
                 c.args(["--cmdline", &cmdline]);
             }
