@@ -346,21 +346,20 @@ fn launch(
         .collect();
     // The vCPUs first: on a boot the guest's first instruction should not
     // wait for the rest (the other threads' start-up, KVM queries).
-    let vcpu_caps = Arc::new(VcpuCaps {
-        several: vcpus.len() > 1,
-        ..VcpuCaps::of(&p.vm.kvm)?
-    });
     let mut vcpu_threads = Vec::new();
     for v in &vcpus {
         vcpu_threads.push(vcpu::spawn(
             v.clone(),
-            vcpu_caps.clone(),
             pio.clone(),
             mmio.clone(),
             ctl.clone(),
             p.exit_tx.clone(),
         )?);
     }
+    let vcpu_caps = VcpuCaps {
+        several: vcpus.len() > 1,
+        ..VcpuCaps::of(&p.vm.kvm)?
+    };
     let machine = Arc::new(Machine {
         vm: Arc::new(p.vm),
         vcpus,

@@ -4,7 +4,7 @@
 //! the thread enters KVM_RUN is lost, so the pauser kicks again until every
 //! thread has reported itself parked.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -54,9 +54,6 @@ struct Inner {
 
 pub struct RunControl {
     want: AtomicU8,
-    /// The pause is for a save: each vCPU reads the parts of its state only
-    /// it changes as it parks ([`crate::vcpu`]), beside the others.
-    capture: AtomicBool,
     inner: Mutex<Inner>,
     cv: Condvar,
 }
@@ -81,7 +78,6 @@ impl RunControl {
     fn with_state(want: u8) -> Self {
         RunControl {
             want: AtomicU8::new(want),
-            capture: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 threads: Vec::new(),
                 parked: 0,
@@ -119,18 +115,6 @@ impl RunControl {
         Ok(())
     }
 
-    /// [`RunControl::request_pause`] for a migration's save: each vCPU
-    /// also reads its own state as it parks.
-    pub fn request_pause_capturing(&self) -> Result<(), ControlError> {
-        self.capture.store(true, Ordering::SeqCst);
-        self.request_pause()
-    }
-
-    /// vCPU side, as it parks: read its own state now?
-    pub fn capturing(&self) -> bool {
-        self.capture.load(Ordering::SeqCst)
-    }
-
     fn kick_all(&self, g: &Inner) {
         for t in &g.threads {
             // SAFETY: registered threads are vCPU threads that live until
@@ -166,7 +150,6 @@ impl RunControl {
 
     pub fn resume(&self) {
         let _g = self.lock();
-        self.capture.store(false, Ordering::SeqCst);
         if self.want.load(Ordering::SeqCst) == PAUSE {
             self.want.store(RUN, Ordering::SeqCst);
         }

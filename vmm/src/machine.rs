@@ -29,9 +29,8 @@ pub struct Machine {
     /// Each vCPU's [`Vcpu::activity`], readable while its thread holds it.
     pub vcpu_activity: Vec<Arc<VcpuActivity>>,
     pub serial: Arc<Mutex<SerialDevice>>,
-    /// What KVM can save of a vCPU (MSR list, XSAVE, XCRs), shared with
-    /// the vCPU threads.
-    pub vcpu_caps: Arc<VcpuCaps>,
+    /// What KVM can save of a vCPU (MSR list, XSAVE, XCRs).
+    pub vcpu_caps: VcpuCaps,
     /// `--net` devices, in slot order.
     pub nets: Vec<NetAttachment>,
 }
@@ -264,10 +263,10 @@ mod tests {
                 v
             })
             .collect();
-        let vcpu_caps = Arc::new(VcpuCaps {
+        let vcpu_caps = VcpuCaps {
             several: count > 1,
             ..VcpuCaps::of(&vm.kvm).unwrap()
-        });
+        };
         let serial = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
         Machine {
             vm: Arc::new(vm),

@@ -146,7 +146,7 @@ impl Runtime {
         let mut st = self.lock();
         match *st {
             RunState::Running => {
-                self.quiesce(&mut Timeline::default(), false)?;
+                self.quiesce(&mut Timeline::default())?;
                 *st = RunState::Paused;
                 Ok(())
             }
@@ -176,12 +176,8 @@ impl Runtime {
     /// (a reset and re-activation in those microseconds), the second
     /// `pause_devices` (a no-op on paused devices) stops it. `tl` notes
     /// when each was stopped.
-    fn quiesce(&self, tl: &mut Timeline, for_save: bool) -> Result<(), RuntimeError> {
-        if for_save {
-            self.control.request_pause_capturing()?;
-        } else {
-            self.control.request_pause()?;
-        }
+    fn quiesce(&self, tl: &mut Timeline) -> Result<(), RuntimeError> {
+        self.control.request_pause()?;
         let devices = self.machine.pause_devices();
         tl.mark("source: devices stopped");
         let vcpus = self.control.wait_parked();
@@ -289,7 +285,7 @@ impl Migrating<'_> {
     /// Stops vCPUs and devices (a paused guest already is).
     pub fn stop(&mut self, tl: &mut Timeline) -> Result<(), RuntimeError> {
         if !self.was_paused && !self.stopped {
-            self.rt.quiesce(tl, true)?;
+            self.rt.quiesce(tl)?;
             self.stopped = true;
         }
         Ok(())

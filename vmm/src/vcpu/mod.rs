@@ -183,8 +183,6 @@ pub struct Vcpu {
     snapshot: bool,
     /// What the API reports of this vCPU while its thread holds it.
     pub activity: Arc<VcpuActivity>,
-    /// [`OwnParts`] read at the last park, for the save that follows.
-    captured: Cell<Option<Box<OwnParts>>>,
 }
 
 /// See [`Vcpu::parked_parts`]. Nothing changes these while no vCPU of the
@@ -207,20 +205,6 @@ impl ParkedParts {
             vcpu_events: s.vcpu_events,
         }
     }
-}
-
-/// The parts of a one-vCPU machine's vCPU state that nothing but the vCPU
-/// changes (no device or timer does): read as it parks, on its own thread,
-/// when a migration asks ([`RunControl::request_pause_capturing`]), while
-/// the devices stop. What a device or a timer can still change (MP state,
-/// LAPIC, events) is read by the save. With several vCPUs another one,
-/// still running, could INIT this one after its park (resetting all of
-/// it), so the save reads everything.
-struct OwnParts {
-    xsave: Option<kvm_xsave>,
-    xcrs: Option<kvm_xcrs>,
-    debugregs: kvm_debugregs,
-    msrs: Vec<(u32, u64)>,
 }
 
 /// What saving a vCPU's state needs to know of KVM, asked once.
@@ -286,7 +270,6 @@ impl Vcpu {
             parked_parts: Cell::new(None),
             snapshot: false,
             activity: Arc::new(VcpuActivity::new(id)),
-            captured: Cell::new(None),
         })
     }
 
@@ -299,56 +282,6 @@ impl Vcpu {
     fn forget_parked_parts(&mut self) {
         self.parked_parts.set(None);
         self.snapshot = false;
-        self.captured.set(None);
-    }
-
-    fn read_own_parts(&self, caps: &VcpuCaps) -> Result<OwnParts, VcpuError> {
-        let xsave = if caps.xsave {
-            Some(self.fd.get_xsave().map_err(kvm_err("get xsave"))?)
-        } else {
-            None
-        };
-        let xcrs = if caps.xcrs {
-            Some(self.fd.get_xcrs().map_err(kvm_err("get xcrs"))?)
-        } else {
-            None
-        };
-        let debugregs = self
-            .fd
-            .get_debug_regs()
-            .map_err(kvm_err("get debug regs"))?;
-        let entries: Vec<kvm_msr_entry> = caps
-            .msrs
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(format!("{e:?}")))?;
-        let read = self.fd.get_msrs(&mut msrs).map_err(kvm_err("get MSRs"))?;
-        if read != entries.len() {
-            return Err(VcpuError::Msrs(format!(
-                "KVM read {read} of {} MSRs",
-                entries.len()
-            )));
-        }
-        Ok(OwnParts {
-            xsave,
-            xcrs,
-            debugregs,
-            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
-        })
-    }
-
-    /// At a park a migration asked for: reads [`OwnParts`] now. A failure
-    /// only means the save reads them itself.
-    fn capture_own_parts(&self, caps: &VcpuCaps) {
-        match self.read_own_parts(caps) {
-            Ok(own) => self.captured.set(Some(Box::new(own))),
-            Err(e) => log::debug!("vCPU {}: reading its state at the park: {e}", self.id),
-        }
     }
 
     /// CPUID from KVM's supported set for this vCPU of a machine of
@@ -517,6 +450,7 @@ impl Persist for Vcpu {
 
     /// Reads the whole vCPU state. The vCPU must not be running.
     fn save(&self, caps: &VcpuCaps) -> Result<VcpuState, VcpuError> {
+        let msr_indices = &caps.msrs;
         let mp_state = self.fd.get_mp_state().map_err(kvm_err("get MP state"))?;
         // KVM_GET_MP_STATE first: it lets KVM act on an INIT or SIPI
         // another vCPU sent after this one parked, which resets its
@@ -543,16 +477,40 @@ impl Persist for Vcpu {
                 .get_vcpu_events()
                 .map_err(kvm_err("get vCPU events"))?,
         };
-        // Read at the park when a migration asked (on this vCPU's own
-        // thread, beside the others), unless INIT started it over since.
-        let own = match self.captured.take() {
-            Some(own) if !started_over => *own,
-            _ => self.read_own_parts(caps)?,
+        let xsave = if caps.xsave {
+            Some(self.fd.get_xsave().map_err(kvm_err("get xsave"))?)
+        } else {
+            None
         };
-        // The MSRs (in `own`) before the LAPIC: a TSC-deadline timer that
-        // expires in between then shows both as still armed (MSR) and as
-        // fired (IRR), and the guest gets one spurious timer interrupt; the
-        // other order would lose that interrupt.
+        let xcrs = if caps.xcrs {
+            Some(self.fd.get_xcrs().map_err(kvm_err("get xcrs"))?)
+        } else {
+            None
+        };
+        let debugregs = self
+            .fd
+            .get_debug_regs()
+            .map_err(kvm_err("get debug regs"))?;
+        // The MSRs before the LAPIC: a TSC-deadline timer that expires in
+        // between then shows both as still armed (MSR) and as fired (IRR),
+        // and the guest gets one spurious timer interrupt; the other order
+        // would lose that interrupt.
+        let entries: Vec<kvm_msr_entry> = msr_indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(format!("{e:?}")))?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(kvm_err("get MSRs"))?;
+        if read != entries.len() {
+            return Err(VcpuError::Msrs(format!(
+                "KVM read {read} of {} MSRs",
+                entries.len()
+            )));
+        }
         let lapic = self.fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
         let known = self.cpuid.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let cpuid = if known.is_empty() {
@@ -572,11 +530,11 @@ impl Persist for Vcpu {
             mp_state,
             regs,
             sregs,
-            xsave: own.xsave,
-            xcrs: own.xcrs,
-            debugregs: own.debugregs,
+            xsave,
+            xcrs,
+            debugregs,
             lapic,
-            msrs: own.msrs,
+            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
             vcpu_events,
         };
         self.parked_parts.set(Some(ParkedParts::of(&state)));
@@ -595,7 +553,6 @@ impl Persist for Vcpu {
             });
         }
         self.snapshot = false;
-        self.captured.set(None);
         let same = {
             let key =
                 |e: &kvm_cpuid_entry2| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx);
@@ -785,7 +742,6 @@ const SNAPSHOT_REGS: [SyncReg; 3] = [
 /// The vCPU thread body: run until power-off, failure or stop.
 fn run_loop(
     vcpu: Arc<Mutex<Vcpu>>,
-    caps: Arc<VcpuCaps>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     ctl: Arc<RunControl>,
@@ -805,11 +761,6 @@ fn run_loop(
         if ctl.pending() {
             if has_run {
                 finish_for_park(&vcpu);
-            }
-            if ctl.capturing() && !caps.several {
-                vcpu.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .capture_own_parts(&caps);
             }
             activity.parked();
             if !ctl.park() {
@@ -874,7 +825,6 @@ fn run_loop(
 /// Starts the vCPU thread (small stack: the loop needs little).
 pub fn spawn(
     vcpu: Arc<Mutex<Vcpu>>,
-    caps: Arc<VcpuCaps>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     ctl: Arc<RunControl>,
@@ -895,7 +845,7 @@ pub fn spawn(
                 });
                 return;
             }
-            run_loop(vcpu, caps, pio, mmio, ctl.clone(), exit);
+            run_loop(vcpu, pio, mmio, ctl.clone(), exit);
             activity.ended();
             ctl.thread_exited();
         })
