@@ -181,8 +181,14 @@ fn main() {
                     s.exit.success() || (name.starts_with("qemu") && s.exit.code() == Some(1))
                 })
                 .count();
+            // The trivial guest prints no banner to time "all up" by.
+            let up = if up.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{up:.2}")
+            };
             println!(
-                "{name:<22} {first:>16.2} {up:>14.2} {total:>18.2} {rss:>14.0} {ok:>7}/{}",
+                "{name:<22} {first:>16.2} {up:>14} {total:>18.2} {rss:>14.0} {ok:>7}/{}",
                 samples.len()
             );
         }
