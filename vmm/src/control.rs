@@ -55,7 +55,12 @@ struct Inner {
 pub struct RunControl {
     want: AtomicU8,
     inner: Mutex<Inner>,
+    /// Parked vCPU threads wait here for a resume or a stop.
     cv: Condvar,
+    /// The pauser waits here, woken once: by the thread that completes
+    /// the count of parked ones (not by each, and the parked ones are not
+    /// woken by each other's arrival).
+    all_parked: Condvar,
 }
 
 impl Default for RunControl {
@@ -83,6 +88,7 @@ impl RunControl {
                 parked: 0,
             }),
             cv: Condvar::new(),
+            all_parked: Condvar::new(),
         }
     }
 
@@ -137,7 +143,7 @@ impl RunControl {
                 return Err(ControlError::PauseTimeout(PAUSE_TIMEOUT));
             }
             g = self
-                .cv
+                .all_parked
                 .wait_timeout(g, KICK_INTERVAL)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
@@ -185,14 +191,21 @@ impl RunControl {
     pub fn thread_exited(&self) {
         let mut g = self.lock();
         g.parked += 1;
-        self.cv.notify_all();
+        self.count_parked(&g);
+    }
+
+    /// One more thread parked (or gone): the last one wakes the pauser.
+    fn count_parked(&self, g: &Inner) {
+        if g.parked >= g.threads.len() {
+            self.all_parked.notify_all();
+        }
     }
 
     /// vCPU side: parks while paused. Returns false when the thread must end.
     pub fn park(&self) -> bool {
         let mut g = self.lock();
         g.parked += 1;
-        self.cv.notify_all();
+        self.count_parked(&g);
         loop {
             match self.want.load(Ordering::SeqCst) {
                 RUN => break,
