@@ -553,6 +553,19 @@ mod tests {
     }
 
     #[test]
+    fn glob_intersection() {
+        let yes = |a: &str, b: &str| globs_intersect(a.as_bytes(), b.as_bytes());
+        assert!(yes("vm?*", "v*"));
+        assert!(yes("vm?*", "*0"));
+        assert!(yes("a*b", "*c*"));
+        assert!(!yes("vm?*", "s?*"));
+        assert!(!yes("vm?*", "vm"));
+        assert!(!yes("a?", "a??"));
+        assert!(yes("???????????????", "*"));
+        assert!(!yes("????????????????", "*"), "16 characters never match");
+    }
+
+    #[test]
     fn uid_entry_wins_over_gid_entry() {
         let p: Policy = ron::from_str(
             r#"(tenants: [
