@@ -9,6 +9,11 @@
 //! connection refused). Every request is checked against the policy and
 //! audited before the reply; what a peer can cause to be written beyond
 //! grants is rate-limited per uid.
+//!
+//! The policy is an `Arc` swapped whole by a reload (SIGHUP, handled between
+//! accepts); each request looks its peer's tenant up in the policy in force
+//! then, so a removed tenant gets nothing more. Slots and TAP counts are
+//! keyed by the tenant's `who`, not its position, so they survive a reload.
 
 use std::collections::HashMap;
 use std::fs::File;
