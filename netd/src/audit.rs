@@ -177,6 +177,11 @@ impl AuditLog {
         self.write_line(&line)
     }
 
+    /// Writes one line about netd itself (no peer), e.g. a policy reload.
+    pub fn record_event(&self, what: &str) -> io::Result<()> {
+        self.write_line(&format!("{} {what}", utc_now()))
+    }
+
     /// [`AuditLog::record`] for what a peer can repeat at will (refusals,
     /// closed connections): within the uid's budget it is written, beyond
     /// it counted and summarised later. Returns whether it was written.

@@ -3,7 +3,9 @@
 //! against a RON policy, creates the TAP (and opens vhost-net), writes an audit
 //! line, hands the fds over with SCM_RIGHTS and closes its own copies.
 //!
-//! `netd --socket PATH --policy FILE [--audit-log FILE]`
+//! `netd --socket PATH --policy FILE [--audit-log FILE]`, or
+//! `netd --check-policy FILE` to validate a policy without serving.
+//! SIGHUP reloads the policy file; SIGTERM/SIGINT stop netd.
 
 mod audit;
 mod iface;
@@ -28,12 +30,20 @@ use crate::server::{Limits, Server};
 
 const USAGE: &str = "usage: netd --socket PATH --policy FILE [--audit-log FILE] \
 [--read-timeout-ms N] [--client-deadline-ms N] [--max-clients N] [--max-clients-per-uid N] \
-[--tenant-reserve N] | --version | --help";
+[--tenant-reserve N] | --check-policy FILE | --version | --help";
+
+/// Exit code of `--check-policy` on a policy with problems.
+const EXIT_BAD_POLICY: u8 = 2;
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static RELOAD: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGHUP {
+        RELOAD.store(true, Ordering::SeqCst);
+    } else {
+        STOP.store(true, Ordering::SeqCst);
+    }
 }
 
 struct Args {
@@ -46,6 +56,7 @@ struct Args {
 /// What the command line asks for.
 enum Invocation {
     Serve(Args),
+    CheckPolicy(PathBuf),
     Help,
     Version,
 }
@@ -83,6 +94,7 @@ fn parse_args() -> Result<Invocation, String> {
             "--socket" => socket = Some(PathBuf::from(v)),
             "--policy" => policy = Some(PathBuf::from(v)),
             "--audit-log" => audit_log = Some(PathBuf::from(v)),
+            "--check-policy" => return Ok(Invocation::CheckPolicy(PathBuf::from(v))),
             "--read-timeout-ms" => limits.read_timeout = Duration::from_millis(num(&v)?),
             "--client-deadline-ms" => limits.client_deadline = Duration::from_millis(num(&v)?),
             "--max-clients" => {
@@ -125,18 +137,32 @@ fn bind(path: &Path) -> Result<Listener, String> {
     Listener::bind(path, 0o666).map_err(|e| e.to_string())
 }
 
-fn run() -> Result<(), String> {
-    let args = match parse_args()? {
-        Invocation::Serve(a) => a,
-        Invocation::Help => {
-            println!("{USAGE}");
-            return Ok(());
+/// `--check-policy`: the same load and validation netd does before serving,
+/// and nothing else (no socket, no network, no privileges needed).
+fn check_policy(path: &Path) -> ExitCode {
+    match Policy::load(path) {
+        Ok(p) => {
+            println!("policy {} is valid", path.display());
+            for line in p.summary() {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
         }
-        Invocation::Version => {
-            println!("netd {}", env!("CARGO_PKG_VERSION"));
-            return Ok(());
+        Err(e) => {
+            print_error(&e.to_string());
+            ExitCode::from(EXIT_BAD_POLICY)
         }
-    };
+    }
+}
+
+/// One `netd: ` line per line of `e` (a policy can have several problems).
+fn print_error(e: &str) {
+    for line in e.lines() {
+        eprintln!("netd: {line}");
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
     let policy = Policy::load(&args.policy).map_err(|e| e.to_string())?;
     for b in &policy.bridges {
         let addr = b
@@ -162,15 +188,15 @@ fn run() -> Result<(), String> {
         SaFlags::empty(),
         SigSet::empty(),
     );
-    for sig in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to atomics, which is async-signal-safe.
         unsafe { sigaction(sig, &handler) }.map_err(|e| format!("sigaction {sig}: {e}"))?;
     }
     let listener = bind(&args.socket)?;
     log::info!("serving on {}", args.socket.display());
-    let server = Arc::new(Server::new(policy, audit, args.limits));
+    let server = Arc::new(Server::new(policy, args.policy, audit, args.limits));
     let result = server
-        .run(listener, &STOP)
+        .run(listener, &STOP, &RELOAD)
         .map_err(|e| format!("accept loop: {e}"));
     let _ = std::fs::remove_file(&args.socket);
     log::info!("stopped");
@@ -179,10 +205,26 @@ fn run() -> Result<(), String> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match run() {
+    let args = match parse_args() {
+        Ok(Invocation::CheckPolicy(path)) => return check_policy(&path),
+        Ok(Invocation::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::Version) => {
+            println!("netd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::Serve(args)) => args,
+        Err(e) => {
+            print_error(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("netd: {e}");
+            print_error(&e);
             ExitCode::FAILURE
         }
     }

@@ -35,8 +35,9 @@ pub enum PolicyError {
         path: String,
         source: Box<ron::error::SpannedError>,
     },
-    #[error("policy: {0}")]
-    Invalid(String),
+    /// One problem per line.
+    #[error("{}", .0.iter().map(|p| format!("policy: {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +121,70 @@ impl Cidr {
     pub fn netmask(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::MAX << (32 - u32::from(self.prefix)))
     }
+
+    fn overlaps(&self, other: &Cidr) -> bool {
+        let shorter = self.prefix.min(other.prefix);
+        let mask = u32::MAX << (32 - u32::from(shorter));
+        u32::from(self.addr) & mask == u32::from(other.addr) & mask
+    }
+}
+
+/// A "A.B.C.D/NN" that can go on a host interface: a unicast address that is
+/// neither its subnet's network nor its broadcast address.
+fn host_address(s: &str) -> Result<Cidr, String> {
+    let c = Cidr::parse(s)?;
+    let a = c.addr;
+    if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() {
+        return Err(format!(
+            "address {s:?} is not a unicast host address (unspecified, loopback, multicast or broadcast)"
+        ));
+    }
+    if c.prefix <= 30 {
+        let host = u32::from(a) & !u32::from(c.netmask());
+        if host == 0 || host == !u32::from(c.netmask()) {
+            return Err(format!(
+                "address {s:?} is the network or broadcast address of its subnet"
+            ));
+        }
+    }
+    Ok(c)
+}
+
+/// Whether some valid interface name (1..=15 bytes) matches both globs
+/// (`*` any run, `?` one character, anything else itself): a search over
+/// (position in a, position in b, length so far), at most 16^3 states.
+fn globs_intersect(a: &[u8], b: &[u8]) -> bool {
+    let mut seen = HashSet::new();
+    let mut todo = vec![(0usize, 0usize, 0usize)];
+    while let Some(st @ (i, j, n)) = todo.pop() {
+        if !seen.insert(st) {
+            continue;
+        }
+        if i == a.len() && j == b.len() && n > 0 {
+            return true;
+        }
+        // A star may match nothing.
+        if a.get(i) == Some(&b'*') {
+            todo.push((i + 1, j, n));
+        }
+        if b.get(j) == Some(&b'*') {
+            todo.push((i, j + 1, n));
+        }
+        if n == MAX_IFNAME_LEN {
+            continue;
+        }
+        // Both consume one common character; a star stays where it is.
+        let (Some(&x), Some(&y)) = (a.get(i), b.get(j)) else {
+            continue;
+        };
+        let compatible = x == y || matches!(x, b'?' | b'*') || matches!(y, b'?' | b'*');
+        if compatible {
+            let ni = if x == b'*' { i } else { i + 1 };
+            let nj = if y == b'*' { j } else { j + 1 };
+            todo.push((ni, nj, n + 1));
+        }
+    }
+    false
 }
 
 /// A syntactically valid Linux interface name that is safe to log and to pass
@@ -174,6 +239,14 @@ impl NameRule {
         }
     }
 
+    /// The rule as a glob (a prefix means at least one more character).
+    fn glob(&self) -> String {
+        match self {
+            NameRule::Prefix(p) => format!("{p}?*"),
+            NameRule::Pattern(p) => p.clone(),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             NameRule::Prefix(p) => format!("names starting with {p:?}"),
@@ -196,43 +269,65 @@ impl Policy {
         Ok(policy)
     }
 
+    /// Every problem of the policy, or `Ok` when it has none. Used both by
+    /// `--check-policy` and by netd before it serves or reloads a policy.
     pub fn validate(&self) -> Result<(), PolicyError> {
-        let bad = |m: String| Err(PolicyError::Invalid(m));
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(PolicyError::Invalid(problems))
+        }
+    }
+
+    /// One readable line per problem, in policy order.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        // Subnets on host interfaces, with who owns them, to find overlaps.
+        let mut subnets: Vec<(String, Cidr)> = Vec::new();
         let mut bridges = HashSet::new();
         for b in &self.bridges {
+            let ctx = format!("bridge {:?}", b.name);
             if !valid_ifname(&b.name) {
-                return bad(format!(
-                    "bridge name {:?} is not a valid interface name",
-                    b.name
-                ));
+                out.push(format!("{ctx}: not a valid interface name (1..{MAX_IFNAME_LEN} characters of [A-Za-z0-9._-])"));
             }
             if !bridges.insert(b.name.as_str()) {
-                return bad(format!("bridge {:?} is declared twice", b.name));
+                out.push(format!("{ctx} is declared twice"));
             }
             if let Some(a) = &b.address {
-                Cidr::parse(a)
-                    .map_err(|e| PolicyError::Invalid(format!("bridge {:?}: {e}", b.name)))?;
+                match host_address(a) {
+                    Ok(c) => subnets.push((ctx, c)),
+                    Err(e) => out.push(format!("{ctx}: {e}")),
+                }
             }
         }
         let mut seen = HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
             let ctx = format!("tenant #{i} ({:?})", t.who);
             if !seen.insert(t.who) {
-                return bad(format!("{ctx} appears twice"));
+                out.push(format!("{ctx} appears twice"));
             }
             if t.max_queues == 0 || t.max_queues > MAX_QUEUES {
-                return bad(format!("{ctx}: max_queues must be 1..={MAX_QUEUES}"));
+                out.push(format!(
+                    "{ctx}: max_queues {} is out of range 1..={MAX_QUEUES}",
+                    t.max_queues
+                ));
             }
             if t.max_taps == 0 || t.max_taps > MAX_TAPS_LIMIT {
-                return bad(format!("{ctx}: max_taps must be 1..={MAX_TAPS_LIMIT}"));
+                out.push(format!(
+                    "{ctx}: max_taps {} is out of range 1..={MAX_TAPS_LIMIT}",
+                    t.max_taps
+                ));
             }
-            match &t.names {
+            let names_ok = match &t.names {
                 NameRule::Prefix(p) => {
-                    if p.is_empty() || p.len() >= MAX_IFNAME_LEN || !valid_ifname(p) {
-                        return bad(format!(
+                    let ok = !p.is_empty() && p.len() < MAX_IFNAME_LEN && valid_ifname(p);
+                    if !ok {
+                        out.push(format!(
                             "{ctx}: prefix {p:?} must be 1..{MAX_IFNAME_LEN} characters of [A-Za-z0-9._-]"
                         ));
                     }
+                    ok
                 }
                 NameRule::Pattern(p) => {
                     let ok = !p.is_empty()
@@ -241,8 +336,27 @@ impl Policy {
                                 || matches!(b, b'-' | b'_' | b'.' | b'*' | b'?')
                         });
                     if !ok {
-                        return bad(format!(
+                        out.push(format!(
                             "{ctx}: pattern {p:?} may use only [A-Za-z0-9._-] and the wildcards * and ?"
+                        ));
+                    } else if !globs_intersect(p.as_bytes(), p.as_bytes()) {
+                        out.push(format!(
+                            "{ctx}: pattern {p:?} matches no name of at most {MAX_IFNAME_LEN} characters"
+                        ));
+                    }
+                    ok
+                }
+            };
+            if names_ok {
+                for (j, other) in self.tenants.iter().enumerate().take(i) {
+                    if other.who != t.who
+                        && globs_intersect(t.names.glob().as_bytes(), other.names.glob().as_bytes())
+                    {
+                        out.push(format!(
+                            "{ctx}: {} overlap tenant #{j} ({:?})'s {}, so one could take the other's interface names",
+                            t.names.describe(),
+                            other.who,
+                            other.names.describe()
                         ));
                     }
                 }
@@ -250,15 +364,56 @@ impl Policy {
             match &t.attach {
                 Attach::Bridge(b) => {
                     if !bridges.contains(b.as_str()) {
-                        return bad(format!("{ctx}: bridge {b:?} is not declared in `bridges`"));
+                        out.push(format!("{ctx}: bridge {b:?} is not declared in `bridges`"));
                     }
                 }
-                Attach::Routed(a) => {
-                    Cidr::parse(a).map_err(|e| PolicyError::Invalid(format!("{ctx}: {e}")))?;
+                Attach::Routed(a) => match host_address(a) {
+                    Ok(c) => subnets.push((ctx.clone(), c)),
+                    Err(e) => out.push(format!("{ctx}: {e}")),
+                },
+            }
+        }
+        for (i, (who, c)) in subnets.iter().enumerate() {
+            for (other, d) in &subnets[..i] {
+                if c.overlaps(d) {
+                    out.push(format!(
+                        "{who}: subnet {}/{} overlaps {other}'s {}/{}",
+                        c.addr, c.prefix, d.addr, d.prefix
+                    ));
                 }
             }
         }
-        Ok(())
+        out
+    }
+
+    /// What each tenant may do, one line per tenant, for `--check-policy`.
+    pub fn summary(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .bridges
+            .iter()
+            .map(|b| match &b.address {
+                Some(a) => format!("bridge {:?}: created if missing, host address {a}", b.name),
+                None => format!("bridge {:?}: created if missing, no host address", b.name),
+            })
+            .collect();
+        for t in &self.tenants {
+            let attach = match &t.attach {
+                Attach::Bridge(b) => format!("enslaved to bridge {b:?}"),
+                Attach::Routed(a) => format!("routed, host address {a} on each TAP"),
+            };
+            lines.push(format!(
+                "{:?}: may open TAPs with {}, up to {} queue(s) each, at most {} at once, vhost-net {}, {attach}",
+                t.who,
+                t.names.describe(),
+                t.max_queues,
+                t.max_taps,
+                if t.vhost { "allowed" } else { "refused" },
+            ));
+        }
+        if self.tenants.is_empty() {
+            lines.push("no tenants: every client is refused".to_string());
+        }
+        lines
     }
 
     /// Whether `name` is a bridge this policy declares (never a TAP name,
@@ -269,17 +424,11 @@ impl Policy {
 
     /// The tenant for a peer: an entry for its uid first, else one for its
     /// primary gid.
-    #[cfg(test)]
     pub fn tenant_for(&self, uid: u32, gid: u32) -> Option<&Tenant> {
-        self.tenant_index_for(uid, gid).map(|i| &self.tenants[i])
-    }
-
-    /// The position in `tenants` of [`Policy::tenant_for`]'s entry.
-    pub fn tenant_index_for(&self, uid: u32, gid: u32) -> Option<usize> {
         self.tenants
             .iter()
-            .position(|t| t.who == Who::Uid(uid))
-            .or_else(|| self.tenants.iter().position(|t| t.who == Who::Gid(gid)))
+            .find(|t| t.who == Who::Uid(uid))
+            .or_else(|| self.tenants.iter().find(|t| t.who == Who::Gid(gid)))
     }
 }
 
@@ -401,6 +550,19 @@ mod tests {
             assert!(err.contains(want), "{text}: {err}");
         }
         check(r#"(tenants: [(who: Gid(100), names: Pattern("t*"), max_queues: 2, vhost: false, attach: Routed("10.0.2.1/30"))])"#).unwrap();
+    }
+
+    #[test]
+    fn glob_intersection() {
+        let yes = |a: &str, b: &str| globs_intersect(a.as_bytes(), b.as_bytes());
+        assert!(yes("vm?*", "v*"));
+        assert!(yes("vm?*", "*0"));
+        assert!(yes("a*b", "*c*"));
+        assert!(!yes("vm?*", "s?*"));
+        assert!(!yes("vm?*", "vm"));
+        assert!(!yes("a?", "a??"));
+        assert!(yes("???????????????", "*"));
+        assert!(!yes("????????????????", "*"), "16 characters never match");
     }
 
     #[test]

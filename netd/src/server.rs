@@ -9,14 +9,20 @@
 //! connection refused). Every request is checked against the policy and
 //! audited before the reply; what a peer can cause to be written beyond
 //! grants is rate-limited per uid.
+//!
+//! The policy is an `Arc` swapped whole by a reload (SIGHUP, handled between
+//! accepts); each request looks its peer's tenant up in the policy in force
+//! then, so a removed tenant gets nothing more. Slots and TAP counts are
+//! keyed by the tenant's `who`, not its position, so they survive a reload.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use common::codec::{self, CodecError};
@@ -28,7 +34,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::audit::{AuditLog, Peer, bounded, truncate};
 use crate::iface::{self, IfaceError};
-use crate::policy::{Attach, Cidr, Policy, Tenant, valid_ifname};
+use crate::policy::{Attach, Cidr, Policy, Tenant, Who, valid_ifname};
 use crate::slots::{SlotRefusal, Slots};
 use crate::taps::TapLedger;
 
@@ -59,12 +65,14 @@ struct Counters {
 }
 
 pub struct Server {
-    policy: Policy,
+    /// Swapped whole by a reload; a request works on one snapshot.
+    policy: RwLock<Arc<Policy>>,
+    policy_path: PathBuf,
     audit: AuditLog,
     limits: Limits,
     counters: Counters,
-    slots: Mutex<Slots>,
-    taps: TapLedger,
+    slots: Mutex<Slots<Who>>,
+    taps: TapLedger<Who>,
     /// Open tenant connections, to shut them down when netd stops.
     streams: Mutex<HashMap<u64, Arc<UnixStream>>>,
 }
@@ -125,17 +133,17 @@ fn describe(req: &NetdRequest) -> String {
 }
 
 impl Server {
-    pub fn new(policy: Policy, audit: AuditLog, limits: Limits) -> Self {
-        let tenants = policy.tenants.len();
+    pub fn new(policy: Policy, policy_path: PathBuf, audit: AuditLog, limits: Limits) -> Self {
         Server {
             slots: Mutex::new(Slots::new(
                 limits.max_clients,
                 limits.max_clients_per_uid,
                 limits.tenant_reserve,
-                tenants,
+                policy.tenants.iter().map(|t| t.who),
             )),
-            taps: TapLedger::new(tenants),
-            policy,
+            taps: TapLedger::new(),
+            policy: RwLock::new(Arc::new(policy)),
+            policy_path,
             audit,
             limits,
             counters: Counters::default(),
@@ -143,7 +151,37 @@ impl Server {
         }
     }
 
-    fn slots(&self) -> MutexGuard<'_, Slots> {
+    fn policy(&self) -> Arc<Policy> {
+        // Only ever replaced whole, so a poisoned lock still holds a policy.
+        Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Loads the policy file again and puts it in force if it validates;
+    /// otherwise the old one stays. Both outcomes are audit lines.
+    pub fn reload(&self) {
+        let path = self.policy_path.display().to_string();
+        let line = match Policy::load(&self.policy_path) {
+            Ok(p) => {
+                let n = p.tenants.len();
+                self.slots().set_tenants(p.tenants.iter().map(|t| t.who));
+                *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+                log::info!("policy reloaded from {path}");
+                format!("event=reload policy={path:?} result=applied tenants={n}")
+            }
+            Err(e) => {
+                let why = e.to_string().replace('\n', "; ");
+                log::warn!("policy reload refused, the old policy stays: {why}");
+                format!(
+                    "event=reload policy={path:?} result=refused old_policy=kept reason={why:?}"
+                )
+            }
+        };
+        if let Err(e) = self.audit.record_event(&line) {
+            log::error!("audit log: {e}");
+        }
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Slots<Who>> {
         // Slots stay consistent under every operation done while locked.
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -153,10 +191,20 @@ impl Server {
     }
 
     /// Serves until `stop` becomes true.
-    pub fn run(self: &Arc<Self>, listener: Listener, stop: &AtomicBool) -> io::Result<()> {
+    /// Serves until `stop` becomes true; reloads the policy whenever
+    /// `reload` was set (SIGHUP), between accepts.
+    pub fn run(
+        self: &Arc<Self>,
+        listener: Listener,
+        stop: &AtomicBool,
+        reload: &AtomicBool,
+    ) -> io::Result<()> {
         listener.set_nonblocking(true)?;
         let mut next_id = 0u64;
         while !stop.load(Ordering::SeqCst) {
+            if reload.swap(false, Ordering::SeqCst) {
+                self.reload();
+            }
             if let Err(e) = self.audit.flush_summaries() {
                 log::error!("audit log: {e}");
             }
@@ -189,7 +237,7 @@ impl Server {
     /// Decides what a new connection gets: strangers a refusal, tenants a
     /// slot and a thread (or `Busy`).
     fn admit(self: &Arc<Self>, id: u64, stream: UnixStream, peer: Peer) {
-        let Some(tenant) = self.policy.tenant_index_for(peer.uid, peer.gid) else {
+        let Some(tenant) = self.policy().tenant_for(peer.uid, peer.gid).map(|t| t.who) else {
             let out = Outcome::refuse(
                 NetdErrorKind::UnknownTenant,
                 None,
@@ -240,7 +288,7 @@ impl Server {
             .name(format!("client-{id}"))
             .stack_size(256 * 1024)
             .spawn(move || {
-                me.serve_client(&conn, &peer, tenant);
+                me.serve_client(&conn, &peer);
                 me.streams().remove(&id);
                 me.slots().release(tenant, peer.uid);
             });
@@ -262,7 +310,7 @@ impl Server {
         let _ = stream.shutdown(std::net::Shutdown::Both);
     }
 
-    fn serve_client(&self, conn: &Connection, peer: &Peer, tenant: usize) {
+    fn serve_client(&self, conn: &Connection, peer: &Peer) {
         let stream = &conn.stream;
         let mut hello_done = false;
         loop {
@@ -322,7 +370,7 @@ impl Server {
             };
             let shown = describe(&req);
             let (out, keep_going) = if hello_done {
-                (self.handle(&req, peer, tenant), true)
+                (self.handle(&req, peer), true)
             } else {
                 match req {
                     NetdRequest::Hello { version } if version == NETD_PROTOCOL_VERSION => {
@@ -414,7 +462,20 @@ impl Server {
         }
     }
 
-    fn handle(&self, req: &NetdRequest, peer: &Peer, tenant: usize) -> Outcome {
+    fn handle(&self, req: &NetdRequest, peer: &Peer) -> Outcome {
+        // The tenant is looked up in the policy in force now: a tenant a
+        // reload removed gets nothing more on a connection it already has.
+        let policy = self.policy();
+        let Some(tenant) = policy.tenant_for(peer.uid, peer.gid) else {
+            return Outcome::refuse(
+                NetdErrorKind::UnknownTenant,
+                None,
+                format!(
+                    "uid {} / gid {} no longer has a tenant entry in the netd policy (removed by a reload)",
+                    peer.uid, peer.gid
+                ),
+            );
+        };
         match req {
             NetdRequest::Hello { .. } => Outcome::refuse(
                 NetdErrorKind::InvalidRequest,
@@ -451,30 +512,19 @@ impl Server {
                     mac: *mac,
                 },
                 peer,
+                &policy,
                 tenant,
             ),
         }
     }
 
-    fn tenant(&self, index: usize) -> Result<&Tenant, Outcome> {
-        self.policy.tenants.get(index).ok_or_else(|| {
-            Outcome::refuse(
-                NetdErrorKind::System,
-                None,
-                "internal error: tenant entry missing".to_string(),
-            )
-        })
-    }
-
     /// The tenant's checks shared by OpenTap and OpenVhost.
     fn check_queues_vhost(
-        &self,
-        tenant: usize,
+        t: &Tenant,
         queues: u16,
         vhost: bool,
         iface: Option<&str>,
-    ) -> Result<&Tenant, Outcome> {
-        let t = self.tenant(tenant)?;
+    ) -> Result<(), Outcome> {
         if queues == 0 {
             return Err(Outcome::refuse(
                 NetdErrorKind::InvalidRequest,
@@ -499,11 +549,11 @@ impl Server {
                 "the policy does not allow this tenant vhost-net; ask with vhost off".to_string(),
             ));
         }
-        Ok(t)
+        Ok(())
     }
 
-    fn open_vhost(&self, queues: u16, tenant: usize) -> Outcome {
-        if let Err(out) = self.check_queues_vhost(tenant, queues, true, None) {
+    fn open_vhost(&self, queues: u16, tenant: &Tenant) -> Outcome {
+        if let Err(out) = Self::check_queues_vhost(tenant, queues, true, None) {
             return out;
         }
         match iface::open_vhost(queues) {
@@ -516,7 +566,7 @@ impl Server {
         }
     }
 
-    fn open_tap(&self, ask: TapAsk<'_>, peer: &Peer, tenant_index: usize) -> Outcome {
+    fn open_tap(&self, ask: TapAsk<'_>, peer: &Peer, policy: &Policy, tenant: &Tenant) -> Outcome {
         let TapAsk {
             name,
             queues,
@@ -534,11 +584,10 @@ impl Server {
         }
         // From here on `name` is 1..15 safe characters.
         let iface_name = Some(name);
-        let tenant = match self.check_queues_vhost(tenant_index, queues, vhost, iface_name) {
-            Ok(t) => t,
-            Err(out) => return out,
-        };
-        if !tenant.names.allows(name) || self.policy.is_bridge(name) {
+        if let Err(out) = Self::check_queues_vhost(tenant, queues, vhost, iface_name) {
+            return out;
+        }
+        if !tenant.names.allows(name) || policy.is_bridge(name) {
             return Outcome::refuse(
                 NetdErrorKind::NameNotAllowed,
                 iface_name,
@@ -557,7 +606,7 @@ impl Server {
                 "the MAC address must be a unicast, non-zero address".to_string(),
             );
         }
-        let reservation = match self.taps.reserve(tenant_index, tenant.max_taps) {
+        let reservation = match self.taps.reserve(tenant.who, tenant.max_taps) {
             Ok(r) => r,
             Err(have) => {
                 log::debug!("uid {} is at its TAP limit ({have})", peer.uid);

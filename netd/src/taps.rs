@@ -4,6 +4,8 @@
 //! its client closes its last fd). ifindexes are not reused while the kernel
 //! hands out new ones, so an index that still exists is still that TAP.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::iface;
@@ -16,25 +18,25 @@ struct TenantTaps {
 }
 
 #[derive(Debug)]
-pub struct TapLedger {
-    tenants: Mutex<Vec<TenantTaps>>,
+pub struct TapLedger<K> {
+    tenants: Mutex<HashMap<K, TenantTaps>>,
 }
 
 /// A place for one more TAP of a tenant, held while it is created: noted
 /// with [`Reservation::commit`], given back on drop otherwise.
-pub struct Reservation<'a> {
-    ledger: &'a TapLedger,
-    tenant: usize,
+pub struct Reservation<'a, K: Copy + Eq + Hash> {
+    ledger: &'a TapLedger<K>,
+    tenant: K,
 }
 
-impl TapLedger {
-    pub fn new(tenants: usize) -> Self {
+impl<K: Copy + Eq + Hash> TapLedger<K> {
+    pub fn new() -> Self {
         TapLedger {
-            tenants: Mutex::new((0..tenants).map(|_| TenantTaps::default()).collect()),
+            tenants: Mutex::new(HashMap::new()),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<TenantTaps>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, TenantTaps>> {
         // Every operation leaves the vector consistent; a panic elsewhere
         // does not make it unusable.
         self.tenants.lock().unwrap_or_else(|e| e.into_inner())
@@ -42,11 +44,10 @@ impl TapLedger {
 
     /// Reserves a place for one more TAP of `tenant` if it has fewer than
     /// `max` (existing plus under creation); otherwise returns how many it has.
-    pub fn reserve(&self, tenant: usize, max: u32) -> Result<Reservation<'_>, u32> {
+    pub fn reserve(&self, tenant: K, max: u32) -> Result<Reservation<'_, K>, u32> {
         let mut all = self.lock();
-        let Some(t) = all.get_mut(tenant) else {
-            return Err(0);
-        };
+        // Keyed by tenant identity, so counts survive a policy reload.
+        let t = all.entry(tenant).or_default();
         t.ifindexes.retain(|&i| iface::index_exists(i));
         let have = t.ifindexes.len() as u32 + t.pending;
         if have >= max {
@@ -61,28 +62,29 @@ impl TapLedger {
 
     /// TAPs of `tenant` that exist now (for tests and status).
     #[cfg(test)]
-    fn count(&self, tenant: usize) -> usize {
+    fn count(&self, tenant: K) -> usize {
         let mut all = self.lock();
-        all[tenant].ifindexes.retain(|&i| iface::index_exists(i));
-        all[tenant].ifindexes.len()
+        let t = all.entry(tenant).or_default();
+        t.ifindexes.retain(|&i| iface::index_exists(i));
+        t.ifindexes.len()
     }
 }
 
-impl Reservation<'_> {
+impl<K: Copy + Eq + Hash> Reservation<'_, K> {
     /// Notes the TAP created under this reservation.
     pub fn commit(self, ifindex: u32) {
         let mut all = self.ledger.lock();
-        if let Some(t) = all.get_mut(self.tenant) {
+        if let Some(t) = all.get_mut(&self.tenant) {
             t.ifindexes.push(ifindex);
         }
         // Drop gives the pending place back.
     }
 }
 
-impl Drop for Reservation<'_> {
+impl<K: Copy + Eq + Hash> Drop for Reservation<'_, K> {
     fn drop(&mut self) {
         let mut all = self.ledger.lock();
-        if let Some(t) = all.get_mut(self.tenant) {
+        if let Some(t) = all.get_mut(&self.tenant) {
             t.pending = t.pending.saturating_sub(1);
         }
     }
@@ -94,7 +96,7 @@ mod tests {
 
     #[test]
     fn gone_interfaces_are_forgotten_and_pending_ones_count() {
-        let ledger = TapLedger::new(2);
+        let ledger = TapLedger::<usize>::new();
         let lo = iface::index_of("lo").unwrap();
         let r = ledger.reserve(0, 2).unwrap();
         r.commit(lo);
