@@ -34,6 +34,23 @@ fn vcpu_list(api: &Path) -> Vec<(u64, String, String)> {
         .collect()
 }
 
+/// The vCPU list once every vCPU's thread is `run` (a resumed thread
+/// reports itself running once it has woken, a moment after the reply).
+fn vcpus_all(api: &Path, run: &str) -> Vec<(u64, String, String)> {
+    let t0 = Instant::now();
+    loop {
+        let list = vcpu_list(api);
+        if list.iter().all(|v| v.1 == run) {
+            return list;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "not every vCPU {run}: {list:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Waits for `testguest: cpu i up` of every AP in `aps`.
 fn wait_aps_up(vm: &mut Vm, aps: impl IntoIterator<Item = u8>) {
     for i in aps {
@@ -132,6 +149,7 @@ fn pause_and_resume_stop_and_restart_every_vcpu() {
     last_ticks(&vm, seen + 3);
 
     assert_eq!(vmctl(&api, &["pause"]).0, Some(0));
+    // A pause returns once every vCPU is parked: no waiting here.
     let paused = vcpu_list(&api);
     assert!(paused.iter().all(|v| v.1 == "paused"), "{paused:?}");
     let before = last_ticks(&vm, 1);
@@ -144,8 +162,7 @@ fn pause_and_resume_stop_and_restart_every_vcpu() {
         "the guest printed while paused"
     );
     assert_eq!(vmctl(&api, &["resume"]).0, Some(0));
-    let running = vcpu_list(&api);
-    assert!(running.iter().all(|v| v.1 == "running"), "{running:?}");
+    vcpus_all(&api, "running");
     let after = last_ticks(&vm, lines + 1);
     let later = last_ticks(&vm, lines + 6);
     for cpu in 0..usize::from(N) {
@@ -194,10 +211,9 @@ fn migration_with_four_vcpus_and_a_parked_ap_under_traffic_loses_nothing() {
     );
 
     // Every vCPU arrived in the state it left: AP 3 still waits for INIT.
-    let after = vcpu_list(&api);
+    let after = vcpus_all(&api, "running");
     assert_eq!(after.len(), usize::from(N), "{after:?}");
     assert_eq!(after[3].2, "waiting-for-init", "{after:?}");
-    assert!(after.iter().all(|v| v.1 == "running"), "{after:?}");
 
     // The guest starts the parked AP on the target.
     let link = GuestLink::new(&env.netd.ns, guest_ip(1));
