@@ -161,10 +161,20 @@ fn pause_and_resume_stop_and_restart_every_vcpu() {
         lines,
         "the guest printed while paused"
     );
+    let resumed = Instant::now();
     assert_eq!(vmctl(&api, &["resume"]).0, Some(0));
     vcpus_all(&api, "running");
-    let after = last_ticks(&vm, lines + 1);
-    let later = last_ticks(&vm, lines + 6);
+    // The first heartbeat after the resume, and the fifth after it: five
+    // periods later, not at once (a PIT catching up on the paused time
+    // would print the ticks it missed back to back).
+    last_ticks(&vm, lines + 6);
+    let took = resumed.elapsed();
+    assert!(
+        took >= Duration::from_millis(u64::from(HEARTBEAT_MS) * 3),
+        "six heartbeats within {took:?} of the resume: the paused time was caught up"
+    );
+    let all = all_cpu_ticks(&vm.serial_text());
+    let (after, later) = (&all[lines], &all[lines + 5]);
     for cpu in 0..usize::from(N) {
         // A timer that expired during the pause is delivered once at the
         // resume: at most one tick more than a heartbeat's worth.
