@@ -190,3 +190,36 @@ pub fn vm_rss_kib(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .expect("VmRSS in /proc/PID/status")
 }
+
+/// A vmm that refused its input: exit 2, one line on stderr naming
+/// `needle`, no panic (a signal would mean a panic/abort or seccomp).
+pub fn assert_refused(what: &str, st: std::process::ExitStatus, stderr: &str, needle: &str) {
+    assert_eq!(
+        st.code(),
+        Some(2),
+        "{what}: {st} (a signal: panic/abort or seccomp); stderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{what}: not one line: {stderr:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{what}: {stderr:?} lacks {needle:?}"
+    );
+}
+
+/// A FIFO at `p` that uid 65534 may open (mkfifo applies the umask).
+pub fn mkfifo(p: &std::path::Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("a path has no NUL");
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo");
+    let st = std::process::Command::new("chmod")
+        .arg("666")
+        .arg(p)
+        .status()
+        .expect("run chmod");
+    assert!(st.success());
+}

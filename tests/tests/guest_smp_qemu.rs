@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tests::guest_lines::{all_cpu_ticks, assert_cpu_ticks_continuous, cpu_ticks, crc32};
-use tests::net_guest::{QEMU, in_netns, qemu_available};
+use tests::net_guest::{QEMU, QEMU_MICROVM_ARGS, in_netns, qemu_available};
 use tests::rng::Rng;
 use tests::{NetNs, TempDir, guest_elf};
 
@@ -62,26 +62,14 @@ impl Qemu {
         assert!(elf.exists(), "{} is missing", elf.display());
         let elf = elf.to_str().unwrap().to_owned();
         let smp = smp.to_string();
-        let mut args = vec![
-            QEMU,
-            "-accel",
-            "kvm",
-            "-M",
-            machine,
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-device",
-            "isa-debug-exit,iobase=0x501",
-            "-smp",
-            &smp,
-            "-kernel",
-            &elf,
-            "-append",
-            cmdline,
-        ];
+        // The project's microvm arguments with this machine.
+        let mut args = vec![QEMU];
+        args.extend(
+            QEMU_MICROVM_ARGS
+                .iter()
+                .map(|a| if a.starts_with("microvm") { machine } else { a }),
+        );
+        args.extend_from_slice(&["-smp", &smp, "-kernel", &elf, "-append", cmdline]);
         args.extend_from_slice(extra);
         let mut cmd = match ns {
             Some(ns) => ns.command(&args),

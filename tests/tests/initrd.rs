@@ -13,7 +13,7 @@ use tests::bin;
 use tests::net_guest::ScratchDir;
 use tests::netd_harness::NOBODY;
 use tests::rng::Rng;
-use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess, as_nobody_with_kvm};
+use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess, as_nobody_with_kvm, assert_refused, mkfifo};
 
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -47,32 +47,6 @@ fn run(mut cmd: Command, initrd: &Path, memory: &str) -> (ExitStatus, String) {
     let mut p = VmmProcess::spawn(cmd);
     let st = p.wait_exit(REFUSAL_TIMEOUT);
     (st, p.stderr())
-}
-
-fn assert_refused(what: &str, st: ExitStatus, stderr: &str, needle: &str) {
-    assert_eq!(
-        st.code(),
-        Some(2),
-        "{what}: {st} (a signal: panic/abort or seccomp); stderr: {stderr}"
-    );
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "{what}: not one line: {stderr:?}"
-    );
-    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{what}: {stderr:?} lacks {needle:?}"
-    );
-}
-
-fn mkfifo(p: &Path) {
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo");
-    let st = Command::new("chmod").arg("666").arg(p).status().unwrap();
-    assert!(st.success());
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tests::bin;
 use tests::net_guest::ScratchDir;
 use tests::netd_harness::NOBODY;
-use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess, as_nobody_with_kvm};
+use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess, as_nobody_with_kvm, assert_refused, mkfifo};
 
 /// A refusal is immediate; this only bounds a hang.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -48,24 +48,6 @@ fn run(cmd: Command) -> (ExitStatus, String) {
     (st, p.stderr())
 }
 
-fn assert_refused(what: &str, st: ExitStatus, stderr: &str, needle: &str) {
-    assert_eq!(
-        st.code(),
-        Some(2),
-        "{what}: {st} (a signal: panic/abort or seccomp); stderr: {stderr}"
-    );
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "{what}: not one line: {stderr:?}"
-    );
-    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{what}: {stderr:?} lacks {needle:?}"
-    );
-}
-
 #[test]
 fn non_utf8_arguments_give_exit_2_and_one_line() {
     // A path may be any bytes: it is simply not there.
@@ -92,15 +74,6 @@ fn non_utf8_arguments_give_exit_2_and_one_line() {
     c.arg("--api-socket").arg(not_utf8()).arg("status");
     let (st, err) = run(c);
     assert_refused("vmctl --api-socket <bytes>", st, &err, "not valid UTF-8");
-}
-
-fn mkfifo(p: &Path) {
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo");
-    // mkfifo applies the umask; uid 65534 must be able to open it.
-    let st = Command::new("chmod").arg("666").arg(p).status().unwrap();
-    assert!(st.success());
 }
 
 #[test]

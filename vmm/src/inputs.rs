@@ -160,13 +160,14 @@ pub fn open_serial(path: &Path, truncate: bool) -> io::Result<File> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    struct Dir(PathBuf);
+    /// A scratch directory of the unit tests, removed when dropped.
+    pub(crate) struct Dir(pub(crate) PathBuf);
     impl Dir {
-        fn new(tag: &str) -> Self {
+        pub(crate) fn new(tag: &str) -> Self {
             let p = std::env::temp_dir().join(format!("vmm-inputs-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&p);
             std::fs::create_dir_all(&p).unwrap();

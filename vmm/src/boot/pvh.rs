@@ -307,20 +307,7 @@ mod tests {
     use crate::boot::firmware::{CpuSignature, Platform};
     use vm_memory::ByteValued;
 
-    struct Dir(PathBuf);
-    impl Dir {
-        fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("pvh-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::inputs::tests::Dir;
 
     fn firmware(vcpus: u32) -> Firmware {
         Firmware {
