@@ -217,3 +217,26 @@ pub fn probe_hold(probe_bin: &Path, uid: u32, gid: u32, net: &str) -> HeldTap {
 }
 
 pub use crate::wait_for;
+
+/// Says Hello on a fresh netd connection and checks netd's Hello answer
+/// (this protocol version).
+pub fn hello(s: &std::os::unix::net::UnixStream) {
+    use common::codec;
+    use common::netd::{NETD_MAX_FRAME, NETD_PROTOCOL_VERSION, NetdRequest, NetdResponse};
+    codec::send(
+        s,
+        &NetdRequest::Hello {
+            version: NETD_PROTOCOL_VERSION,
+        },
+        &[],
+    )
+    .expect("send Hello");
+    let r: codec::Received<NetdResponse> =
+        codec::recv(s, NETD_MAX_FRAME, 0).expect("netd's Hello answer");
+    assert_eq!(
+        r.msg,
+        NetdResponse::Hello {
+            version: NETD_PROTOCOL_VERSION
+        }
+    );
+}

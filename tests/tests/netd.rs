@@ -12,7 +12,7 @@ use common::netd::{
     NETD_MAX_FRAME, NETD_PROTOCOL_VERSION, NetdErrorKind, NetdRequest, NetdResponse,
 };
 use tests::netd_harness::{
-    NOBODY, Netd, TEST_POLICY, probe, probe_hold, wait_for, world_exec_copy,
+    NOBODY, Netd, TEST_POLICY, hello, probe, probe_hold, wait_for, world_exec_copy,
 };
 use tests::prereq::{Prerequisite, require_or_skip};
 use tests::rng::{Rng, fuzz_seed};
@@ -46,24 +46,6 @@ fn raw_connect(netd: &Netd) -> UnixStream {
     let s = UnixStream::connect(&netd.socket).expect("connect to netd");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     s
-}
-
-fn hello(s: &UnixStream) {
-    codec::send(
-        s,
-        &NetdRequest::Hello {
-            version: NETD_PROTOCOL_VERSION,
-        },
-        &[],
-    )
-    .unwrap();
-    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME, 0).unwrap();
-    assert_eq!(
-        r.msg,
-        NetdResponse::Hello {
-            version: NETD_PROTOCOL_VERSION
-        }
-    );
 }
 
 fn expect_refusal(s: &UnixStream, kind: NetdErrorKind) -> String {

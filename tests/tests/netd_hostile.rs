@@ -17,7 +17,7 @@ use common::netd::{
 use tests::hostile::{
     NetdState, assert_back_to, audit_bytes, hostile_bin, run_hostile, thread_count,
 };
-use tests::netd_harness::{NOBODY, Netd, TEST_POLICY, probe, wait_for, world_exec_copy};
+use tests::netd_harness::{NOBODY, Netd, TEST_POLICY, hello, probe, wait_for, world_exec_copy};
 use vmm::net::netd_client::{NetdClient, NetdClientError};
 
 const STRANGERS: [u32; 3] = [4242, 4243, 4244];
@@ -58,19 +58,6 @@ fn kinds(report: &serde_json::Value) -> Vec<String> {
         .as_object()
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default()
-}
-
-fn hello(s: &UnixStream) {
-    codec::send(
-        s,
-        &NetdRequest::Hello {
-            version: NETD_PROTOCOL_VERSION,
-        },
-        &[],
-    )
-    .unwrap();
-    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME, 0).unwrap();
-    assert!(matches!(r.msg, NetdResponse::Hello { .. }), "{:?}", r.msg);
 }
 
 fn raw_frame(text: &str) -> Vec<u8> {

@@ -10,11 +10,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::codec;
-use common::netd::{
-    NETD_MAX_FRAME, NETD_PROTOCOL_VERSION, NetdErrorKind, NetdRequest, NetdResponse,
-};
+use common::netd::{NETD_MAX_FRAME, NetdErrorKind, NetdRequest, NetdResponse};
 use tests::netd_harness::{
-    NOBODY, Netd, TEST_POLICY, probe, probe_hold, wait_for, world_exec_copy,
+    NOBODY, Netd, TEST_POLICY, hello, probe, probe_hold, wait_for, world_exec_copy,
 };
 
 /// Runs `netd --check-policy` on `text` as uid/gid 65534 and returns (exit
@@ -209,19 +207,6 @@ fn check_policy_names_each_problem_and_exits_2() {
     let out = tests::output_within(cmd, Duration::from_secs(30));
     assert!(!out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stderr), checker_err);
-}
-
-fn hello(s: &UnixStream) {
-    codec::send(
-        s,
-        &NetdRequest::Hello {
-            version: NETD_PROTOCOL_VERSION,
-        },
-        &[],
-    )
-    .unwrap();
-    let r: codec::Received<NetdResponse> = codec::recv(s, NETD_MAX_FRAME, 0).unwrap();
-    assert!(matches!(r.msg, NetdResponse::Hello { .. }), "{:?}", r.msg);
 }
 
 fn open_tap(s: &UnixStream, name: &str) -> NetdResponse {
