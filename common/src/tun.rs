@@ -38,6 +38,183 @@ pub const TUN_F_UFO: u32 = 0x10;
 /// from it reports that device in fstat, so no path is opened to check.
 pub const TUN_DEV: (u64, u64) = (10, 200);
 
+/// Linux's IFNAMSIZ minus the terminating NUL.
+pub const MAX_IFNAME_LEN: usize = 15;
+
+/// A syntactically valid Linux interface name that is safe to log and to pass
+/// to the kernel: 1..=15 bytes of ASCII letters, digits, '-', '_' and '.',
+/// and not "." or "..". Excluding '%' matters: the kernel treats "vm%d" in
+/// TUNSETIFF as a template and picks a free name itself.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_IFNAME_LEN
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// `struct ifreq`: a 16-byte interface name and a 24-byte union. The one
+/// layout behind every TUN and SIOC* interface ioctl of netd, the vmm and
+/// the tests.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IfReq {
+    name: [u8; 16],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    /// An ifreq naming `name` (cut at [`MAX_IFNAME_LEN`] bytes), union zeroed.
+    pub fn new(name: &str) -> Self {
+        let mut r = IfReq {
+            name: [0; 16],
+            data: [0; 24],
+        };
+        let n = name.len().min(MAX_IFNAME_LEN);
+        r.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        r
+    }
+
+    /// The interface name the kernel wrote (up to its NUL).
+    pub fn name(&self) -> String {
+        let len = self.name.iter().position(|&b| b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.name[..len]).into_owned()
+    }
+
+    /// `ifr_flags` (a short): IFF_* of TUNSETIFF/TUNGETIFF/TUNSETQUEUE,
+    /// or the link flags of SIOCGIFFLAGS/SIOCSIFFLAGS.
+    pub fn flags(&self) -> u16 {
+        u16::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    pub fn set_flags(&mut self, v: u16) {
+        self.data[..2].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    /// `ifr_ifindex` / `ifr_ivalue` (an int).
+    pub fn set_int(&mut self, v: i32) {
+        self.data[..4].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    /// `ifr_hwaddr`: an Ethernet address (`struct sockaddr`, ARPHRD_ETHER).
+    pub fn set_ether(&mut self, mac: [u8; 6]) {
+        self.data = [0; 24];
+        self.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
+        self.data[2..8].copy_from_slice(&mac);
+    }
+
+    /// `ifr_addr` / `ifr_netmask`: an IPv4 `struct sockaddr_in`.
+    pub fn set_ipv4(&mut self, a: std::net::Ipv4Addr) {
+        // family, port (BE), address (BE).
+        self.data = [0; 24];
+        self.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        self.data[4..8].copy_from_slice(&a.octets());
+    }
+}
+
+/// An ioctl taking a `struct ifreq` (the TUN ioctls on a /dev/net/tun fd,
+/// the SIOC* ones on any socket).
+pub fn ifreq_ioctl(fd: &impl AsFd, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {
+    // SAFETY: `ifr` is a valid, writable ifreq (40 bytes, the size every
+    // one of these requests reads or writes); `fd` is open for the call.
+    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), req, ifr as *mut IfReq) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// An ioctl taking a pointer to one int (TUNSETVNETHDRSZ, TUNGETVNETHDRSZ).
+fn int_ioctl(fd: &impl AsFd, req: libc::c_ulong, v: &mut libc::c_int) -> io::Result<()> {
+    // SAFETY: the request reads or writes one int through the pointer,
+    // which is live and writable; `fd` is open for the call.
+    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), req, v as *mut libc::c_int) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Which step of [`open_queue`] failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {err}")]
+pub struct OpenQueueError {
+    pub op: &'static str,
+    pub err: io::Error,
+}
+
+/// Opens one queue of TUN/TAP `name` (creating the device, or attaching to
+/// it as another queue, as `flags` and the device's state decide) and sets
+/// its vnet header length when `vnet_hdr_len` is given. Close-on-exec.
+pub fn open_queue(
+    name: &str,
+    flags: u16,
+    vnet_hdr_len: Option<i32>,
+) -> Result<std::fs::File, OpenQueueError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|err| OpenQueueError {
+            op: "open /dev/net/tun",
+            err,
+        })?;
+    let mut ifr = IfReq::new(name);
+    ifr.set_flags(flags);
+    ifreq_ioctl(&f, TUNSETIFF, &mut ifr).map_err(|err| OpenQueueError {
+        op: "TUNSETIFF",
+        err,
+    })?;
+    if let Some(mut len) = vnet_hdr_len {
+        int_ioctl(&f, TUNSETVNETHDRSZ, &mut len).map_err(|err| OpenQueueError {
+            op: "TUNSETVNETHDRSZ",
+            err,
+        })?;
+    }
+    Ok(f)
+}
+
+/// Attaches (`true`) or detaches a queue of a multiqueue TAP
+/// (TUNSETQUEUE), so the kernel steers frames only to attached queues.
+/// Attaching an attached queue (or detaching a detached one), which the
+/// kernel answers with EINVAL, succeeds.
+pub fn set_queue_attached(fd: &impl AsFd, attach: bool) -> io::Result<()> {
+    let mut ifr = IfReq::new("");
+    ifr.set_flags(if attach {
+        IFF_ATTACH_QUEUE
+    } else {
+        IFF_DETACH_QUEUE
+    });
+    match ifreq_ioctl(fd, TUNSETQUEUE, &mut ifr) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r,
+    }
+}
+
+/// Sets the offloads (TUN_F_*) the TAP may hand the reader (TUNSETOFFLOAD).
+pub fn set_offload(fd: &impl AsFd, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value; nothing is
+    // written; `fd` is open for the call.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_fd().as_raw_fd(),
+            TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// What TUNGETIFF says about a TUN/TAP fd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TunInfo {
@@ -90,27 +267,18 @@ fn on_off(b: bool) -> &'static str {
 
 /// Reads the interface name and flags of a /dev/net/tun fd.
 pub fn tun_info(fd: &impl AsFd) -> io::Result<TunInfo> {
-    let mut ifr = [0u8; 40];
-    // SAFETY: TUNGETIFF writes a `struct ifreq` (40 bytes on x86_64 and
-    // aarch64) into the buffer, which is that large and writable.
-    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), TUNGETIFF, ifr.as_mut_ptr()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let name_len = ifr[..16].iter().position(|&b| b == 0).unwrap_or(16);
-    let name = String::from_utf8_lossy(&ifr[..name_len]).into_owned();
-    let flags = u16::from_ne_bytes([ifr[16], ifr[17]]);
-    Ok(TunInfo { name, flags })
+    let mut ifr = IfReq::new("");
+    ifreq_ioctl(fd, TUNGETIFF, &mut ifr)?;
+    Ok(TunInfo {
+        name: ifr.name(),
+        flags: ifr.flags(),
+    })
 }
 
 /// The vnet header length of a TAP (TUNGETVNETHDRSZ).
 pub fn vnet_hdr_len(fd: &impl AsFd) -> io::Result<i32> {
     let mut len: libc::c_int = 0;
-    // SAFETY: TUNGETVNETHDRSZ writes one int through the pointer.
-    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), TUNGETVNETHDRSZ, &mut len) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    int_ioctl(fd, TUNGETVNETHDRSZ, &mut len)?;
     Ok(len)
 }
 
@@ -198,29 +366,6 @@ mod tests {
     use super::*;
     use std::fs::{File, OpenOptions};
 
-    /// Opens a queue of a new TUN/TAP device `name` with `flags`, and sets
-    /// the vnet header length when `hdr` is given.
-    fn open(name: &str, flags: u16, hdr: Option<i32>) -> io::Result<File> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")?;
-        let mut ifr = [0u8; 40];
-        ifr[..name.len()].copy_from_slice(name.as_bytes());
-        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
-        // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
-        if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if let Some(len) = hdr {
-            // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-            if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETVNETHDRSZ, &len) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(f)
-    }
-
     const TAP: ExpectedTap<'static> = ExpectedTap {
         name: "ctap0",
         queues: 1,
@@ -266,7 +411,7 @@ mod tests {
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
             return unavailable("unshare(CLONE_NEWNET)", e);
         }
-        let tap = match open("ctap0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, Some(12)) {
+        let tap = match open_queue("ctap0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, Some(12)) {
             Ok(f) => f,
             Err(e) => return unavailable("a TAP on /dev/net/tun", e),
         };
@@ -291,7 +436,7 @@ mod tests {
             "ctap0: IFF_MULTI_QUEUE is not set, expected set"
         );
 
-        let tun = open("ctun0", IFF_TUN | IFF_NO_PI | IFF_VNET_HDR, Some(12)).unwrap();
+        let tun = open_queue("ctun0", IFF_TUN | IFF_NO_PI | IFF_VNET_HDR, Some(12)).unwrap();
         let e = check_tap_queue(
             &tun,
             &ExpectedTap {
@@ -302,7 +447,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.to_string(), "ctun0 is a TUN (layer 3) device, not a TAP");
 
-        let plain = open("cplain0", IFF_TAP | IFF_NO_PI, None).unwrap();
+        let plain = open_queue("cplain0", IFF_TAP | IFF_NO_PI, None).unwrap();
         let want = ExpectedTap {
             name: "cplain0",
             ..TAP
@@ -322,7 +467,7 @@ mod tests {
         .unwrap();
 
         // The kernel's default header (10 bytes) is not virtio 1.x's.
-        let short = open("cshort0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, None).unwrap();
+        let short = open_queue("cshort0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, None).unwrap();
         let e = check_tap_queue(
             &short,
             &ExpectedTap {
@@ -344,7 +489,7 @@ mod tests {
 
         let mq: Vec<File> = (0..2)
             .map(|_| {
-                open(
+                open_queue(
                     "cmq0",
                     IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE,
                     Some(12),

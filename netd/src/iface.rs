@@ -5,16 +5,15 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use common::tun::{
-    ExpectedTap, IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN_EXCL, IFF_VNET_HDR, TUNSETIFF,
-    TUNSETVNETHDRSZ, TapCheckError, check_tap_queue,
+    ExpectedTap, IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN_EXCL, IFF_VNET_HDR, IfReq,
+    TapCheckError, check_tap_queue, ifreq_ioctl, open_queue,
 };
 
-use crate::policy::{Cidr, MAX_IFNAME_LEN};
+use crate::policy::Cidr;
 
 // <linux/sockios.h>
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
@@ -46,64 +45,6 @@ pub enum IfaceError {
 fn sys(what: &'static str, name: &str) -> impl FnOnce(io::Error) -> IfaceError {
     let name = name.to_string();
     move |source| IfaceError::Sys { what, name, source }
-}
-
-/// `struct ifreq`: a 16-byte name and a 24-byte union.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct IfReq {
-    name: [u8; 16],
-    data: [u8; 24],
-}
-
-impl IfReq {
-    fn new(name: &str) -> Self {
-        let mut r = IfReq {
-            name: [0; 16],
-            data: [0; 24],
-        };
-        let n = name.len().min(MAX_IFNAME_LEN);
-        r.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        r
-    }
-
-    fn set_short(&mut self, v: i16) {
-        self.data[..2].copy_from_slice(&v.to_ne_bytes());
-    }
-
-    fn short(&self) -> i16 {
-        i16::from_ne_bytes([self.data[0], self.data[1]])
-    }
-
-    fn set_int(&mut self, v: i32) {
-        self.data[..4].copy_from_slice(&v.to_ne_bytes());
-    }
-
-    /// An Ethernet hardware address (`struct sockaddr` with ARPHRD_ETHER).
-    fn set_ether(&mut self, mac: [u8; 6]) {
-        self.data = [0; 24];
-        self.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
-        self.data[2..8].copy_from_slice(&mac);
-    }
-
-    fn set_ipv4(&mut self, a: Ipv4Addr) {
-        // struct sockaddr_in: family, port (BE), address (BE).
-        self.data = [0; 24];
-        self.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-        self.data[4..8].copy_from_slice(&a.octets());
-    }
-}
-
-/// ioctl with a `struct ifreq` argument.
-fn ifreq_ioctl(fd: &impl AsRawFd, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {
-    // SAFETY: `ifr` is a valid, writable ifreq of the size every one of these
-    // requests reads or writes; `fd` is open for the duration of the call.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, ifr as *mut IfReq) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 /// A datagram socket for the SIOC* interface ioctls.
@@ -159,7 +100,7 @@ pub fn link_up(name: &str) -> Result<(), IfaceError> {
     let s = ctl_socket().map_err(sys("socket", name))?;
     let mut ifr = IfReq::new(name);
     ifreq_ioctl(&s, SIOCGIFFLAGS, &mut ifr).map_err(sys("SIOCGIFFLAGS", name))?;
-    ifr.set_short(ifr.short() | libc::IFF_UP as i16);
+    ifr.set_flags(ifr.flags() | libc::IFF_UP as u16);
     ifreq_ioctl(&s, SIOCSIFFLAGS, &mut ifr).map_err(sys("SIOCSIFFLAGS", name))
 }
 
@@ -240,31 +181,17 @@ pub fn create_tap(name: &str, queues: u16, vnet_hdr: bool) -> Result<Vec<File>, 
     }
     let mut fds = Vec::with_capacity(usize::from(queues));
     for q in 0..queues {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(sys("open /dev/net/tun", name))?;
-        let mut ifr = IfReq::new(name);
         let flags = if q == 0 { flags | IFF_TUN_EXCL } else { flags };
-        ifr.set_short(flags as i16);
-        match ifreq_ioctl(&f, TUNSETIFF, &mut ifr) {
-            Ok(()) => {}
-            Err(e) if q == 0 && e.raw_os_error() == Some(libc::EBUSY) => {
+        let hdr = vnet_hdr.then_some(common::netd::VNET_HDR_LEN);
+        let f = match open_queue(name, flags, hdr) {
+            Ok(f) => f,
+            Err(e)
+                if q == 0 && e.op == "TUNSETIFF" && e.err.raw_os_error() == Some(libc::EBUSY) =>
+            {
                 return Err(IfaceError::Exists(name.to_string()));
             }
-            Err(e) => return Err(sys("TUNSETIFF", name)(e)),
-        }
-        if vnet_hdr {
-            let len: libc::c_int = common::netd::VNET_HDR_LEN;
-            // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-            let r =
-                unsafe { libc::ioctl(f.as_raw_fd(), TUNSETVNETHDRSZ, &len as *const libc::c_int) };
-            if r < 0 {
-                return Err(sys("TUNSETVNETHDRSZ", name)(io::Error::last_os_error()));
-            }
-        }
+            Err(e) => return Err(sys(e.op, name)(e.err)),
+        };
         fds.push(f);
     }
     // What every receiver checks (the vmm, a migration target after it):

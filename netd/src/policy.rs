@@ -9,8 +9,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-/// Linux's IFNAMSIZ minus the terminating NUL.
-pub const MAX_IFNAME_LEN: usize = 15;
+pub use common::tun::{MAX_IFNAME_LEN, valid_ifname};
 /// Upper bound on `max_queues`: a TAP fd and a vhost fd per queue must fit in
 /// one frame (`common::codec::MAX_FDS`).
 pub const MAX_QUEUES: u16 = 16;
@@ -185,20 +184,6 @@ fn globs_intersect(a: &[u8], b: &[u8]) -> bool {
         }
     }
     false
-}
-
-/// A syntactically valid Linux interface name that is safe to log and to pass
-/// to the kernel: 1..=15 bytes of ASCII letters, digits, '-', '_' and '.',
-/// and not "." or "..". Excluding '%' matters: the kernel treats "vm%d" in
-/// TUNSETIFF as a template and picks a free name itself.
-pub fn valid_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_IFNAME_LEN
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn glob_match(pat: &[u8], name: &[u8]) -> bool {

@@ -46,25 +46,12 @@ fn open_tap_queues(ns: &NetNs, name: &str, queues: usize) -> Vec<OwnedFd> {
         assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
         (0..queues)
             .map(|_| {
-                let tun = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open("/dev/net/tun")
-                    .expect("/dev/net/tun");
-                let mut req = [0u8; 40];
-                req[..name.len()].copy_from_slice(name.as_bytes());
                 // As netd makes it: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
                 // [| IFF_MULTI_QUEUE], a 12-byte vnet header.
                 let mq = if queues > 1 { tun::IFF_MULTI_QUEUE } else { 0 };
                 let flags = tun::IFF_TAP | tun::IFF_NO_PI | tun::IFF_VNET_HDR | mq;
-                req[16..18].copy_from_slice(&flags.to_ne_bytes());
-                // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
-                let r = unsafe { libc::ioctl(tun.as_raw_fd(), tun::TUNSETIFF, req.as_mut_ptr()) };
-                assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-                let len = common::netd::VNET_HDR_LEN;
-                // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-                let r = unsafe { libc::ioctl(tun.as_raw_fd(), tun::TUNSETVNETHDRSZ, &len) };
-                assert_eq!(r, 0, "TUNSETVNETHDRSZ: {}", std::io::Error::last_os_error());
+                let tun = tun::open_queue(&name, flags, Some(common::netd::VNET_HDR_LEN))
+                    .expect("TAP queue");
                 OwnedFd::from(tun)
             })
             .collect::<Vec<OwnedFd>>()

@@ -158,23 +158,9 @@ fn in_netns<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
 
 fn open_tap(ns: &NetNs, name: &str) -> OwnedFd {
     in_netns(ns, || {
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .expect("/dev/net/tun");
-        let mut req = [0u8; 40];
-        req[..name.len()].copy_from_slice(name.as_bytes());
-        use common::tun::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF, TUNSETVNETHDRSZ};
+        use common::tun::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, open_queue};
         let flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-        req[16..18].copy_from_slice(&flags.to_ne_bytes());
-        // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
-        let r = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) };
-        assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-        let len = common::netd::VNET_HDR_LEN;
-        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-        let r = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETVNETHDRSZ, &len) };
-        assert_eq!(r, 0, "TUNSETVNETHDRSZ: {}", std::io::Error::last_os_error());
+        let tun = open_queue(name, flags, Some(common::netd::VNET_HDR_LEN)).expect("TAP queue");
         OwnedFd::from(tun)
     })
 }

@@ -386,7 +386,6 @@ pub(crate) mod tests {
     use super::*;
     use crate::memory::GuestRam;
     use kvm_ioctls::Kvm;
-    use std::os::fd::AsRawFd;
 
     /// A TAP with vnet header in a network namespace of the calling thread's
     /// own (needs root, as the test suite runs); None (a reported skip, or a
@@ -401,39 +400,15 @@ pub(crate) mod tests {
             );
             return None;
         }
-        let f = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-        {
+        use common::tun::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, open_queue};
+        let flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        let f = match open_queue(name, flags, Some(common::netd::VNET_HDR_LEN)) {
             Ok(f) => f,
             Err(e) => {
-                netns_unavailable(
-                    "net::attach::tests (a TAP of its own)",
-                    "open /dev/net/tun",
-                    e,
-                );
+                netns_unavailable("net::attach::tests (a TAP of its own)", e.op, e.err);
                 return None;
             }
         };
-        let mut ifr = [0u8; 40];
-        ifr[..name.len()].copy_from_slice(name.as_bytes());
-        use common::tun::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF, TUNSETVNETHDRSZ};
-        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
-        // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
-        let mut r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
-        if r == 0 {
-            // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-            r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETVNETHDRSZ, &common::netd::VNET_HDR_LEN) };
-        }
-        if r < 0 {
-            netns_unavailable(
-                "net::attach::tests (a TAP of its own)",
-                "TUNSETIFF / TUNSETVNETHDRSZ",
-                std::io::Error::last_os_error(),
-            );
-            return None;
-        }
         Some(OwnedFd::from(f))
     }
 

@@ -277,7 +277,7 @@ mod tests {
     /// check the ones the code relies on against the crates' definitions.
     #[test]
     fn ioctl_numbers_match_their_names() {
-        use crate::devices::virtio::net::tap::DEVICE_THREAD_IOCTLS;
+        use net_datapath::tap::DATAPATH_IOCTLS as DEVICE_THREAD_IOCTLS;
         let doc: serde_json::Value = serde_json::from_str(ThreadKind::Device.policy()).unwrap();
         let allowed: Vec<u64> = doc["device"]["filter"]
             .as_array()

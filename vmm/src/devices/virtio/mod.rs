@@ -33,7 +33,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Guest memory as the devices see it (shared with the device threads).
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+pub use net_datapath::GuestMemoryMmap;
 pub type GuestMemory = Arc<GuestMemoryMmap>;
 
 /// Device status bits (virtio 1.2 §2.1).

@@ -3,9 +3,8 @@
 //! guest driver that programs the transport and fills rings in memory.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -16,6 +15,7 @@ use super::net::{NetDevice, datapath::VNET_HDR_LEN};
 use super::{GuestMemory, GuestMemoryMmap, VirtioDevice, status};
 use crate::devices::bus::BusDevice;
 use crate::persist::Format10PartVersion;
+pub use net_datapath::testing::{Peer, SockIo, sock_pair};
 
 /// Rings and buffers of the tests live in the first `MEM_SIZE` bytes of
 /// guest RAM.
@@ -45,118 +45,6 @@ pub fn layout_memory() -> GuestMemoryMmap {
 
 pub fn memory() -> GuestMemory {
     Arc::new(layout_memory())
-}
-
-/// The device end of a socketpair.
-pub struct SockIo {
-    fd: OwnedFd,
-    pub enabled: AtomicBool,
-}
-
-impl AsRawFd for SockIo {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-impl SockIo {
-    /// Bytes waiting to be read on the device's end (0 once the device has
-    /// taken every frame the peer sent).
-    pub fn queued(&self) -> usize {
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one c_int to the pointer, which is live.
-        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::FIONREAD, &mut n) };
-        assert_eq!(r, 0, "FIONREAD: {}", io::Error::last_os_error());
-        n as usize
-    }
-}
-
-impl FrameIo for SockIo {
-    fn set_enabled(&self, on: bool) -> io::Result<()> {
-        self.enabled.store(on, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-/// The "network" end: what the device sends, and frames to send it.
-pub struct Peer {
-    fd: OwnedFd,
-}
-
-impl Peer {
-    pub fn send(&self, frame: &[u8]) {
-        assert!(self.try_send(frame), "peer send failed");
-    }
-
-    /// Sends unless the socket buffer is full.
-    pub fn try_send(&self, frame: &[u8]) -> bool {
-        // SAFETY: frame is valid for its length.
-        let r = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
-        r as usize == frame.len()
-    }
-
-    /// Waits up to 10 s for a frame.
-    pub fn recv(&self) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut buf = vec![0u8; 70000];
-        while Instant::now() < deadline {
-            // SAFETY: buf is valid for its length.
-            let r = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if r >= 0 {
-                buf.truncate(r as usize);
-                return Some(buf);
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        None
-    }
-
-    pub fn try_recv(&self) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 70000];
-        // SAFETY: buf is valid for its length.
-        let r = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        (r >= 0).then(|| {
-            buf.truncate(r as usize);
-            buf
-        })
-    }
-}
-
-pub fn sock_pair() -> (Arc<SockIo>, Peer) {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(r, 0);
-    // SAFETY: socketpair returned two fresh fds we now own.
-    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    (
-        Arc::new(SockIo {
-            fd: a,
-            enabled: AtomicBool::new(true),
-        }),
-        Peer { fd: b },
-    )
 }
 
 pub struct MockBackend {

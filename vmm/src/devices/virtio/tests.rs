@@ -362,7 +362,8 @@ fn event_idx_suppresses_interrupts() {
 
 #[test]
 fn offloads_follow_acked_features() {
-    use super::net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO, offload_flags};
+    use common::tun::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO};
+    use net_datapath::tap::offload_flags;
     let (b, _p) = mock_backend(1);
     let calls = b.offload_calls.clone();
     let d = Driver::start(b, without(&[VIRTIO_NET_F_GUEST_TSO6]));
@@ -841,7 +842,7 @@ fn device_threads_run_under_their_seccomp_allow_list() {
     };
 
     use super::net::event_handler::DEVICE_THREAD_SYSCALLS;
-    use super::net::tap::DEVICE_THREAD_IOCTLS;
+    use net_datapath::tap::DATAPATH_IOCTLS as DEVICE_THREAD_IOCTLS;
 
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &nr in DEVICE_THREAD_SYSCALLS {
@@ -936,4 +937,33 @@ fn restored_pending_interrupt_is_raised_again() {
         quiet.eventfd().read().is_err(),
         "nothing pending, no interrupt"
     );
+}
+
+/// More frames waiting than one rx batch when the device starts: the
+/// device thread delivers them all, in batches, each frame whole.
+#[test]
+fn device_thread_delivers_more_than_one_batch() {
+    use net_datapath::datapath::RX_BATCH;
+    let (b, p) = mock_backend(1);
+    let mem = memory();
+    let mut d = Driver::new_unstarted(b, mem);
+    assert!(d.negotiate(u64::MAX));
+    d.setup_queue(0, 256);
+    d.setup_queue(1, 256);
+    // Buffers posted before DRIVER_OK (the kicks are ignored until then).
+    for _ in 0..200 {
+        d.give_rx(256);
+    }
+    let n = RX_BATCH + 20;
+    for i in 0..n {
+        assert!(
+            p[0].try_send(&frame(&payload(40, i as u8))),
+            "socket buffer full"
+        );
+    }
+    d.driver_ok();
+    let used = d.wait_used(0, n);
+    assert_eq!(used.len(), n);
+    assert!(used.iter().all(|&(_, len)| len == 52));
+    assert!(d.interrupts() >= 1);
 }

@@ -27,7 +27,7 @@ pub type ThreadHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The system calls a device thread makes once its hook ran (serving the
 /// queues, switching TAP queues, stopping), for its seccomp allow-list.
-/// `ioctl` needs only `tap::DEVICE_THREAD_IOCTLS` (first argument: request).
+/// `ioctl` needs only `net_datapath::tap::DATAPATH_IOCTLS` (first argument: request).
 /// `unit tests` run the device under exactly this list.
 pub const DEVICE_THREAD_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_epoll_create1,

@@ -2,7 +2,6 @@
 //! virtqueues, the device threads, and the TAP / vhost-net backends.
 
 pub mod backend;
-pub mod datapath;
 pub mod device;
 pub mod event_handler;
 pub mod persist;
@@ -11,6 +10,9 @@ pub mod vhost;
 
 pub use backend::{BackendKind, BackendState, FrameIo, NetBackend};
 pub use device::{NetDevice, NetError};
+/// The datapath itself lives in the `net-datapath` crate, shared with the
+/// vhost-user-net backend.
+pub use net_datapath::datapath;
 pub use persist::NetState;
 pub use tap::Tap;
 pub use vhost::VhostNetBackend;

@@ -11,7 +11,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::devices::virtio::testing::{Peer, SockIo, sock_pair};
+use crate::testing::{Peer, SockIo, sock_pair};
 
 const DESC: u64 = 0x1_0000;
 const AVAIL: u64 = 0x2_0000;
@@ -167,10 +167,10 @@ impl Ring {
     }
 }
 
-/// Guest RAM with the VMM's layout: low RAM up to the MMIO hole, more
+/// Guest RAM with a VMM's layout: low RAM up to the MMIO hole, more
 /// above 4 GiB.
 fn memory() -> GuestMemoryMmap {
-    crate::devices::virtio::testing::layout_memory()
+    crate::testing::layout_memory()
 }
 
 /// Two regions meeting at 2 MiB (separate mappings, so a buffer across
@@ -544,35 +544,9 @@ fn a_vlan_tagged_full_frame_exactly_filling_a_buffer_arrives() {
     assert_eq!((stats.rx_frames, stats.rx_dropped), (1, 0));
 }
 
-/// More frames waiting than one rx batch when the device starts: the
-/// device thread delivers them all, in batches, each frame whole.
-#[test]
-fn device_thread_delivers_more_than_one_batch() {
-    use crate::devices::virtio::testing::{Driver, mock_backend};
-    let (b, p) = mock_backend(1);
-    let mem = crate::devices::virtio::testing::memory();
-    let mut d = Driver::new_unstarted(b, mem);
-    assert!(d.negotiate(u64::MAX));
-    d.setup_queue(0, 256);
-    d.setup_queue(1, 256);
-    // Buffers posted before DRIVER_OK (the kicks are ignored until then).
-    for _ in 0..200 {
-        d.give_rx(256);
-    }
-    let n = RX_BATCH + 20;
-    for i in 0..n {
-        assert!(p[0].try_send(&frame(40, i as u8)), "socket buffer full");
-    }
-    d.driver_ok();
-    let used = d.wait_used(0, n);
-    assert_eq!(used.len(), n);
-    assert!(used.iter().all(|&(_, len)| len == 52));
-    assert!(d.interrupts() >= 1);
-}
-
 // ---- Hostile chains: what a broken or malicious driver can put in rings.
 
-use crate::devices::virtio::testing::{HIGH_RAM, HIGH_RAM_SIZE, IN_HOLE, LOW_RAM_END};
+use crate::testing::{HIGH_RAM, HIGH_RAM_SIZE, IN_HOLE, LOW_RAM_END};
 
 const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 /// Indirect tables live here, below the buffers.

@@ -15,8 +15,8 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{Error as QueueError, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
-use super::super::GuestMemoryMmap;
-use super::backend::{Dest, FrameIo, IOV_MAX, IoVecs, Src};
+use crate::GuestMemoryMmap;
+use crate::frame_io::{Dest, FrameIo, IOV_MAX, IoVecs, Src};
 
 /// The virtio 1.x net header (with num_buffers), which the TAP also uses.
 pub const VNET_HDR_LEN: usize = common::netd::VNET_HDR_LEN as usize;

@@ -1,0 +1,25 @@
+//! The virtio-net datapath, shared by the vmm's in-process device and the
+//! vhost-user-net backend process: frames between virtqueues in guest
+//! memory and TAP queue fds. Nothing here knows KVM, the virtio transport
+//! or how the guest is interrupted; every value read from guest memory is
+//! untrusted.
+//!
+//! - [`frame_io`]: one frame per read or write, scattered into or gathered
+//!   from guest memory (`FrameIo`, `IoVecs`);
+//! - [`tap`]: a checked TAP queue fd as a `FrameIo`, and the offloads;
+//! - [`datapath`]: rx (with merged buffers), tx and the control queue over
+//!   a `virtio_queue::Queue`.
+
+pub mod datapath;
+pub mod frame_io;
+pub mod tap;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use datapath::{MAX_FRAME_LEN, NetStats, QueueFault, VNET_HDR_LEN};
+pub use frame_io::{Dest, FrameIo, IOV_MAX, IoVecs, Src};
+pub use tap::TapQueue;
+
+/// Guest memory as the datapath sees it: the guest's RAM regions mapped
+/// into this process (shared, from the guest's memfd).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
