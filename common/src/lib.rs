@@ -1,7 +1,8 @@
 //! Shared by netd, vmm and vmctl: the frame codec and the three protocols
 //! carried over it (netd requests, the control API, and the migration stream),
 //! the listener every server socket is created and accepted through, and the
-//! TUN/TAP interface with the one check of a TAP queue fd.
+//! TUN/TAP interface with the one check of a TAP queue fd, and rate-limited
+//! warnings for failures a peer or a guest can repeat at will.
 
 pub mod api;
 pub mod codec;
@@ -9,4 +10,5 @@ pub mod listener;
 pub mod migration;
 pub mod netd;
 pub mod ownership;
+pub mod ratelimit;
 pub mod tun;

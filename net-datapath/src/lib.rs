@@ -8,10 +8,14 @@
 //!   from guest memory (`FrameIo`, `IoVecs`);
 //! - [`tap`]: a checked TAP queue fd as a `FrameIo`, and the offloads;
 //! - [`datapath`]: rx (with merged buffers), tx and the control queue over
-//!   a `virtio_queue::Queue`.
+//!   a `virtio_queue::Queue`;
+//! - [`queue_pair`]: serving a ring when its event fires, telling the
+//!   driver through a [`queue_pair::Notify`] (the vmm's interrupt, a
+//!   vhost-user call eventfd).
 
 pub mod datapath;
 pub mod frame_io;
+pub mod queue_pair;
 pub mod tap;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

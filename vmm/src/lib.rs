@@ -50,7 +50,6 @@ pub mod migration;
 pub mod net;
 pub mod persist;
 pub mod privileges;
-pub mod ratelimit;
 pub mod runtime;
 pub mod sandbox;
 pub mod vcpu;

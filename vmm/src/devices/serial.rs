@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
 use crate::persist::{Format10PartVersion, Persist};
-use crate::ratelimit::WarnLimiter;
+use common::ratelimit::WarnLimiter;
 
 pub const SERIAL_PORT: u64 = 0x3f8;
 pub const SERIAL_PORT_LEN: u64 = 8;
@@ -132,7 +132,7 @@ impl BusDevice for SerialDevice {
             return;
         };
         if let Err(e) = self.uart.write(offset, v) {
-            crate::warn_limited!(self.write_errors, "serial write failed: {e:?}");
+            common::warn_limited!(self.write_errors, "serial write failed: {e:?}");
         }
     }
 }

@@ -226,7 +226,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn fail(&mut self, why: &str) {
-        crate::warn_rate_limited!("virtio-mmio: {why}: device needs reset");
+        common::warn_rate_limited!("virtio-mmio: {why}: device needs reset");
         self.interrupt.set_needs_reset();
     }
 
@@ -253,7 +253,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.device.set_acked_features(f);
                 accepted |= status::FEATURES_OK;
             } else {
-                crate::warn_rate_limited!("virtio-mmio: refusing driver features {f:#x}");
+                common::warn_rate_limited!("virtio-mmio: refusing driver features {f:#x}");
             }
         }
         self.status = accepted;

@@ -137,6 +137,16 @@ impl Interrupt {
     }
 }
 
+/// The datapath signals the guest through the device's interrupt.
+impl net_datapath::queue_pair::Notify for Interrupt {
+    fn signal_used_queue(&self) {
+        Interrupt::signal_used_queue(self);
+    }
+    fn set_needs_reset(&self) {
+        Interrupt::set_needs_reset(self);
+    }
+}
+
 /// A queue handed to the device at activation, with the `EventFd` the
 /// driver's notifications arrive on (ioeventfd on QueueNotify).
 #[derive(Debug)]

@@ -15,10 +15,9 @@ use super::super::{
 };
 use super::backend::{FrameIo, NetBackend};
 use super::datapath::NetStats;
-use super::event_handler::{
-    CtrlQueue, DeviceThread, Job, PairWorker, ThreadHook, VhostRelay, set_active_pairs,
-};
+use super::event_handler::{CtrlQueue, DeviceThread, Job, PairWorker, ThreadHook, VhostRelay};
 use super::vhost::VringSetup;
+use net_datapath::queue_pair::set_active_pairs;
 
 /// Ring size offered for every queue.
 pub const QUEUE_SIZE: u16 = 256;

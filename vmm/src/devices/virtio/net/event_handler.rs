@@ -7,19 +7,15 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering, fence};
-
-use vm_memory::{Bytes, GuestAddress};
+use std::sync::atomic::AtomicU16;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::{ActiveQueue, GuestMemory, Interrupt};
 use super::backend::FrameIo;
-use super::datapath::{
-    MAX_FRAME_LEN, NetStats, QueueFault, RxOutcome, RxState, process_ctrl, process_rx, process_tx,
-};
-use virtio_queue::QueueT;
+use net_datapath::datapath::{MAX_FRAME_LEN, NetStats, RxState};
+use net_datapath::queue_pair::{RingCtx, RxStatus, serve_ctrl, serve_rx, serve_tx};
 
 /// Called first thing in every device thread with the thread's name: the
 /// VMM installs the thread's seccomp filter (and drops anything else) here.
@@ -68,18 +64,6 @@ pub struct CtrlQueue {
     /// Every pair's frame I/O, to attach/detach TAP queues.
     pub all_io: Vec<Arc<dyn FrameIo>>,
     pub broken: bool,
-}
-
-/// Where a queue pair's rx stands after `PairWorker::handle_rx`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RxStatus {
-    /// The backend is drained: the next frame arrives as an epoll event.
-    Idle,
-    /// A frame waits for rx buffers: the driver's kick resumes.
-    WaitingForBuffers,
-    /// A batch went in and the backend may hold more (edge-triggered
-    /// epoll would not say so again).
-    More,
 }
 
 /// Everything one queue pair's thread owns; returned when it stops.
@@ -156,138 +140,51 @@ impl PairWorker {
         self
     }
 
-    fn broken(&self, what: &str, e: &QueueFault) {
-        crate::warn_rate_limited!("virtio-net pair {}: {what} queue: {e}", self.pair);
-        self.interrupt.set_needs_reset();
-    }
-
-    fn notify(&self, q: &mut virtio_queue::Queue) {
-        // needs_notification errs only on unreadable used_event: notify then.
-        if q.needs_notification(&*self.mem).unwrap_or(true) {
-            self.interrupt.signal_used_queue();
-        }
-    }
-
-    /// Serves rx until the backend is drained, a frame waits for buffers
-    /// (notifications are then enabled on the rx queue), or a batch went in
-    /// (the guest is signalled once per batch).
+    /// Serves rx (`net_datapath::queue_pair::serve_rx`).
     pub fn handle_rx(&mut self) -> RxStatus {
-        if self.rx_broken {
-            return RxStatus::Idle;
-        }
-        let mem = self.mem.clone();
-        loop {
-            let r = process_rx(
-                &mut self.rx.queue,
-                &mem,
-                &*self.io,
-                &mut self.rx_state,
-                self.mrg_rxbuf,
-                &mut self.stats,
-            );
-            let (outcome, used) = match r {
-                Ok(x) => x,
-                Err(e) => {
-                    self.rx_broken = true;
-                    self.broken("rx", &e);
-                    return RxStatus::Idle;
-                }
-            };
-            if used {
-                let mut q = std::mem::take(&mut self.rx.queue);
-                self.notify(&mut q);
-                self.rx.queue = q;
-            }
-            match outcome {
-                RxOutcome::Drained => return RxStatus::Idle,
-                RxOutcome::More => return RxStatus::More,
-                RxOutcome::NoBuffers => match self.wait_for_rx_buffers() {
-                    Ok(true) => continue,
-                    Ok(false) => return RxStatus::WaitingForBuffers,
-                    Err(e) => {
-                        self.rx_broken = true;
-                        self.broken("rx", &e);
-                        return RxStatus::Idle;
-                    }
-                },
-            }
-        }
+        let cx = RingCtx {
+            mem: &self.mem,
+            io: &*self.io,
+            notify: &*self.interrupt,
+            pair: self.pair,
+        };
+        serve_rx(
+            &mut self.rx.queue,
+            &cx,
+            &mut self.rx_state,
+            self.mrg_rxbuf,
+            &mut self.rx_broken,
+            &mut self.stats,
+        )
     }
 
-    /// Asks the driver for a kick when it adds rx buffers beyond those
-    /// already seen (too few for the waiting frame). Returns true when
-    /// more arrived meanwhile. virtio-queue's `enable_notification` would
-    /// ask for a kick at `next_avail`, which the driver has already passed
-    /// when we rewound over buffers too small to use: with EVENT_IDX no
-    /// kick would ever come.
-    fn wait_for_rx_buffers(&mut self) -> Result<bool, QueueFault> {
-        let mem = &*self.mem;
-        let q = &mut self.rx.queue;
-        q.enable_notification(mem)
-            .map_err(|e| QueueFault(e.to_string()))?;
-        let seen = self.rx_state.seen_avail;
-        if q.event_idx_enabled() {
-            let at = q
-                .used_ring()
-                .checked_add(4 + 8 * u64::from(q.size()))
-                .ok_or_else(|| QueueFault("used ring address overflows".into()))?;
-            mem.store(seen.to_le(), GuestAddress(at), Ordering::Relaxed)
-                .map_err(|e| QueueFault(format!("avail_event unwritable: {e}")))?;
-        }
-        fence(Ordering::SeqCst);
-        let now = q
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(|e| QueueFault(e.to_string()))?;
-        Ok(now.0 != seen)
-    }
-
+    /// Serves tx (`net_datapath::queue_pair::serve_tx`).
     pub fn handle_tx(&mut self) {
-        if self.tx_broken {
-            return;
-        }
-        let mem = self.mem.clone();
-        loop {
-            if let Err(e) = self.tx.queue.disable_notification(&*mem) {
-                self.tx_broken = true;
-                return self.broken("tx", &QueueFault(e.to_string()));
-            }
-            match process_tx(
-                &mut self.tx.queue,
-                &mem,
-                &*self.io,
-                &mut self.tx_buf,
-                &mut self.stats,
-            ) {
-                Ok(true) => {
-                    let mut q = std::mem::take(&mut self.tx.queue);
-                    self.notify(&mut q);
-                    self.tx.queue = q;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    self.tx_broken = true;
-                    return self.broken("tx", &e);
-                }
-            }
-            match self.tx.queue.enable_notification(&*mem) {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(e) => {
-                    self.tx_broken = true;
-                    return self.broken("tx", &QueueFault(e.to_string()));
-                }
-            }
-        }
+        let cx = RingCtx {
+            mem: &self.mem,
+            io: &*self.io,
+            notify: &*self.interrupt,
+            pair: self.pair,
+        };
+        serve_tx(
+            &mut self.tx.queue,
+            &cx,
+            &mut self.tx_buf,
+            &mut self.tx_broken,
+            &mut self.stats,
+        );
     }
 
     pub fn handle_ctrl(&mut self) {
         if let Some(ctrl) = self.ctrl.as_mut() {
             serve_ctrl(
-                ctrl,
+                &mut ctrl.queue.queue,
                 &self.mem,
+                &ctrl.all_io,
                 self.max_pairs,
                 &self.active_pairs,
-                &self.interrupt,
+                &*self.interrupt,
+                &mut ctrl.broken,
                 &mut self.stats,
             );
         }
@@ -377,60 +274,6 @@ impl PairWorker {
     }
 }
 
-/// Attaches the first `n` TAP queues and detaches the rest, so the kernel
-/// steers frames only to queues the driver serves.
-pub fn set_active_pairs(all_io: &[Arc<dyn FrameIo>], n: u16, active: &AtomicU16) -> bool {
-    if all_io.len() <= 1 {
-        active.store(n, Ordering::SeqCst);
-        return true;
-    }
-    let mut ok = true;
-    // Attach first so there is always at least one attached queue.
-    for (i, io) in all_io.iter().enumerate() {
-        if i < usize::from(n) {
-            ok &= io.set_enabled(true).is_ok();
-        }
-    }
-    for (i, io) in all_io.iter().enumerate() {
-        if i >= usize::from(n) {
-            ok &= io.set_enabled(false).is_ok();
-        }
-    }
-    if ok {
-        active.store(n, Ordering::SeqCst);
-    }
-    ok
-}
-
-/// Serves the control queue once; a broken ring stops it and asks for a reset.
-pub fn serve_ctrl(
-    ctrl: &mut CtrlQueue,
-    mem: &GuestMemory,
-    max_pairs: u16,
-    active: &AtomicU16,
-    interrupt: &Interrupt,
-    stats: &mut NetStats,
-) {
-    if ctrl.broken {
-        return;
-    }
-    let all_io = &ctrl.all_io;
-    let mut set_pairs = |n: u16| set_active_pairs(all_io, n, active);
-    match process_ctrl(&mut ctrl.queue.queue, mem, max_pairs, &mut set_pairs, stats) {
-        Ok(true) => {
-            if ctrl.queue.queue.needs_notification(&**mem).unwrap_or(true) {
-                interrupt.signal_used_queue();
-            }
-        }
-        Ok(false) => {}
-        Err(e) => {
-            ctrl.broken = true;
-            crate::warn_rate_limited!("virtio-net: control queue: {e}");
-            interrupt.set_needs_reset();
-        }
-    }
-}
-
 /// With vhost-net the kernel moves the frames; this thread relays its
 /// per-ring call events to the device's interrupt and serves the control
 /// queue. Returned when stopped, rings included.
@@ -496,11 +339,13 @@ impl VhostRelay {
                         if let Some(c) = self.ctrl.as_mut() {
                             let _ = c.queue.kick.read();
                             serve_ctrl(
-                                c,
+                                &mut c.queue.queue,
                                 &self.mem,
+                                &c.all_io,
                                 self.max_pairs,
                                 &self.active_pairs,
-                                &self.interrupt,
+                                &*self.interrupt,
+                                &mut c.broken,
                                 &mut self.stats,
                             );
                         }

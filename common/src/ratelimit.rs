@@ -68,7 +68,7 @@ macro_rules! warn_limited {
 }
 
 /// [`warn_limited!`] with a limiter of the call site's own (one per
-/// process: one vmm runs one VM), for places that have no state to keep
+/// process: one vmm runs one VM, one backend serves one device), for places that have no state to keep
 /// one in, such as failures a guest can make a device repeat.
 #[macro_export]
 macro_rules! warn_rate_limited {
