@@ -1,12 +1,15 @@
 //! Shared by netd, vmm and vmctl: the frame codec and the three protocols
 //! carried over it (netd requests, the control API, and the migration stream),
-//! the listener every server socket is created and accepted through, and the
+//! the listener every server socket is created and accepted through (and
+//! socket activation and readiness notification for a service manager), and the
 //! TUN/TAP interface with the one check of a TAP queue fd.
 
+pub mod activation;
 pub mod api;
 pub mod codec;
 pub mod listener;
 pub mod migration;
 pub mod netd;
+pub mod notify;
 pub mod ownership;
 pub mod tun;
