@@ -12,11 +12,11 @@ pub const EXIT_BAD_ACTIVATION: u8 = 2;
 /// The listener to serve on, and the path to remove at exit (only a socket
 /// netd bound itself: the manager's socket stays, so that clients keep
 /// queueing on it while netd restarts).
-pub fn serve_on<'a>(
+pub fn serve_on(
     activated: Option<Activated>,
-    socket: Option<&'a Path>,
+    socket: Option<&Path>,
     bind: impl FnOnce(&Path) -> Result<Listener, String>,
-) -> Result<(Listener, Option<&'a Path>), String> {
+) -> Result<(Listener, Option<&Path>), String> {
     if let Some(a) = activated {
         log::info!(
             "serving on the socket passed by the service manager (fd 3, {})",
