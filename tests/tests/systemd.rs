@@ -126,7 +126,16 @@ fn spawn_guest(dir: &TempDir, netd_sock: &Path, n: u8, tap: &str) -> Vm {
 }
 
 fn ping_ok(ns: &NetNs, n: u8) {
-    ns.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", &guest_ip(n).to_string()]);
+    ns.exec(&[
+        "ping",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &guest_ip(n).to_string(),
+    ]);
 }
 
 fn sigterm_and_wait(p: &mut Proc) -> Option<i32> {
@@ -247,12 +256,22 @@ fn netd_refuses_a_passed_fd_that_is_not_a_listening_unix_stream_socket() {
 
     let cases: [(&str, Option<RawFd>, &str, &str); 7] = [
         ("a datagram socket", Some(dgram.as_raw_fd()), "$$", "1"),
-        ("a stream socket not listening", Some(bound.as_raw_fd()), "$$", "1"),
+        (
+            "a stream socket not listening",
+            Some(bound.as_raw_fd()),
+            "$$",
+            "1",
+        ),
         ("a listening TCP socket", Some(tcp.as_raw_fd()), "$$", "1"),
         ("a connected stream socket", Some(a.as_raw_fd()), "$$", "1"),
         ("a regular file", Some(file.as_raw_fd()), "$$", "1"),
         ("no fd 3 at all", None, "$$", "1"),
-        ("a LISTEN_FDS that is no count", Some(dgram.as_raw_fd()), "$$", "one"),
+        (
+            "a LISTEN_FDS that is no count",
+            Some(dgram.as_raw_fd()),
+            "$$",
+            "one",
+        ),
     ];
     for (what, fd, pid, fds) in cases {
         let mut p = spawn_activated(&ns, fd, pid, fds, None, &args);
@@ -261,7 +280,10 @@ fn netd_refuses_a_passed_fd_that_is_not_a_listening_unix_stream_socket() {
         let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("netd: ")).collect();
         assert_eq!(st.code(), Some(2), "{what}: {err}");
         assert_eq!(lines.len(), 1, "{what}: {err}");
-        assert!(lines[0].starts_with("netd: socket activation: "), "{what}: {err}");
+        assert!(
+            lines[0].starts_with("netd: socket activation: "),
+            "{what}: {err}"
+        );
     }
 
     // Variables meant for another process are not taken: netd then binds
@@ -269,7 +291,11 @@ fn netd_refuses_a_passed_fd_that_is_not_a_listening_unix_stream_socket() {
     let mut p = spawn_activated(&ns, Some(dgram.as_raw_fd()), "1", "1", None, &args);
     let st = p.wait_exit(SETTLE);
     assert_eq!(st.code(), Some(1), "{}", p.stderr());
-    assert!(p.stderr().contains("--socket is required"), "{}", p.stderr());
+    assert!(
+        p.stderr().contains("--socket is required"),
+        "{}",
+        p.stderr()
+    );
     assert!(!p.stderr().contains("socket activation"), "{}", p.stderr());
 }
 
@@ -356,7 +382,10 @@ fn install_puts_everything_in_place_and_every_unit_verifies() {
     // The units name the installed paths.
     let vmm_unit = std::fs::read_to_string(units.join("vmm@.service")).unwrap();
     assert!(vmm_unit.contains(&format!("ExecStart={}/bin/vmm ", root.display())));
-    assert!(vmm_unit.contains(&format!("EnvironmentFile={}/etc/vmm/%i.conf", root.display())));
+    assert!(vmm_unit.contains(&format!(
+        "EnvironmentFile={}/etc/vmm/%i.conf",
+        root.display()
+    )));
     assert!(!vmm_unit.contains("/usr/local"), "{vmm_unit}");
 
     // An instance of the template, as systemd would load it.
@@ -387,9 +416,15 @@ fn install_puts_everything_in_place_and_every_unit_verifies() {
     let files = [
         ("man/vmm.1", "share/man/man1/vmm.1"),
         ("man/netd.1", "share/man/man1/netd.1"),
-        ("completions/bash/vmctl", "share/bash-completion/completions/vmctl"),
+        (
+            "completions/bash/vmctl",
+            "share/bash-completion/completions/vmctl",
+        ),
         ("completions/zsh/_vmctl", "share/zsh/site-functions/_vmctl"),
-        ("completions/fish/vmctl.fish", "share/fish/vendor_completions.d/vmctl.fish"),
+        (
+            "completions/fish/vmctl.fish",
+            "share/fish/vendor_completions.d/vmctl.fish",
+        ),
     ];
     for (src, _) in files {
         let p = assets.join(src);
@@ -402,7 +437,11 @@ fn install_puts_everything_in_place_and_every_unit_verifies() {
         .env("PREFIX", "/usr")
         .env("CARGO_TARGET_DIR", &fake);
     let out = output_within(c, SETTLE);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (src, dst) in files {
         let got = std::fs::read_to_string(dest.join("usr").join(dst)).unwrap();
         assert_eq!(got, src);
@@ -590,7 +629,15 @@ struct Ping {
 impl Ping {
     fn start(ns: &NetNs, n: u8) -> Ping {
         let mut child = ns
-            .command(&["ping", "-n", "-i", "0.002", "-W", "2", &guest_ip(n).to_string()])
+            .command(&[
+                "ping",
+                "-n",
+                "-i",
+                "0.002",
+                "-W",
+                "2",
+                &guest_ip(n).to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -658,8 +705,17 @@ fn upgrade_recipe_moves_a_running_instance_under_a_real_systemd() {
     std::fs::write(units.join("vmm@.service"), unit).unwrap();
     // What a system has and these units rely on.
     for t in [
-        "test", "sysinit", "basic", "shutdown", "sockets", "paths", "timers", "slices",
-        "network", "multi-user", "local-fs",
+        "test",
+        "sysinit",
+        "basic",
+        "shutdown",
+        "sockets",
+        "paths",
+        "timers",
+        "slices",
+        "network",
+        "multi-user",
+        "local-fs",
     ] {
         std::fs::write(units.join(format!("{t}.target")), "[Unit]\n").unwrap();
     }
@@ -700,7 +756,11 @@ fn upgrade_recipe_moves_a_running_instance_under_a_real_systemd() {
         .unwrap_or_else(|_| bin("vmm"));
     install_binary(&first, &root.join("bin/vmm"));
 
-    let m = Manager::start(&ns, &units, &format!("vmmtest-systemd-{}", std::process::id()));
+    let m = Manager::start(
+        &ns,
+        &units,
+        &format!("vmmtest-systemd-{}", std::process::id()),
+    );
     m.systemctl_ok(&["start", "netd.socket", "vmm@test.service"]);
     let vmm_out = root.join("vmm@.out");
     let netd_out = root.join("netd.out");
@@ -718,7 +778,12 @@ fn upgrade_recipe_moves_a_running_instance_under_a_real_systemd() {
         "{}",
         logs()
     );
-    assert_eq!(m.show("netd.service", "ActiveState"), "active", "{}", logs());
+    assert_eq!(
+        m.show("netd.service", "ActiveState"),
+        "active",
+        "{}",
+        logs()
+    );
     assert!(
         std::fs::read_to_string(&netd_out)
             .unwrap_or_default()
@@ -731,7 +796,13 @@ fn upgrade_recipe_moves_a_running_instance_under_a_real_systemd() {
     let api = "/run/vmm/test/api.sock";
     let vmctl = root.join("bin/vmctl");
     let status_pid = || -> String {
-        let out = m.run(&[vmctl.to_str().unwrap(), "--api-socket", api, "status", "--json"]);
+        let out = m.run(&[
+            vmctl.to_str().unwrap(),
+            "--api-socket",
+            api,
+            "status",
+            "--json",
+        ]);
         let v: serde_json::Value =
             serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         v["pid"].to_string()
@@ -746,7 +817,10 @@ fn upgrade_recipe_moves_a_running_instance_under_a_real_systemd() {
 
     // A new vmm is installed; the running one keeps the old file.
     install_binary(&bin("vmm"), &root.join("bin/vmm"));
-    let new_inode = std::fs::metadata(root.join("bin/vmm")).unwrap().ino().to_string();
+    let new_inode = std::fs::metadata(root.join("bin/vmm"))
+        .unwrap()
+        .ino()
+        .to_string();
     assert_ne!(exe_inode(&before), new_inode);
 
     let ping = Ping::start(&ns, 1);
@@ -762,17 +836,38 @@ fn upgrade_recipe_moves_a_running_instance_under_a_real_systemd() {
     );
     std::thread::sleep(Duration::from_secs(1));
     let pings = ping.stop();
+    eprintln!(
+        "upgrade from {}: {} ping: {pings:?}",
+        first.display(),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
     assert!(pings.answered > 300, "{pings:?}");
     assert!(pings.missing.is_empty(), "ping replies lost: {pings:?}");
 
     let after = m.show("vmm@test.service", "MainPID");
-    assert_eq!(m.show("vmm@test.service", "ActiveState"), "active", "{}", logs());
+    assert_eq!(
+        m.show("vmm@test.service", "ActiveState"),
+        "active",
+        "{}",
+        logs()
+    );
     assert_ne!(after, "0");
     assert_ne!(after, before, "MainPID did not move to the new vmm");
-    assert_eq!(status_pid(), after, "the unit tracks the vmm that owns the guest");
-    assert_eq!(exe_inode(&after), new_inode, "the new main process runs the new binary");
+    assert_eq!(
+        status_pid(),
+        after,
+        "the unit tracks the vmm that owns the guest"
+    );
+    assert_eq!(
+        exe_inode(&after),
+        new_inode,
+        "the new main process runs the new binary"
+    );
     let gone = m.run(&["kill", "-0", &before]);
-    assert!(!gone.status.success(), "the old vmm {before} is still there");
+    assert!(
+        !gone.status.success(),
+        "the old vmm {before} is still there"
+    );
     ping_ok(&ns, 1);
 
     // `systemctl reload netd`: the policy is read again; netd stays ready.
@@ -788,9 +883,15 @@ fn upgrade_recipe_moves_a_running_instance_under_a_real_systemd() {
     // Stop: through `vmctl shutdown`, the vmm's exit 0, a clean result.
     m.systemctl_ok(&["stop", "vmm@test.service"]);
     assert_eq!(m.show("vmm@test.service", "ActiveState"), "inactive");
-    assert_eq!(m.show("vmm@test.service", "Result"), "success", "{}", logs());
+    assert_eq!(
+        m.show("vmm@test.service", "Result"),
+        "success",
+        "{}",
+        logs()
+    );
     let text = std::fs::read_to_string(&vmm_out).unwrap();
     let upgraded_at = text.find("moved from pid").expect("the upgrade's line");
+    eprintln!("{}", text[upgraded_at..].lines().next().unwrap_or(""));
     assert!(
         text[upgraded_at..].contains("VM stopped: ApiShutdown"),
         "the stop did not go through vmctl shutdown: {}",
