@@ -7,6 +7,7 @@
 //! `netd --check-policy FILE` to validate a policy without serving.
 //! SIGHUP reloads the policy file; SIGTERM/SIGINT stop netd.
 
+mod activation;
 mod audit;
 mod iface;
 mod policy;
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::listener::Listener;
+use common::notify::Notifier;
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
 use crate::policy::{Cidr, Policy};
@@ -47,7 +49,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
 }
 
 struct Args {
-    socket: PathBuf,
+    socket: Option<PathBuf>,
     policy: PathBuf,
     audit_log: Option<PathBuf>,
     limits: Limits,
@@ -110,7 +112,7 @@ fn parse_args() -> Result<Invocation, String> {
         }
     }
     Ok(Invocation::Serve(Args {
-        socket: socket.ok_or_else(|| format!("--socket is required\n{USAGE}"))?,
+        socket,
         policy: policy.ok_or_else(|| format!("--policy is required\n{USAGE}"))?,
         audit_log,
         limits,
@@ -162,7 +164,7 @@ fn print_error(e: &str) {
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args, activated: Option<common::activation::Activated>) -> Result<(), String> {
     let policy = Policy::load(&args.policy).map_err(|e| e.to_string())?;
     for b in &policy.bridges {
         let addr = b
@@ -192,13 +194,16 @@ fn run(args: Args) -> Result<(), String> {
         // SAFETY: the handler only stores to atomics, which is async-signal-safe.
         unsafe { sigaction(sig, &handler) }.map_err(|e| format!("sigaction {sig}: {e}"))?;
     }
-    let listener = bind(&args.socket)?;
-    log::info!("serving on {}", args.socket.display());
+    let notify = Notifier::from_env().map_err(|e| e.to_string())?;
+    // A socket from the manager is the manager's: left in place at exit.
+    let (listener, own_path) = activation::serve_on(activated, args.socket.as_deref(), bind)?;
     let server = Arc::new(Server::new(policy, args.policy, audit, args.limits));
     let result = server
-        .run(listener, &STOP, &RELOAD)
+        .run(listener, &STOP, &RELOAD, &notify)
         .map_err(|e| format!("accept loop: {e}"));
-    let _ = std::fs::remove_file(&args.socket);
+    if let Some(p) = own_path {
+        let _ = std::fs::remove_file(p);
+    }
     log::info!("stopped");
     result
 }
@@ -221,7 +226,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(args) {
+    let activated = match common::activation::listener_from_env() {
+        Ok(a) => a,
+        Err(e) => {
+            print_error(&e.to_string());
+            return ExitCode::from(activation::EXIT_BAD_ACTIVATION);
+        }
+    };
+    match run(args, activated) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             print_error(&e);

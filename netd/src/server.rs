@@ -30,6 +30,7 @@ use common::listener::{ConnLimits, Connection, Listener, PeerCred};
 use common::netd::{
     NETD_MAX_FRAME, NETD_PROTOCOL_VERSION, NetdErrorKind, NetdRequest, NetdResponse,
 };
+use common::notify::Notifier;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::audit::{AuditLog, Peer, bounded, truncate};
@@ -190,20 +191,31 @@ impl Server {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Serves until `stop` becomes true.
     /// Serves until `stop` becomes true; reloads the policy whenever
-    /// `reload` was set (SIGHUP), between accepts.
+    /// `reload` was set (SIGHUP), between accepts. Tells the service
+    /// manager (`notify`) when it is ready, reloading, and stopping.
     pub fn run(
         self: &Arc<Self>,
         listener: Listener,
         stop: &AtomicBool,
         reload: &AtomicBool,
+        notify: &Notifier,
     ) -> io::Result<()> {
         listener.set_nonblocking(true)?;
+        let tell = |state: &str| {
+            if let Err(e) = notify.notify(state) {
+                log::warn!("{e}");
+            }
+        };
+        tell("READY=1");
         let mut next_id = 0u64;
         while !stop.load(Ordering::SeqCst) {
             if reload.swap(false, Ordering::SeqCst) {
+                if let Err(e) = notify.reloading() {
+                    log::warn!("{e}");
+                }
                 self.reload();
+                tell("READY=1");
             }
             if let Err(e) = self.audit.flush_summaries() {
                 log::error!("audit log: {e}");
@@ -228,6 +240,7 @@ impl Server {
             next_id += 1;
             self.admit(next_id, stream, peer_of(cred));
         }
+        tell("STOPPING=1");
         for s in self.streams().values() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
