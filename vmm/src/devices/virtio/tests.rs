@@ -172,7 +172,7 @@ fn rx_waits_for_buffers() {
     wait_for("the device to read the frame", || io[0].queued() == 0);
     d.t.device_mut().pause().unwrap();
     assert_eq!(d.used_idx(0), 0, "a used entry without any rx buffer");
-    assert_eq!(d.t.device().stats().rx_frames, 0);
+    assert_eq!(d.t.device().stats().rx_packets, 0);
     d.t.device_mut().resume().unwrap();
     d.give_rx(1500);
     assert_eq!(d.wait_used(0, 1), vec![(0, 62)]);
@@ -237,8 +237,8 @@ fn hostile_tx_chains_are_dropped_and_device_keeps_working() {
     d.t.device_mut().pause().unwrap();
     let s: NetStats = d.t.device().stats();
     // Nine bad chains and the head outside the ring.
-    assert_eq!(s.bad_chains, 10);
-    assert_eq!(s.tx_frames, 1);
+    assert_eq!(s.bad_chains(), 10);
+    assert_eq!(s.tx_packets, 1);
 }
 
 #[test]
@@ -640,10 +640,10 @@ fn fuzz_datapath_with_random_rings() {
                     sent += 1;
                 }
                 frames_out += sent;
-                assert_eq!(sent, stats.tx_frames - before.tx_frames, "{ctx}");
+                assert_eq!(sent, stats.tx_packets - before.tx_packets, "{ctx}");
                 if r.is_ok() {
-                    let handled = (stats.tx_frames + stats.tx_dropped + stats.bad_chains)
-                        - (before.tx_frames + before.tx_dropped + before.bad_chains);
+                    let handled = (stats.tx_packets + stats.tx_tap_errors + stats.bad_chains())
+                        - (before.tx_packets + before.tx_tap_errors + before.bad_chains());
                     assert_eq!(handled, u64::from(avail_idx), "{ctx}: every chain handled");
                     let u = used_since(&mem, used, size, 0);
                     assert!(
@@ -663,8 +663,8 @@ fn fuzz_datapath_with_random_rings() {
                 let n = rng.below(2000) as usize + 1;
                 assert!(peer.try_send(&payload(n, rng.next() as u8)), "{ctx}");
                 let r = process_rx(&mut q, &mem, &*io, &mut rx, rng.below(2) == 1, &mut stats);
-                let delivered = stats.rx_frames - before.rx_frames;
-                let dropped = stats.rx_dropped - before.rx_dropped;
+                let delivered = stats.rx_packets - before.rx_packets;
+                let dropped = stats.rx_dropped() - before.rx_dropped();
                 assert!(delivered + dropped <= 1, "{ctx}: one frame was sent");
                 frames_in += delivered;
                 if r.is_ok() {
@@ -709,7 +709,7 @@ fn fuzz_datapath_with_random_rings() {
     eprintln!(
         "datapath fuzz: {rounds} rounds, {faults} queue faults, {frames_out} frames out, {frames_in} in, {stats:?}"
     );
-    assert!(faults > 0 && stats.bad_chains > 0 && frames_out > 0 && frames_in > 0);
+    assert!(faults > 0 && stats.bad_chains() > 0 && frames_out > 0 && frames_in > 0);
 }
 
 /// Random register writes and ring contents against the whole device with

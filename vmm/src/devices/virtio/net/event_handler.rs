@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::super::{ActiveQueue, GuestMemory, Interrupt};
 use super::backend::FrameIo;
+use super::counters::CounterCell;
 use super::datapath::{
     MAX_FRAME_LEN, NetStats, QueueFault, RxOutcome, RxState, process_ctrl, process_rx, process_tx,
 };
@@ -97,7 +98,10 @@ pub struct PairWorker {
     pub rx_state: RxState,
     pub rx_broken: bool,
     pub tx_broken: bool,
+    /// This pair's counters: plain integers, this thread's alone.
     pub stats: NetStats,
+    /// Where `stats` is published once per batch for the API thread.
+    cell: Arc<CounterCell>,
     tx_buf: Vec<u8>,
 }
 
@@ -130,8 +134,18 @@ impl PairWorker {
             rx_broken: false,
             tx_broken: false,
             stats: NetStats::default(),
+            cell: Arc::new(CounterCell::default()),
             tx_buf: vec![0; MAX_FRAME_LEN],
         }
+    }
+
+    /// Counting goes on from `stats` (this pair's totals so far), published
+    /// in `cell`.
+    pub fn with_counters(mut self, stats: NetStats, cell: Arc<CounterCell>) -> Self {
+        self.stats = stats;
+        cell.publish(&stats);
+        self.cell = cell;
+        self
     }
 
     /// Whether the driver acked guest TSO/UFO (64 KiB rx frames): sets how
@@ -161,11 +175,8 @@ impl PairWorker {
         self.interrupt.set_needs_reset();
     }
 
-    fn notify(&self, q: &mut virtio_queue::Queue) {
-        // needs_notification errs only on unreadable used_event: notify then.
-        if q.needs_notification(&*self.mem).unwrap_or(true) {
-            self.interrupt.signal_used_queue();
-        }
+    fn notify(&mut self, q: &mut virtio_queue::Queue) {
+        notify(q, &self.mem, &self.interrupt, &mut self.stats);
     }
 
     /// Serves rx until the backend is drained, a frame waits for buffers
@@ -293,8 +304,15 @@ impl PairWorker {
         }
     }
 
-    /// Runs until `stop` fires; returns itself so the queues survive.
-    pub fn run(mut self, stop: &EventFd) -> Self {
+    /// Runs until `stop` fires; returns itself so the queues survive, its
+    /// counters published.
+    pub fn run(self, stop: &EventFd) -> Self {
+        let w = self.serve(stop);
+        w.cell.publish(&w.stats);
+        w
+    }
+
+    fn serve(mut self, stop: &EventFd) -> Self {
         let epoll = match self.setup_epoll(stop) {
             Ok(e) => e,
             Err(e) => {
@@ -353,6 +371,7 @@ impl PairWorker {
             if rx == RxStatus::More && !rx_served {
                 rx = self.handle_rx();
             }
+            self.cell.publish(&self.stats);
         }
     }
 
@@ -417,17 +436,31 @@ pub fn serve_ctrl(
     let all_io = &ctrl.all_io;
     let mut set_pairs = |n: u16| set_active_pairs(all_io, n, active);
     match process_ctrl(&mut ctrl.queue.queue, mem, max_pairs, &mut set_pairs, stats) {
-        Ok(true) => {
-            if ctrl.queue.queue.needs_notification(&**mem).unwrap_or(true) {
-                interrupt.signal_used_queue();
-            }
-        }
+        Ok(true) => notify(&mut ctrl.queue.queue, mem, interrupt, stats),
         Ok(false) => {}
         Err(e) => {
             ctrl.broken = true;
             crate::warn_rate_limited!("virtio-net: control queue: {e}");
             interrupt.set_needs_reset();
         }
+    }
+}
+
+/// Signals the guest that `q`'s used ring changed, unless the driver said
+/// (with EVENT_IDX, its `used_event`; or the avail ring's NO_INTERRUPT
+/// flag) that it does not need it yet; counts either way.
+fn notify(
+    q: &mut virtio_queue::Queue,
+    mem: &GuestMemory,
+    interrupt: &Interrupt,
+    stats: &mut NetStats,
+) {
+    // needs_notification errs only on unreadable used_event: notify then.
+    if q.needs_notification(&**mem).unwrap_or(true) {
+        interrupt.signal_used_queue();
+        stats.interrupts += 1;
+    } else if q.event_idx_enabled() {
+        stats.interrupts_suppressed += 1;
     }
 }
 
@@ -442,13 +475,30 @@ pub struct VhostRelay {
     pub interrupt: Arc<Interrupt>,
     pub active_pairs: Arc<AtomicU16>,
     pub max_pairs: u16,
-    pub stats: NetStats,
+    /// Per pair, what this thread can see: interrupts relayed (the kernel
+    /// already left out those EVENT_IDX saved) and control-queue bad
+    /// chains (pair 0). Frames, bytes and drops are the kernel's.
+    pub stats: Vec<NetStats>,
+    pub cells: Vec<Arc<CounterCell>>,
 }
 
 const CALL_BASE: u64 = 100;
 
 impl VhostRelay {
-    pub fn run(mut self, stop: &EventFd) -> Self {
+    fn publish(&self) {
+        for (c, s) in self.cells.iter().zip(&self.stats) {
+            c.publish(s);
+        }
+    }
+
+    /// Runs until `stop` fires; returns itself, its counters published.
+    pub fn run(self, stop: &EventFd) -> Self {
+        let r = self.serve(stop);
+        r.publish();
+        r
+    }
+
+    fn serve(mut self, stop: &EventFd) -> Self {
         let setup = || -> std::io::Result<Epoll> {
             let epoll = Epoll::new()?;
             let add = |fd: i32, data: u64| {
@@ -493,7 +543,7 @@ impl VhostRelay {
                         return self;
                     }
                     CTRL_KICK => {
-                        if let Some(c) = self.ctrl.as_mut() {
+                        if let (Some(c), Some(s)) = (self.ctrl.as_mut(), self.stats.first_mut()) {
                             let _ = c.queue.kick.read();
                             serve_ctrl(
                                 c,
@@ -501,21 +551,23 @@ impl VhostRelay {
                                 self.max_pairs,
                                 &self.active_pairs,
                                 &self.interrupt,
-                                &mut self.stats,
+                                s,
                             );
                         }
                     }
                     d => {
-                        if let Some(c) = d
-                            .checked_sub(CALL_BASE)
-                            .and_then(|i| self.calls.get(i as usize))
-                        {
+                        let ring = d.checked_sub(CALL_BASE).unwrap_or(u64::MAX) as usize;
+                        if let Some(c) = self.calls.get(ring) {
                             let _ = c.read();
                             self.interrupt.signal_used_queue();
+                            if let Some(s) = self.stats.get_mut(ring / 2) {
+                                s.interrupts += 1;
+                            }
                         }
                     }
                 }
             }
+            self.publish();
         }
     }
 }

@@ -2,6 +2,7 @@
 //! virtqueues, the device threads, and the TAP / vhost-net backends.
 
 pub mod backend;
+pub mod counters;
 pub mod datapath;
 pub mod device;
 pub mod event_handler;
@@ -10,6 +11,7 @@ pub mod tap;
 pub mod vhost;
 
 pub use backend::{BackendKind, BackendState, FrameIo, NetBackend};
+pub use counters::NetStats;
 pub use device::{NetDevice, NetError};
 pub use persist::NetState;
 pub use tap::Tap;
