@@ -210,6 +210,10 @@ pub(crate) const FIXTURES: &[(&str, &str)] = &[
         "1.3",
         include_str!("../../tests/fixtures/machine-state-1.3.ron"),
     ),
+    (
+        "1.4",
+        include_str!("../../tests/fixtures/machine-state-1.4.ron"),
+    ),
 ];
 
 #[cfg(test)]
