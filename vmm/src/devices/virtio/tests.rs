@@ -237,7 +237,7 @@ fn hostile_tx_chains_are_dropped_and_device_keeps_working() {
     d.t.device_mut().pause().unwrap();
     let s: NetStats = d.t.device().stats();
     // Nine bad chains and the head outside the ring.
-    assert_eq!(s.bad_chains(), 10);
+    assert_eq!((s.bad_chains(), s.tx_bad_chains), (10, 10));
     assert_eq!(s.tx_packets, 1);
 }
 
@@ -351,6 +351,10 @@ fn event_idx_suppresses_interrupts() {
     // (an interrupt comes right after its used entry, if at all).
     d.t.device_mut().pause().unwrap();
     assert_eq!(d.interrupts(), 0, "used_event 100 is not crossed");
+    // Counted as saved (one per batch: 1 to 3 of them), none as sent.
+    let s = d.t.device().stats();
+    assert!((1..=3).contains(&s.interrupts_suppressed), "{s:?}");
+    assert_eq!((s.interrupts, s.tx_packets), (0, 3), "{s:?}");
     d.t.device_mut().resume().unwrap();
     d.mem.write_obj(3u16, used_event).unwrap();
     d.send(&payload(20, 9));
@@ -358,6 +362,13 @@ fn event_idx_suppresses_interrupts() {
     wait_for("an interrupt once used_event is crossed", || {
         d.interrupts() > 0
     });
+    // Published by the running thread, per batch: no pause needed.
+    wait_for("the interrupt counted", || {
+        d.t.device().stats().interrupts == 1
+    });
+    let q = d.t.device().queue_stats();
+    assert_eq!(q.len(), 1);
+    assert_eq!((q[0].tx_packets, q[0].tx_bytes), (4, 80));
 }
 
 #[test]

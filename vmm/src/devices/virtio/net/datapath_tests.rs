@@ -326,7 +326,7 @@ fn short_rx_buffers_are_returned_empty_and_skipped() {
     got.extend(r.read(b, 512));
     assert_eq!(num_buffers(&got), 2);
     assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..]);
-    assert_eq!(stats.bad_chains(), 2);
+    assert_eq!((stats.rx_bad_chains, stats.bad_chains()), (2, 2));
     assert_eq!(r.q.next_avail(), 4);
 }
 
@@ -377,6 +377,7 @@ fn without_mrg_a_frame_longer_than_the_chain_is_dropped() {
     assert_eq!(r.used(), vec![(0, 42)]);
     assert_eq!(r.read(a, 42)[VNET_HDR_LEN..], small[VNET_HDR_LEN..]);
     assert_eq!((stats.rx_packets, stats.rx_dropped()), (1, 1));
+    assert_eq!((stats.rx_dropped_no_buffer, stats.rx_tap_errors), (1, 0));
 }
 
 #[test]
@@ -929,6 +930,7 @@ fn each_hostile_tx_chain_is_refused_on_its_own() {
         );
         assert_eq!(t.used(), vec![(0, 0)], "{what}");
         assert_eq!((stats.tx_packets, stats.bad_chains()), (0, 1), "{what}");
+        assert_eq!(stats.tx_bad_chains, 1, "{what}");
         assert!(peer.try_recv().is_none(), "{what}: became a frame");
     }
 }
@@ -1103,6 +1105,7 @@ fn hostile_control_chains_are_answered_and_change_nothing() {
             None => {
                 assert_eq!(got, 0xee, "{what}: ack written");
                 assert_eq!(stats.bad_chains(), 1, "{what}");
+                assert_eq!(stats.ctrl_bad_chains, 1, "{what}");
             }
         }
         if ack_byte.is_some() {
@@ -1136,4 +1139,87 @@ fn hostile_control_chains_are_answered_and_change_nothing() {
         let reached: Vec<u16> = if req == [4, 0, 3, 0] { vec![3] } else { vec![] };
         assert_eq!(set, reached, "{req:?}");
     }
+}
+
+/// Counters: packets and Ethernet bytes (the vnet header left out, as the
+/// TAP counts them) each way, copied frames included.
+#[test]
+fn packets_and_bytes_are_counted_each_way() {
+    let (mut r, io, peer, mut st, mut stats) = setup();
+    for _ in 0..4 {
+        r.rx_buf(1000);
+    }
+    peer.send(&frame(100, 1));
+    peer.send(&frame(1400, 2)); // two buffers, merged
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert_eq!((stats.rx_packets, stats.rx_bytes), (2, 1500));
+    // A frame waiting in the bounce buffer counts once delivered.
+    peer.send(&frame(1500, 3));
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert!(st.has_pending());
+    assert_eq!(stats.rx_packets, 2);
+    r.rx_buf(2000);
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert_eq!((stats.rx_packets, stats.rx_bytes), (3, 3000));
+
+    let mut t = Ring::new(memory());
+    let mem = t.mem.clone();
+    for n in [60usize, 1514] {
+        let a = t.alloc(2000);
+        mem.write_slice(&frame(n, 4), GuestAddress(a)).unwrap();
+        t.chain(&[(a, (VNET_HDR_LEN + n) as u32, false)]);
+    }
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    process_tx(&mut t.q, &mem, &io, &mut buf, &mut stats).unwrap();
+    assert_eq!((stats.tx_packets, stats.tx_bytes), (2, 1574));
+    assert_eq!(
+        stats.rx_dropped() + stats.tx_tap_errors + stats.bad_chains(),
+        0
+    );
+}
+
+/// A read shorter than a vnet header is the TAP's fault, not the guest's.
+#[test]
+fn an_unusable_frame_from_the_tap_is_a_tap_error() {
+    let (mut r, io, peer, mut st, mut stats) = setup();
+    let a = r.rx_buf(1000);
+    peer.send(&[0u8; VNET_HDR_LEN - 1]);
+    let good = frame(64, 5);
+    peer.send(&good);
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert_eq!(r.used(), vec![(0, 76)]);
+    assert_eq!(r.read(a, 76)[VNET_HDR_LEN..], good[VNET_HDR_LEN..]);
+    assert_eq!(
+        (
+            stats.rx_tap_errors,
+            stats.rx_dropped_no_buffer,
+            stats.rx_packets
+        ),
+        (1, 0, 1)
+    );
+}
+
+/// A write the TAP refuses drops that frame, counted; the chain comes back.
+#[test]
+fn a_write_the_tap_refuses_is_a_tx_tap_error() {
+    let (io, peer) = sock_pair();
+    drop(peer); // writes now fail (EPIPE)
+    let mut t = Ring::new(memory());
+    let mem = t.mem.clone();
+    let a = t.alloc(200);
+    mem.write_slice(&frame(100, 6), GuestAddress(a)).unwrap();
+    t.chain(&[(a, 112, false)]);
+    let mut stats = NetStats::default();
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    assert!(process_tx(&mut t.q, &mem, &*io, &mut buf, &mut stats).unwrap());
+    assert_eq!(t.used(), vec![(0, 0)]);
+    assert_eq!(
+        (
+            stats.tx_tap_errors,
+            stats.tx_packets,
+            stats.tx_bytes,
+            stats.tx_bad_chains
+        ),
+        (1, 0, 0, 0)
+    );
 }
