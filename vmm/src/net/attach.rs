@@ -293,7 +293,7 @@ impl NetAttachment {
             queues: pairs,
             vhost,
             counters: Some(api_counters(
-                &queues.iter().fold(NetStats::default(), |t, s| t.add(s)),
+                &queues.iter().fold(NetStats::default(), |t, s| t.plus(s)),
             )),
             queue_counters: queues.iter().map(api_counters).collect(),
             counters_note: vhost.then(|| VHOST_COUNTERS_NOTE.to_string()),

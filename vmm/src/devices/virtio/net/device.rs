@@ -187,7 +187,7 @@ impl NetDevice {
     pub fn stats(&self) -> NetStats {
         self.queue_stats()
             .iter()
-            .fold(NetStats::default(), |t, s| t.add(s))
+            .fold(NetStats::default(), |t, s| t.plus(s))
     }
 
     /// Each queue pair's counters: exact while paused, as of each pair's
