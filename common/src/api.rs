@@ -48,6 +48,8 @@ pub enum RunState {
     Migrated,
 }
 
+/// One NIC. Fields added after 0.2.0 carry `#[serde(default)]` (a newer
+/// vmctl reads an older vmm's status); an older vmctl skips them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetStatus {
     pub id: String,
@@ -55,6 +57,66 @@ pub struct NetStatus {
     pub mac: String,
     pub queues: u16,
     pub vhost: bool,
+    /// The NIC's counters: the sum of `queue_counters`. Since 0.3.0
+    /// (`None` from an older vmm).
+    #[serde(default)]
+    pub counters: Option<NetCounters>,
+    /// Each queue pair's counters, in pair order. Since 0.3.0.
+    #[serde(default)]
+    pub queue_counters: Vec<NetCounters>,
+    /// What the counters leave out, when they do: with vhost-net the
+    /// kernel moves the frames. Since 0.3.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters_note: Option<String>,
+}
+
+/// A NIC's (or one queue pair's) counters since it was created; a
+/// migrated NIC's go on from its source's. rx is towards the guest, tx
+/// from it; bytes are Ethernet frame bytes (the vnet header left out), as
+/// the TAP's own statistics count them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: NetDrops,
+    /// Used-buffer notifications (interrupts) sent to the guest.
+    pub interrupts: u64,
+    /// Used-buffer notifications left out because the driver's
+    /// `used_event` said it did not need them yet (EVENT_IDX).
+    pub interrupts_saved_by_event_idx: u64,
+}
+
+/// Frames and buffers dropped, by cause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetDrops {
+    /// Frames from the TAP that the guest's rx buffers could not hold.
+    pub no_rx_buffer: u64,
+    /// Unusable frames read from the TAP (shorter than a vnet header, too
+    /// long to assemble).
+    pub rx_tap_errors: u64,
+    /// Guest frames the TAP refused (write failed).
+    pub tx_tap_errors: u64,
+    /// Chains the device could not use (wrong direction, outside guest
+    /// memory, too short or long, a loop), returned to the driver empty:
+    /// on the rx, tx and control queues.
+    pub rx_bad_chains: u64,
+    pub tx_bad_chains: u64,
+    pub ctrl_bad_chains: u64,
+}
+
+impl NetDrops {
+    pub fn total(&self) -> u64 {
+        self.no_rx_buffer
+            + self.rx_tap_errors
+            + self.tx_tap_errors
+            + self.rx_bad_chains
+            + self.tx_bad_chains
+            + self.ctrl_bad_chains
+    }
 }
 
 /// Fields added after 0.1.0 carry `#[serde(default)]`, so a newer vmctl
@@ -188,7 +250,7 @@ mod tests {
     /// declaration).
     const STATUS_0_1_0: &str = r#"Status((state:Running,pid:42,vcpus:1,memory_bytes:268435456,uptime_ms:7,nets:[(id:"vm0",tap:"vm0",mac:"52:54:00:00:00:02",queues:1,vhost:false)]))"#;
 
-    /// VmStatus and the response as 0.1.0 declared them.
+    /// VmStatus, NetStatus and the response as 0.1.0 declared them.
     #[derive(Debug, Serialize, Deserialize)]
     struct OldStatus {
         state: RunState,
@@ -196,7 +258,15 @@ mod tests {
         vcpus: u8,
         memory_bytes: u64,
         uptime_ms: u64,
-        nets: Vec<NetStatus>,
+        nets: Vec<OldNet>,
+    }
+    #[derive(Debug, Serialize, Deserialize)]
+    struct OldNet {
+        id: String,
+        tap: String,
+        mac: String,
+        queues: u16,
+        vhost: bool,
     }
     #[derive(Debug, Serialize, Deserialize)]
     enum OldResponse {
@@ -215,6 +285,8 @@ mod tests {
             panic!("not a status: {r:?}")
         };
         assert_eq!((s.pid, s.version, s.format), (42, None, None));
+        assert_eq!(s.nets[0].counters, None);
+        assert!(s.nets[0].queue_counters.is_empty());
     }
 
     #[test]
@@ -223,10 +295,29 @@ mod tests {
         if let ApiResponse::Status(s) = &mut old {
             s.version = Some("9.9.9".into());
             s.format = Some("1.0".into());
+            let c = NetCounters {
+                rx_packets: 7,
+                drops: NetDrops {
+                    tx_bad_chains: 3,
+                    ..NetDrops::default()
+                },
+                ..NetCounters::default()
+            };
+            s.nets[0].counters = Some(c);
+            s.nets[0].queue_counters = vec![c];
+            s.nets[0].counters_note = Some("note".into());
         }
         let text = ron::to_string(&old).unwrap();
         assert!(text.contains("9.9.9"), "{text}");
+        assert!(text.contains("tx_bad_chains:3"), "{text}");
         let OldResponse::Status(s) = ron::from_str(&text).unwrap();
         assert_eq!((s.pid, s.nets.len()), (42, 1));
+        assert_eq!(s.nets[0].id, "vm0");
+        // And a newer vmctl reads the counters back.
+        let ApiResponse::Status(new) = ron::from_str(&text).unwrap() else {
+            panic!("not a status")
+        };
+        assert_eq!(new.nets[0].counters.unwrap().rx_packets, 7);
+        assert_eq!(new.nets[0].queue_counters[0].drops.total(), 3);
     }
 }

@@ -32,17 +32,7 @@ fn fault(what: &str, e: impl std::fmt::Display) -> QueueFault {
     QueueFault(format!("{what}: {e}"))
 }
 
-/// What the device saw, for logs and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetStats {
-    pub rx_frames: u64,
-    pub rx_dropped: u64,
-    pub tx_frames: u64,
-    pub tx_dropped: u64,
-    /// Chains the device could not use (wrong direction, outside memory,
-    /// too short, too long) and returned with length 0.
-    pub bad_chains: u64,
-}
+pub use crate::counters::NetStats;
 
 /// How many chains the driver has made available, checked against the
 /// ring size (a larger jump is a broken or hostile driver).
@@ -273,7 +263,7 @@ impl<'m> Gathered<'m> {
                 }
                 _ => {
                     self.pieces.truncate(before);
-                    stats.bad_chains += 1;
+                    stats.rx_bad_chains += 1;
                     if self.chains.is_empty() {
                         // Nothing held before it: give it back now.
                         add_used(q, mem, head, 0)?;
@@ -450,13 +440,13 @@ fn rx_loop<'m>(
             match g.gather(q, mem, len, mrg, false, &mut st.seen_avail, stats)? {
                 None => {
                     g.commit(q, mem, len, st.buf.get(..len))?;
-                    stats.rx_frames += 1;
+                    stats.rx(len.saturating_sub(VNET_HDR_LEN));
                     frames += 1;
                 }
                 Some(Short::NoAvail) if mrg || g.good == 0 => return Ok(RxOutcome::NoBuffers),
                 // Cannot ever hold it: one chain without MRG_RXBUF, or the
                 // whole ring. The chains stay for the next frame.
-                Some(_) => stats.rx_dropped += 1,
+                Some(_) => stats.rx_dropped_no_buffer += 1,
             }
             st.pending = 0;
             continue;
@@ -506,7 +496,7 @@ fn rx_loop<'m>(
         };
         if single && n >= in_guest {
             log::debug!("virtio-net: rx frame longer than {in_guest} bytes dropped");
-            stats.rx_dropped += 1;
+            stats.rx_dropped_no_buffer += 1;
             // Its length is unknown: the next long frame spills (and is
             // copied) and sets how much is lined up after it.
             st.saw_frame(MAX_PLAIN_FRAME_LEN + 1);
@@ -515,12 +505,12 @@ fn rx_loop<'m>(
         st.saw_frame(n);
         if n < VNET_HDR_LEN || (n > in_guest && n > MAX_FRAME_LEN) {
             // Too short for a header, or too long to assemble (maybe cut).
-            stats.rx_dropped += 1;
+            stats.rx_tap_errors += 1;
             continue;
         }
         if n <= in_guest {
             g.commit(q, mem, n, None)?;
-            stats.rx_frames += 1;
+            stats.rx(n - VNET_HDR_LEN);
             frames += 1;
             continue;
         }
@@ -602,14 +592,14 @@ pub fn process_tx(
                 io.write_frame(buf.get(..len).unwrap_or_default())
             };
             match r {
-                Ok(_) => stats.tx_frames += 1,
+                Ok(_) => stats.tx(len - VNET_HDR_LEN),
                 Err(e) => {
                     log::debug!("virtio-net: backend write: {e}");
-                    stats.tx_dropped += 1;
+                    stats.tx_tap_errors += 1;
                 }
             }
         } else {
-            stats.bad_chains += 1;
+            stats.tx_bad_chains += 1;
         }
         add_used(q, mem, head, 0)?;
         used = true;
@@ -674,7 +664,7 @@ pub fn process_ctrl(
         let len = match ack {
             Some(a) if mem.write_obj(status as u8, a).is_ok() => 1,
             _ => {
-                stats.bad_chains += 1;
+                stats.ctrl_bad_chains += 1;
                 0
             }
         };

@@ -269,7 +269,7 @@ fn frame_spanning_merged_buffers_is_read_in_place() {
     assert_eq!(r.q.next_avail(), 4);
     assert!(!st.has_pending());
     assert_eq!(
-        (stats.rx_frames, stats.rx_dropped, stats.bad_chains),
+        (stats.rx_packets, stats.rx_dropped(), stats.bad_chains()),
         (1, 0, 0)
     );
     // The next frame starts in the first buffer not used.
@@ -308,7 +308,7 @@ fn read_shorter_than_the_chain_uses_only_what_it_needs() {
     rx(&mut r, &io, &mut st, true, &mut stats);
     assert_eq!(r.used(), vec![(3, 52)]);
     assert_eq!(r.read(b, 52)[VNET_HDR_LEN..], g[VNET_HDR_LEN..]);
-    assert_eq!(stats.rx_frames, 2);
+    assert_eq!(stats.rx_packets, 2);
 }
 
 #[test]
@@ -326,7 +326,7 @@ fn short_rx_buffers_are_returned_empty_and_skipped() {
     got.extend(r.read(b, 512));
     assert_eq!(num_buffers(&got), 2);
     assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..]);
-    assert_eq!(stats.bad_chains, 2);
+    assert_eq!((stats.rx_bad_chains, stats.bad_chains()), (2, 2));
     assert_eq!(r.q.next_avail(), 4);
 }
 
@@ -363,7 +363,7 @@ fn frame_longer_than_the_buffers_waits_and_is_copied_once_they_come() {
     }
     assert_eq!(num_buffers(&got), 4);
     assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..]);
-    assert_eq!((stats.rx_frames, stats.rx_dropped), (1, 0));
+    assert_eq!((stats.rx_packets, stats.rx_dropped()), (1, 0));
 }
 
 #[test]
@@ -376,7 +376,8 @@ fn without_mrg_a_frame_longer_than_the_chain_is_dropped() {
     rx(&mut r, &io, &mut st, false, &mut stats);
     assert_eq!(r.used(), vec![(0, 42)]);
     assert_eq!(r.read(a, 42)[VNET_HDR_LEN..], small[VNET_HDR_LEN..]);
-    assert_eq!((stats.rx_frames, stats.rx_dropped), (1, 1));
+    assert_eq!((stats.rx_packets, stats.rx_dropped()), (1, 1));
+    assert_eq!((stats.rx_dropped_no_buffer, stats.rx_tap_errors), (1, 0));
 }
 
 #[test]
@@ -434,7 +435,7 @@ fn tx_gathers_a_chain_into_one_frame() {
     process_tx(&mut t.q, &mem, &io, &mut buf, &mut stats).unwrap();
     assert_eq!(*io.writes.lock().unwrap(), vec![5]);
     assert_eq!(peer.recv().unwrap(), f);
-    assert_eq!(stats.tx_frames, 1);
+    assert_eq!(stats.tx_packets, 1);
 }
 
 #[test]
@@ -458,7 +459,7 @@ fn rx_stops_after_a_batch_and_resumes() {
         RxOutcome::Drained
     ));
     assert_eq!(r.used().len(), 3);
-    assert_eq!(stats.rx_frames as usize, frames);
+    assert_eq!(stats.rx_packets as usize, frames);
 }
 
 #[test]
@@ -472,7 +473,7 @@ fn after_a_long_frame_rx_lines_up_space_for_the_largest() {
     rx(&mut r, &io, &mut st, true, &mut stats);
     assert_eq!(io.reads.lock().unwrap()[0], (1, 2048));
     assert!(r.used().is_empty());
-    assert_eq!((stats.rx_frames, stats.rx_dropped), (0, 1));
+    assert_eq!((stats.rx_packets, stats.rx_dropped()), (0, 1));
     // From then on the bounce buffer is behind every read: the next long
     // frame spills into it and arrives whole (copied)...
     peer.send(&big);
@@ -484,7 +485,7 @@ fn after_a_long_frame_rx_lines_up_space_for_the_largest() {
     got.extend(r.read(addrs[1], 964));
     assert_eq!(num_buffers(&got), 2);
     assert_eq!(&got[VNET_HDR_LEN..], &big[VNET_HDR_LEN..]);
-    assert_eq!((stats.rx_frames, stats.rx_dropped), (1, 1));
+    assert_eq!((stats.rx_packets, stats.rx_dropped()), (1, 1));
     // ...and the next ones go straight into two buffers lined up for them.
     peer.send(&big);
     rx(&mut r, &io, &mut st, true, &mut stats);
@@ -493,7 +494,7 @@ fn after_a_long_frame_rx_lines_up_space_for_the_largest() {
     let mut got = r.read(addrs[2], 2048);
     got.extend(r.read(addrs[3], 964));
     assert_eq!(&got[VNET_HDR_LEN..], &big[VNET_HDR_LEN..]);
-    assert_eq!((stats.rx_frames, stats.rx_dropped), (2, 1));
+    assert_eq!((stats.rx_packets, stats.rx_dropped()), (2, 1));
 }
 
 #[test]
@@ -526,7 +527,7 @@ fn with_guest_gso_long_frames_are_never_lost() {
         used.iter().map(|u| u.1).collect::<Vec<_>>(),
         vec![2048, 2048, 916]
     );
-    assert_eq!(stats.rx_dropped, 0);
+    assert_eq!(stats.rx_dropped(), 0);
     let _ = addrs;
 }
 
@@ -541,7 +542,7 @@ fn a_vlan_tagged_full_frame_exactly_filling_a_buffer_arrives() {
     rx(&mut r, &io, &mut st, false, &mut stats);
     assert_eq!(r.used(), vec![(0, 1530)]);
     assert_eq!(r.read(a, 1530)[VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
-    assert_eq!((stats.rx_frames, stats.rx_dropped), (1, 0));
+    assert_eq!((stats.rx_packets, stats.rx_dropped()), (1, 0));
 }
 
 // ---- Hostile chains: what a broken or malicious driver can put in rings.
@@ -682,7 +683,7 @@ fn each_hostile_rx_chain_is_returned_empty_and_the_frame_goes_on() {
             assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..], "{ctx}");
             assert_eq!(r.read(bad_buf, 4096), vec![0x5a; 4096], "{ctx}: written");
             assert_eq!(
-                (stats.rx_frames, stats.rx_dropped, stats.bad_chains),
+                (stats.rx_packets, stats.rx_dropped(), stats.bad_chains()),
                 (1, 0, 1),
                 "{ctx}"
             );
@@ -710,7 +711,7 @@ fn a_chain_refused_half_way_takes_no_part_of_the_frame() {
     assert_eq!(num_buffers(&got), 2);
     assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..]);
     assert_eq!(r.read(half, 500), vec![0x5a; 500]);
-    assert_eq!((stats.rx_frames, stats.bad_chains), (1, 1));
+    assert_eq!((stats.rx_packets, stats.bad_chains()), (1, 1));
 }
 
 /// Chains that are unusual but valid: indirect, with zero-length pieces,
@@ -747,7 +748,7 @@ fn odd_but_valid_rx_chains_get_the_frame() {
         assert_eq!(num_buffers(&got), 1, "chain {i}");
         assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..], "chain {i}");
     }
-    assert_eq!((stats.rx_frames, stats.bad_chains), (3, 0));
+    assert_eq!((stats.rx_packets, stats.bad_chains()), (3, 0));
 }
 
 /// Chains of many small pieces: one readv never gets more than IOV_MAX
@@ -799,7 +800,7 @@ fn a_frame_over_more_pieces_than_one_readv_takes_arrives_by_copy() {
     // The second frame, expected long, had as many pieces lined up as one
     // readv takes.
     assert!(reads.iter().any(|&(n, _)| n > 900), "{reads:?}");
-    assert_eq!((stats.rx_frames, stats.rx_dropped), (2, 0));
+    assert_eq!((stats.rx_packets, stats.rx_dropped()), (2, 0));
 }
 
 /// A tx chain of more pieces than one writev takes goes out whole, copied.
@@ -825,7 +826,7 @@ fn a_tx_chain_over_more_pieces_than_one_writev_takes_is_copied() {
     assert!(io.writes.lock().unwrap().is_empty(), "no writev");
     assert_eq!(peer.recv().unwrap(), f);
     assert_eq!(t.used(), vec![(0, 0)]);
-    assert_eq!((stats.tx_frames, stats.bad_chains), (1, 0));
+    assert_eq!((stats.tx_packets, stats.bad_chains()), (1, 0));
 }
 
 /// Each hostile tx chain alone: returned, counted as bad, never sent.
@@ -902,7 +903,8 @@ fn each_hostile_tx_chain_is_refused_on_its_own() {
             "{what}"
         );
         assert_eq!(t.used(), vec![(0, 0)], "{what}");
-        assert_eq!((stats.tx_frames, stats.bad_chains), (0, 1), "{what}");
+        assert_eq!((stats.tx_packets, stats.bad_chains()), (0, 1), "{what}");
+        assert_eq!(stats.tx_bad_chains, 1, "{what}");
         assert!(peer.try_recv().is_none(), "{what}: became a frame");
     }
 }
@@ -1076,7 +1078,8 @@ fn hostile_control_chains_are_answered_and_change_nothing() {
             Some(b) => assert_eq!(got, b, "{what}"),
             None => {
                 assert_eq!(got, 0xee, "{what}: ack written");
-                assert_eq!(stats.bad_chains, 1, "{what}");
+                assert_eq!(stats.bad_chains(), 1, "{what}");
+                assert_eq!(stats.ctrl_bad_chains, 1, "{what}");
             }
         }
         if ack_byte.is_some() {
@@ -1110,4 +1113,87 @@ fn hostile_control_chains_are_answered_and_change_nothing() {
         let reached: Vec<u16> = if req == [4, 0, 3, 0] { vec![3] } else { vec![] };
         assert_eq!(set, reached, "{req:?}");
     }
+}
+
+/// Counters: packets and Ethernet bytes (the vnet header left out, as the
+/// TAP counts them) each way, copied frames included.
+#[test]
+fn packets_and_bytes_are_counted_each_way() {
+    let (mut r, io, peer, mut st, mut stats) = setup();
+    for _ in 0..4 {
+        r.rx_buf(1000);
+    }
+    peer.send(&frame(100, 1));
+    peer.send(&frame(1400, 2)); // two buffers, merged
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert_eq!((stats.rx_packets, stats.rx_bytes), (2, 1500));
+    // A frame waiting in the bounce buffer counts once delivered.
+    peer.send(&frame(1500, 3));
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert!(st.has_pending());
+    assert_eq!(stats.rx_packets, 2);
+    r.rx_buf(2000);
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert_eq!((stats.rx_packets, stats.rx_bytes), (3, 3000));
+
+    let mut t = Ring::new(memory());
+    let mem = t.mem.clone();
+    for n in [60usize, 1514] {
+        let a = t.alloc(2000);
+        mem.write_slice(&frame(n, 4), GuestAddress(a)).unwrap();
+        t.chain(&[(a, (VNET_HDR_LEN + n) as u32, false)]);
+    }
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    process_tx(&mut t.q, &mem, &io, &mut buf, &mut stats).unwrap();
+    assert_eq!((stats.tx_packets, stats.tx_bytes), (2, 1574));
+    assert_eq!(
+        stats.rx_dropped() + stats.tx_tap_errors + stats.bad_chains(),
+        0
+    );
+}
+
+/// A read shorter than a vnet header is the TAP's fault, not the guest's.
+#[test]
+fn an_unusable_frame_from_the_tap_is_a_tap_error() {
+    let (mut r, io, peer, mut st, mut stats) = setup();
+    let a = r.rx_buf(1000);
+    peer.send(&[0u8; VNET_HDR_LEN - 1]);
+    let good = frame(64, 5);
+    peer.send(&good);
+    rx(&mut r, &io, &mut st, true, &mut stats);
+    assert_eq!(r.used(), vec![(0, 76)]);
+    assert_eq!(r.read(a, 76)[VNET_HDR_LEN..], good[VNET_HDR_LEN..]);
+    assert_eq!(
+        (
+            stats.rx_tap_errors,
+            stats.rx_dropped_no_buffer,
+            stats.rx_packets
+        ),
+        (1, 0, 1)
+    );
+}
+
+/// A write the TAP refuses drops that frame, counted; the chain comes back.
+#[test]
+fn a_write_the_tap_refuses_is_a_tx_tap_error() {
+    let (io, peer) = sock_pair();
+    drop(peer); // writes now fail (EPIPE)
+    let mut t = Ring::new(memory());
+    let mem = t.mem.clone();
+    let a = t.alloc(200);
+    mem.write_slice(&frame(100, 6), GuestAddress(a)).unwrap();
+    t.chain(&[(a, 112, false)]);
+    let mut stats = NetStats::default();
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    assert!(process_tx(&mut t.q, &mem, &*io, &mut buf, &mut stats).unwrap());
+    assert_eq!(t.used(), vec![(0, 0)]);
+    assert_eq!(
+        (
+            stats.tx_tap_errors,
+            stats.tx_packets,
+            stats.tx_bytes,
+            stats.tx_bad_chains
+        ),
+        (1, 0, 0, 0)
+    );
 }

@@ -4,6 +4,8 @@
 //! or how the guest is interrupted; every value read from guest memory is
 //! untrusted.
 //!
+//! - [`counters`]: per-queue-pair counters, owned by the pair's worker and
+//!   published once per batch;
 //! - [`frame_io`]: one frame per read or write, scattered into or gathered
 //!   from guest memory (`FrameIo`, `IoVecs`);
 //! - [`tap`]: a checked TAP queue fd as a `FrameIo`, and the offloads;
@@ -13,6 +15,7 @@
 //!   driver through a [`queue_pair::Notify`] (the vmm's interrupt, a
 //!   vhost-user call eventfd).
 
+pub mod counters;
 pub mod datapath;
 pub mod frame_io;
 pub mod queue_pair;

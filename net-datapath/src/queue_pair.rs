@@ -53,12 +53,21 @@ fn broken(cx: &RingCtx<'_>, what: &str, e: &QueueFault) {
     cx.notify.set_needs_reset();
 }
 
-/// Signals the driver about `q`'s used ring unless EVENT_IDX says it does
-/// not want to hear yet.
-pub fn notify_used(q: &mut Queue, mem: &GuestMemoryMmap, notify: &dyn Notify) {
+/// Signals the driver that `q`'s used ring changed, unless it said (with
+/// EVENT_IDX, its `used_event`; or the avail ring's NO_INTERRUPT flag)
+/// that it does not need it yet; counts either way.
+pub fn notify_used(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    notify: &dyn Notify,
+    stats: &mut NetStats,
+) {
     // needs_notification errs only on unreadable used_event: notify then.
     if q.needs_notification(mem).unwrap_or(true) {
         notify.signal_used_queue();
+        stats.interrupts += 1;
+    } else if q.event_idx_enabled() {
+        stats.interrupts_suppressed += 1;
     }
 }
 
@@ -87,7 +96,7 @@ pub fn serve_rx(
             }
         };
         if used {
-            notify_used(q, cx.mem, cx.notify);
+            notify_used(q, cx.mem, cx.notify, stats);
         }
         match outcome {
             RxOutcome::Drained => return RxStatus::Idle,
@@ -157,7 +166,7 @@ pub fn serve_tx(
             return fail(QueueFault(e.to_string()));
         }
         match process_tx(q, cx.mem, cx.io, buf, stats) {
-            Ok(true) => notify_used(q, cx.mem, cx.notify),
+            Ok(true) => notify_used(q, cx.mem, cx.notify, stats),
             Ok(false) => {}
             Err(e) => return fail(e),
         }
@@ -213,7 +222,7 @@ pub fn serve_ctrl(
     }
     let mut set_pairs = |n: u16| set_active_pairs(all_io, n, active);
     match process_ctrl(q, mem, max_pairs, &mut set_pairs, stats) {
-        Ok(true) => notify_used(q, mem, notify),
+        Ok(true) => notify_used(q, mem, notify, stats),
         Ok(false) => {}
         Err(e) => {
             *broken_ring = true;

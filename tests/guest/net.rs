@@ -33,6 +33,12 @@
 //! guest answers `hold <ticks>` from port 5003 and reports on the serial
 //! port (see `netdev.rs`). It lets a test make the device hold a frame it
 //! read but cannot deliver.
+//!
+//! UDP 5005 bad chains (a hostile driver, on request): request `<tx> <rx>`
+//! (decimal, each 0 to 64); the driver posts `tx` tx chains of 2 bytes and
+//! gives its next `rx` rx buffers back 4 bytes long, all shorter than a
+//! vnet header, so the device must return them unused (and count them).
+//! The guest answers `bad <tx> <rx>` from port 5005 before posting them.
 
 use crate::text::TextBuf;
 
@@ -65,6 +71,9 @@ pub const PORT_BLAST: u16 = 5001;
 pub const PORT_PROBE: u16 = 5002;
 pub const PORT_HOLD: u16 = 5003;
 pub const PORT_START_AP: u16 = 5004;
+pub const PORT_BAD_CHAINS: u16 = 5005;
+/// Most bad chains of each kind one UDP 5005 request may ask for.
+const MAX_BAD_CHAINS: u64 = 64;
 /// Longest rx hold a request may ask for, in heartbeat ticks.
 const MAX_HOLD_TICKS: u64 = 100_000;
 /// ICMP echo identifier of the probe's pings.
@@ -80,6 +89,9 @@ pub struct Stack {
     pub discarded: u64,
     /// An rx hold asked for on UDP 5003 (ticks), for the driver to take.
     pub hold_request: Option<u32>,
+    /// Bad tx chains and short rx buffers asked for on UDP 5005, for the
+    /// driver to post.
+    pub bad_chains_request: Option<(u16, u16)>,
     /// With `testguest.busy`: the busy loop's completed passes, reported
     /// as ` busy=<n>` at the end of the stats reply.
     pub busy_passes: Option<u64>,
@@ -179,6 +191,7 @@ impl Stack {
             echo_replies: 0,
             discarded: 0,
             hold_request: None,
+            bad_chains_request: None,
             busy_passes: None,
             cpus_up: None,
             start_ap: None,
@@ -357,6 +370,7 @@ impl Stack {
             PORT_PROBE => self.probe_start(peer, data, tx),
             PORT_HOLD => self.hold(peer, data, tx),
             PORT_START_AP => self.start_ap(peer, data, tx),
+            PORT_BAD_CHAINS => self.bad_chains(peer, data, tx),
             _ => {}
         }
     }
@@ -382,6 +396,27 @@ impl Stack {
         };
         let text = t.as_bytes();
         self.send_udp(tx, peer, PORT_START_AP, text.len(), &mut |out| {
+            put(out, 0, text)
+        });
+    }
+
+    fn bad_chains(&mut self, peer: Peer, request: &[u8], tx: &mut dyn Transmit) {
+        let mut words = request
+            .split(|&c| c == b' ' || c == b'\n' || c == b'\r' || c == b'\t' || c == 0)
+            .filter(|w| !w.is_empty())
+            .map(crate::text::parse_u64);
+        let (Some(Some(ntx)), Some(Some(nrx)), None) = (words.next(), words.next(), words.next())
+        else {
+            return;
+        };
+        if ntx > MAX_BAD_CHAINS || nrx > MAX_BAD_CHAINS {
+            return;
+        }
+        self.bad_chains_request = Some((ntx as u16, nrx as u16));
+        let mut t = TextBuf::<32>::new();
+        t.str("bad ").dec(ntx).str(" ").dec(nrx);
+        let text = t.as_bytes();
+        self.send_udp(tx, peer, PORT_BAD_CHAINS, text.len(), &mut |out| {
             put(out, 0, text)
         });
     }

@@ -34,6 +34,8 @@ pub struct NetDevice {
     tx: TxQueue,
     mrg_rxbuf: bool,
     rx_hold: RxHold,
+    /// rx buffers still to be given back too short (UDP 5005).
+    rx_short: u16,
 }
 
 /// A UDP 5003 rx hold: rx buffers the device returns are kept back until
@@ -163,6 +165,7 @@ impl NetDevice {
             },
             mrg_rxbuf: features & F_NET_MRG_RXBUF != 0,
             rx_hold,
+            rx_short: 0,
         })
     }
 
@@ -205,6 +208,10 @@ impl NetDevice {
                 if let Some(ticks) = stack.hold_request.take() {
                     self.start_hold(ticks, tick);
                 }
+                if let Some((ntx, nrx)) = stack.bad_chains_request.take() {
+                    self.tx.post_bad(ntx);
+                    self.rx_short = nrx;
+                }
                 self.give_rx(id);
             }
             if self.rx_hold.until.is_some()
@@ -234,7 +241,14 @@ impl NetDevice {
             h.n_kept += 1;
             return;
         }
-        self.rx.push(id, None);
+        // Full length again (a UDP 5005 buffer was shortened), or short.
+        let len = if self.rx_short > 0 {
+            self.rx_short -= 1;
+            SHORT_RX_BUF
+        } else {
+            BUF_SIZE as u32
+        };
+        self.rx.push(id, Some(len));
         h.outstanding += 1;
     }
 
@@ -265,7 +279,7 @@ impl NetDevice {
         self.rx_hold.n_kept = 0;
         for i in 0..n {
             if let Some(&id) = self.rx_hold.kept.get(i) {
-                self.rx.push(id, None);
+                self.rx.push(id, Some(BUF_SIZE as u32));
                 self.rx_hold.outstanding += 1;
             }
         }
@@ -279,7 +293,20 @@ impl NetDevice {
     }
 }
 
+/// A UDP 5005 bad chain's length: shorter than a vnet header.
+const SHORT_TX_CHAIN: u32 = 2;
+const SHORT_RX_BUF: u32 = 4;
+
 impl TxQueue {
+    /// Posts `n` tx chains too short for a vnet header (UDP 5005).
+    fn post_bad(&mut self, n: u16) {
+        for _ in 0..n {
+            let id = self.take();
+            self.vq.push(id, Some(SHORT_TX_CHAIN));
+        }
+        self.vq.publish();
+    }
+
     fn reclaim(&mut self) {
         while let Some((id, _)) = self.vq.pop_used() {
             if id >= self.vq.size() {

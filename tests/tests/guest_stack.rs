@@ -310,3 +310,20 @@ fn garbage_frames_never_panic() {
         tx.frames.clear();
     }
 }
+
+#[test]
+fn bad_chains_requests_are_answered_and_bounded() {
+    let mut s = stack();
+    let mut tx = Capture::default();
+    s.handle(&udp_frame(5005, b"5 3\n"), &mut tx);
+    let (sport, _, data) = parse_udp_reply(&tx.frames[0]);
+    assert_eq!((sport, data.as_slice()), (5005, &b"bad 5 3"[..]));
+    assert_eq!(s.bad_chains_request, Some((5, 3)));
+    s.bad_chains_request = None;
+    // More than 64 of a kind, a missing or an extra word: ignored.
+    for req in [&b"65 0"[..], b"0 65", b"5", b"1 2 3", b"x 1"] {
+        s.handle(&udp_frame(5005, req), &mut tx);
+        assert_eq!(tx.frames.len(), 1, "{req:?}");
+        assert_eq!(s.bad_chains_request, None, "{req:?}");
+    }
+}

@@ -400,6 +400,15 @@ mod tests {
         assert_eq!(back.nets[0].mmio, s.nets[0].mmio, "{version}");
         assert_eq!(back.nets[0].net.mac, s.nets[0].net.mac, "{version}");
         assert_eq!(back.nets[0].net.rx_pending, s.nets[0].net.rx_pending);
+        // The counters go on from the saved ones (since 1.4; 0 before).
+        let saved = &s.nets[0].net.counters;
+        assert_eq!(saved.is_empty(), version < "1.4", "{version}");
+        let want = saved.first().copied().unwrap_or_default();
+        assert_eq!(back.nets[0].net.counters, vec![want], "{version}");
+        assert_eq!(
+            m.nets[0].status().queue_counters[0].rx_packets,
+            want.rx_packets
+        );
         m.resume_devices().unwrap();
         assert!(m.nets[0].is_running());
         m.pause_devices().unwrap();

@@ -21,6 +21,7 @@
 //! | 1.1 | v0.2.0 | the per-part `version: 1` fields are no longer written |
 //! | 1.2 | v0.3.0 development | a vCPU's registers, special registers, events, debug registers, XCRs, MP state and CPUID are hex strings (`kvm_blob`): a third of the decoding time |
 //! | 1.3 | v0.3.0 | several vCPUs: each names the APIC ID the guest knows it by (`apic_id`; absent in older documents, where the one vCPU is ID 0), and a restore refuses a vCPU's state in another's slot |
+//! | 1.4 | v0.3.0 | a NIC's counters, per queue pair (`net.counters`; absent in older documents, where they start at 0): the target's go on from the source's |
 //!
 //! fds never go into the RON: they travel beside it (SCM_RIGHTS) in the
 //! order of an [`FdTable`], and the state names them by index in that table.
@@ -36,7 +37,7 @@ use crate::vcpu::{VcpuError, VcpuState};
 use crate::vm::{VmError, VmState};
 
 /// The machine state format this build writes (and the newest it reads).
-pub const MACHINE_STATE_FORMAT: FormatVersion = FormatVersion { major: 1, minor: 3 };
+pub const MACHINE_STATE_FORMAT: FormatVersion = FormatVersion { major: 1, minor: 4 };
 
 /// Symmetric save and restore of one component, implemented beside it: the
 /// one way its migratable state goes out and comes back. `save` reads a
@@ -208,6 +209,10 @@ pub(crate) const FIXTURES: &[(&str, &str)] = &[
     (
         "1.3",
         include_str!("../../tests/fixtures/machine-state-1.3.ron"),
+    ),
+    (
+        "1.4",
+        include_str!("../../tests/fixtures/machine-state-1.4.ron"),
     ),
 ];
 

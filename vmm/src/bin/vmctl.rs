@@ -129,6 +129,24 @@ fn call(socket: &str, request: &ApiRequest) -> Result<ApiResponse, String> {
         .msg)
 }
 
+/// One compact line of a NIC's counters for `status`.
+fn counters_line(id: &str, c: &common::api::NetCounters) -> String {
+    let d = &c.drops;
+    format!(
+        "\nnet {id}: rx {} pkts {} B, tx {} pkts {} B, drops {} (no rx buffer {}, tap errors {}, bad chains {}), irqs {} ({} saved by event idx)",
+        c.rx_packets,
+        c.rx_bytes,
+        c.tx_packets,
+        c.tx_bytes,
+        d.total(),
+        d.no_rx_buffer,
+        d.rx_tap_errors + d.tx_tap_errors,
+        d.rx_bad_chains + d.tx_bad_chains + d.ctrl_bad_chains,
+        c.interrupts,
+        c.interrupts_saved_by_event_idx
+    )
+}
+
 fn print(resp: &ApiResponse, json: bool) -> bool {
     let (ok, text, value) = match resp {
         ApiResponse::Ok | ApiResponse::Hello { .. } => {
@@ -157,12 +175,15 @@ fn print(resp: &ApiResponse, json: bool) -> bool {
                 s.nets
                     .iter()
                     .map(|n| format!(
-                        "\nnet {}: tap {} mac {} queues {} vhost {}",
+                        "\nnet {}: tap {} mac {} queues {} vhost {}{}",
                         n.id,
                         n.tap,
                         n.mac,
                         n.queues,
-                        if n.vhost { "on" } else { "off" }
+                        if n.vhost { "on" } else { "off" },
+                        n.counters
+                            .map(|c| counters_line(&n.id, &c))
+                            .unwrap_or_default()
                     ))
                     .collect::<String>()
             ),

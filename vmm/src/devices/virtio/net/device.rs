@@ -14,9 +14,9 @@ use super::super::{
     VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice,
 };
 use super::backend::{FrameIo, NetBackend};
-use super::datapath::NetStats;
 use super::event_handler::{CtrlQueue, DeviceThread, Job, PairWorker, ThreadHook, VhostRelay};
 use super::vhost::VringSetup;
+use net_datapath::counters::{CounterCell, NetStats};
 use net_datapath::queue_pair::set_active_pairs;
 
 /// Ring size offered for every queue.
@@ -96,7 +96,10 @@ pub struct NetDevice {
     /// TAP is still the source's.
     backend_setup_on_resume: bool,
     run: Run,
-    stats: NetStats,
+    /// Per queue pair, its counters: published by the pair's worker once
+    /// per batch and when it stops, read here on request; a new worker
+    /// goes on from them.
+    counters: Vec<Arc<CounterCell>>,
     thread_hook: Option<ThreadHook>,
     threads: Vec<DeviceThread>,
 }
@@ -126,7 +129,9 @@ impl NetDevice {
             restored_rx: Vec::new(),
             backend_setup_on_resume: false,
             run: Run::Inactive,
-            stats: NetStats::default(),
+            counters: (0..pairs)
+                .map(|_| Arc::new(CounterCell::default()))
+                .collect(),
             thread_hook: None,
             threads: Vec::new(),
         })
@@ -177,18 +182,24 @@ impl NetDevice {
         matches!(self.run, Run::UserRunning(_) | Run::KernelRunning)
     }
 
-    /// Counters, as of the last pause (threads own them while running).
+    /// The NIC's counters: the sum of its queue pairs'.
     pub fn stats(&self) -> NetStats {
-        match &self.run {
-            Run::UserPaused(w) => w.iter().fold(self.stats, |mut s, w| {
-                s.rx_frames += w.stats.rx_frames;
-                s.rx_dropped += w.stats.rx_dropped;
-                s.tx_frames += w.stats.tx_frames;
-                s.tx_dropped += w.stats.tx_dropped;
-                s.bad_chains += w.stats.bad_chains;
-                s
-            }),
-            _ => self.stats,
+        self.queue_stats()
+            .iter()
+            .fold(NetStats::default(), |t, s| t.plus(s))
+    }
+
+    /// Each queue pair's counters: exact while paused, as of each pair's
+    /// last batch while running.
+    pub fn queue_stats(&self) -> Vec<NetStats> {
+        self.counters.iter().map(|c| c.load()).collect()
+    }
+
+    /// Where a restored device's counters go on from (one per queue pair;
+    /// missing pairs start at 0). Before activation only.
+    pub(super) fn set_queue_stats(&mut self, stats: &[NetStats]) {
+        for (c, s) in self.counters.iter().zip(stats) {
+            c.publish(s);
         }
     }
 
@@ -411,7 +422,11 @@ impl NetDevice {
                         self.queue_pairs(),
                     )
                     .with_guest_gso(gso)
-                    .with_pending_rx(self.restored_rx.get(p).map(Vec::as_slice)),
+                    .with_pending_rx(self.restored_rx.get(p).map(Vec::as_slice))
+                    .with_counters(
+                        self.counters.get(p).map(|c| c.load()).unwrap_or_default(),
+                        self.counters.get(p).cloned().unwrap_or_default(),
+                    ),
                 ),
                 (rx, _, _) if p == 0 => {
                     return Err(ActivateError::MissingQueue(usize::from(rx.is_some())));
@@ -459,7 +474,8 @@ impl NetDevice {
             interrupt,
             active_pairs: self.active_pairs.clone(),
             max_pairs: self.queue_pairs(),
-            stats: NetStats::default(),
+            stats: self.queue_stats(),
+            cells: self.counters.clone(),
         }))
     }
 }
@@ -534,7 +550,6 @@ impl VirtioDevice for NetDevice {
         if let Err(e) = self.pause() {
             log::warn!("virtio-net: reset: {e}");
         }
-        self.stats = self.stats();
         self.run = Run::Inactive;
         self.acked_features = 0;
         let all = self.all_io();

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::super::{ActiveQueue, GuestMemory, Interrupt};
 use super::backend::FrameIo;
+use net_datapath::counters::CounterCell;
 use net_datapath::datapath::{MAX_FRAME_LEN, NetStats, RxState};
 use net_datapath::queue_pair::{RingCtx, RxStatus, serve_ctrl, serve_rx, serve_tx};
 
@@ -81,7 +82,10 @@ pub struct PairWorker {
     pub rx_state: RxState,
     pub rx_broken: bool,
     pub tx_broken: bool,
+    /// This pair's counters: plain integers, this thread's alone.
     pub stats: NetStats,
+    /// Where `stats` is published once per batch for the API thread.
+    cell: Arc<CounterCell>,
     tx_buf: Vec<u8>,
 }
 
@@ -114,8 +118,18 @@ impl PairWorker {
             rx_broken: false,
             tx_broken: false,
             stats: NetStats::default(),
+            cell: Arc::new(CounterCell::default()),
             tx_buf: vec![0; MAX_FRAME_LEN],
         }
+    }
+
+    /// Counting goes on from `stats` (this pair's totals so far), published
+    /// in `cell`.
+    pub fn with_counters(mut self, stats: NetStats, cell: Arc<CounterCell>) -> Self {
+        self.stats = stats;
+        cell.publish(&stats);
+        self.cell = cell;
+        self
     }
 
     /// Whether the driver acked guest TSO/UFO (64 KiB rx frames): sets how
@@ -190,8 +204,15 @@ impl PairWorker {
         }
     }
 
-    /// Runs until `stop` fires; returns itself so the queues survive.
-    pub fn run(mut self, stop: &EventFd) -> Self {
+    /// Runs until `stop` fires; returns itself so the queues survive, its
+    /// counters published.
+    pub fn run(self, stop: &EventFd) -> Self {
+        let w = self.serve(stop);
+        w.cell.publish(&w.stats);
+        w
+    }
+
+    fn serve(mut self, stop: &EventFd) -> Self {
         let epoll = match self.setup_epoll(stop) {
             Ok(e) => e,
             Err(e) => {
@@ -250,6 +271,7 @@ impl PairWorker {
             if rx == RxStatus::More && !rx_served {
                 rx = self.handle_rx();
             }
+            self.cell.publish(&self.stats);
         }
     }
 
@@ -285,13 +307,30 @@ pub struct VhostRelay {
     pub interrupt: Arc<Interrupt>,
     pub active_pairs: Arc<AtomicU16>,
     pub max_pairs: u16,
-    pub stats: NetStats,
+    /// Per pair, what this thread can see: interrupts relayed (the kernel
+    /// already left out those EVENT_IDX saved) and control-queue bad
+    /// chains (pair 0). Frames, bytes and drops are the kernel's.
+    pub stats: Vec<NetStats>,
+    pub cells: Vec<Arc<CounterCell>>,
 }
 
 const CALL_BASE: u64 = 100;
 
 impl VhostRelay {
-    pub fn run(mut self, stop: &EventFd) -> Self {
+    fn publish(&self) {
+        for (c, s) in self.cells.iter().zip(&self.stats) {
+            c.publish(s);
+        }
+    }
+
+    /// Runs until `stop` fires; returns itself, its counters published.
+    pub fn run(self, stop: &EventFd) -> Self {
+        let r = self.serve(stop);
+        r.publish();
+        r
+    }
+
+    fn serve(mut self, stop: &EventFd) -> Self {
         let setup = || -> std::io::Result<Epoll> {
             let epoll = Epoll::new()?;
             let add = |fd: i32, data: u64| {
@@ -336,7 +375,7 @@ impl VhostRelay {
                         return self;
                     }
                     CTRL_KICK => {
-                        if let Some(c) = self.ctrl.as_mut() {
+                        if let (Some(c), Some(s)) = (self.ctrl.as_mut(), self.stats.first_mut()) {
                             let _ = c.queue.kick.read();
                             serve_ctrl(
                                 &mut c.queue.queue,
@@ -346,21 +385,23 @@ impl VhostRelay {
                                 &self.active_pairs,
                                 &*self.interrupt,
                                 &mut c.broken,
-                                &mut self.stats,
+                                s,
                             );
                         }
                     }
                     d => {
-                        if let Some(c) = d
-                            .checked_sub(CALL_BASE)
-                            .and_then(|i| self.calls.get(i as usize))
-                        {
+                        let ring = d.checked_sub(CALL_BASE).unwrap_or(u64::MAX) as usize;
+                        if let Some(c) = self.calls.get(ring) {
                             let _ = c.read();
                             self.interrupt.signal_used_queue();
+                            if let Some(s) = self.stats.get_mut(ring / 2) {
+                                s.interrupts += 1;
+                            }
                         }
                     }
                 }
             }
+            self.publish();
         }
     }
 }

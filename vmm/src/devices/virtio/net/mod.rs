@@ -10,9 +10,9 @@ pub mod vhost;
 
 pub use backend::{BackendKind, BackendState, FrameIo, NetBackend};
 pub use device::{NetDevice, NetError};
-/// The datapath itself lives in the `net-datapath` crate, shared with the
-/// vhost-user-net backend.
-pub use net_datapath::datapath;
+/// The datapath itself, and its counters, live in the `net-datapath`
+/// crate, shared with the vhost-user-net backend.
+pub use net_datapath::{NetStats, counters, datapath};
 pub use persist::NetState;
 pub use tap::Tap;
 pub use vhost::VhostNetBackend;

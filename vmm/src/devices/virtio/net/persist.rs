@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 
 use super::backend::BackendState;
+use super::counters::NetStats;
 use super::device::{NetDevice, NetError, offered_features};
 use crate::persist::{Format10PartVersion, Persist};
 
@@ -30,6 +31,10 @@ pub struct NetState {
     /// restored device before anything newer, so a migration loses none.
     #[serde(default)]
     pub rx_pending: Vec<Vec<u8>>,
+    /// Per queue pair, its counters, which the restored device goes on
+    /// from. Since format 1.4; absent before (they start at 0 then).
+    #[serde(default)]
+    pub counters: Vec<NetStats>,
 }
 
 impl Persist for NetDevice {
@@ -54,6 +59,7 @@ impl Persist for NetDevice {
             active_pairs: self.active_pairs.load(Ordering::SeqCst),
             backend: self.backend.state(),
             rx_pending: self.pending_rx(),
+            counters: self.queue_stats(),
         })
     }
 
@@ -79,6 +85,13 @@ impl Persist for NetDevice {
                 state.queue_pairs
             )));
         }
+        if state.counters.len() > usize::from(state.queue_pairs) {
+            return Err(NetError::State(format!(
+                "counters for {} queue pairs, the device has {}",
+                state.counters.len(),
+                state.queue_pairs
+            )));
+        }
         // The driver's features must still be served here.
         let offered = self
             .backend
@@ -96,6 +109,7 @@ impl Persist for NetDevice {
         self.start_paused = true;
         self.restored_pairs = Some(state.active_pairs.clamp(1, state.queue_pairs));
         self.restored_rx = state.rx_pending.clone();
+        self.set_queue_stats(&state.counters);
         Ok(())
     }
 }
