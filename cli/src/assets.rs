@@ -32,28 +32,35 @@ pub const SHELLS: [(Shell, &str); 3] = [
     (Shell::Fish, "fish"),
 ];
 
-/// Writes `cmd`'s man page and completions under `assets`; returns the
-/// files written.
-pub fn write(mut cmd: Command, assets: &Path) -> io::Result<Vec<PathBuf>> {
+/// `cmd`'s man page and completions: (path under `assets/`, contents).
+pub fn files(mut cmd: Command) -> io::Result<Vec<(PathBuf, Vec<u8>)>> {
     let name = cmd.get_name().to_string();
-    let mut written = Vec::new();
-    let man_dir = assets.join("man");
-    std::fs::create_dir_all(&man_dir)?;
     let mut page = Vec::new();
     clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
-    let man = man_dir.join(format!("{name}.1"));
-    write_if_changed(&man, &page)?;
-    written.push(man);
+    let mut files = vec![(Path::new("man").join(format!("{name}.1")), page)];
     for (shell, dir) in SHELLS {
-        let dir = assets.join("completions").join(dir);
-        std::fs::create_dir_all(&dir)?;
         let mut script = Vec::new();
         clap_complete::generate(shell, &mut cmd, name.as_str(), &mut script);
-        let path = dir.join(shell.file_name(&name));
-        write_if_changed(&path, &script)?;
-        written.push(path);
+        files.push((
+            Path::new("completions")
+                .join(dir)
+                .join(shell.file_name(&name)),
+            script,
+        ));
     }
-    Ok(written)
+    Ok(files)
+}
+
+/// Writes `cmd`'s man page and completions under `assets`.
+pub fn write(cmd: Command, assets: &Path) -> io::Result<()> {
+    for (rel, bytes) in files(cmd)? {
+        let path = assets.join(rel);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        write_if_changed(&path, &bytes)?;
+    }
+    Ok(())
 }
 
 /// Leaves an identical file alone (its mtime too), so installs and

@@ -5,10 +5,9 @@
 //! several-line errors into one [`UsageError`] each binary words as the one
 //! line its README documents (exit code [`EXIT_USAGE`]).
 //!
-//! The build scripts of vmm and netd use the same definitions (feature
-//! `assets`, [`assets`]) to write man pages and shell completions.
+//! The build scripts of vmm and netd use the same definitions ([`assets`])
+//! to write man pages and shell completions.
 
-#[cfg(feature = "assets")]
 pub mod assets;
 pub mod net;
 pub mod netd;
