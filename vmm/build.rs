@@ -1,9 +1,13 @@
 //! Compiles every thread kind's seccomp allow-list (policy/seccomp/*.json)
 //! into BPF at build time, as a binary search over the syscall numbers
-//! (src/sandbox/bpf_tree.rs): start-up then only installs them.
+//! (src/sandbox/bpf_tree.rs): start-up then only installs them. And writes
+//! the man pages and shell completions of `vmm` and `vmctl` from their clap
+//! definitions (the `cli` crate) to `target/<profile>/assets/`.
 
 use std::fmt::Write;
 use std::path::PathBuf;
+
+use clap::CommandFactory;
 
 #[path = "src/sandbox/bpf_tree.rs"]
 mod bpf_tree;
@@ -43,4 +47,10 @@ fn main() {
     let dest =
         PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("seccomp_programs.rs");
     std::fs::write(&dest, out).unwrap_or_else(|e| panic!("{}: {e}", dest.display()));
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    let assets = cli::assets::dir_from_out_dir(&out_dir).unwrap_or_else(|e| panic!("{e}"));
+    for cmd in [cli::vmm::Args::command(), cli::vmctl::Args::command()] {
+        cli::assets::write(cmd, &assets)
+            .unwrap_or_else(|e| panic!("man page and completions in {}: {e}", assets.display()));
+    }
 }

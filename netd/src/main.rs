@@ -4,7 +4,8 @@
 //! line, hands the fds over with SCM_RIGHTS and closes its own copies.
 //!
 //! `netd --socket PATH --policy FILE [--audit-log FILE]`, or
-//! `netd --check-policy FILE` to validate a policy without serving.
+//! `netd --check-policy FILE` to validate a policy without serving (the
+//! definition: `cli::netd::Args`).
 //! SIGHUP reloads the policy file; SIGTERM/SIGINT stop netd.
 
 mod activation;
@@ -23,16 +24,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use clap::CommandFactory;
+use cli::UsageError;
+use cli::netd::USAGE;
 use common::listener::Listener;
 use common::notify::Notifier;
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
 use crate::policy::{Cidr, Policy};
 use crate::server::{Limits, Server};
-
-const USAGE: &str = "usage: netd --socket PATH --policy FILE [--audit-log FILE] \
-[--read-timeout-ms N] [--client-deadline-ms N] [--max-clients N] [--max-clients-per-uid N] \
-[--tenant-reserve N] | --check-policy FILE | --version | --help";
 
 /// Exit code of `--check-policy` on a policy with problems.
 const EXIT_BAD_POLICY: u8 = 2;
@@ -59,64 +59,48 @@ struct Args {
 enum Invocation {
     Serve(Args),
     CheckPolicy(PathBuf),
-    Help,
-    Version,
+    /// `--help` or `--version`: print this to stdout.
+    Print(String),
 }
 
+/// Reads the command line (the definition is `cli::netd::Args`). A
+/// refusal is one line.
 fn parse_args() -> Result<Invocation, String> {
-    let mut socket = None;
-    let mut policy = None;
-    let mut audit_log = None;
-    let mut limits = Limits {
-        read_timeout: Duration::from_secs(5),
-        client_deadline: Duration::from_secs(30),
-        max_clients: 128,
-        max_clients_per_uid: 32,
-        tenant_reserve: 8,
-    };
-    let mut it = std::env::args_os().skip(1);
-    while let Some(a) = it.next() {
-        let a = a.to_string_lossy().into_owned();
-        if a == "--help" || a == "-h" {
-            return Ok(Invocation::Help);
-        }
-        if a == "--version" || a == "-V" {
-            return Ok(Invocation::Version);
-        }
-        let v = it
-            .next()
-            .ok_or_else(|| format!("{a} needs a value\n{USAGE}"))?;
-        let num = |v: &std::ffi::OsStr| -> Result<u64, String> {
-            v.to_str()
-                .and_then(|s| s.parse().ok())
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{a} takes a positive number"))
+    let a: cli::netd::Args =
+        match cli::parse(cli::netd::Args::command(), std::env::args_os().skip(1)) {
+            Ok(cli::Parsed::Args(a)) => a,
+            Ok(cli::Parsed::Print(text)) => return Ok(Invocation::Print(text)),
+            Err(e) => return Err(format!("{} ({USAGE})", usage_message(e))),
         };
-        match a.as_str() {
-            "--socket" => socket = Some(PathBuf::from(v)),
-            "--policy" => policy = Some(PathBuf::from(v)),
-            "--audit-log" => audit_log = Some(PathBuf::from(v)),
-            "--check-policy" => return Ok(Invocation::CheckPolicy(PathBuf::from(v))),
-            "--read-timeout-ms" => limits.read_timeout = Duration::from_millis(num(&v)?),
-            "--client-deadline-ms" => limits.client_deadline = Duration::from_millis(num(&v)?),
-            "--max-clients" => {
-                limits.max_clients = usize::try_from(num(&v)?).map_err(|e| e.to_string())?
-            }
-            "--max-clients-per-uid" => {
-                limits.max_clients_per_uid = usize::try_from(num(&v)?).map_err(|e| e.to_string())?
-            }
-            "--tenant-reserve" => {
-                limits.tenant_reserve = usize::try_from(num(&v)?).map_err(|e| e.to_string())?
-            }
-            _ => return Err(format!("unknown option {a}\n{USAGE}")),
-        }
+    if let Some(path) = a.check_policy {
+        return Ok(Invocation::CheckPolicy(path));
     }
     Ok(Invocation::Serve(Args {
-        socket,
-        policy: policy.ok_or_else(|| format!("--policy is required\n{USAGE}"))?,
-        audit_log,
-        limits,
+        // Optional: socket activation may pass the listening socket.
+        socket: a.socket,
+        policy: a
+            .policy
+            .ok_or_else(|| format!("--policy is required ({USAGE})"))?,
+        audit_log: a.audit_log,
+        limits: Limits {
+            read_timeout: Duration::from_millis(a.read_timeout_ms),
+            client_deadline: Duration::from_millis(a.client_deadline_ms),
+            max_clients: a.max_clients,
+            max_clients_per_uid: a.max_clients_per_uid,
+            tenant_reserve: a.tenant_reserve,
+        },
     }))
+}
+
+/// clap's refusal in netd's words.
+fn usage_message(e: UsageError) -> String {
+    match e {
+        UsageError::Unknown(a) => format!("unknown option {a}"),
+        UsageError::NeedsValue(o) => format!("{o} needs a value"),
+        // The numeric limits: "--max-clients takes a positive number".
+        UsageError::Invalid { arg, message, .. } => format!("{arg} {message}"),
+        e => e.to_string(),
+    }
 }
 
 /// Binds the socket (mode 0666: any local user may connect; who they are
@@ -212,18 +196,14 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = match parse_args() {
         Ok(Invocation::CheckPolicy(path)) => return check_policy(&path),
-        Ok(Invocation::Help) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(Invocation::Version) => {
-            println!("netd {}", env!("CARGO_PKG_VERSION"));
+        Ok(Invocation::Print(text)) => {
+            print!("{text}");
             return ExitCode::SUCCESS;
         }
         Ok(Invocation::Serve(args)) => args,
         Err(e) => {
             print_error(&e);
-            return ExitCode::FAILURE;
+            return ExitCode::from(cli::EXIT_USAGE);
         }
     };
     let activated = match common::activation::listener_from_env() {
@@ -233,6 +213,12 @@ fn main() -> ExitCode {
             return ExitCode::from(activation::EXIT_BAD_ACTIVATION);
         }
     };
+    if activated.is_none() && args.socket.is_none() {
+        print_error(&format!(
+            "--socket is required unless netd is socket-activated (LISTEN_FDS) ({USAGE})"
+        ));
+        return ExitCode::from(cli::EXIT_USAGE);
+    }
     match run(args, activated) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -467,12 +467,7 @@ pub struct Arrived {
 impl IncomingShell {
     pub fn new(cfg: &VmConfig, started: Instant) -> Result<Self, BuildError> {
         let (kvm, signals) = enter_sandbox(cfg)?;
-        let configs = cfg
-            .nets
-            .iter()
-            .map(|v| NetConfig::parse(v))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(NetAttachError::from)?;
+        let configs = cfg.nets.clone();
         // Before any source connects: the classic path (backend-transfer=off)
         // gets a TAP of its own from netd, and backend transfer with vhost
         // gets vhost-net fds; plain backend transfer does not ask netd.

@@ -7,7 +7,7 @@ use std::process::exit;
 use std::time::Instant;
 
 use vmm::builder;
-use vmm::config::{Invocation, USAGE, VmConfig, version_line};
+use vmm::config::{Invocation, VmConfig};
 use vmm::migration::target;
 use vmm::vm::ExitReason;
 
@@ -16,17 +16,13 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cfg = match VmConfig::parse(std::env::args_os().skip(1)) {
         Ok(Invocation::Run(cfg)) => cfg,
-        Ok(Invocation::Help) => {
-            println!("{USAGE}");
-            exit(0);
-        }
-        Ok(Invocation::Version) => {
-            println!("{}", version_line());
+        Ok(Invocation::Print(text)) => {
+            print!("{text}");
             exit(0);
         }
         Err(e) => {
             eprintln!("vmm: {e}");
-            exit(2);
+            exit(cli::EXIT_USAGE.into());
         }
     };
     if let Some(dir) = &cfg.dump_acpi {

@@ -1,7 +1,8 @@
 //! vmctl: the control client of a running vmm (`--api-socket`).
 //!
 //! `vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH
-//! [--no-backend-transfer]} [--json]`, `vmctl --version`, `vmctl --help`.
+//! [--no-backend-transfer] [--downtime-limit-ms N]} [--json]`, `vmctl
+//! --version`, `vmctl --help` (the definition: `cli::vmctl::Args`).
 //! Exit code 0 on success, 1 when the vmm reports an error or cannot be
 //! reached, 2 for bad usage.
 
@@ -9,11 +10,12 @@ use std::os::unix::net::UnixStream;
 use std::process::exit;
 use std::time::Duration;
 
+use clap::CommandFactory;
+use cli::UsageError;
+use cli::vmctl::{Command, USAGE};
 use common::api::{API_VERSION, ApiRequest, ApiResponse};
 use common::codec::{self, DEFAULT_MAX_FRAME};
-use common::migration::MAX_DOWNTIME_LIMIT_MS;
 
-const USAGE: &str = "usage: vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH [--no-backend-transfer] [--downtime-limit-ms N]} [--json] | --version | --help";
 /// Migration can take a while; everything else answers at once.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -26,79 +28,53 @@ struct Args {
 /// What the command line asks for.
 enum Invocation {
     Call(Args),
-    Help,
-    Version,
+    /// `--help` or `--version`: print this to stdout.
+    Print(String),
 }
 
-/// The arguments as text: a socket path given to vmctl must be UTF-8 (it
-/// travels in requests as a string); anything else is a usage error, not a
-/// panic.
-fn text_args(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Vec<String>, String> {
-    args.map(|a| {
-        a.into_string()
-            .map_err(|a| format!("argument '{}' is not valid UTF-8", a.to_string_lossy()))
-    })
-    .collect()
-}
-
-fn parse(args: Vec<String>) -> Result<Invocation, String> {
-    let mut socket = None;
-    let mut command = None;
-    let mut to = None;
-    let mut backend_transfer = true;
-    let mut downtime_limit_ms = None;
-    let mut json = false;
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--api-socket" => socket = Some(it.next().ok_or("--api-socket needs a path")?),
-            "--help" | "-h" => return Ok(Invocation::Help),
-            "--version" | "-V" => return Ok(Invocation::Version),
-            "--json" => json = true,
-            "--to" => to = Some(it.next().ok_or("--to needs a path")?),
-            "--no-backend-transfer" => backend_transfer = false,
-            "--downtime-limit-ms" => {
-                let v = it.next().ok_or("--downtime-limit-ms needs a number")?;
-                let ms = v
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|ms| (1..=MAX_DOWNTIME_LIMIT_MS).contains(ms))
-                    .ok_or_else(|| {
-                        format!(
-                            "--downtime-limit-ms: '{v}' is not a number of ms from 1 to {MAX_DOWNTIME_LIMIT_MS}"
-                        )
-                    })?;
-                downtime_limit_ms = Some(ms);
-            }
-            "status" | "pause" | "resume" | "shutdown" | "migrate" if command.is_none() => {
-                command = Some(a)
-            }
-            _ if a.starts_with("--api-socket=") => {
-                socket = Some(a["--api-socket=".len()..].to_string())
-            }
-            _ => return Err(format!("unexpected argument '{a}'")),
+/// clap's refusal in vmctl's words.
+fn usage_message(e: UsageError) -> String {
+    match e {
+        UsageError::NeedsValue(o) => match o.as_str() {
+            "--downtime-limit-ms" => format!("{o} needs a number"),
+            _ => format!("{o} needs a path"),
+        },
+        // An unknown option, a second command, or a command that is not one.
+        UsageError::Unknown(a) => format!("unexpected argument '{a}'"),
+        UsageError::Invalid { arg, value, .. } if arg == "COMMAND" => {
+            format!("unexpected argument '{value}'")
         }
+        e => e.to_string(),
     }
-    let socket = socket.ok_or("--api-socket is required")?;
-    if (to.is_some() || downtime_limit_ms.is_some()) && command.as_deref() != Some("migrate") {
+}
+
+/// Reads the command line (args after the program name) into a request.
+fn parse(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Invocation, String> {
+    let a: cli::vmctl::Args = match cli::parse(cli::vmctl::Args::command(), args) {
+        Ok(cli::Parsed::Args(a)) => a,
+        Ok(cli::Parsed::Print(text)) => return Ok(Invocation::Print(text)),
+        Err(e) => return Err(usage_message(e)),
+    };
+    let socket = a.api_socket.ok_or("--api-socket is required")?;
+    if (a.to.is_some() || a.downtime_limit_ms.is_some()) && a.command != Some(Command::Migrate) {
         return Err("--to and --downtime-limit-ms are only valid with migrate".into());
     }
-    let request = match command.as_deref() {
-        Some("status") => ApiRequest::Status,
-        Some("pause") => ApiRequest::Pause,
-        Some("resume") => ApiRequest::Resume,
-        Some("shutdown") => ApiRequest::Shutdown,
-        Some("migrate") => ApiRequest::Migrate {
-            to: to.ok_or("migrate needs --to PATH")?,
-            backend_transfer,
-            downtime_limit_ms,
+    let request = match a.command {
+        Some(Command::Status) => ApiRequest::Status,
+        Some(Command::Pause) => ApiRequest::Pause,
+        Some(Command::Resume) => ApiRequest::Resume,
+        Some(Command::Shutdown) => ApiRequest::Shutdown,
+        Some(Command::Migrate) => ApiRequest::Migrate {
+            to: a.to.ok_or("migrate needs --to PATH")?,
+            backend_transfer: !a.no_backend_transfer,
+            downtime_limit_ms: a.downtime_limit_ms,
         },
-        _ => return Err("no command given".into()),
+        None => return Err("no command given".into()),
     };
     Ok(Invocation::Call(Args {
         socket,
         request,
-        json,
+        json: a.json,
     }))
 }
 
@@ -214,19 +190,15 @@ fn print(resp: &ApiResponse, json: bool) -> bool {
 }
 
 fn main() {
-    let args = match text_args(std::env::args_os().skip(1)).and_then(parse) {
+    let args = match parse(std::env::args_os().skip(1)) {
         Ok(Invocation::Call(a)) => a,
-        Ok(Invocation::Help) => {
-            println!("{USAGE}");
-            exit(0);
-        }
-        Ok(Invocation::Version) => {
-            println!("vmctl {}", env!("CARGO_PKG_VERSION"));
+        Ok(Invocation::Print(text)) => {
+            print!("{text}");
             exit(0);
         }
         Err(e) => {
             eprintln!("vmctl: {e} ({USAGE})");
-            exit(2);
+            exit(cli::EXIT_USAGE.into());
         }
     };
     match call(&args.socket, &args.request) {

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use common::api::{NetCounters, NetDrops, NetStatus};
 
-use super::config::{NetConfig, NetConfigError};
+use super::config::NetConfig;
 use super::netd_client::{self, NetdClientError};
 use crate::devices::virtio::mmio::{MmioError, MmioState, MmioTransport};
 use crate::devices::virtio::net::FrameIo;
@@ -31,8 +31,6 @@ use crate::vm::{VirtioSlot, Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetAttachError {
-    #[error("{0}")]
-    Config(#[from] NetConfigError),
     #[error("--net id={id}: {err}")]
     Netd {
         id: String,
@@ -53,10 +51,10 @@ pub enum NetAttachError {
 }
 
 impl NetAttachError {
-    /// True when the user's input is at fault (bad option, policy refusal).
+    /// True when the user's input is at fault (a policy refusal; a bad
+    /// `--net` value is refused with the command line).
     pub fn is_bad_input(&self) -> bool {
         match self {
-            NetAttachError::Config(_) => true,
             NetAttachError::Netd { err, .. } => {
                 matches!(**err, NetdClientError::Refused { .. })
             }
@@ -99,21 +97,17 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// Parses each `--net` value, gets its TAP from netd, and builds the device
+/// Gets each `--net` NIC's TAP from netd, and builds the device
 /// with its threads started (`hook` runs first in each device thread, e.g.
 /// to install its seccomp filter). Call after the user drop and the
 /// sandbox's lock-down, before the vCPU threads.
 pub fn open_nets(
-    values: &[String],
+    configs: &[NetConfig],
     hook: Option<ThreadHook>,
 ) -> Result<Vec<OpenedNet>, NetAttachError> {
-    let configs = values
-        .iter()
-        .map(|v| NetConfig::parse(v))
-        .collect::<Result<Vec<_>, _>>()?;
     configs
-        .into_iter()
-        .map(|c| open_net(c, hook.clone()))
+        .iter()
+        .map(|c| open_net(c.clone(), hook.clone()))
         .collect()
 }
 
@@ -546,12 +540,8 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn bad_net_option_is_bad_input() {
-        let e = open_nets(&["id=vm0".to_string()], None).err().unwrap();
-        assert!(e.is_bad_input(), "{e}");
-        let e = open_nets(&["netd=/nonexistent/sock,id=vm0".to_string()], None)
-            .err()
-            .unwrap();
+    fn a_missing_netd_is_not_bad_input() {
+        let e = open_nets(&[config("vm0")], None).err().unwrap();
         assert!(!e.is_bad_input(), "{e}");
         assert!(e.to_string().contains("vm0"), "{e}");
     }
