@@ -19,7 +19,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{
+    Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -61,6 +63,63 @@ pub fn offered_features(pairs: u16) -> u64 {
         f |= bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
     }
     f
+}
+
+/// Why a frontend's memory table is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MemoryError {
+    #[error("region at {gpa:#x} has no file")]
+    NoFile { gpa: u64 },
+    #[error("region at {gpa:#x}: cannot inspect its file: {err}")]
+    Inspect { gpa: u64, err: String },
+    #[error(
+        "region at {gpa:#x}: bytes {start:#x}..+{len:#x} of a {size:#x}-byte file (reading past its end kills the reader)"
+    )]
+    PastEnd {
+        gpa: u64,
+        start: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error(
+        "region at {gpa:#x}: its file is not sealed against shrinking (F_SEAL_SHRINK), so it could end under the mapping later"
+    )]
+    NotSealed { gpa: u64 },
+}
+
+/// Every region must lie inside its file, and the file must be sealed
+/// against shrinking (QEMU's `memory-backend-memfd` seals by default): a
+/// mapping past a file's end turns the first access there into SIGBUS,
+/// which would kill the backend on a frontend's say-so. (vm-memory maps
+/// what it is given without this check.)
+pub fn check_memory(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for r in mem.iter() {
+        let gpa = r.start_addr().raw_value();
+        let fo = r.file_offset().ok_or(MemoryError::NoFile { gpa })?;
+        let inspect = |err: io::Error| MemoryError::Inspect {
+            gpa,
+            err: err.to_string(),
+        };
+        let size = fo.file().metadata().map_err(inspect)?.len();
+        let (start, len) = (fo.start(), r.len());
+        if start.checked_add(len).is_none_or(|end| end > size) {
+            return Err(MemoryError::PastEnd {
+                gpa,
+                start,
+                len,
+                size,
+            });
+        }
+        // SAFETY: F_GET_SEALS on an fd the region owns; no memory passed.
+        let seals = unsafe { libc::fcntl(fo.file().as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 {
+            return Err(inspect(io::Error::last_os_error()));
+        }
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(MemoryError::NotSealed { gpa });
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +218,12 @@ impl NetBackend {
                 self.again_id(pair),
             )
             .map_err(err("rx-again eventfd"))?;
+            // Wakes the worker once, so that it installs its own seccomp
+            // filter now, not at its first frame or kick (a pair the
+            // driver never uses would keep the broader inherited one).
+            self.0.rx_again[pair]
+                .write(1)
+                .map_err(err("rx-again eventfd"))?;
         }
         Ok(())
     }
@@ -224,14 +289,23 @@ impl VhostUserBackend for NetBackend {
         // The crate sets EVENT_IDX on each vring; the datapath asks the queue.
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         sandbox::enter_thread_or_exit(ThreadKind::Frontend);
+        // The crate has installed the table already: until it is checked,
+        // the datapath must not touch it.
+        self.0.has_mem.store(false, Ordering::SeqCst);
         if !self.0.gate.wait_allowed() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "frontend refused",
             ));
         }
+        check_memory(&mem.memory()).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("memory table refused: {e}"),
+            )
+        })?;
         // `self.0.mem` is the crate's own atomic: it holds the new table.
         self.0.has_mem.store(true, Ordering::SeqCst);
         Ok(())
@@ -311,5 +385,58 @@ impl VhostUserBackend for NetBackend {
             _ => log::debug!("pair {pair}: event {device_event} ignored"),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+    use vm_memory::{FileOffset, GuestAddress};
+
+    fn memfd(len: u64, seal: bool) -> File {
+        // SAFETY: memfd_create with a NUL-terminated name; owned below.
+        let fd = unsafe {
+            libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd nobody else owns.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        if seal {
+            // SAFETY: fcntl with integer arguments on our fd.
+            let r = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+            assert_eq!(r, 0);
+        }
+        f
+    }
+
+    fn mem(f: File, start: u64, len: usize) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0x1000),
+            len,
+            Some(FileOffset::new(f, start)),
+        )])
+        .unwrap()
+    }
+
+    #[test]
+    fn regions_must_lie_in_a_sealed_file() {
+        assert_eq!(check_memory(&mem(memfd(0x10000, true), 0, 0x10000)), Ok(()));
+        assert!(matches!(
+            check_memory(&mem(memfd(0x10000, true), 0, 0x20000)),
+            Err(MemoryError::PastEnd { .. })
+        ));
+        assert!(matches!(
+            check_memory(&mem(memfd(0x10000, true), 0x1000, 0x10000)),
+            Err(MemoryError::PastEnd { .. })
+        ));
+        assert_eq!(
+            check_memory(&mem(memfd(0x10000, false), 0, 0x10000)),
+            Err(MemoryError::NotSealed { gpa: 0x1000 })
+        );
+        let anon = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        assert_eq!(check_memory(&anon), Err(MemoryError::NoFile { gpa: 0 }));
     }
 }
