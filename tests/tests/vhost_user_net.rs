@@ -452,11 +452,30 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     drop(f);
     b.wait_log_count("disconnected", 1, START_TIMEOUT);
 
+    // Out of order: a ring kicked before any memory table (and before its
+    // size and addresses). Nothing to serve yet: ignored, the connection
+    // goes on.
+    let mut f = Frontend::connect(&b.sock, 256).expect("connect");
+    f.set_owner().unwrap();
+    f.get_features().unwrap();
+    f.set_features(VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        .unwrap();
+    let kick = EventFd::new(0).unwrap();
+    f.set_vring_kick(0, &kick).unwrap();
+    f.set_vring_enable(0, true).unwrap();
+    kick.write(1).unwrap();
+    assert!(f.get_features().is_ok(), "connection lost\n{}", b.log());
+    drop(f);
+    b.wait_log_count("disconnected", 2, START_TIMEOUT);
+
     // After all that, a guest still gets its network through the backend.
     if qemu_available() {
         let _q = qemu_pings(&netd, &b, 1, 1);
     }
     assert_eq!(b.log().matches(ended).count(), refusals, "{}", b.log());
+    if std::env::var_os("VHOST_USER_NET_SHOW_LOG").is_some() {
+        eprintln!("{}", b.log());
+    }
 }
 
 /// A frontend of another uid is refused (SO_PEERCRED), even when the
