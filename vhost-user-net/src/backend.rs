@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use net_datapath::queue_pair::set_active_pairs;
 use net_datapath::{FrameIo, GuestMemoryMmap, TapQueue};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -30,7 +30,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::peer::PeerGate;
 use crate::sandbox::{self, ThreadKind};
-use crate::worker::{PairState, Vring, Worker};
+use crate::worker::{PairState, Vring, Worker, follow_ring, live};
 
 /// Ring size offered (the frontend picks at most this).
 pub const QUEUE_SIZE: usize = 256;
@@ -146,6 +146,10 @@ struct Inner {
     /// Memory arrived for this connection (and its peer was allowed).
     has_mem: AtomicBool,
     rx_again: Vec<EventFd>,
+    /// Per pair: its TAP queue is attached (while following its rx ring).
+    attached: Vec<AtomicBool>,
+    /// The driver's control queue reached us: it switches the pairs.
+    ctrl_seen: AtomicBool,
     state: Vec<Mutex<PairState>>,
     gate: Arc<PeerGate>,
 }
@@ -180,6 +184,8 @@ impl NetBackend {
             active_pairs: AtomicU16::new(1),
             has_mem: AtomicBool::new(false),
             rx_again,
+            attached: (0..pairs).map(|p| AtomicBool::new(p == 0)).collect(),
+            ctrl_seen: AtomicBool::new(false),
             gate,
         })))
     }
@@ -274,9 +280,14 @@ impl VhostUserBackend for NetBackend {
                 Err(e) => log::warn!("TUNSETOFFLOAD for features {features:#x}: {e}"),
             }
         }
-        // A driver starts on one pair; the control queue switches.
+        // A driver starts on one pair; the control queue switches (or,
+        // when the frontend keeps it, the rings: see `follow_ring`).
         if !set_active_pairs(&self.0.all_io, 1, &self.0.active_pairs) {
             log::warn!("cannot attach/detach TAP queues");
+        }
+        self.0.ctrl_seen.store(false, Ordering::SeqCst);
+        for (p, a) in self.0.attached.iter().enumerate() {
+            a.store(p == 0, Ordering::SeqCst);
         }
     }
 
@@ -372,11 +383,21 @@ impl VhostUserBackend for NetBackend {
             rx_again,
             st: &mut st,
         };
+        if pair > 0
+            && !self.0.ctrl_seen.load(Ordering::SeqCst)
+            && let (Some(attached), Some(rx)) = (self.0.attached.get(pair), vrings.first())
+        {
+            let rx_live = live(&rx.get_ref());
+            follow_ring(&**io, attached, rx_live, pair);
+        }
         let ev = u64::from(device_event);
         match (device_event, vrings) {
             (0, [rx, ..]) => w.rx(rx, true),
             (1, [_, tx, ..]) => w.tx(tx),
-            (2, [_, _, ctrl]) => w.ctrl(ctrl),
+            (2, [_, _, ctrl]) => {
+                self.0.ctrl_seen.store(true, Ordering::SeqCst);
+                w.ctrl(ctrl)
+            }
             (_, [rx, ..]) if ev == self.tap_id(pair) => w.rx(rx, false),
             (_, [rx, ..]) if ev == self.again_id(pair) => {
                 let _ = rx_again.read();

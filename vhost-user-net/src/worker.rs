@@ -9,7 +9,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU16;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 
 use net_datapath::datapath::{MAX_FRAME_LEN, NetStats, RxState};
 use net_datapath::queue_pair::{Notify, RingCtx, RxStatus, serve_ctrl, serve_rx, serve_tx};
@@ -111,7 +111,7 @@ pub struct Worker<'a> {
 
 /// Whether the frontend started and enabled the ring: before that its
 /// addresses mean nothing and no data may pass (vhost-user spec).
-fn live(state: &VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> bool {
+pub fn live(state: &VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> bool {
     state.get_queue().ready() && state.is_enabled()
 }
 
@@ -188,5 +188,41 @@ impl Worker<'_> {
             &mut st.ctrl_broken,
             &mut st.stats,
         );
+    }
+}
+
+/// When the frontend serves the control queue itself (QEMU's virtio-net
+/// does: that ring never reaches a vhost-user backend), the driver's pair
+/// switches show here only as rings enabled and disabled. Pair p's TAP
+/// queue then follows its rx ring (attached while the ring is live), so
+/// the kernel steers frames only to pairs the driver serves.
+pub fn follow_ring(io: &dyn FrameIo, attached: &AtomicBool, rx_live: bool, pair: usize) {
+    if attached.load(Ordering::SeqCst) == rx_live {
+        return;
+    }
+    match io.set_enabled(rx_live) {
+        Ok(()) => attached.store(rx_live, Ordering::SeqCst),
+        Err(e) => common::warn_rate_limited!(
+            "pair {pair}: cannot {} its TAP queue: {e}",
+            if rx_live { "attach" } else { "detach" }
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use net_datapath::testing::sock_pair;
+
+    #[test]
+    fn a_tap_queue_follows_its_rx_ring() {
+        let (io, _peer) = sock_pair();
+        let attached = AtomicBool::new(false);
+        follow_ring(&*io, &attached, true, 1);
+        assert!(io.enabled.load(Ordering::SeqCst));
+        assert!(attached.load(Ordering::SeqCst));
+        follow_ring(&*io, &attached, false, 1);
+        assert!(!io.enabled.load(Ordering::SeqCst));
+        assert!(!attached.load(Ordering::SeqCst));
     }
 }
