@@ -11,12 +11,11 @@
 //! so a refused peer never moves a frame.
 
 use std::collections::BTreeSet;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use common::listener::PeerCred;
-use nix::sys::socket::{getsockopt, sockopt};
 
 /// How long a frontend's memory table waits for the verdict (the main
 /// thread decides within microseconds of the accept).
@@ -95,23 +94,33 @@ fn fd_limit() -> RawFd {
     RawFd::try_from(rl.rlim_cur.min(65536)).unwrap_or(1024)
 }
 
+/// `getsockopt(fd, SOL_SOCKET, opt)` into `v`; false when `fd` is not an
+/// open socket (or the option does not apply to it).
+fn sockopt<T>(fd: RawFd, opt: libc::c_int, v: &mut T) -> bool {
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `v`, a live value
+    // of that size; an fd number that is not (or no longer) an open socket
+    // only makes the call fail: no memory of ours depends on which it is.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (v as *mut T).cast(), &mut len) };
+    r == 0 && len as usize == std::mem::size_of::<T>()
+}
+
 /// The connected stream sockets with a peer in our fd table (listening
 /// sockets excluded), with their peers.
 pub fn connected_sockets() -> BTreeSet<(RawFd, i32, u32, u32)> {
     let mut out = BTreeSet::new();
     for fd in 0..fd_limit() {
-        // SAFETY: F_GETFD only asks whether `fd` is open; no memory.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        let mut listening: libc::c_int = 0;
+        if !sockopt(fd, libc::SO_ACCEPTCONN, &mut listening) || listening != 0 {
             continue;
         }
-        // SAFETY: the fd is open (just checked) and stays open for the
-        // next two calls: only this (main) thread closes connection fds.
-        let b = unsafe { BorrowedFd::borrow_raw(fd) };
-        if getsockopt(&b, sockopt::AcceptConn).unwrap_or(true) {
-            continue;
-        }
-        if let Ok(c) = getsockopt(&b, sockopt::PeerCredentials) {
-            out.insert((fd, c.pid(), c.uid(), c.gid()));
+        let mut c = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        if sockopt(fd, libc::SO_PEERCRED, &mut c) && c.pid != 0 {
+            out.insert((fd, c.pid, c.uid, c.gid));
         }
     }
     out
