@@ -9,7 +9,6 @@
 //! to write man pages and shell completions.
 
 pub mod assets;
-pub mod net;
 pub mod netd;
 mod usage;
 pub mod vmctl;

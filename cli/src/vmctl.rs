@@ -2,10 +2,8 @@
 //! socket paths are text: they travel in the API's requests as strings.
 
 use clap::{Parser, ValueEnum};
+use common::migration::MAX_DOWNTIME_LIMIT_MS;
 
-/// The longest downtime a migration may be given; the same as
-/// `common::migration::MAX_DOWNTIME_LIMIT_MS` (vmm checks that they agree).
-pub const MAX_DOWNTIME_LIMIT_MS: u64 = 60_000;
 
 /// The one-line usage the errors end with.
 pub const USAGE: &str = "usage: vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH [--no-backend-transfer] [--downtime-limit-ms N]} [--json] | --version | --help";

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use clap::builder::{OsStringValueParser, TypedValueParser};
 
-use crate::net::NetConfig;
+use common::net_config::{NetConfig, NetConfigError};
 
 /// Guest RAM when `--memory` is not given.
 pub const DEFAULT_MEMORY: u64 = 128 << 20;
@@ -208,7 +208,7 @@ pub fn seccomp(s: &str) -> Result<SeccompMode, ValueError> {
 }
 
 /// `--net`: the key=value list ([`NetConfig::parse`]).
-pub fn net(s: &str) -> Result<NetConfig, crate::net::NetConfigError> {
+pub fn net(s: &str) -> Result<NetConfig, NetConfigError> {
     NetConfig::parse(s)
 }
 

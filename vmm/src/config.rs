@@ -338,12 +338,4 @@ mod tests {
             assert_eq!(e.to_string().lines().count(), 1);
         }
     }
-
-    #[test]
-    fn the_cli_limits_are_the_protocols() {
-        assert_eq!(
-            cli::vmctl::MAX_DOWNTIME_LIMIT_MS,
-            common::migration::MAX_DOWNTIME_LIMIT_MS
-        );
-    }
 }

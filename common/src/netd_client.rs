@@ -10,13 +10,13 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::codec::{self, CodecError};
-use common::netd::{
+use crate::codec::{self, CodecError};
+use crate::netd::{
     NETD_MAX_FRAME, NETD_PROTOCOL_VERSION, NetdErrorKind, NetdRequest, NetdResponse,
 };
-use common::tun::{ExpectedTap, TapCheckError, check_tap_queue};
+use crate::tun::{ExpectedTap, TapCheckError, check_tap_queue};
 
-use super::config::NetConfig;
+use crate::net_config::NetConfig;
 
 /// How long the client waits for netd at each step.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
