@@ -1,5 +1,5 @@
 #!/bin/sh
-# Installs netd, vmm, vmctl, the systemd units, the sysusers file, the
+# Installs netd, vmm, vmctl, vhost-user-net, the systemd units, the sysusers file, the
 # upgrade recipe, and (when the build made them) man pages and shell
 # completions. Run after `cargo build --release --workspace`.
 #
@@ -24,7 +24,7 @@ MANDIR=$PREFIX/share/man
 DATADIR=$PREFIX/share
 target=${CARGO_TARGET_DIR:-target}/$PROFILE
 
-for b in netd vmm vmctl; do
+for b in netd vmm vmctl vhost-user-net; do
     [ -x "$target/$b" ] || { echo "install.sh: $target/$b is missing: run cargo build --profile $PROFILE --workspace first" >&2; exit 1; }
 done
 
@@ -37,7 +37,7 @@ subst() {
 
 install -d "$DESTDIR$BINDIR" "$DESTDIR$UNITDIR" "$DESTDIR$SYSUSERSDIR" \
     "$DESTDIR$SYSCONFDIR/vmm" "$DESTDIR$SYSCONFDIR/netd"
-for b in netd vmm vmctl; do
+for b in netd vmm vmctl vhost-user-net; do
     install -m 0755 "$target/$b" "$DESTDIR$BINDIR/$b"
 done
 subst dist/vmm-upgrade "$DESTDIR$BINDIR/vmm-upgrade" 0755
@@ -69,4 +69,4 @@ comp bash "$DATADIR/bash-completion/completions"
 comp zsh "$DATADIR/zsh/site-functions"
 comp fish "$DATADIR/fish/vendor_completions.d"
 
-echo "installed into ${DESTDIR:-/}: $BINDIR/{netd,vmm,vmctl,vmm-upgrade}, $UNITDIR, $SYSUSERSDIR/vmm.conf"
+echo "installed into ${DESTDIR:-/}: $BINDIR/{netd,vmm,vmctl,vhost-user-net,vmm-upgrade}, $UNITDIR, $SYSUSERSDIR/vmm.conf"

@@ -1,7 +1,9 @@
 //! Compiles the backend's seccomp allow-lists (policy/seccomp/vhost-user-net/
 //! <kind>.json) into BPF at build time, with the vmm's compiler (a binary
 //! search over the syscall numbers, vmm/src/sandbox/bpf_tree.rs, shared by
-//! path): start-up only installs them.
+//! path): start-up only installs them. Also writes the man page and shell
+//! completions from the clap definition (the `cli` crate) to
+//! `target/<profile>/assets/`.
 
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -41,7 +43,14 @@ fn main() {
         }
     }
     out.push_str("];\n");
-    let dest =
-        PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("seccomp_programs.rs");
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    let dest = out_dir.join("seccomp_programs.rs");
     std::fs::write(&dest, out).unwrap_or_else(|e| panic!("{}: {e}", dest.display()));
+
+    let assets = cli::assets::dir_from_out_dir(&out_dir).unwrap_or_else(|e| panic!("{e}"));
+    cli::assets::write(
+        <cli::vhost_user_net::Args as clap::CommandFactory>::command(),
+        &assets,
+    )
+    .unwrap_or_else(|e| panic!("man page and completions in {}: {e}", assets.display()));
 }

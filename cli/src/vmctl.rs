@@ -4,7 +4,6 @@
 use clap::{Parser, ValueEnum};
 use common::migration::MAX_DOWNTIME_LIMIT_MS;
 
-
 /// The one-line usage the errors end with.
 pub const USAGE: &str = "usage: vmctl --api-socket PATH {status|pause|resume|shutdown|migrate --to PATH [--no-backend-transfer] [--downtime-limit-ms N]} [--json] | --version | --help";
 

@@ -153,6 +153,20 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits up to `timeout` for stderr to contain `needle` (the reader
+    /// thread may not yet have taken in a line the process already wrote);
+    /// whether it did.
+    pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while !self.stderr().contains(needle) {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     /// The exit status, once the process ended (stderr then complete).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         if self.status.is_none()

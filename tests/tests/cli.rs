@@ -1,4 +1,5 @@
-//! The command lines of the shipped binaries (vmm, vmctl, netd), from
+//! The command lines of the shipped binaries (vmm, vmctl, netd,
+//! vhost-user-net), from
 //! outside: `--help` and `--version` of each; the man pages and shell
 //! completions the build wrote to `target/release/assets/`, checked against
 //! the clap definitions the binaries parse with (`cli`) and with groff, man
@@ -17,11 +18,12 @@ use tests::bin;
 const TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Each binary with the clap definition it parses with.
-fn definitions() -> [(&'static str, clap::Command); 3] {
+fn definitions() -> [(&'static str, clap::Command); 4] {
     [
         ("vmm", cli::vmm::Args::command()),
         ("vmctl", cli::vmctl::Args::command()),
         ("netd", cli::netd::Args::command()),
+        ("vhost-user-net", cli::vhost_user_net::Args::command()),
     ]
 }
 
@@ -171,11 +173,13 @@ fn man_pages_and_completions_are_built_from_the_definitions() {
         let st = Command::new("bash").arg("-n").arg(&bash).status().unwrap();
         assert!(st.success(), "bash -n {}", bash.display());
         let mut script = format!("source '{}'\n", bash.display());
+        // clap_complete spells a '-' in the name as "__" in the function's.
+        let func = format!("_{}", name.replace('-', "__"));
         for f in &flags {
             let prefix = &f[..f.len() - 1];
             script.push_str(&format!(
                 "COMP_WORDS=({name} {prefix}); COMP_CWORD=1; COMP_LINE='{name} {prefix}'; \
-                 COMP_POINT=${{#COMP_LINE}}; COMPREPLY=(); _{name} {name} {prefix} {name}; \
+                 COMP_POINT=${{#COMP_LINE}}; COMPREPLY=(); {func} {name} {prefix} {name}; \
                  printf -- '{prefix} -> %s\\n' \"${{COMPREPLY[@]}}\"\n"
             ));
         }
@@ -337,7 +341,12 @@ fn usage_errors_are_one_line_and_exit_2() {
             ],
             "--downtime-limit-ms needs a number",
         ),
-        ("netd", &[], "--socket is required"),
+        ("netd", &[], "--policy is required"),
+        (
+            "netd",
+            &["--policy", "p.ron"],
+            "--socket is required unless netd is socket-activated",
+        ),
         ("netd", &["--socket", "s"], "--policy is required"),
         ("netd", &["--bogus"], "unknown option --bogus"),
         ("netd", &["--socket"], "--socket needs a value"),
@@ -357,6 +366,17 @@ fn usage_errors_are_one_line_and_exit_2() {
                 "soon",
             ],
             "--read-timeout-ms takes a positive number",
+        ),
+        ("vhost-user-net", &[], "--socket, --net is required"),
+        (
+            "vhost-user-net",
+            &["--socket", "s", "--net", "netd=/n,id=vm0,vhost=on"],
+            "`vhost=` is not for a vhost-user backend",
+        ),
+        (
+            "vhost-user-net",
+            &["--socket", "s", "--net", "netd=/n,id=vm0", "--user", "x"],
+            "invalid --user 'x': expected UID:GID",
         ),
     ];
     for (name, args, needle) in cases {

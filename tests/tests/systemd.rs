@@ -168,9 +168,10 @@ fn netd_serves_on_the_socket_systemd_passes_and_a_restart_loses_no_client() {
     let mut netd1 = spawn_activated(&ns, fd, "$$", "1", Some(&notify_path), &args);
     assert_eq!(next_notification(&notify), "READY=1", "{}", netd1.stderr());
     assert!(
-        netd1
-            .stderr()
-            .contains("serving on the socket passed by the service manager (fd 3"),
+        netd1.wait_for_stderr(
+            "serving on the socket passed by the service manager (fd 3",
+            SETTLE
+        ),
         "{}",
         netd1.stderr()
     );
@@ -287,10 +288,10 @@ fn netd_refuses_a_passed_fd_that_is_not_a_listening_unix_stream_socket() {
     }
 
     // Variables meant for another process are not taken: netd then binds
-    // its own socket, and without --socket it has none.
+    // its own socket, and without --socket it has none: a usage error.
     let mut p = spawn_activated(&ns, Some(dgram.as_raw_fd()), "1", "1", None, &args);
     let st = p.wait_exit(SETTLE);
-    assert_eq!(st.code(), Some(1), "{}", p.stderr());
+    assert_eq!(st.code(), Some(2), "{}", p.stderr());
     assert!(
         p.stderr().contains("--socket is required"),
         "{}",
@@ -372,7 +373,7 @@ fn install_puts_everything_in_place_and_every_unit_verifies() {
     let root = s.0.join("usr");
     install(&root, &[]);
     let units = root.join("lib/systemd/system");
-    for b in ["netd", "vmm", "vmctl", "vmm-upgrade"] {
+    for b in ["netd", "vmm", "vmctl", "vhost-user-net", "vmm-upgrade"] {
         let m = std::fs::metadata(root.join("bin").join(b)).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o755, "{b}");
     }
@@ -407,7 +408,7 @@ fn install_puts_everything_in_place_and_every_unit_verifies() {
     // Man pages and completions are installed when the build made them.
     let fake = s.0.join("target");
     let assets = fake.join("release/assets");
-    for b in ["netd", "vmm", "vmctl"] {
+    for b in ["netd", "vmm", "vmctl", "vhost-user-net"] {
         let p = fake.join("release").join(b);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, "#!/bin/sh\n").unwrap();
@@ -417,8 +418,8 @@ fn install_puts_everything_in_place_and_every_unit_verifies() {
         ("man/vmm.1", "share/man/man1/vmm.1"),
         ("man/netd.1", "share/man/man1/netd.1"),
         (
-            "completions/bash/vmctl",
-            "share/bash-completion/completions/vmctl",
+            "completions/bash/vmctl.bash",
+            "share/bash-completion/completions/vmctl.bash",
         ),
         ("completions/zsh/_vmctl", "share/zsh/site-functions/_vmctl"),
         (

@@ -22,23 +22,19 @@ mod worker;
 
 use std::process::exit;
 
-use args::{Invocation, USAGE};
+use args::Invocation;
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = match args::parse(std::env::args_os().skip(1)) {
         Ok(Invocation::Run(a)) => a,
-        Ok(Invocation::Help) => {
-            println!("{USAGE}");
-            exit(0);
-        }
-        Ok(Invocation::Version) => {
-            println!("vhost-user-net {}", env!("CARGO_PKG_VERSION"));
+        Ok(Invocation::Print(text)) => {
+            print!("{text}");
             exit(0);
         }
         Err(e) => {
             eprintln!("vhost-user-net: {e}");
-            exit(2);
+            exit(i32::from(cli::EXIT_USAGE));
         }
     };
     match serve::run(&args) {

@@ -4,15 +4,10 @@
 
 use seccompiler::BpfProgramRef;
 
-/// What a syscall outside the allow-list does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SeccompMode {
-    /// Kill the whole process (SIGSYS). The default.
-    #[default]
-    Kill,
-    /// Debugging only: allow and log to the kernel log.
-    Log,
-}
+/// What a syscall outside the allow-list does (`--seccomp`): kill the
+/// whole process (SIGSYS, the default), or, for debugging only, allow it
+/// and log to the kernel log.
+pub use cli::vmm::SeccompMode;
 
 /// The backend's thread kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
