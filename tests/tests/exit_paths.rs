@@ -325,7 +325,7 @@ fn teardown_runs_under_the_main_filter() {
         use std::sync::Arc;
         use vmm::control::{self, RunControl};
         // What lock-down does before the filters.
-        if !vmm::sandbox::malloc::no_lazy_file_opens() || control::install_kick_handler().is_err() {
+        if !jail::malloc::no_lazy_file_opens() || control::install_kick_handler().is_err() {
             return 3;
         }
         let Ok(_listener) = std::os::unix::net::UnixListener::bind(&sock) else {

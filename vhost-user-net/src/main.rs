@@ -14,8 +14,6 @@
 mod args;
 mod backend;
 mod peer;
-#[path = "../../vmm/src/privileges.rs"]
-mod privileges;
 mod sandbox;
 mod serve;
 mod worker;

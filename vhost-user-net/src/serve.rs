@@ -18,8 +18,8 @@ use vm_memory::GuestMemoryAtomic;
 use crate::args::Args;
 use crate::backend::{BackendError, NetBackend};
 use crate::peer::{self, PeerGate};
-use crate::privileges::{self, PrivilegeError};
 use crate::sandbox::{self, SandboxError, ThreadKind};
+use jail::privileges::{self, PrivilegeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

@@ -38,11 +38,11 @@ use crate::migration::source::MigrationWorker;
 use crate::net::attach::{self as net_attach, NetAttachError, OpenedNet};
 use crate::net::config::NetConfig;
 use crate::net::netd_client;
-use crate::privileges::{self, PrivilegeError};
 use crate::runtime::Runtime;
 use crate::sandbox::{self, SandboxError, ThreadKind};
 use crate::vcpu::{self, Vcpu, VcpuCaps, VcpuError};
 use crate::vm::{self, ExitReason, ExitSender, Vm, VmError, VmShell};
+use jail::privileges::{self, PrivilegeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {

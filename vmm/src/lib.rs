@@ -3,8 +3,8 @@
 //!
 //! A boot ([`builder::build_for_boot`]), in order: [`config`] parses the
 //! command line (`args_os`) and checks the kinds of the files it names
-//! ([`inputs`]) → [`privileges::check_invocation`] → open /dev/kvm →
-//! [`sandbox::drop_bounding_set`] → [`privileges::drop_to`] →
+//! ([`inputs`]) → [`jail::privileges::check_invocation`] → open /dev/kvm →
+//! [`sandbox::drop_bounding_set`] → [`jail::privileges::drop_to`] →
 //! [`sandbox::lock_down`] (capabilities, no_new_privs, Landlock, the `setup`
 //! seccomp filter) → [`exit::SignalWatch`] (SIGTERM/SIGINT blocked, one
 //! thread takes them) → [`net::attach::open_nets`] (TAPs from netd as the
@@ -49,7 +49,6 @@ pub mod memory;
 pub mod migration;
 pub mod net;
 pub mod persist;
-pub mod privileges;
 pub mod runtime;
 pub mod sandbox;
 pub mod vcpu;

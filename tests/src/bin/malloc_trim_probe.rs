@@ -5,7 +5,7 @@
 //! `/proc/sys/vm/overcommit_memory`.
 //!
 //! `malloc_trim_probe [--with-fix]`: with `--with-fix` it first applies
-//! [`vmm::sandbox::malloc::no_lazy_file_opens`] (what the vmm does at
+//! [`jail::malloc::no_lazy_file_opens`] (what the vmm does at
 //! lock-down). Exits 0 when the frees went through; a seccomp kill shows
 //! as SIGSYS. A fresh process matters: glibc remembers the probe's answer.
 
@@ -16,7 +16,7 @@ const BLOCKS: usize = 512;
 
 fn main() {
     let with_fix = std::env::args().any(|a| a == "--with-fix");
-    if with_fix && !vmm::sandbox::malloc::no_lazy_file_opens() {
+    if with_fix && !jail::malloc::no_lazy_file_opens() {
         eprintln!("malloc_trim_probe: mallopt refused");
         std::process::exit(3);
     }

@@ -5,8 +5,8 @@
 //! before: netd's TAP fds, its socket), then per-thread seccomp filters
 //! (policy/seccomp/vhost-user-net/*.json, compiled by build.rs).
 //!
-//! The capability, privilege and malloc code is the vmm's own source
-//! (`#[path]`), not a copy.
+//! The capability, privilege and malloc steps are the `jail` crate's, the
+//! same the vmm takes.
 //!
 //! Threads: vhost-user-backend starts the vring workers and, per
 //! connection, the thread that handles the frontend's messages; neither
@@ -16,12 +16,10 @@
 //! wait in epoll until then; `main` for the frontend thread, which is why
 //! `main` covers `frontend`).
 
-#[path = "../../../vmm/src/sandbox/caps.rs"]
-pub mod caps;
 pub mod landlock;
-#[path = "../../../vmm/src/sandbox/malloc.rs"]
-pub mod malloc;
 pub mod seccomp;
+
+use jail::{caps, malloc};
 
 use std::cell::Cell;
 use std::sync::OnceLock;

@@ -1,6 +1,6 @@
 //! The vmm sandbox, applied in this order (see [`lock_down`]):
 //! 1. while still root: the capability bounding set is emptied
-//!    ([`caps::drop_bounding_set`], before [`crate::privileges::drop_to`]);
+//!    ([`caps::drop_bounding_set`], before [`jail::privileges::drop_to`]);
 //!    started unprivileged, inside a user namespace of our own instead
 //!    (the only way the kernel allows), at lock-down;
 //! 2. after the uid drop: every other capability set cleared, no_new_privs;
@@ -15,11 +15,10 @@
 //! A panic prints one line without a backtrace: capturing one opens files
 //! that the filters forbid (RUST_BACKTRACE may be set by the user).
 
-pub mod bpf_tree;
-pub mod caps;
 pub mod landlock;
-pub mod malloc;
 pub mod seccomp;
+
+use jail::{caps, malloc};
 
 use std::sync::OnceLock;
 

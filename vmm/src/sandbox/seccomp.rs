@@ -220,8 +220,7 @@ mod tests {
         for mode in [SeccompMode::Kill, SeccompMode::Log] {
             for kind in ThreadKind::ALL {
                 let log = mode == SeccompMode::Log;
-                let linear =
-                    super::super::bpf_tree::linear(kind.policy(), kind.name(), log).unwrap();
+                let linear = jail::bpf_tree::linear(kind.policy(), kind.name(), log).unwrap();
                 let tree = program(kind, mode).unwrap();
                 let doc: serde_json::Value = serde_json::from_str(kind.policy()).unwrap();
                 let mut vals: Vec<u64> = vec![0, 1, u64::MAX, 0xffff_ffff, 1 << 32];

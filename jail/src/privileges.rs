@@ -1,7 +1,8 @@
-//! Who vmm runs as. It refuses to run as root unless told which user to
-//! become (`--user UID:GID`); it then drops to that user right after opening
-//! /dev/kvm and before any guest-influenced work. The sandbox (capabilities,
-//! no_new_privs, seccomp, Landlock) is layered around this by its own module.
+//! Who an unprivileged process runs as. It refuses to run as root unless
+//! told which user to become (`--user UID:GID`); it then drops to that user
+//! as soon as it holds what only root could open (the vmm: /dev/kvm) and
+//! before any guest- or peer-influenced work. The sandbox (capabilities,
+//! no_new_privs, seccomp, Landlock) is layered around this.
 
 use nix::unistd::{Gid, Uid, getgid, getuid, setgid, setgroups, setuid};
 
