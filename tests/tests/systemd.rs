@@ -309,7 +309,16 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(tag: &str) -> Self {
-        let p = target_dir().join(format!("systemd-test-{tag}-{}", std::process::id()));
+        // The units' PrivateTmp=yes hides /tmp and /var/tmp from the
+        // services: a checkout there (a CI clone in /tmp) keeps the scratch
+        // tree, binaries and kernel included, in /var/lib instead.
+        let target = target_dir();
+        let base = if target.starts_with("/tmp") || target.starts_with("/var/tmp") {
+            PathBuf::from("/var/lib")
+        } else {
+            target
+        };
+        let p = base.join(format!("vmm-systemd-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
