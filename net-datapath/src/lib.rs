@@ -6,6 +6,7 @@
 //!
 //! - [`counters`]: per-queue-pair counters, owned by the pair's worker and
 //!   published once per batch;
+//! - [`features`]: the virtio feature bits it serves;
 //! - [`frame_io`]: one frame per read or write, scattered into or gathered
 //!   from guest memory (`FrameIo`, `IoVecs`);
 //! - [`tap`]: a checked TAP queue fd as a `FrameIo`, and the offloads;
@@ -17,6 +18,7 @@
 
 pub mod counters;
 pub mod datapath;
+pub mod features;
 pub mod frame_io;
 pub mod queue_pair;
 pub mod tap;

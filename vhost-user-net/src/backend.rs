@@ -15,10 +15,7 @@ use net_datapath::queue_pair::set_active_pairs;
 use net_datapath::{FrameIo, GuestMemoryMmap, TapQueue};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use vm_memory::{
     Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
 };
@@ -39,30 +36,13 @@ fn bit(b: u32) -> u64 {
     1u64 << b
 }
 
-/// What the device offers: the in-vmm device's set (vmm
-/// `devices::virtio::net::device::offered_features`), with the control
-/// queue and MQ for more than one pair, and vhost-user's PROTOCOL_FEATURES
+/// What the device offers: what the datapath serves (the in-vmm device's
+/// set less its MAC), and vhost-user's PROTOCOL_FEATURES
 /// (QEMU 7.2 does not start a vhost-user NIC without them). The MAC stays
 /// the frontend's (its device config space).
 pub fn offered_features(pairs: u16) -> u64 {
-    let mut f = bit(VIRTIO_F_VERSION_1)
-        | bit(VIRTIO_RING_F_INDIRECT_DESC)
-        | bit(VIRTIO_RING_F_EVENT_IDX)
-        | bit(VIRTIO_NET_F_STATUS)
-        | bit(VIRTIO_NET_F_MRG_RXBUF)
-        | bit(VIRTIO_NET_F_CSUM)
-        | bit(VIRTIO_NET_F_GUEST_CSUM)
-        | bit(VIRTIO_NET_F_GUEST_TSO4)
-        | bit(VIRTIO_NET_F_GUEST_TSO6)
-        | bit(VIRTIO_NET_F_GUEST_UFO)
-        | bit(VIRTIO_NET_F_HOST_TSO4)
-        | bit(VIRTIO_NET_F_HOST_TSO6)
-        | bit(VIRTIO_NET_F_HOST_UFO)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-    if pairs > 1 {
-        f |= bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
-    }
-    f
+    net_datapath::features::datapath_features(pairs)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
 }
 
 /// Why a frontend's memory table is refused.

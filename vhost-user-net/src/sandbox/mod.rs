@@ -19,7 +19,7 @@
 pub mod landlock;
 pub mod seccomp;
 
-use jail::{caps, malloc};
+use jail::caps;
 
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -28,20 +28,14 @@ pub use self::seccomp::{SeccompMode, ThreadKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox: {0}")]
-    Caps(#[from] caps::CapsError),
-    #[error("sandbox: cannot set no_new_privs: {0}")]
-    NoNewPrivs(std::io::Error),
+    #[error(transparent)]
+    LockDown(#[from] jail::lockdown::LockDownError),
     #[error("sandbox: {0}")]
     Landlock(#[from] ::landlock::RulesetError),
     #[error("sandbox: {0}")]
     Seccomp(#[from] seccomp::SeccompError),
     #[error("sandbox: set up twice")]
     Twice,
-    #[error(
-        "sandbox: {0} threads exist at lock-down; Landlock and no_new_privs would miss all but one"
-    )]
-    Threads(usize),
 }
 
 static MODE: OnceLock<SeccompMode> = OnceLock::new();
@@ -55,41 +49,11 @@ pub fn drop_bounding_set() {
     caps::drop_bounding_set();
 }
 
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(1)
-}
-
 /// Everything after the uid drop, on the main thread while it is the only
 /// one. Installs the `setup` filter, which later threads inherit.
 pub fn lock_down(mode: SeccompMode) -> Result<(), SandboxError> {
-    let n = threads();
-    if n > 1 {
-        return Err(SandboxError::Threads(n));
-    }
-    if caps::bounding_set_len() > 0 {
-        match caps::drop_bounding_set_in_user_namespace() {
-            Ok(()) => log::info!("bounding set emptied inside a user namespace of our own"),
-            Err(e) => log::info!("capability bounding set kept ({e}); no_new_privs covers execve"),
-        }
-    }
-    caps::clear_all()?;
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(SandboxError::NoNewPrivs(std::io::Error::last_os_error()));
-    }
+    jail::lockdown::process_steps("vhost-user-net")?;
     landlock::restrict()?;
-    std::panic::set_hook(Box::new(|info| {
-        let t = std::thread::current();
-        eprintln!(
-            "vhost-user-net: panic in thread {}: {info}",
-            t.name().unwrap_or("?")
-        );
-    }));
-    if !malloc::no_lazy_file_opens() {
-        log::warn!("mallopt(M_TRIM_THRESHOLD) refused: freeing memory may open a file");
-    }
     if mode == SeccompMode::Log {
         log::warn!("seccomp in log mode (debugging): forbidden syscalls are only logged");
     }

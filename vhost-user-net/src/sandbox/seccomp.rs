@@ -61,11 +61,7 @@ pub fn program(
     kind: ThreadKind,
     mode: SeccompMode,
 ) -> Result<BpfProgramRef<'static>, SeccompError> {
-    let log = mode == SeccompMode::Log;
-    programs::PROGRAMS
-        .iter()
-        .find(|(name, m, _)| *name == kind.name() && *m == log)
-        .map(|(_, _, p)| *p)
+    jail::programs::find(programs::PROGRAMS, kind.name(), mode == SeccompMode::Log)
         .ok_or(SeccompError::Missing(kind.name()))
 }
 

@@ -3,22 +3,21 @@
 //!    ([`caps::drop_bounding_set`], before [`jail::privileges::drop_to`]);
 //!    started unprivileged, inside a user namespace of our own instead
 //!    (the only way the kernel allows), at lock-down;
-//! 2. after the uid drop: every other capability set cleared, no_new_privs;
+//! 2. after the uid drop, the steps every unprivileged process shares
+//!    ([`jail::lockdown::process_steps`]): every other capability set
+//!    cleared, no_new_privs, a one-line panic report, and the C allocator
+//!    told not to open files later;
 //! 3. Landlock ([`landlock`]): the filesystem shrinks to the files named on
 //!    the command line, no TCP, no abstract sockets, no signals outward;
-//! 4. seccomp ([`seccomp`]), after the C allocator is told not to open
-//!    files later ([`malloc`]): the `setup` filter on the main thread (which
+//! 4. seccomp ([`seccomp`]): the `setup` filter on the main thread (which
 //!    every later thread inherits), then each thread installs its own
 //!    kind's filter first thing ([`enter_thread`]), and the main thread
 //!    narrows itself to `main` once everything runs.
-//!
-//! A panic prints one line without a backtrace: capturing one opens files
-//! that the filters forbid (RUST_BACKTRACE may be set by the user).
 
 pub mod landlock;
 pub mod seccomp;
 
-use jail::{caps, malloc};
+use jail::caps;
 
 use std::sync::OnceLock;
 
@@ -27,20 +26,14 @@ pub use self::seccomp::{Filters, SeccompMode, ThreadKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox: {0}")]
-    Caps(#[from] caps::CapsError),
-    #[error("sandbox: cannot set no_new_privs: {0}")]
-    NoNewPrivs(std::io::Error),
+    #[error(transparent)]
+    LockDown(#[from] jail::lockdown::LockDownError),
     #[error("sandbox: {0}")]
     Landlock(#[from] landlock::LandlockError),
     #[error("sandbox: {0}")]
     Seccomp(#[from] seccomp::SeccompError),
     #[error("sandbox: set up twice")]
     Twice,
-    #[error(
-        "sandbox: {0} threads exist at lock-down; Landlock and no_new_privs would miss all but one"
-    )]
-    Threads(usize),
 }
 
 /// What to lock down and how.
@@ -65,42 +58,11 @@ pub fn drop_bounding_set() {
     caps::drop_bounding_set();
 }
 
-fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        let thread = std::thread::current();
-        eprintln!(
-            "vmm: panic in thread {}: {info}",
-            thread.name().unwrap_or("?")
-        );
-    }));
-}
-
 /// Steps 2 to 4 on the calling (main) thread, which must be the only thread.
 /// After this, threads started by the process call [`enter_thread`].
 pub fn lock_down(plan: &Plan) -> Result<Report, SandboxError> {
-    // Landlock, no_new_privs and the capability sets are per thread.
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        let n = tasks.count();
-        if n > 1 {
-            return Err(SandboxError::Threads(n));
-        }
-    }
-    if caps::bounding_set_len() > 0 {
-        match caps::drop_bounding_set_in_user_namespace() {
-            Ok(()) => log::info!("bounding set emptied inside a user namespace of our own"),
-            Err(e) => log::info!("capability bounding set kept ({e}); no_new_privs covers execve"),
-        }
-    }
-    caps::clear_all()?;
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(SandboxError::NoNewPrivs(std::io::Error::last_os_error()));
-    }
+    jail::lockdown::process_steps("vmm")?;
     let landlock = landlock::restrict(&plan.fs)?;
-    install_panic_hook();
-    if !malloc::no_lazy_file_opens() {
-        log::warn!("mallopt(M_TRIM_THRESHOLD) refused: freeing memory may open a file");
-    }
     let filters = Filters::compile(plan.seccomp)?;
     if plan.seccomp == SeccompMode::Log {
         log::warn!("seccomp in log mode (debugging): forbidden syscalls are only logged");

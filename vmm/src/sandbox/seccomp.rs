@@ -108,15 +108,12 @@ pub fn program(
     kind: ThreadKind,
     mode: SeccompMode,
 ) -> Result<BpfProgramRef<'static>, SeccompError> {
-    let log = mode == SeccompMode::Log;
-    programs::PROGRAMS
-        .iter()
-        .find(|(name, m, _)| *name == kind.name() && *m == log)
-        .map(|(_, _, p)| *p)
-        .ok_or(SeccompError::Policy {
+    jail::programs::find(programs::PROGRAMS, kind.name(), mode == SeccompMode::Log).ok_or(
+        SeccompError::Policy {
             kind: kind.name(),
             message: "not compiled".into(),
-        })
+        },
+    )
 }
 
 /// Every kind's filter, looked up once before the first is installed

@@ -9,10 +9,7 @@ use virtio_bindings::virtio_net::*;
 use virtio_queue::{QueueState, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::super::{
-    ActivateError, ActiveQueue, GuestMemory, Interrupt, TYPE_NET, VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice,
-};
+use super::super::{ActivateError, ActiveQueue, GuestMemory, Interrupt, TYPE_NET, VirtioDevice};
 use super::backend::{FrameIo, NetBackend};
 use super::event_handler::{CtrlQueue, DeviceThread, Job, PairWorker, ThreadHook, VhostRelay};
 use super::vhost::VringSetup;
@@ -44,26 +41,10 @@ fn bit(b: u32) -> u64 {
     1u64 << b
 }
 
-/// What the device offers before the backend filters it.
+/// What the device offers before the backend filters it: what the
+/// datapath serves, and the MAC in its config space.
 pub fn offered_features(queue_pairs: u16) -> u64 {
-    let mut f = bit(VIRTIO_F_VERSION_1)
-        | bit(VIRTIO_F_RING_INDIRECT_DESC)
-        | bit(VIRTIO_F_RING_EVENT_IDX)
-        | bit(VIRTIO_NET_F_MAC)
-        | bit(VIRTIO_NET_F_STATUS)
-        | bit(VIRTIO_NET_F_MRG_RXBUF)
-        | bit(VIRTIO_NET_F_CSUM)
-        | bit(VIRTIO_NET_F_GUEST_CSUM)
-        | bit(VIRTIO_NET_F_GUEST_TSO4)
-        | bit(VIRTIO_NET_F_GUEST_TSO6)
-        | bit(VIRTIO_NET_F_GUEST_UFO)
-        | bit(VIRTIO_NET_F_HOST_TSO4)
-        | bit(VIRTIO_NET_F_HOST_TSO6)
-        | bit(VIRTIO_NET_F_HOST_UFO);
-    if queue_pairs > 1 {
-        f |= bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
-    }
-    f
+    net_datapath::features::datapath_features(queue_pairs) | bit(VIRTIO_NET_F_MAC)
 }
 
 /// Threads running, or their state kept while paused.
