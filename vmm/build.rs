@@ -9,7 +9,15 @@ use std::path::PathBuf;
 use clap::CommandFactory;
 
 /// The thread kinds, as `ThreadKind::name` spells them.
-const KINDS: [&str; 6] = ["setup", "main", "vcpu", "device", "api", "migration"];
+const KINDS: [&str; 7] = [
+    "setup",
+    "main",
+    "vcpu",
+    "device",
+    "api",
+    "migration",
+    "vhost-user-relay",
+];
 
 fn main() {
     let root = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

@@ -51,12 +51,17 @@ pub enum BackendNetError {
     Net(#[from] NetConfigError),
     #[error("--net: `{0}=` is not for a vhost-user backend (the frontend's device owns it)")]
     NotForBackend(&'static str),
+    #[error("--net: a backend takes its TAP from netd: `netd=SOCK`, not `vhost-user=`")]
+    NotNetd,
 }
 
 /// `--net` for a backend: the vmm's option without `mac`, `vhost` and
 /// `backend-transfer`.
 pub fn backend_net(v: &str) -> Result<NetConfig, BackendNetError> {
     let cfg = NetConfig::parse(v)?;
+    if cfg.netd_socket().is_none() {
+        return Err(BackendNetError::NotNetd);
+    }
     for (key, given) in [
         ("mac", v.split(',').any(|i| i.starts_with("mac="))),
         ("vhost", cfg.vhost),

@@ -68,6 +68,24 @@ pub struct NetStatus {
     /// kernel moves the frames. Since 0.3.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters_note: Option<String>,
+    /// A vhost-user NIC's connection to its backend. Since 0.3.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<VhostUserStatus>,
+}
+
+/// A vhost-user NIC's connection to its backend process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostUserStatus {
+    /// The backend's socket.
+    pub socket: String,
+    /// Connected and serving the rings; false while the vmm reconnects.
+    pub connected: bool,
+    /// Connections made since the NIC was created in this process (the
+    /// first included); more than one means the backend was restarted.
+    pub connections: u64,
+    /// Why the last connection ended or the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// A NIC's (or one queue pair's) counters since it was created; a

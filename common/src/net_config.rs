@@ -1,23 +1,37 @@
-//! The `--net netd=SOCK,id=ID[,mac=MAC][,queues=N][,vhost=on|off][,backend-transfer=on|off]`
-//! option of vmm. `id` is the TAP interface name asked of netd (the policy
-//! decides which names a tenant may use, e.g. `vm0`).
+//! The `--net` option of vmm, in one of two forms:
+//! - `netd=SOCK,id=ID[,mac=MAC][,queues=N][,vhost=on|off][,backend-transfer=on|off]`:
+//!   the vmm's own virtio-net device on a TAP from netd. `id` is the TAP
+//!   interface name asked of netd (the policy decides which names a tenant
+//!   may use, e.g. `vm0`).
+//! - `vhost-user=PATH,id=ID[,mac=MAC][,queues=N]`: the datapath runs in a
+//!   vhost-user backend (e.g. `vhost-user-net`) listening on PATH; `id`
+//!   names the NIC. Its connection always moves with a local migration.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Most queues the option accepts; netd's policy usually allows fewer.
 pub const MAX_NET_QUEUES: u16 = 16;
 
+/// Where a NIC's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackendSpec {
+    /// A TAP that netd (listening on this socket) opens for the tenant.
+    Netd(PathBuf),
+    /// A vhost-user backend listening on this socket.
+    VhostUser(PathBuf),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// netd's socket.
-    pub netd_socket: PathBuf,
-    /// TAP interface name (also the device's id).
+    pub backend: NetBackendSpec,
+    /// TAP interface name for netd (also the device's id); the NIC's name
+    /// for vhost-user.
     pub id: String,
     /// Guest MAC; `None` lets the VMM pick one.
     pub mac: Option<[u8; 6]>,
     /// Queue pairs (one TAP fd per queue); default 1.
     pub queues: u16,
-    /// Ask netd for vhost-net fds; default off.
+    /// Ask netd for vhost-net fds; default off (netd only).
     pub vhost: bool,
     /// On local migration, hand the TAP fds to the target (default on); off
     /// makes the target ask netd itself.
@@ -28,8 +42,14 @@ pub struct NetConfig {
 pub enum NetConfigError {
     #[error("--net: missing `{0}=`")]
     Missing(&'static str),
-    #[error("--net: unknown key {0:?} (known: netd, id, mac, queues, vhost, backend-transfer)")]
+    #[error(
+        "--net: unknown key {0:?} (known: netd, vhost-user, id, mac, queues, vhost, backend-transfer)"
+    )]
     UnknownKey(String),
+    #[error("--net: `{0}=` is for netd NICs, not vhost-user ones")]
+    NotForVhostUser(&'static str),
+    #[error("--net: give one of `netd=` and `vhost-user=`")]
+    TwoBackends,
     #[error("--net: `{0}` given twice")]
     Duplicate(String),
     #[error("--net: item {0:?} is not key=value")]
@@ -85,6 +105,7 @@ pub fn parse_mac(v: &str) -> Result<[u8; 6], NetConfigError> {
 impl NetConfig {
     pub fn parse(s: &str) -> Result<Self, NetConfigError> {
         let mut netd = None;
+        let mut vhost_user = None;
         let mut id = None;
         let mut mac = None;
         let mut queues = None;
@@ -110,6 +131,16 @@ impl NetConfig {
                         });
                     }
                     set(&mut netd, k, PathBuf::from(v))?
+                }
+                "vhost-user" => {
+                    if v.is_empty() {
+                        return Err(NetConfigError::BadValue {
+                            key: "vhost-user",
+                            value: String::new(),
+                            reason: "empty socket path",
+                        });
+                    }
+                    set(&mut vhost_user, k, PathBuf::from(v))?
                 }
                 "id" => {
                     let ok = !v.is_empty()
@@ -145,14 +176,46 @@ impl NetConfig {
                 _ => return Err(NetConfigError::UnknownKey(k.to_string())),
             }
         }
+        let backend = match (netd, vhost_user) {
+            (Some(_), Some(_)) => return Err(NetConfigError::TwoBackends),
+            (Some(sock), None) => NetBackendSpec::Netd(sock),
+            (None, Some(sock)) => {
+                if vhost.is_some() {
+                    return Err(NetConfigError::NotForVhostUser("vhost"));
+                }
+                if backend_transfer.is_some() {
+                    return Err(NetConfigError::NotForVhostUser("backend-transfer"));
+                }
+                NetBackendSpec::VhostUser(sock)
+            }
+            (None, None) => return Err(NetConfigError::Missing("netd")),
+        };
         Ok(NetConfig {
-            netd_socket: netd.ok_or(NetConfigError::Missing("netd"))?,
+            backend,
             id: id.ok_or(NetConfigError::Missing("id"))?,
             mac,
             queues: queues.unwrap_or(1),
             vhost: vhost.unwrap_or(false),
             backend_transfer: backend_transfer.unwrap_or(true),
         })
+    }
+}
+
+impl NetConfig {
+    /// netd's socket, for a NIC whose TAP comes from netd.
+    pub fn netd_socket(&self) -> Option<&Path> {
+        match &self.backend {
+            NetBackendSpec::Netd(p) => Some(p),
+            NetBackendSpec::VhostUser(_) => None,
+        }
+    }
+
+    /// The backend's socket, for a vhost-user NIC.
+    pub fn vhost_user_socket(&self) -> Option<&Path> {
+        match &self.backend {
+            NetBackendSpec::VhostUser(p) => Some(p),
+            NetBackendSpec::Netd(_) => None,
+        }
     }
 }
 
@@ -173,7 +236,7 @@ mod tests {
         assert_eq!(
             c,
             NetConfig {
-                netd_socket: "/run/netd.sock".into(),
+                backend: NetBackendSpec::Netd("/run/netd.sock".into()),
                 id: "vm0".into(),
                 mac: None,
                 queues: 1,
@@ -189,6 +252,33 @@ mod tests {
         assert_eq!(c.queues, 4);
         assert!(c.vhost);
         assert!(!c.backend_transfer);
+    }
+
+    #[test]
+    fn vhost_user() {
+        let c = NetConfig::parse("vhost-user=/run/vu.sock,id=n0,mac=52:54:00:12:34:5a,queues=2")
+            .unwrap();
+        assert_eq!(c.vhost_user_socket(), Some(Path::new("/run/vu.sock")));
+        assert_eq!(c.netd_socket(), None);
+        assert_eq!(c.queues, 2);
+        assert!(c.backend_transfer && !c.vhost);
+        use NetConfigError::*;
+        assert_eq!(
+            NetConfig::parse("vhost-user=/s,netd=/n,id=n0"),
+            Err(TwoBackends)
+        );
+        assert_eq!(
+            NetConfig::parse("vhost-user=/s,id=n0,vhost=on"),
+            Err(NotForVhostUser("vhost"))
+        );
+        assert_eq!(
+            NetConfig::parse("vhost-user=/s,id=n0,backend-transfer=off"),
+            Err(NotForVhostUser("backend-transfer"))
+        );
+        assert!(matches!(
+            NetConfig::parse("vhost-user=,id=n0"),
+            Err(BadValue { .. })
+        ));
     }
 
     #[test]

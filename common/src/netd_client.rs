@@ -38,6 +38,8 @@ pub enum NetdClientError {
     Tap(#[from] TapCheckError),
     #[error("fd from netd is not a vhost-net device: {0}")]
     Verify(String),
+    #[error("NIC {0} is a vhost-user NIC: netd has no TAP for it")]
+    NotNetd(String),
 }
 
 /// The fds of one TAP, checked: one per queue, plus vhost-net fds if asked.
@@ -246,17 +248,22 @@ impl NetdClient {
     }
 }
 
+fn netd_socket(cfg: &NetConfig) -> Result<&std::path::Path, NetdClientError> {
+    cfg.netd_socket()
+        .ok_or_else(|| NetdClientError::NotNetd(cfg.id.clone()))
+}
+
 /// What `--net` asks for at start-up: the TAP with vnet header (virtio-net
 /// always uses one) and vhost-net fds when `vhost=on`.
 pub fn open_tap_for(cfg: &NetConfig) -> Result<TapFds, NetdClientError> {
-    let mut c = NetdClient::connect(&cfg.netd_socket, DEFAULT_TIMEOUT)?;
+    let mut c = NetdClient::connect(netd_socket(cfg)?, DEFAULT_TIMEOUT)?;
     c.open_tap(&cfg.id, cfg.queues, true, cfg.vhost, cfg.mac)
 }
 
 /// vhost-net fds alone, for a migration target that takes the TAP from its
 /// source (netd touches no TAP for this).
 pub fn open_vhost_for(cfg: &NetConfig) -> Result<Vec<OwnedFd>, NetdClientError> {
-    let mut c = NetdClient::connect(&cfg.netd_socket, DEFAULT_TIMEOUT)?;
+    let mut c = NetdClient::connect(netd_socket(cfg)?, DEFAULT_TIMEOUT)?;
     c.open_vhost(cfg.queues)
 }
 

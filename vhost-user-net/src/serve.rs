@@ -8,7 +8,7 @@ use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use common::listener::{ListenError, Listener, PeerCred};
-use common::netd_client::{DEFAULT_TIMEOUT, NetdClient, NetdClientError};
+use common::netd_client::NetdClientError;
 use net_datapath::GuestMemoryMmap;
 use net_datapath::tap::{TapError, TapQueue};
 use vhost::vhost_user::Error as VhostUserError;
@@ -57,13 +57,9 @@ pub fn run(args: &Args) -> Result<(), ServeError> {
         privileges::drop_to(uid, gid)?;
     }
     // As the tenant: netd decides by our uid (SO_PEERCRED).
-    let fds = NetdClient::connect(&args.net.netd_socket, DEFAULT_TIMEOUT)?.open_tap(
-        &args.net.id,
-        args.net.queues,
-        true,
-        false,
-        None,
-    )?;
+    // The vmm's `--net` request: the TAP with vnet header; `backend_net`
+    // took no vhost and no MAC.
+    let fds = common::netd_client::open_tap_for(&args.net)?;
     let taps = TapQueue::from_fds(&fds.name, fds.taps)?;
     let listener = Listener::bind_replacing_stale(&args.socket, 0o600)?;
     sandbox::lock_down(args.seccomp)?;

@@ -28,6 +28,7 @@ use crate::config::{ConfigError, SerialTarget, VmConfig};
 use crate::control::{self, RunControl};
 use crate::devices::power::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice};
+use crate::devices::virtio::net::device::RELAY_VHOST_USER;
 use crate::devices::virtio::net::event_handler::ThreadHook;
 use crate::exit::{self, SignalWatch};
 use crate::inputs;
@@ -138,9 +139,17 @@ fn enter_sandbox(cfg: &VmConfig) -> Result<(Kvm, SignalWatch), BuildError> {
     Ok((kvm, signals))
 }
 
-/// Device threads inherit the sandbox and narrow it to their own filter.
+/// Device threads inherit the sandbox and narrow it to their own filter
+/// (a vhost-user NIC's relay to the one that may reconnect).
 fn device_hook() -> ThreadHook {
-    Arc::new(|_name: &str| sandbox::enter_thread_or_exit(ThreadKind::Device))
+    Arc::new(|name: &str| {
+        let kind = if name == RELAY_VHOST_USER {
+            ThreadKind::VhostUserRelay
+        } else {
+            ThreadKind::Device
+        };
+        sandbox::enter_thread_or_exit(kind)
+    })
 }
 
 /// Boots `cfg.kernel`.

@@ -21,11 +21,13 @@ use common::api::{NetCounters, NetDrops, NetStatus};
 use super::config::NetConfig;
 use super::netd_client::{self, NetdClientError};
 use crate::devices::virtio::mmio::{MmioError, MmioState, MmioTransport};
-use crate::devices::virtio::net::FrameIo;
 use crate::devices::virtio::net::event_handler::ThreadHook;
+use crate::devices::virtio::net::vhost_user::VhostUserError;
 use crate::devices::virtio::net::{
-    BackendError, BackendKind, NetDevice, NetError, NetState, NetStats, backend_from_fds,
+    BackendError, BackendKind, NetDevice, NetError, NetState, NetStats, VhostUserNet,
+    backend_from_fds,
 };
+use crate::devices::virtio::net::{FrameIo, NetBackend};
 use crate::persist::{FdTable, Format10PartVersion, Persist};
 use crate::vm::{VirtioSlot, Vm, VmError};
 
@@ -48,6 +50,8 @@ pub enum NetAttachError {
     Vm { id: String, err: VmError },
     #[error("--net id={id}: no TAP for this NIC")]
     NoTap { id: String },
+    #[error("--net id={id}: {err}")]
+    VhostUser { id: String, err: VhostUserError },
 }
 
 impl NetAttachError {
@@ -113,6 +117,16 @@ pub fn open_nets(
 
 fn open_net(config: NetConfig, hook: Option<ThreadHook>) -> Result<OpenedNet, NetAttachError> {
     let id = config.id.clone();
+    if let Some(path) = config.vhost_user_socket() {
+        let backend = VhostUserNet::connect(&id, path, config.queues).map_err(|err| {
+            NetAttachError::VhostUser {
+                id: id.clone(),
+                err,
+            }
+        })?;
+        log::info!("net {id}: vhost-user backend at {}", path.display());
+        return OpenedNet::on_backend(config, String::new(), Box::new(backend), hook);
+    }
     let fds = netd_client::open_tap_for(&config).map_err(|err| NetAttachError::Netd {
         id: id.clone(),
         err: Box::new(err),
@@ -136,12 +150,23 @@ impl OpenedNet {
         vhost: Vec<OwnedFd>,
         hook: Option<ThreadHook>,
     ) -> Result<Self, NetAttachError> {
-        let id = config.id.clone();
         let backend =
             backend_from_fds(&tap, taps, vhost).map_err(|err| NetAttachError::Backend {
-                id: id.clone(),
+                id: config.id.clone(),
                 err,
             })?;
+        Self::on_backend(config, tap, backend, hook)
+    }
+
+    /// A new device on `backend` (`tap`: its TAP's name, empty when the
+    /// TAP is not the vmm's).
+    pub fn on_backend(
+        config: NetConfig,
+        tap: String,
+        backend: Box<dyn NetBackend>,
+        hook: Option<ThreadHook>,
+    ) -> Result<Self, NetAttachError> {
+        let id = config.id.clone();
         let mac = config.mac.unwrap_or_else(random_mac);
         let device = NetDevice::new(backend, Some(mac)).map_err(|err| NetAttachError::Device {
             id: id.clone(),
@@ -276,10 +301,17 @@ impl NetAttachment {
 
     pub fn status(&self) -> NetStatus {
         let t = self.lock();
-        let vhost = t.device().backend().state().kind == BackendKind::VhostNet;
+        let kind = t.device().backend().state().kind;
+        let vhost_user = t.device().backend().connection_status();
         let pairs = t.device().queue_pairs();
         let queues = t.device().queue_stats();
         drop(t);
+        let vhost = kind == BackendKind::VhostNet;
+        let note = match kind {
+            BackendKind::VhostNet => Some(VHOST_COUNTERS_NOTE),
+            BackendKind::VhostUser => Some(VHOST_USER_COUNTERS_NOTE),
+            BackendKind::Tap => None,
+        };
         NetStatus {
             id: self.config.id.clone(),
             tap: self.tap.clone(),
@@ -290,7 +322,8 @@ impl NetAttachment {
                 &queues.iter().fold(NetStats::default(), |t, s| t.plus(s)),
             )),
             queue_counters: queues.iter().map(api_counters).collect(),
-            counters_note: vhost.then(|| VHOST_COUNTERS_NOTE.to_string()),
+            counters_note: note.map(str::to_string),
+            vhost_user,
         }
     }
 
@@ -323,6 +356,11 @@ impl NetAttachment {
 const VHOST_COUNTERS_NOTE: &str = "vhost-net: the kernel moves the frames, so packets, bytes \
      and drops are not counted here (the TAP's own statistics have them); interrupts relayed \
      (after EVENT_IDX, which the kernel applies) and control-queue bad chains are";
+
+/// What a vhost-user NIC's counters leave out.
+const VHOST_USER_COUNTERS_NOTE: &str = "vhost-user: the backend process moves the frames, so \
+     packets, bytes and drops are not counted here (the backend's TAP has them); interrupts \
+     relayed and control-queue bad chains are";
 
 fn api_counters(s: &NetStats) -> NetCounters {
     NetCounters {

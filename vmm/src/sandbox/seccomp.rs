@@ -48,19 +48,23 @@ pub enum ThreadKind {
     Device,
     /// The control socket (vmctl).
     Api,
+    /// A vhost-user NIC's relay thread: a device thread that also keeps
+    /// (and re-makes) the connection to the backend process.
+    VhostUserRelay,
     /// A migration: the source's sending thread, and the target's main
     /// thread from Ready until the guest runs.
     Migration,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Setup,
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Device,
         ThreadKind::Api,
         ThreadKind::Migration,
+        ThreadKind::VhostUserRelay,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +75,7 @@ impl ThreadKind {
             ThreadKind::Device => "device",
             ThreadKind::Api => "api",
             ThreadKind::Migration => "migration",
+            ThreadKind::VhostUserRelay => "vhost-user-relay",
         }
     }
 
@@ -83,6 +88,9 @@ impl ThreadKind {
             ThreadKind::Device => include_str!("../../../policy/seccomp/device.json"),
             ThreadKind::Api => include_str!("../../../policy/seccomp/api.json"),
             ThreadKind::Migration => include_str!("../../../policy/seccomp/migration.json"),
+            ThreadKind::VhostUserRelay => {
+                include_str!("../../../policy/seccomp/vhost-user-relay.json")
+            }
         }
     }
 }

@@ -1,18 +1,44 @@
 //! What the net device needs from where its frames go: per queue pair a
-//! `FrameIo` (a TAP queue fd, `net_datapath::frame_io`), offload control,
-//! and for vhost-net a kernel datapath that takes the rings over. `BackendState` describes a backend
-//! for migration (part of the net device's state, saved through its
-//! `Persist`); its fds travel beside the RON, referenced by index.
+//! `FrameIo` (a TAP queue fd, `net_datapath::frame_io`) and offload
+//! control, or an external datapath that takes the rings over (the
+//! kernel's vhost-net, or a vhost-user backend process). `BackendState`
+//! describes a backend for migration (part of the net device's state,
+//! saved through its `Persist`); its fds travel beside the RON, referenced
+//! by index.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub use net_datapath::FrameIo;
 use serde::{Deserialize, Serialize};
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::super::GuestMemory;
-use super::vhost::{VhostError, VringSetup};
 use crate::persist::Format10PartVersion;
+
+/// One ring to hand to an external datapath, with the eventfds the
+/// driver's notifications arrive on (kick) and its completions leave on
+/// (call).
+pub struct VringSetup<'a> {
+    pub queue: &'a Queue,
+    pub kick: &'a Arc<EventFd>,
+    pub call: &'a Arc<EventFd>,
+}
+
+/// An external datapath refused the rings or could not give them back.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("{op} (ring set {pair}): {err}")]
+    Vhost {
+        op: &'static str,
+        pair: usize,
+        err: vhost::Error,
+    },
+    #[error("ring layout: {0}")]
+    Rings(String),
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +47,9 @@ pub enum BackendKind {
     Tap,
     /// The host kernel's vhost-net moves them; vmm only relays interrupts.
     VhostNet,
+    /// A vhost-user backend process moves them; vmm relays interrupts and
+    /// keeps the connection (it travels beside the state on migration).
+    VhostUser,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,7 +59,8 @@ pub struct BackendState {
     #[serde(rename = "version", default, skip_serializing)]
     pub format_1_0_version: Format10PartVersion,
     pub kind: BackendKind,
-    /// The TAP interface, as TUNGETIFF reports it.
+    /// The TAP interface, as TUNGETIFF reports it (empty for vhost-user:
+    /// the TAP is the backend's).
     pub ifname: String,
     pub queue_pairs: u16,
     pub vnet_hdr_len: u16,
@@ -52,21 +82,50 @@ pub trait NetBackend: Send {
     }
     /// Apply the offloads the driver acked (TUNSETOFFLOAD).
     fn set_offload(&mut self, acked_features: u64) -> io::Result<()>;
-    /// A backend whose rings the kernel serves (vhost-net).
-    fn kernel_datapath(&mut self) -> Option<&mut dyn KernelDatapath> {
+    /// A backend whose rings something else serves (vhost-net, vhost-user).
+    fn external_datapath(&mut self) -> Option<&mut dyn ExternalDatapath> {
+        None
+    }
+    /// The link as the guest sees it (VIRTIO_NET_S_LINK_UP): a vhost-user
+    /// backend's is down while its process is away.
+    fn link_up(&self) -> bool {
+        true
+    }
+    /// A vhost-user NIC's connection, for `vmctl status`.
+    fn connection_status(&self) -> Option<common::api::VhostUserStatus> {
         None
     }
 }
 
-/// A datapath in the kernel: vmm hands it the rings and gets them back.
-pub trait KernelDatapath: Send {
+/// A datapath outside the device threads: vmm hands it the rings and gets
+/// them back.
+pub trait ExternalDatapath: Send {
     /// Starts serving `rings` (rx, tx per pair, in queue order).
     fn start(
         &mut self,
         mem: &GuestMemory,
         acked_features: u64,
         rings: &[VringSetup<'_>],
-    ) -> Result<(), VhostError>;
+    ) -> Result<(), DatapathError>;
     /// Stops serving; returns each ring's next available index.
-    fn stop(&mut self) -> Result<Vec<u16>, VhostError>;
+    fn stop(&mut self) -> Result<Vec<u16>, DatapathError>;
+    /// A datapath in another process: its connection, which the relay
+    /// thread watches and re-establishes.
+    fn remote(&self) -> Option<Arc<dyn RemoteDatapath>> {
+        None
+    }
+}
+
+/// The connection to a datapath in another process, as the relay thread
+/// sees it. Called only while the rings are handed over (between `start`
+/// and `stop`).
+pub trait RemoteDatapath: Send + Sync {
+    /// The connection to watch, with a number that changes with every new
+    /// connection (an fd number can be reused); `None` while down.
+    fn watch(&self) -> Option<(u64, RawFd)>;
+    /// The watched fd woke: false when the peer is gone (the connection is
+    /// then dropped and the link is down).
+    fn check(&self) -> bool;
+    /// Connects again and hands the rings over; true when the link is up.
+    fn reconnect(&self) -> bool;
 }

@@ -10,9 +10,8 @@ use virtio_queue::{QueueState, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::super::{ActivateError, ActiveQueue, GuestMemory, Interrupt, TYPE_NET, VirtioDevice};
-use super::backend::{FrameIo, NetBackend};
+use super::backend::{DatapathError, FrameIo, NetBackend, VringSetup};
 use super::event_handler::{CtrlQueue, DeviceThread, Job, PairWorker, ThreadHook, VhostRelay};
-use super::vhost::VringSetup;
 use net_datapath::counters::{CounterCell, NetStats};
 use net_datapath::queue_pair::set_active_pairs;
 
@@ -29,8 +28,8 @@ pub enum NetError {
     Thread(std::io::Error),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
-    #[error("vhost-net: {0}")]
-    Vhost(#[from] super::vhost::VhostError),
+    #[error("external datapath: {0}")]
+    Datapath(#[from] DatapathError),
     #[error("the device is running: pause it first")]
     Running,
     #[error("state: {0}")]
@@ -47,14 +46,28 @@ pub fn offered_features(queue_pairs: u16) -> u64 {
     net_datapath::features::datapath_features(queue_pairs) | bit(VIRTIO_NET_F_MAC)
 }
 
+/// The relay thread's name: a vhost-user NIC's relay also keeps the
+/// connection to its backend, under a seccomp filter of its own (the
+/// thread hook picks the filter by this name).
+pub fn relay_thread_name(remote: bool) -> &'static str {
+    if remote {
+        RELAY_VHOST_USER
+    } else {
+        "vhost-net-relay"
+    }
+}
+
+/// The name of a vhost-user NIC's relay thread.
+pub const RELAY_VHOST_USER: &str = "vhost-user-relay";
+
 /// Threads running, or their state kept while paused.
 enum Run {
     Inactive,
     /// Jobs running on the first n device threads.
     UserRunning(usize),
     UserPaused(Vec<PairWorker>),
-    KernelRunning,
-    KernelPaused(VhostRelay),
+    ExternalRunning,
+    ExternalPaused(VhostRelay),
 }
 
 pub struct NetDevice {
@@ -136,8 +149,8 @@ impl NetDevice {
         if !self.threads.is_empty() {
             return Ok(());
         }
-        let names: Vec<String> = if self.backend.kernel_datapath().is_some() {
-            vec!["vhost-net-relay".into()]
+        let names: Vec<String> = if let Some(ext) = self.backend.external_datapath() {
+            vec![relay_thread_name(ext.remote().is_some()).into()]
         } else {
             (0..self.queue_pairs())
                 .map(|p| format!("virtio-net-q{p}"))
@@ -160,7 +173,7 @@ impl NetDevice {
     }
 
     pub fn is_running(&self) -> bool {
-        matches!(self.run, Run::UserRunning(_) | Run::KernelRunning)
+        matches!(self.run, Run::UserRunning(_) | Run::ExternalRunning)
     }
 
     /// The NIC's counters: the sum of its queue pairs'.
@@ -233,18 +246,22 @@ impl NetDevice {
                     return Err(NetError::ThreadLost);
                 }
             }
-            Run::KernelRunning => {
+            Run::ExternalRunning => {
                 let t = self.threads.first().ok_or(NetError::ThreadLost)?;
                 t.request_stop().map_err(NetError::EventFd)?;
                 let Some(Job::Relay(relay)) = t.finished() else {
                     return Err(NetError::ThreadLost);
                 };
                 let mut relay = *relay;
-                let stopped = self.backend.kernel_datapath().map(|k| k.stop()).transpose();
+                let stopped = self
+                    .backend
+                    .external_datapath()
+                    .map(|k| k.stop())
+                    .transpose();
                 let bases = match stopped {
                     Ok(b) => b.unwrap_or_default(),
                     Err(e) => {
-                        self.run = Run::KernelPaused(relay);
+                        self.run = Run::ExternalPaused(relay);
                         return Err(e.into());
                     }
                 };
@@ -257,7 +274,7 @@ impl NetDevice {
                         r.queue.set_next_used(u.0);
                     }
                 }
-                self.run = Run::KernelPaused(relay);
+                self.run = Run::ExternalPaused(relay);
             }
             other => self.run = other,
         }
@@ -288,7 +305,7 @@ impl NetDevice {
                     return Err(NetError::ThreadLost);
                 }
             }
-            Run::KernelPaused(relay) => {
+            Run::ExternalPaused(relay) => {
                 let acked = self.acked_features;
                 let setups: Vec<VringSetup<'_>> = relay
                     .rings
@@ -300,26 +317,26 @@ impl NetDevice {
                         call,
                     })
                     .collect();
-                let started = match self.backend.kernel_datapath() {
+                let started = match self.backend.external_datapath() {
                     Some(k) => k.start(&relay.mem, acked, &setups),
                     None => Ok(()),
                 };
                 drop(setups);
                 if let Err(e) = started {
-                    self.run = Run::KernelPaused(relay);
+                    self.run = Run::ExternalPaused(relay);
                     return Err(e.into());
                 }
                 let Some(t) = self.threads.first() else {
-                    self.run = Run::KernelPaused(relay);
+                    self.run = Run::ExternalPaused(relay);
                     return Err(NetError::ThreadLost);
                 };
                 if let Err(job) = t.start(Job::Relay(Box::new(relay))) {
                     if let Job::Relay(r) = job {
-                        self.run = Run::KernelPaused(*r);
+                        self.run = Run::ExternalPaused(*r);
                     }
                     return Err(NetError::ThreadLost);
                 }
-                self.run = Run::KernelRunning;
+                self.run = Run::ExternalRunning;
             }
             other => self.run = other,
         }
@@ -342,7 +359,7 @@ impl NetDevice {
     fn config_bytes(&self) -> [u8; 12] {
         let mut c = [0u8; 12];
         c[..6].copy_from_slice(&self.mac);
-        let status: u16 = if self.link_up {
+        let status: u16 = if self.link_up && self.backend.link_up() {
             VIRTIO_NET_S_LINK_UP as u16
         } else {
             0
@@ -418,7 +435,7 @@ impl NetDevice {
         Ok(Run::UserPaused(workers))
     }
 
-    fn build_kernel(
+    fn build_external(
         &mut self,
         mem: GuestMemory,
         interrupt: Arc<Interrupt>,
@@ -444,12 +461,14 @@ impl NetDevice {
         }
         let calls = rings
             .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ActivateError::EventFd)?;
-        Ok(Run::KernelPaused(VhostRelay {
+        let remote = self.backend.external_datapath().and_then(|e| e.remote());
+        Ok(Run::ExternalPaused(VhostRelay {
             rings,
             calls,
+            remote,
             ctrl,
             mem,
             interrupt,
@@ -514,8 +533,8 @@ impl VirtioDevice for NetDevice {
         } else {
             self.setup_backend(pairs)?;
         }
-        let run = if self.backend.kernel_datapath().is_some() {
-            self.build_kernel(mem, interrupt, queues)?
+        let run = if self.backend.external_datapath().is_some() {
+            self.build_external(mem, interrupt, queues)?
         } else {
             self.build_user(mem, interrupt, queues)?
         };
@@ -555,7 +574,7 @@ impl VirtioDevice for NetDevice {
                     }
                 }
             }
-            Run::KernelPaused(relay) => {
+            Run::ExternalPaused(relay) => {
                 for (s, r) in out.iter_mut().zip(&relay.rings) {
                     *s = Some(r.queue.state());
                 }

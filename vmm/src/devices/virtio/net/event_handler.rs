@@ -5,15 +5,16 @@
 //! fires and hands its queues back, so the device can be paused for
 //! migration with packets left waiting in the TAP.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU16;
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::{ActiveQueue, GuestMemory, Interrupt};
-use super::backend::FrameIo;
+use super::backend::{FrameIo, RemoteDatapath};
 use net_datapath::counters::CounterCell;
 use net_datapath::datapath::{MAX_FRAME_LEN, NetStats, RxState};
 use net_datapath::queue_pair::{RingCtx, RxStatus, serve_ctrl, serve_rx, serve_tx};
@@ -296,12 +297,17 @@ impl PairWorker {
     }
 }
 
-/// With vhost-net the kernel moves the frames; this thread relays its
-/// per-ring call events to the device's interrupt and serves the control
-/// queue. Returned when stopped, rings included.
+/// With vhost-net (the kernel) or vhost-user (a backend process) moving
+/// the frames, this thread relays the per-ring call events to the device's
+/// interrupt and serves the control queue. For vhost-user it also watches
+/// the backend's connection: when the backend goes away the link goes
+/// down (a config interrupt tells the driver), and the thread reconnects,
+/// backing off up to [`RECONNECT_MAX`], for as long as the VM lives.
+/// Returned when stopped, rings included.
 pub struct VhostRelay {
     pub rings: Vec<ActiveQueue>,
-    pub calls: Vec<EventFd>,
+    pub calls: Vec<Arc<EventFd>>,
+    pub remote: Option<Arc<dyn RemoteDatapath>>,
     pub ctrl: Option<CtrlQueue>,
     pub mem: GuestMemory,
     pub interrupt: Arc<Interrupt>,
@@ -315,6 +321,20 @@ pub struct VhostRelay {
 }
 
 const CALL_BASE: u64 = 100;
+const REMOTE: u64 = 5;
+
+/// The first wait before reconnecting to a vhost-user backend, doubled
+/// after each failed attempt up to [`RECONNECT_MAX`].
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between two reconnection attempts.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// The connection being watched, and the wait before the next attempt
+/// while there is none.
+struct Watch {
+    current: Option<(u64, RawFd)>,
+    backoff: Duration,
+}
 
 impl VhostRelay {
     fn publish(&self) {
@@ -328,6 +348,42 @@ impl VhostRelay {
         let r = self.serve(stop);
         r.publish();
         r
+    }
+
+    /// Keeps the epoll registration on the remote's current connection;
+    /// returns how long to wait for events (`None`: until one comes).
+    fn sync_watch(&self, epoll: &Epoll, w: &mut Watch) -> Option<Duration> {
+        let remote = self.remote.as_ref()?;
+        let now = remote.watch();
+        if now != w.current {
+            if let Some((_, fd)) = w.current.take() {
+                // Gone already when the old connection's fd was closed.
+                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+            if let Some((_, fd)) = now {
+                let ev = EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, REMOTE);
+                if let Err(e) = epoll.ctl(ControlOperation::Add, fd, ev) {
+                    log::warn!("vhost-user relay: cannot watch the backend connection: {e}");
+                }
+            }
+            w.current = now;
+        }
+        w.current.is_none().then_some(w.backoff)
+    }
+
+    /// No connection and the wait is over: try again.
+    fn try_reconnect(&self, w: &mut Watch) {
+        let Some(remote) = &self.remote else { return };
+        if remote.reconnect() {
+            w.backoff = RECONNECT_FIRST;
+            // The link is up again: the driver rereads the config space.
+            self.interrupt.signal_config();
+            // Completions the backend made before it died may have been
+            // signalled on a call fd nobody read; look again.
+            self.interrupt.signal_used_queue();
+        } else {
+            w.backoff = (w.backoff * 2).min(RECONNECT_MAX);
+        }
     }
 
     fn serve(mut self, stop: &EventFd) -> Self {
@@ -352,27 +408,46 @@ impl VhostRelay {
         let epoll = match setup() {
             Ok(e) => e,
             Err(e) => {
-                log::error!("vhost-net relay: epoll setup: {e}");
+                log::error!("vhost relay: epoll setup: {e}");
                 self.interrupt.set_needs_reset();
                 return self;
             }
         };
+        let mut watch = Watch {
+            current: None,
+            backoff: RECONNECT_FIRST,
+        };
         let mut events = vec![EpollEvent::default(); 16];
         loop {
-            let n = match epoll.wait(-1, &mut events) {
+            let timeout = self.sync_watch(&epoll, &mut watch);
+            let ms = timeout.map_or(-1, |d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX));
+            let n = match epoll.wait(ms, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::error!("vhost-net relay: epoll_wait: {e}");
+                    log::error!("vhost relay: epoll_wait: {e}");
                     self.interrupt.set_needs_reset();
                     return self;
                 }
             };
+            if n == 0 && timeout.is_some() {
+                self.try_reconnect(&mut watch);
+                continue;
+            }
             for ev in events.iter().take(n) {
                 match ev.data() {
                     STOP => {
                         let _ = stop.read();
                         return self;
+                    }
+                    REMOTE => {
+                        if let Some(r) = &self.remote
+                            && !r.check()
+                        {
+                            // The link is down: tell the driver.
+                            self.interrupt.signal_config();
+                            watch.backoff = RECONNECT_FIRST;
+                        }
                     }
                     CTRL_KICK => {
                         if let (Some(c), Some(s)) = (self.ctrl.as_mut(), self.stats.first_mut()) {

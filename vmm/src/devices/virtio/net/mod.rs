@@ -1,5 +1,6 @@
 //! virtio-net: the device (features, config, activation), its datapath over
-//! virtqueues, the device threads, and the TAP / vhost-net backends.
+//! virtqueues, the device threads, and the TAP / vhost-net / vhost-user
+//! backends.
 
 pub mod backend;
 pub mod device;
@@ -7,6 +8,7 @@ pub mod event_handler;
 pub mod persist;
 pub mod tap;
 pub mod vhost;
+pub mod vhost_user;
 
 pub use backend::{BackendKind, BackendState, FrameIo, NetBackend};
 pub use device::{NetDevice, NetError};
@@ -16,6 +18,7 @@ pub use net_datapath::{NetStats, counters, datapath};
 pub use persist::NetState;
 pub use tap::Tap;
 pub use vhost::VhostNetBackend;
+pub use vhost_user::VhostUserNet;
 
 use std::os::fd::OwnedFd;
 

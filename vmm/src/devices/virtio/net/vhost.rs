@@ -16,12 +16,13 @@ use std::sync::Arc;
 use vhost::net::VhostNet as _;
 use vhost::vhost_kern::VhostKernBackend;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::super::{GuestMemory, GuestMemoryMmap};
-use super::backend::{BackendKind, BackendState, FrameIo, KernelDatapath, NetBackend};
+use super::backend::{
+    BackendKind, BackendState, DatapathError, ExternalDatapath, FrameIo, NetBackend, VringSetup,
+};
 use super::tap::Tap;
 
 /// vhost's own feature bits (VHOST_F_LOG_ALL, VHOST_NET_F_VIRTIO_NET_HDR)
@@ -33,21 +34,6 @@ const VHOST_NET_F_VIRTIO_NET_HDR: u32 = 27;
 pub enum VhostError {
     #[error("{0} vhost fds for {1} TAP queues: need one per queue pair")]
     FdCount(usize, usize),
-    #[error("vhost {op} (pair {pair}): {err}")]
-    Ioctl {
-        op: &'static str,
-        pair: usize,
-        err: vhost::Error,
-    },
-    #[error("ring layout: {0}")]
-    Rings(String),
-}
-
-/// One ring to hand to the kernel.
-pub struct VringSetup<'a> {
-    pub queue: &'a Queue,
-    pub kick: &'a EventFd,
-    pub call: &'a EventFd,
 }
 
 /// A received vhost-net fd seen with the guest memory it will serve: the
@@ -123,8 +109,8 @@ impl VhostNetBackend {
     }
 }
 
-fn ioctl<T>(op: &'static str, pair: usize, r: vhost::Result<T>) -> Result<T, VhostError> {
-    r.map_err(|err| VhostError::Ioctl { op, pair, err })
+fn ioctl<T>(op: &'static str, pair: usize, r: vhost::Result<T>) -> Result<T, DatapathError> {
+    r.map_err(|err| DatapathError::Vhost { op, pair, err })
 }
 
 impl NetBackend for VhostNetBackend {
@@ -167,22 +153,22 @@ impl NetBackend for VhostNetBackend {
         self.tap.set_offload(acked_features)
     }
 
-    fn kernel_datapath(&mut self) -> Option<&mut dyn KernelDatapath> {
+    fn external_datapath(&mut self) -> Option<&mut dyn ExternalDatapath> {
         Some(self)
     }
 }
 
-impl KernelDatapath for VhostNetBackend {
+impl ExternalDatapath for VhostNetBackend {
     fn start(
         &mut self,
         mem: &GuestMemory,
         acked_features: u64,
         rings: &[VringSetup<'_>],
-    ) -> Result<(), VhostError> {
+    ) -> Result<(), DatapathError> {
         // Pairs the driver set up, in order (a driver without MQ sets up one).
         let pairs = rings.len() / 2;
         if !rings.len().is_multiple_of(2) || pairs == 0 || pairs > self.vhost.len() {
-            return Err(VhostError::Rings(format!(
+            return Err(DatapathError::Rings(format!(
                 "{} rings for {} pairs",
                 rings.len(),
                 self.vhost.len()
@@ -211,7 +197,7 @@ impl KernelDatapath for VhostNetBackend {
             for idx in 0..2 {
                 let r = rings
                     .get(2 * pair + idx)
-                    .ok_or_else(|| VhostError::Rings("missing ring".into()))?;
+                    .ok_or_else(|| DatapathError::Rings("missing ring".into()))?;
                 let q = r.queue;
                 let cfg = VringConfigData {
                     queue_max_size: q.max_size(),
@@ -236,7 +222,7 @@ impl KernelDatapath for VhostNetBackend {
                 .tap
                 .queues()
                 .get(pair)
-                .ok_or_else(|| VhostError::Rings("missing TAP queue".into()))?;
+                .ok_or_else(|| DatapathError::Rings("missing TAP queue".into()))?;
             for idx in 0..2 {
                 ioctl(
                     "NET_SET_BACKEND",
@@ -251,7 +237,7 @@ impl KernelDatapath for VhostNetBackend {
         Ok(())
     }
 
-    fn stop(&mut self) -> Result<Vec<u16>, VhostError> {
+    fn stop(&mut self) -> Result<Vec<u16>, DatapathError> {
         let Some(mem) = self.mem.take() else {
             return Ok(Vec::new());
         };

@@ -1,0 +1,251 @@
+//! The vmm as a vhost-user frontend of our `vhost-user-net` backend, with
+//! real processes: netd hands the backend a TAP in a namespace of the
+//! test's own; the sandboxed vmm boots the test guest with
+//! `--net vhost-user=...`; ping and UDP echo go from the namespace through
+//! the TAP, the backend and the guest's rings, never through the vmm.
+//! Also: what each process holds, the backend killed under traffic and
+//! restarted (1 s later, and 90 s later), and `vmctl status`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::migration_harness::Proc;
+use tests::net_guest::{GuestLink, guest_ip, guest_mac, ping, wait_ping};
+use tests::netd_harness::{NOBODY, Netd, TEST_POLICY};
+use tests::vmm_process::{VmmProcess, as_nobody_with_kvm};
+use tests::{TempDir, bin, guest_elf};
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Generous: the CI machine has 2 cores shared with parallel tests.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running backend (killed on drop).
+struct Backend {
+    p: Proc,
+}
+
+impl Backend {
+    /// `vhost-user-net` as root with `--user 65534:65534`, on TAP `tap`.
+    fn start(netd: &Netd, sock: &Path, tap: &str, queues: u16) -> Backend {
+        let mut c = Command::new(bin("vhost-user-net"));
+        c.arg("--socket")
+            .arg(sock)
+            .args([
+                "--net",
+                &format!("netd={},id={tap},queues={queues}", netd.socket.display()),
+                "--user",
+                &format!("{NOBODY}:{NOBODY}"),
+            ])
+            .env("RUST_LOG", "info");
+        let b = Backend { p: Proc::spawn(c) };
+        assert!(
+            b.p.wait_for_stderr("serving TAP", START_TIMEOUT),
+            "backend did not start:\n{}",
+            b.p.stderr()
+        );
+        b
+    }
+
+    fn pid(&self) -> u32 {
+        self.p.pid()
+    }
+}
+
+/// The vmm as uid 65534 with the kvm group: the test guest `n` on the
+/// backend at `sock`, with an API socket.
+fn start_vmm(sock: &Path, api: &Path, n: u8, queues: u16) -> VmmProcess {
+    let mut c = as_nobody_with_kvm(&bin("vmm"));
+    c.arg("--kernel")
+        .arg(guest_elf())
+        .args(["--cmdline", &format!("testguest.ip={}/24", guest_ip(n))])
+        .args([
+            "--net",
+            &format!(
+                "vhost-user={},id=n0,mac={},queues={queues}",
+                sock.display(),
+                guest_mac(n)
+            ),
+        ])
+        .arg("--api-socket")
+        .arg(api)
+        .env("RUST_LOG", "warn");
+    let mut v = VmmProcess::spawn(c);
+    v.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
+    v
+}
+
+/// The fds' targets of process `pid`.
+fn fd_targets(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// `vmctl status` as JSON.
+fn status(api: &Path) -> serde_json::Value {
+    let out = Command::new(bin("vmctl"))
+        .arg("--api-socket")
+        .arg(api)
+        .args(["--json", "status"])
+        .output()
+        .expect("vmctl");
+    assert!(out.status.success(), "vmctl: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+fn nic_connection(api: &Path) -> serde_json::Value {
+    status(api)["nets"][0]["vhost_user"].clone()
+}
+
+/// Waits until the NIC's vhost-user `connected` is `want`.
+fn wait_connected(api: &Path, want: bool, timeout: Duration) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let c = nic_connection(api);
+        if c["connected"] == want {
+            return c;
+        }
+        assert!(t0.elapsed() < timeout, "connected never became {want}: {c}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Setup {
+    _dir: TempDir,
+    netd: Netd,
+    sock: PathBuf,
+    api: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = TempDir::new("vu-frontend");
+    let netd = Netd::start(&bin("netd"), "vuf", TEST_POLICY, &[]);
+    let sock = dir.join("vu.sock");
+    let api = dir.join("api.sock");
+    // The backend and the vmm both run as 65534: the dir must let them in.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    Setup {
+        _dir: dir,
+        netd,
+        sock,
+        api,
+    }
+}
+
+fn assert_pings(s: &Setup, n: u8, what: &str, extra: impl Fn() -> String) {
+    assert!(
+        wait_ping(&s.netd.ns, guest_ip(n), BOOT_TIMEOUT),
+        "{what}: no ping answer\n{}",
+        extra()
+    );
+    let (sent, got, _) = ping(&s.netd.ns, guest_ip(n), 5, "0.2", 2);
+    assert_eq!(got, sent, "{what}: lost pings\n{}", extra());
+}
+
+/// One and two queue pairs: ping and UDP echo through the backend; the
+/// vmm holds no TAP, the backend no /dev/kvm; `vmctl status` shows the
+/// connection.
+#[test]
+fn vmm_frontend_pings_through_the_backend() {
+    for queues in [1u16, 2] {
+        let s = setup();
+        let b = Backend::start(&s.netd, &s.sock, "vm0", queues);
+        let v = start_vmm(&s.sock, &s.api, 1, queues);
+        let logs = || {
+            format!(
+                "backend:\n{}\nvmm:\n{}\n{}",
+                b.p.stderr(),
+                v.output(),
+                v.stderr()
+            )
+        };
+        assert_pings(&s, 1, &format!("queues={queues}"), logs);
+        let link = GuestLink::new(&s.netd.ns, guest_ip(1));
+        let echoed = link.echo_round_trips(50, 200, Duration::from_secs(2));
+        assert_eq!(echoed, 50, "UDP echo through the backend\n{}", logs());
+
+        let vmm_fds = fd_targets(v.pid());
+        assert!(
+            !vmm_fds.iter().any(|t| t.contains("tun")),
+            "the vmm holds a TAP: {vmm_fds:?}"
+        );
+        let b_fds = fd_targets(b.pid());
+        assert!(
+            !b_fds.iter().any(|t| t.contains("kvm")),
+            "the backend holds KVM: {b_fds:?}"
+        );
+        assert!(b_fds.iter().any(|t| t.contains("tun")), "{b_fds:?}");
+
+        let c = nic_connection(&s.api);
+        assert_eq!(c["connected"], true, "{c}");
+        assert_eq!(c["connections"], 1, "{c}");
+        assert_eq!(c["socket"], s.sock.display().to_string(), "{c}");
+        let nic = &status(&s.api)["nets"][0];
+        assert_eq!(nic["tap"], "", "{nic}");
+        assert_eq!(nic["queues"], queues, "{nic}");
+    }
+}
+
+/// The backend killed under traffic: the vmm stays up with the link down;
+/// a new backend on the same path is reconnected to after `outage`, and
+/// the same guest (same boot id) answers ping again.
+fn backend_restart(outage: Duration) {
+    let s = setup();
+    let b = Backend::start(&s.netd, &s.sock, "vm0", 1);
+    let mut v = start_vmm(&s.sock, &s.api, 1, 1);
+    let boot_line = v.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
+    assert_pings(&s, 1, "before", || b.p.stderr());
+
+    // Traffic while the backend dies.
+    std::thread::scope(|sc| {
+        let pinger = sc.spawn(|| ping(&s.netd.ns, guest_ip(1), 30, "0.05", 1));
+        std::thread::sleep(Duration::from_millis(500));
+        drop(b);
+        let down = wait_connected(&s.api, false, Duration::from_secs(10));
+        assert!(down["last_error"].is_string(), "{down}");
+        let _ = pinger.join();
+    });
+    assert!(
+        !wait_ping(&s.netd.ns, guest_ip(1), Duration::from_secs(1)),
+        "ping answered with no backend"
+    );
+    std::thread::sleep(outage);
+    assert!(
+        std::fs::read_to_string(format!("/proc/{}/stat", v.pid())).is_ok(),
+        "the vmm died without its backend:\n{}",
+        v.stderr()
+    );
+
+    let b2 = Backend::start(&s.netd, &s.sock, "vm0", 1);
+    let up = wait_connected(&s.api, true, Duration::from_secs(10));
+    assert_eq!(up["connections"], 2, "{up}");
+    assert_pings(&s, 1, "after the restart", || {
+        format!("backend:\n{}\nvmm:\n{}", b2.p.stderr(), v.stderr())
+    });
+    // The same boot: no guest reboot.
+    let boots: Vec<_> = v
+        .output()
+        .lines()
+        .filter(|l| l.contains("testguest: up boot_id="))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(boots.len(), 1, "{boots:?}");
+    assert!(boot_line.contains(&boots[0]) || boots[0].contains(boot_line.trim()));
+}
+
+#[test]
+fn backend_killed_and_restarted_after_1s() {
+    backend_restart(Duration::from_secs(1));
+}
+
+#[test]
+fn backend_killed_and_restarted_after_90s() {
+    backend_restart(Duration::from_secs(90));
+}
