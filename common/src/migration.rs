@@ -112,6 +112,11 @@ pub struct NetShape {
     pub mac: [u8; 6],
     pub queues: u16,
     pub vhost: bool,
+    /// The datapath is a vhost-user backend; its connection travels as
+    /// [`FdRole::VhostUser`] (when connected). Since 0.3.0; absent for a
+    /// TAP NIC, so their Hello is unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vhost_user: bool,
 }
 
 /// What the target must have been started with to take the guest.
@@ -139,6 +144,9 @@ pub enum FdRole {
     /// The ownership page of this migration ([`crate::ownership`]);
     /// protocol 2 on.
     OwnerPage,
+    /// A vhost-user NIC's connection to its backend (since 0.3.0). Absent
+    /// when the backend was away at the Hello: the target connects then.
+    VhostUser { net: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1304,6 +1304,7 @@ pub fn one_nic_shape(memory: u64, id: &str, n: u8, queues: u16) -> MachineShape 
             mac: mac_bytes(&guest_mac(n)),
             queues,
             vhost: false,
+            vhost_user: false,
         }],
     }
 }

@@ -249,3 +249,83 @@ fn backend_killed_and_restarted_after_1s() {
 fn backend_killed_and_restarted_after_90s() {
     backend_restart(Duration::from_secs(90));
 }
+
+/// Local migration with a vhost-user NIC under a 1,000 pps UDP echo
+/// stream: the source hands its backend connection to the target, which
+/// hands the rings over again; the backend (same pid) never restarts and
+/// not one datagram is lost.
+#[test]
+fn migration_keeps_the_backend_and_loses_nothing() {
+    use tests::echo_stream::EchoStream;
+    use tests::migration_harness::{
+        GuestSpec, MigEnv, TargetSpec, migrate, start_source, start_target,
+    };
+    let env = MigEnv::new("vumig");
+    let sock = env.path("vu.sock");
+    let b = Backend::start(&env.netd, &sock, "vm0", 1);
+    let n = 3;
+    let spec = GuestSpec {
+        nets: vec![format!(
+            "vhost-user={},id=n0,mac={}",
+            sock.display(),
+            guest_mac(n)
+        )],
+        ..GuestSpec::one_nic(&env, n, "")
+    };
+    let api = env.path("api.sock");
+    let mut src = start_source(&env, &spec, &api);
+    assert!(
+        wait_ping(&env.netd.ns, guest_ip(n), BOOT_TIMEOUT),
+        "no ping before the migration\nbackend:\n{}",
+        b.p.stderr()
+    );
+    let backend_pid = b.pid();
+    let tgt = start_target(&env, &TargetSpec::like(&spec));
+    let stream = EchoStream::start(&env.netd.ns, guest_ip(n), 1000, 1);
+    assert!(stream.wait_more(200, Duration::from_secs(10)), "no echoes");
+    let out = migrate(&api, &tgt.incoming, &[]);
+    assert_eq!(
+        out.result(),
+        "ok",
+        "{:?}\ntarget:\n{}\nsource:\n{}",
+        out.json,
+        tgt.vm.proc.stderr(),
+        src.proc.stderr()
+    );
+    assert!(
+        stream.wait_more(500, Duration::from_secs(10)),
+        "no echoes after"
+    );
+    let r = stream.stop();
+    assert!(
+        r.missing().is_empty(),
+        "{} of {} lost: {:?}\nbackend:\n{}\ntarget:\n{}",
+        r.missing().len(),
+        r.sent(),
+        r.missing(),
+        b.p.stderr(),
+        tgt.vm.proc.stderr()
+    );
+    assert_eq!(b.pid(), backend_pid);
+    assert!(
+        std::fs::read_to_string(format!("/proc/{backend_pid}/stat")).is_ok(),
+        "the backend is gone"
+    );
+    // The source is gone, the target serves the API and the connection.
+    src.wait_exit(Duration::from_secs(10));
+    let c = nic_connection(&api);
+    assert_eq!(c["connected"], true, "{c}");
+    assert_eq!(c["connections"], 1, "{c}");
+    let tfds = fd_targets(tgt.vm.pid());
+    assert!(!tfds.iter().any(|t| t.contains("tun")), "{tfds:?}");
+    assert!(
+        b.p.stderr().matches("connected").count() >= 1,
+        "{}",
+        b.p.stderr()
+    );
+    eprintln!(
+        "vhost-user migration: {} datagrams, 0 lost; report {}",
+        r.sent(),
+        out.json
+    );
+}

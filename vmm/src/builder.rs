@@ -460,14 +460,24 @@ pub struct IncomingShell {
     started: Instant,
 }
 
+/// A NIC's datapath as a migration brings it.
+pub enum ArrivedNet {
+    /// The source's TAP queue fds (backend transfer).
+    Taps(Vec<OwnedFd>),
+    /// This process's own TAP from netd (the classic path).
+    OwnTap,
+    /// The source's connection to the vhost-user backend; `None` when the
+    /// backend was away (this process connects when the guest resumes).
+    VhostUser(Option<OwnedFd>),
+}
+
 /// What a source sent that a target's machine is built on, each fd
 /// already checked by the protocol side.
 pub struct Arrived {
     /// Guest RAM: the source's memfd.
     pub memfd: File,
-    /// Per NIC in slot order: its MAC, and the source's TAP queue fds
-    /// (backend transfer) or `None` (this process's own TAP).
-    pub nets: Vec<([u8; 6], Option<Vec<OwnedFd>>)>,
+    /// Per NIC in slot order: its MAC, and what its datapath is built on.
+    pub nets: Vec<([u8; 6], ArrivedNet)>,
     /// The source's listening API socket, to serve if this process was
     /// started without `--api-socket`.
     pub api_listener: Option<UnixListener>,
@@ -556,12 +566,20 @@ impl IncomingShell {
         let (exit_tx, exit_rx) = vm::exit_channel();
         let serial = add_legacy_devices(&mut vm, self.serial_out, &exit_tx)?;
         let mut opened = Vec::with_capacity(self.pending.len());
-        for (p, (mac, taps)) in self.pending.into_iter().zip(arrived.nets) {
+        for (p, (mac, arrived)) in self.pending.into_iter().zip(arrived.nets) {
             let mut config = p.config;
             config.mac = Some(mac);
-            let (tap, taps, vhost) = match taps {
-                Some(taps) => (config.id.clone(), taps, p.own_vhost),
-                None => {
+            let (tap, taps, vhost) = match arrived {
+                ArrivedNet::VhostUser(conn) => {
+                    opened.push(OpenedNet::inherit_vhost_user(
+                        config,
+                        conn,
+                        Some(device_hook()),
+                    )?);
+                    continue;
+                }
+                ArrivedNet::Taps(taps) => (config.id.clone(), taps, p.own_vhost),
+                ArrivedNet::OwnTap => {
                     let own = p.own_tap.ok_or_else(|| NetAttachError::NoTap {
                         id: config.id.clone(),
                     })?;

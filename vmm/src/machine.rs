@@ -4,6 +4,7 @@
 //! (each part through its [`Persist`] impl, beside its owner; the document
 //! and its version are [`crate::persist`]'s).
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use common::migration::{FdRole, Timeline};
@@ -69,20 +70,23 @@ impl Machine {
 
     /// The fds a migration sends beside this machine's state: the RAM
     /// memfd, then every TAP queue of every NIC (with backend transfer).
-    pub fn fd_table(&self, with_taps: bool) -> FdTable {
+    pub fn fd_table(&self, with_taps: bool) -> std::io::Result<FdTable> {
+        Ok(self.handover(with_taps)?.0)
+    }
+
+    /// The fds a migration sends beside this machine's state, with their
+    /// table: the RAM memfd, then each NIC's ([`NetAttachment::handover`]).
+    pub fn handover(&self, with_taps: bool) -> std::io::Result<(FdTable, Vec<OwnedFd>)> {
         let mut t = FdTable::default();
+        let mut fds = vec![self.vm.ram.memfd.as_fd().try_clone_to_owned()?];
         t.push(FdRole::GuestRam);
-        if with_taps {
-            for n in &self.nets {
-                for q in 0..n.queue_pairs() {
-                    t.push(FdRole::TapQueue {
-                        net: n.config.id.clone(),
-                        queue: q,
-                    });
-                }
+        for n in &self.nets {
+            for (role, fd) in n.handover(with_taps)? {
+                t.push(role);
+                fds.push(fd);
             }
         }
-        t
+        Ok((t, fds))
     }
 
     /// Reads the machine state, naming fds by their index in `fds`. The
@@ -283,7 +287,7 @@ mod tests {
     }
 
     fn table() -> FdTable {
-        machine().fd_table(true)
+        machine().fd_table(true).unwrap()
     }
 
     #[test]
@@ -312,7 +316,11 @@ mod tests {
     fn every_vcpu_of_a_4_vcpu_machine_round_trips() {
         use kvm_bindings::{KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
         let a = machine_of(4, None);
-        let text = a.save(&a.fd_table(true)).unwrap().to_ron().unwrap();
+        let text = a
+            .save(&a.fd_table(true).unwrap())
+            .unwrap()
+            .to_ron()
+            .unwrap();
         let state = MachineState::from_ron(&text).unwrap();
         assert_eq!(state.vcpus.len(), 4);
         for (i, v) in state.vcpus.iter().enumerate() {
@@ -329,7 +337,7 @@ mod tests {
         }
         let b = machine_of(4, None);
         b.restore(&state, None).unwrap();
-        let again = b.save(&b.fd_table(true)).unwrap();
+        let again = b.save(&b.fd_table(true).unwrap()).unwrap();
         for (x, y) in again.vcpus.iter().zip(&state.vcpus) {
             assert_eq!(x.mp_state.mp_state, y.mp_state.mp_state);
             assert_eq!(x.regs.rip, y.regs.rip);
@@ -388,7 +396,7 @@ mod tests {
         let s = MachineState::from_ron(text)
             .unwrap_or_else(|e| panic!("fixture {version} no longer loads: {e}"));
         let m = machine_on(Some((tap, name)));
-        let fds = m.fd_table(true);
+        let fds = m.fd_table(true).unwrap();
         m.restore(&s, Some(&fds))
             .unwrap_or_else(|e| panic!("fixture {version} does not restore: {e}"));
         assert!(!m.nets[0].is_running(), "restored devices wait for resume");

@@ -59,6 +59,7 @@ pub fn shape_of(m: &Machine) -> MachineShape {
                     mac: n.mac,
                     queues: st.queues,
                     vhost: st.vhost,
+                    vhost_user: n.config.vhost_user_socket().is_some(),
                 }
             })
             .collect(),
@@ -99,7 +100,17 @@ pub fn shape_mismatch(
     }
     for (s, c) in shape.nets.iter().zip(nets) {
         let mac = crate::net::attach::format_mac(&s.mac);
-        if c.backend_transfer != backend_transfer {
+        let vhost_user = c.vhost_user_socket().is_some();
+        if s.vhost_user != vhost_user {
+            return Some(format!(
+                "NIC {}: the source's is {}a vhost-user NIC, the target's {}",
+                c.id,
+                if s.vhost_user { "" } else { "not " },
+                if vhost_user { "is" } else { "is not" }
+            ));
+        }
+        // A vhost-user NIC's connection always travels.
+        if !vhost_user && c.backend_transfer != backend_transfer {
             return Some(format!(
                 "NIC {}: the source {} its TAP, the target's --net has backend-transfer={}",
                 c.id,
@@ -111,7 +122,7 @@ pub fn shape_mismatch(
                 if c.backend_transfer { "on" } else { "off" }
             ));
         }
-        if backend_transfer && s.id != c.id {
+        if (backend_transfer || vhost_user) && s.id != c.id {
             return Some(format!(
                 "NIC id differs: source {:?}, target {:?} (backend transfer keeps the TAP, and its name)",
                 s.id, c.id
@@ -157,6 +168,7 @@ mod tests {
                 mac: [0x52, 0x54, 0, 1, 2, 3],
                 queues: 1,
                 vhost: false,
+                vhost_user: false,
             }],
         }
     }

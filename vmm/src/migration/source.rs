@@ -28,7 +28,6 @@ use common::migration::{
 use common::ownership::{Owner, OwnerPage, OwnershipError, process_gone};
 
 use super::{PREPARE_TIMEOUT, shape_of};
-use crate::devices::virtio::net::FrameIo;
 use crate::persist::{MACHINE_STATE_FORMAT, PersistError};
 use crate::runtime::{Migrating, Runtime, RuntimeError};
 use crate::sandbox::{self, ThreadKind};
@@ -389,22 +388,13 @@ fn run<'a>(
     let machine = &rt.machine;
     let page = Arc::new(OwnerPage::create()?);
 
-    // Every fd goes with Hello, while the guest runs: RAM, owner page, TAP
-    // queues, API.
-    let mut table = machine.fd_table(backend_transfer);
+    // Every fd goes with Hello, while the guest runs: RAM, TAP queues or
+    // vhost-user connections, owner page, API.
+    let (mut table, owned) = machine
+        .handover(backend_transfer)
+        .map_err(SourceError::Socket)?;
     table.push(FdRole::OwnerPage);
-    let ios: Vec<Arc<dyn FrameIo>> = if backend_transfer {
-        machine.nets.iter().flat_map(|n| n.frame_ios()).collect()
-    } else {
-        Vec::new()
-    };
-    let mut fds: Vec<BorrowedFd<'_>> = vec![machine.vm.ram.memfd.as_fd()];
-    // SAFETY: each FrameIo is a TAP queue fd owned by the device, which
-    // lives (in `ios`) until after the send.
-    fds.extend(
-        ios.iter()
-            .map(|io| unsafe { BorrowedFd::borrow_raw(io.as_raw_fd()) }),
-    );
+    let mut fds: Vec<BorrowedFd<'_>> = owned.iter().map(|f| f.as_fd()).collect();
     fds.push(page.as_fd());
     if let Some(l) = &rt.api_listener {
         table.push(FdRole::ApiListener);

@@ -39,7 +39,7 @@ use common::ownership::{Owner, OwnerPage, process_gone};
 use nix::sys::socket::{getsockopt, sockopt};
 
 use super::{HELLO_TIMEOUT, STEP_TIMEOUT, announce, shape_mismatch};
-use crate::builder::{Arrived, BuildError, IncomingShell, Vmm};
+use crate::builder::{Arrived, ArrivedNet, BuildError, IncomingShell, Vmm};
 use crate::config::VmConfig;
 use crate::persist::{FdTable, MachineState, check_format};
 use crate::sandbox::{self, ThreadKind};
@@ -501,7 +501,7 @@ impl Source {
             .filter(|r| matches!(r, FdRole::TapQueue { .. }))
             .count();
         let queues = |n: &common::migration::NetShape| {
-            if self.hello.backend_transfer {
+            if self.hello.backend_transfer && !n.vhost_user {
                 n.queues
             } else {
                 0
@@ -521,6 +521,20 @@ impl Source {
             for q in 0..queues(n) {
                 if self.hello.fds.tap_queue(&n.id, q).is_none() {
                     return Err(format!("no fd for queue {q} of NIC {}", n.id));
+                }
+            }
+        }
+        // At most one connection per vhost-user NIC, and only for those.
+        for r in roles {
+            if let FdRole::VhostUser { net } = r {
+                let ok = self
+                    .hello
+                    .shape
+                    .nets
+                    .iter()
+                    .any(|n| n.vhost_user && &n.id == net);
+                if !ok || count(r) != 1 {
+                    return Err(format!("unexpected vhost-user connection for NIC {net:?}"));
                 }
             }
         }
@@ -560,6 +574,11 @@ impl Source {
         let shape_nets = self.hello.shape.nets.clone();
         let mut nets = Vec::with_capacity(shape_nets.len());
         for s in shape_nets {
+            if s.vhost_user {
+                let conn = self.take(&FdRole::VhostUser { net: s.id.clone() });
+                nets.push((s.mac, ArrivedNet::VhostUser(conn)));
+                continue;
+            }
             let taps = if backend_transfer {
                 let mut taps = Vec::with_capacity(usize::from(s.queues));
                 for q in 0..s.queues {
@@ -576,7 +595,13 @@ impl Source {
             } else {
                 None
             };
-            nets.push((s.mac, taps));
+            nets.push((
+                s.mac,
+                match taps {
+                    Some(t) => ArrivedNet::Taps(t),
+                    None => ArrivedNet::OwnTap,
+                },
+            ));
         }
         Ok((
             Arrived {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use common::api::{NetCounters, NetDrops, NetStatus};
+use common::migration::FdRole;
 
 use super::config::NetConfig;
 use super::netd_client::{self, NetdClientError};
@@ -156,6 +157,24 @@ impl OpenedNet {
                 err,
             })?;
         Self::on_backend(config, tap, backend, hook)
+    }
+
+    /// A migration target's vhost-user NIC on the connection its source
+    /// handed over (`None`: the backend was away; the device connects when
+    /// it resumes).
+    pub fn inherit_vhost_user(
+        config: NetConfig,
+        conn: Option<OwnedFd>,
+        hook: Option<ThreadHook>,
+    ) -> Result<Self, NetAttachError> {
+        let id = config.id.clone();
+        let path = config
+            .vhost_user_socket()
+            .ok_or_else(|| NetAttachError::NoTap { id: id.clone() })?
+            .to_path_buf();
+        let backend = VhostUserNet::inherit(&id, &path, config.queues, conn)
+            .map_err(|err| NetAttachError::VhostUser { id, err })?;
+        Self::on_backend(config, String::new(), Box::new(backend), hook)
     }
 
     /// A new device on `backend` (`tap`: its TAP's name, empty when the
@@ -331,6 +350,39 @@ impl NetAttachment {
         self.lock().device().queue_pairs()
     }
 
+    /// The fds this NIC hands a migration target, each with its role: its
+    /// TAP queues with backend transfer, or, for a vhost-user NIC, its
+    /// backend connection whenever there is one. Duplicates, so nothing the
+    /// device does meanwhile closes them.
+    pub fn handover(&self, with_taps: bool) -> std::io::Result<Vec<(FdRole, OwnedFd)>> {
+        let id = &self.config.id;
+        let t = self.lock();
+        let b = t.device().backend();
+        if let Some(conn) = b.dup_connection() {
+            return Ok(vec![(FdRole::VhostUser { net: id.clone() }, conn?)]);
+        }
+        if !with_taps || self.config.vhost_user_socket().is_some() {
+            return Ok(Vec::new());
+        }
+        (0..b.queue_pairs())
+            .map(|q| {
+                let io = b
+                    .frame_io(usize::from(q))
+                    .ok_or_else(|| std::io::Error::other(format!("NIC {id}: no TAP queue {q}")))?;
+                // SAFETY: the device owns the TAP queue fd and keeps it
+                // while the transport lock is held; the borrow ends here.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(io.as_raw_fd()) };
+                Ok((
+                    FdRole::TapQueue {
+                        net: id.clone(),
+                        queue: q,
+                    },
+                    fd.try_clone_to_owned()?,
+                ))
+            })
+            .collect()
+    }
+
     /// Each queue pair's frame I/O (the TAP queue fds), in pair order.
     pub fn frame_ios(&self) -> Vec<Arc<dyn FrameIo>> {
         let t = self.lock();
@@ -425,10 +477,18 @@ impl Persist for &NetAttachment {
                 s.slot, self.slot
             ));
         }
-        if let Some(fds) = fds {
-            if s.id != self.config.id {
-                return bad(format!("state is for NIC {:?}", s.id));
-            }
+        if (fds.is_some() || self.config.vhost_user_socket().is_some()) && s.id != self.config.id {
+            return bad(format!("state is for NIC {:?}", s.id));
+        }
+        if s.net.backend.kind != self.lock().device().backend().state().kind {
+            return bad(format!(
+                "state is for a {:?} NIC, this one is {:?}",
+                s.net.backend.kind,
+                self.lock().device().backend().state().kind
+            ));
+        }
+        // A vhost-user NIC's TAP is its backend's.
+        if let Some(fds) = fds.filter(|_| self.config.vhost_user_socket().is_none()) {
             let mine: Option<Vec<usize>> = (0..self.queue_pairs())
                 .map(|q| fds.tap_queue(&self.config.id, q))
                 .collect();

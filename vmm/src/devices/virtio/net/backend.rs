@@ -91,6 +91,12 @@ pub trait NetBackend: Send {
     fn link_up(&self) -> bool {
         true
     }
+    /// A vhost-user backend's connection, duplicated for a migration
+    /// target; `None` when there is none (not vhost-user, or the backend is
+    /// away).
+    fn dup_connection(&self) -> Option<io::Result<std::os::fd::OwnedFd>> {
+        None
+    }
     /// A vhost-user NIC's connection, for `vmctl status`.
     fn connection_status(&self) -> Option<common::api::VhostUserStatus> {
         None

@@ -266,7 +266,7 @@ impl Link {
     /// Drops the connection: the link is down until a reconnect.
     fn drop_conn(&self, c: &mut Conn, why: &VhostUserError) {
         if c.frontend.take().is_some() {
-            log::warn!("net {}: vhost-user backend lost: {why}", self.id);
+            common::warn_rate_limited!("net {}: vhost-user backend lost: {why}", self.id);
         }
         c.started = false;
         c.negotiated = false;
@@ -282,13 +282,20 @@ impl Link {
         if !c.negotiated {
             let (features, reply_ack) = self.negotiate(&mut fe, set_owner)?;
             c.reply_ack = reply_ack;
-            let before = self.backend_features.load(Ordering::SeqCst);
             if let Some(r) = &c.rings {
                 let missing = r.acked & !features & !NOT_THE_BACKENDS;
-                if missing != 0 && before != 0 {
+                if missing != 0 {
                     return Err(VhostUserError::LostFeatures { missing });
                 }
             }
+            // A migrated NIC learns them here (its guest was offered the
+            // source's, checked just above).
+            let _ = self.backend_features.compare_exchange(
+                0,
+                features,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
             c.negotiated = true;
         }
         if let Some(rings) = &c.rings {
@@ -391,26 +398,27 @@ impl VhostUserNet {
         Ok(me)
     }
 
-    /// The connection a migration source handed over (`fd`), still owned by
-    /// the source until this process resumes the guest: nothing is sent on
-    /// it before [`ExternalDatapath::start`].
+    /// The connection a migration source handed over (`fd`), still the
+    /// source's until this process resumes the guest: nothing is sent on
+    /// it before [`ExternalDatapath::start`]. The backend's features are
+    /// asked then (the driver's must still be there). Without `fd` (the
+    /// backend was away) the link starts down and `start` connects.
     pub fn inherit(
         id: &str,
         path: &Path,
         pairs: u16,
-        fd: OwnedFd,
-        backend_features: u64,
+        fd: Option<OwnedFd>,
     ) -> Result<Self, VhostUserError> {
+        let Some(fd) = fd else {
+            return Ok(Self::new(id, path, pairs, false));
+        };
+        let me = Self::new(id, path, pairs, true);
         check_connected_unix_stream(&fd)?;
         let stream = UnixStream::from(fd);
         bounded(&stream).map_err(|err| VhostUserError::Connect {
             path: path.display().to_string(),
             err,
         })?;
-        let me = Self::new(id, path, pairs, true);
-        me.link
-            .backend_features
-            .store(backend_features, Ordering::SeqCst);
         let mut c = me.link.lock();
         c.frontend = Some(Frontend::from_stream(stream, 2 * u64::from(pairs)));
         c.generation += 1;
@@ -463,12 +471,6 @@ impl VhostUserNet {
     pub fn backend_features(&self) -> u64 {
         self.link.backend_features.load(Ordering::SeqCst)
     }
-
-    /// The connection's fd, to send to a migration target; `None` while
-    /// the backend is away (the target then connects itself).
-    pub fn connection_fd(&self) -> Option<RawFd> {
-        self.link.lock().frontend.as_ref().map(|f| f.as_raw_fd())
-    }
 }
 
 /// A vhost-user connection handed over by a migration source must be a
@@ -506,7 +508,13 @@ impl NetBackend for VhostUserNet {
     }
 
     fn filter_features(&self, offered: u64) -> u64 {
-        offered & (self.backend_features() | NOT_THE_BACKENDS) & !PROTOCOL_FEATURES
+        match self.backend_features() {
+            // A migration target before it may talk to the backend: the
+            // source's driver features are checked against the backend's
+            // when the guest resumes here.
+            0 => offered,
+            theirs => offered & (theirs | NOT_THE_BACKENDS) & !PROTOCOL_FEATURES,
+        }
     }
 
     fn set_offload(&mut self, _acked_features: u64) -> std::io::Result<()> {
@@ -516,6 +524,15 @@ impl NetBackend for VhostUserNet {
 
     fn external_datapath(&mut self) -> Option<&mut dyn ExternalDatapath> {
         Some(self)
+    }
+
+    fn dup_connection(&self) -> Option<std::io::Result<OwnedFd>> {
+        let c = self.link.lock();
+        let fe = c.frontend.as_ref()?;
+        // SAFETY: the frontend owns this fd and cannot close it while the
+        // lock is held; the borrow ends with this statement.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fe.as_raw_fd()) };
+        Some(fd.try_clone_to_owned())
     }
 
     fn link_up(&self) -> bool {
