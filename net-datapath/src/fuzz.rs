@@ -772,7 +772,7 @@ mod tests {
             io: &io,
             peer: &peer,
         };
-        let (seed, rounds) = seed_and_rounds(0x5eed_1234_abcd_0001, 30_000);
+        let (seed, rounds) = seed_and_rounds(0x5eed_1234_abcd_0001, 60_000);
         fz.run(&mut t, seed, rounds).assert_covered(true);
     }
 

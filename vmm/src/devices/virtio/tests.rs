@@ -651,7 +651,7 @@ fn fuzz_pair_worker_with_hostile_rings() {
         io: &io,
         peer: &peer,
     };
-    let (seed, rounds) = seed_and_rounds(0x5eed_1234_abcd_0001, 20_000);
+    let (seed, rounds) = seed_and_rounds(0x5eed_1234_abcd_0001, 40_000);
     fz.run(&mut t, seed, rounds).assert_covered(true);
 }
 
