@@ -112,10 +112,10 @@ pub struct Features {
     pub guest_gso: bool,
 }
 
-/// What a [`Target::serve`] call did.
+/// Where a ring stands after a [`Target::kick`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Served {
-    /// The counters this call moved (only this call's).
+    /// The counters moved since the ring's [`Target::setup`].
     pub stats: NetStats,
     /// The ring is stopped as broken (the device asked for a reset).
     pub broken: bool,
@@ -126,18 +126,15 @@ pub trait Target {
     /// Whether it has a control queue to fuzz.
     fn has_ctrl(&self) -> bool;
 
-    /// A driver (re)starting `kind`'s ring as `ring` describes, with the
-    /// round's `features` and fresh per-driver state (no ring broken, no
-    /// frame pending), then the ring's event served: its kick, or for rx
-    /// with `from_kick` false the backend becoming readable. Rx is served
-    /// until it waits (a full batch goes on as the target's loop would).
-    fn serve(
-        &mut self,
-        kind: RingKind,
-        ring: &RingSetup,
-        features: Features,
-        from_kick: bool,
-    ) -> Served;
+    /// A driver (re)starting `kind`'s ring as `ring` describes, with
+    /// `features` and fresh per-driver state: no ring broken, no frame
+    /// pending, counters from 0.
+    fn setup(&mut self, kind: RingKind, ring: &RingSetup, features: Features);
+
+    /// The ring's event served: its kick, or for rx with `from_kick` false
+    /// the backend becoming readable. Rx is served until it waits (a full
+    /// batch goes on as the target's event loop would go on).
+    fn kick(&mut self, kind: RingKind, from_kick: bool) -> Served;
 }
 
 /// What a run saw.
@@ -464,7 +461,8 @@ impl Fuzzer<'_> {
                 "{ctx}"
             );
         }
-        let served = t.serve(kind, &ring, features, from_kick);
+        t.setup(kind, &ring, features);
+        let served = t.kick(kind, from_kick);
         let s = served.stats;
         rep.per_kind[kind as usize] += 1;
         rep.stats = rep.stats.plus(&s);
@@ -564,6 +562,27 @@ impl Fuzzer<'_> {
                 );
             }
         }
+        // Kicked again with nothing new (a stopped ring: with an avail
+        // index that would be fine now): nothing moves.
+        if served.broken {
+            let at = GuestAddress(ring.avail + 2);
+            self.mem.write_obj(ring.start.wrapping_add(1), at).unwrap();
+        }
+        let again = t.kick(kind, true);
+        assert_eq!(again.broken, served.broken, "{ctx}: {kind:?} kicked again");
+        assert_eq!(
+            again.stats, s,
+            "{ctx}: {kind:?} kicked again with nothing new"
+        );
+        let idx: u16 = self.mem.read_obj(GuestAddress(ring.used + 2)).unwrap();
+        assert_eq!(
+            idx, used_idx,
+            "{ctx}: {kind:?} kicked again with nothing new"
+        );
+        assert!(
+            self.peer.try_recv().is_none(),
+            "{ctx}: a frame out of nothing"
+        );
     }
 
     /// A clean ring of each direction, served as a driver would: one frame
@@ -609,7 +628,8 @@ impl Fuzzer<'_> {
             flags: 0,
             next: 0,
         });
-        let s = t.serve(RingKind::Tx, &ring, features, true);
+        t.setup(RingKind::Tx, &ring, features);
+        let s = t.kick(RingKind::Tx, true);
         assert!(!s.broken, "{ctx}: clean tx ring broken");
         assert_eq!(
             self.peer.try_recv().as_deref(),
@@ -633,7 +653,8 @@ impl Fuzzer<'_> {
             flags: F_WRITE,
             next: 0,
         });
-        let s = t.serve(RingKind::Rx, &ring, features, true);
+        t.setup(RingKind::Rx, &ring, features);
+        let s = t.kick(RingKind::Rx, true);
         assert!(!s.broken, "{ctx}: clean rx ring broken");
         assert_eq!(
             s.stats.rx_packets, 1,
@@ -694,6 +715,30 @@ mod tests {
         all_io: Vec<Arc<dyn FrameIo>>,
         active: AtomicU16,
         tx_buf: Vec<u8>,
+        q: Queue,
+        rx: RxState,
+        mrg_rxbuf: bool,
+        broken: bool,
+        stats: NetStats,
+        notify: Counting,
+    }
+
+    impl PairTarget {
+        fn new(mem: &GuestMemoryMmap, io: Arc<SockIo>) -> Self {
+            PairTarget {
+                mem: mem.clone(),
+                all_io: vec![io.clone()],
+                io,
+                active: AtomicU16::new(1),
+                tx_buf: vec![0; MAX_FRAME_LEN],
+                q: Queue::new(256).unwrap(),
+                rx: RxState::default(),
+                mrg_rxbuf: false,
+                broken: false,
+                stats: NetStats::default(),
+                notify: Counting::default(),
+            }
+        }
     }
 
     impl Target for PairTarget {
@@ -701,7 +746,7 @@ mod tests {
             true
         }
 
-        fn serve(&mut self, kind: RingKind, r: &RingSetup, f: Features, _kick: bool) -> Served {
+        fn setup(&mut self, _kind: RingKind, r: &RingSetup, f: Features) {
             let mut q = Queue::new(256).unwrap();
             q.set_size(r.size);
             q.try_set_desc_table_address(GuestAddress(r.desc)).unwrap();
@@ -711,47 +756,57 @@ mod tests {
             q.set_next_avail(r.start);
             q.set_next_used(r.start);
             q.set_ready(true);
-            let notify = Counting::default();
+            self.q = q;
+            self.rx = RxState::default();
+            self.rx.set_guest_gso(f.guest_gso);
+            self.mrg_rxbuf = f.mrg_rxbuf;
+            self.broken = false;
+            self.stats = NetStats::default();
+            self.notify = Counting::default();
+        }
+
+        fn kick(&mut self, kind: RingKind, _from_kick: bool) -> Served {
             let cx = RingCtx {
                 mem: &self.mem,
                 io: &*self.io,
-                notify: &notify,
+                notify: &self.notify,
                 pair: 0,
             };
-            let (mut stats, mut broken) = (NetStats::default(), false);
+            let (q, broken, stats) = (&mut self.q, &mut self.broken, &mut self.stats);
             match kind {
                 RingKind::Rx => {
-                    let mut st = RxState::default();
-                    st.set_guest_gso(f.guest_gso);
-                    while serve_rx(&mut q, &cx, &mut st, f.mrg_rxbuf, &mut broken, &mut stats)
+                    while serve_rx(q, &cx, &mut self.rx, self.mrg_rxbuf, broken, stats)
                         == RxStatus::More
                     {}
                 }
-                RingKind::Tx => serve_tx(&mut q, &cx, &mut self.tx_buf, &mut broken, &mut stats),
+                RingKind::Tx => serve_tx(q, &cx, &mut self.tx_buf, broken, stats),
                 RingKind::Ctrl => serve_ctrl(
-                    &mut q,
+                    q,
                     &self.mem,
                     &self.all_io,
                     4,
                     &self.active,
-                    &notify,
-                    &mut broken,
-                    &mut stats,
+                    &self.notify,
+                    broken,
+                    stats,
                 ),
             }
             assert_eq!(
-                notify.needs_reset.get(),
-                broken,
+                self.notify.needs_reset.get(),
+                *broken,
                 "a broken ring asks for a reset"
             );
             assert_eq!(
-                notify.signals.get(),
+                self.notify.signals.get(),
                 stats.interrupts,
                 "interrupts counted as sent"
             );
             // The used_event of rings in memory is always readable.
             assert!(q.needs_notification(&self.mem).is_ok());
-            Served { stats, broken }
+            Served {
+                stats: *stats,
+                broken: *broken,
+            }
         }
     }
 
@@ -759,13 +814,7 @@ mod tests {
     fn fuzz_queue_pair_with_hostile_rings() {
         let mem = layout_memory();
         let (io, peer) = sock_pair();
-        let mut t = PairTarget {
-            mem: mem.clone(),
-            io: io.clone(),
-            all_io: vec![io.clone()],
-            active: AtomicU16::new(1),
-            tx_buf: vec![0; MAX_FRAME_LEN],
-        };
+        let mut t = PairTarget::new(&mem, io.clone());
         let fz = Fuzzer {
             mem: &mem,
             layout: Layout::default(),

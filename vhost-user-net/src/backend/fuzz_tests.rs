@@ -59,6 +59,8 @@ struct BackendTarget {
     vrings: Vec<Vring>,
     /// The frontend's ends of the rx, tx and ctrl call eventfds.
     calls: Vec<EventFd>,
+    /// Signals on the current ring's call fd since its set-up.
+    heard: u64,
 }
 
 impl BackendTarget {
@@ -79,7 +81,12 @@ impl BackendTarget {
             vrings.push(v);
             calls.push(call);
         }
-        BackendTarget { b, vrings, calls }
+        BackendTarget {
+            b,
+            vrings,
+            calls,
+            heard: 0,
+        }
     }
 
     fn event(&self, ev: u64) {
@@ -94,7 +101,7 @@ impl Target for BackendTarget {
         true
     }
 
-    fn serve(&mut self, kind: RingKind, r: &RingSetup, f: Features, from_kick: bool) -> Served {
+    fn setup(&mut self, kind: RingKind, r: &RingSetup, f: Features) {
         // A driver's renegotiation: fresh pair state.
         let gso = bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6);
         let mut acked = offered_features(2) & !(gso | bit(VIRTIO_NET_F_MRG_RXBUF));
@@ -105,8 +112,8 @@ impl Target for BackendTarget {
             acked |= bit(VIRTIO_NET_F_MRG_RXBUF);
         }
         self.b.acked_features(acked);
-        let i = kind as usize;
         // The ring as SET_VRING_NUM/ADDR/BASE and ENABLE set it.
+        let i = kind as usize;
         let v = &self.vrings[i];
         v.set_queue_ready(false);
         v.set_queue_size(r.size);
@@ -117,6 +124,11 @@ impl Target for BackendTarget {
         v.set_queue_ready(true);
         v.set_enabled(true);
         let _ = self.calls[i].read();
+        self.heard = 0;
+    }
+
+    fn kick(&mut self, kind: RingKind, from_kick: bool) -> Served {
+        let i = kind as usize;
         let ev = match kind {
             RingKind::Rx if !from_kick => self.b.tap_id(0),
             k => k as u64,
@@ -136,9 +148,9 @@ impl Target for BackendTarget {
             RingKind::Tx => st.tx_broken,
             RingKind::Ctrl => st.ctrl_broken,
         };
-        let heard = self.calls[i].read().unwrap_or(0);
+        self.heard += self.calls[i].read().unwrap_or(0);
         assert_eq!(
-            heard, st.stats.interrupts,
+            self.heard, st.stats.interrupts,
             "the call fd hears each interrupt"
         );
         Served {

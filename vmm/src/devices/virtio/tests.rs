@@ -574,7 +574,7 @@ impl Target for WorkerTarget {
         true
     }
 
-    fn serve(&mut self, kind: RingKind, r: &RingSetup, f: Features, _kick: bool) -> Served {
+    fn setup(&mut self, kind: RingKind, r: &RingSetup, f: Features) {
         let mut q = Queue::new(256).unwrap();
         q.set_size(r.size);
         q.try_set_desc_table_address(GuestAddress(r.desc)).unwrap();
@@ -593,21 +593,29 @@ impl Target for WorkerTarget {
         w.rx_broken = false;
         w.tx_broken = false;
         self.interrupt.clear();
-        let broken = match kind {
-            RingKind::Rx => {
-                w.rx.queue = q;
-                while w.handle_rx() == RxStatus::More {}
-                w.rx_broken
-            }
-            RingKind::Tx => {
-                w.tx.queue = q;
-                w.handle_tx();
-                w.tx_broken
-            }
+        match kind {
+            RingKind::Rx => w.rx.queue = q,
+            RingKind::Tx => w.tx.queue = q,
             RingKind::Ctrl => {
                 let c = w.ctrl.as_mut().unwrap();
                 c.queue.queue = q;
                 c.broken = false;
+            }
+        }
+    }
+
+    fn kick(&mut self, kind: RingKind, _from_kick: bool) -> Served {
+        let w = &mut self.w;
+        let broken = match kind {
+            RingKind::Rx => {
+                while w.handle_rx() == RxStatus::More {}
+                w.rx_broken
+            }
+            RingKind::Tx => {
+                w.handle_tx();
+                w.tx_broken
+            }
+            RingKind::Ctrl => {
                 w.handle_ctrl();
                 w.ctrl.as_ref().unwrap().broken
             }
