@@ -356,8 +356,11 @@ impl<'m> Gathered<'m> {
         Ok(())
     }
 
-    /// Gives back every chain not used: the driver's next pop sees them again.
-    fn rewind(&mut self, q: &mut Queue) {
+    /// Gives back every chain not used: the driver's next pop sees them
+    /// again, and counts the bad ones among them again then.
+    fn rewind(&mut self, q: &mut Queue, stats: &mut NetStats) {
+        let bad = self.chains.iter().filter(|c| c.bad).count() as u64;
+        stats.rx_bad_chains = stats.rx_bad_chains.saturating_sub(bad);
         let n = self.chains.len() as u16;
         q.set_next_avail(q.next_avail().wrapping_sub(n));
         self.chains.clear();
@@ -415,7 +418,7 @@ pub fn process_rx(
 ) -> Result<(RxOutcome, bool), QueueFault> {
     let mut g = Gathered::new();
     let r = rx_loop(q, mem, io, st, mrg, stats, &mut g);
-    g.rewind(q);
+    g.rewind(q, stats);
     r.map(|o| (o, g.used))
 }
 

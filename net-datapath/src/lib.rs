@@ -15,11 +15,15 @@
 //! - [`queue_pair`]: serving a ring when its event fires, telling the
 //!   driver through a [`queue_pair::Notify`] (the vmm's interrupt, a
 //!   vhost-user call eventfd).
+//! - `testing` and `fuzz` (feature `testing`): a socketpair in place of a
+//!   TAP queue, and a hostile driver for whatever serves the rings.
 
 pub mod counters;
 pub mod datapath;
 pub mod features;
 pub mod frame_io;
+#[cfg(any(test, feature = "testing"))]
+pub mod fuzz;
 pub mod queue_pair;
 pub mod tap;
 #[cfg(any(test, feature = "testing"))]

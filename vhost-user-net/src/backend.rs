@@ -146,19 +146,32 @@ impl NetBackend {
         gate: Arc<PeerGate>,
     ) -> Result<Self, BackendError> {
         let taps: Vec<Arc<TapQueue>> = taps.into_iter().map(Arc::new).collect();
-        let pairs = u16::try_from(taps.len()).unwrap_or(u16::MAX);
-        let rx_again = (0..taps.len())
+        let all_io = taps.iter().map(|t| t.clone() as Arc<dyn FrameIo>).collect();
+        Self::build(taps, all_io, mem, gate)
+    }
+
+    /// `all_io`: every pair's frame I/O; `taps`: the same queues as TAPs
+    /// (offloads, epoll), left empty by unit tests that put a socketpair
+    /// in their place.
+    fn build(
+        taps: Vec<Arc<TapQueue>>,
+        all_io: Vec<Arc<dyn FrameIo>>,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        gate: Arc<PeerGate>,
+    ) -> Result<Self, BackendError> {
+        let pairs = u16::try_from(all_io.len()).unwrap_or(u16::MAX);
+        let rx_again = (0..all_io.len())
             .map(|pair| {
                 EventFd::new(EFD_NONBLOCK).map_err(|err| BackendError::EventFd { pair, err })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(NetBackend(Arc::new(Inner {
             pairs,
-            all_io: taps.iter().map(|t| t.clone() as Arc<dyn FrameIo>).collect(),
-            state: (0..taps.len())
+            state: (0..all_io.len())
                 .map(|_| Mutex::new(PairState::new(false)))
                 .collect(),
             taps,
+            all_io,
             mem,
             acked: AtomicU64::new(0),
             active_pairs: AtomicU16::new(1),
@@ -388,6 +401,9 @@ impl VhostUserBackend for NetBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests;
 
 #[cfg(test)]
 mod tests {

@@ -2,20 +2,30 @@
 //! through the transport, rings and buffers written into guest memory, and
 //! frames through a socketpair standing in for the TAP.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU16;
 use std::time::{Duration, Instant};
 
+use net_datapath::fuzz::{
+    Features, Fuzzer, Layout, RingKind, RingSetup, Rng, Served, Target, hostile_addr,
+    seed_and_rounds,
+};
+use net_datapath::queue_pair::RxStatus;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::mmio::{MmioError, MmioState, MmioTransport};
 use super::net::backend::FrameIo;
-use super::net::datapath::{
-    MAX_FRAME_LEN, NetStats, RxState, VNET_HDR_LEN, process_ctrl, process_rx, process_tx,
-};
+use super::net::datapath::{MAX_FRAME_LEN, NetStats, RxState, VNET_HDR_LEN};
+use super::net::event_handler::{CtrlQueue, PairWorker};
 use super::net::{NetDevice, NetState};
 use super::testing::*;
-use super::{GuestMemoryMmap, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice, status};
+use super::{
+    ActiveQueue, GuestMemory, INT_VRING, Interrupt, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    VirtioDevice, status,
+};
 use crate::devices::bus::BusDevice;
 use crate::persist::Persist;
 
@@ -523,205 +533,134 @@ fn reset_and_reinitialise() {
     assert_eq!(p[0].recv().unwrap(), frame(&pl));
 }
 
-/// xorshift64*: a tiny deterministic RNG, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+/// The in-vmm device's side of the shared ring fuzz
+/// (`net_datapath::fuzz`): one queue pair's `PairWorker`, served through
+/// its own `handle_*` with the device's `Interrupt` as what it tells.
+struct WorkerTarget {
+    w: PairWorker,
+    interrupt: Arc<Interrupt>,
 }
 
-/// The seed of a fuzz test: `FUZZ_SEED` when set (to replay a failure),
-/// else the test's fixed one; printed either way. Runs are a fixed number
-/// of rounds (times `FUZZ_SCALE`, default 1), so a seed replays exactly.
-fn fuzz_seed_and_rounds(fixed: u64, rounds: u64) -> (u64, u64) {
-    let seed = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(fixed);
-    let scale = std::env::var("FUZZ_SCALE")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(1)
-        .clamp(1, 100);
-    eprintln!(
-        "fuzz seed {seed} (FUZZ_SEED={seed} replays it), {} rounds",
-        rounds * scale
-    );
-    (seed, rounds * scale)
-}
-
-/// A guest address a hostile driver might name: mostly inside the test's
-/// buffers, else around the MMIO hole and the ends of RAM, or anything.
-fn fuzz_addr(rng: &mut Rng) -> u64 {
-    let near = |rng: &mut Rng, at: u64| at.wrapping_add(rng.below(0x2000)).wrapping_sub(0x1000);
-    match rng.below(8) {
-        0 => rng.next(),
-        1 => near(rng, LOW_RAM_END),
-        2 => near(rng, HIGH_RAM),
-        3 => near(rng, HIGH_RAM + HIGH_RAM_SIZE),
-        4 => u64::MAX - rng.below(0x1000),
-        _ => BUF_BASE + rng.below(MEM_SIZE as u64 - BUF_BASE),
-    }
-}
-
-/// The used entries (id, len) a call added, read from the used ring.
-fn used_since(mem: &GuestMemoryMmap, used: u64, size: u16, from: u16) -> Vec<(u32, u32)> {
-    let end: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
-    let mut out = Vec::new();
-    let mut i = from;
-    while i != end {
-        let e = used + 4 + 8 * u64::from(i % size);
-        out.push((
-            mem.read_obj(GuestAddress(e)).unwrap(),
-            mem.read_obj(GuestAddress(e + 4)).unwrap(),
-        ));
-        i = i.wrapping_add(1);
-    }
-    out
-}
-
-/// Random rings and descriptors straight into the datapath. Nothing may
-/// panic (in a debug build overflow checks are on too), and the results
-/// must add up: a queue fault exactly when the avail index jumped past the
-/// ring, every tx chain sent, dropped or counted bad, no used entry naming
-/// a head outside the ring, used lengths that fit what was sent.
-#[test]
-fn fuzz_datapath_with_random_rings() {
-    let mem = memory();
-    let (io, peer) = sock_pair();
-    let (seed, rounds) = fuzz_seed_and_rounds(0x5eed_1234_abcd_0001, 30_000);
-    let mut rng = Rng(seed);
-    let mut stats = NetStats::default();
-    let mut txbuf = vec![0u8; MAX_FRAME_LEN];
-    let (mut faults, mut frames_out, mut frames_in) = (0u64, 0u64, 0u64);
-    for round in 0..rounds {
-        let ctx = format!("round {round} of seed {seed}");
-        let size = 1u16 << rng.below(6);
-        let base = 0x1_0000 + rng.below(8) * 0x1_0000;
-        // Random descriptors; some indirect tables among the buffers.
-        for i in 0..u64::from(size) {
-            let addr = fuzz_addr(&mut rng);
-            let len = match rng.below(4) {
-                0 => rng.next() as u32,
-                1 => 16 * rng.below(40) as u32,
-                _ => rng.below(3000) as u32,
-            };
-            let flags = rng.below(8) as u16;
-            let next = rng.below(u64::from(size) + 2) as u16;
-            let a = GuestAddress(base + 16 * i);
-            mem.write_obj(addr, a).unwrap();
-            mem.write_obj(len, GuestAddress(a.0 + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(a.0 + 12)).unwrap();
-            mem.write_obj(next, GuestAddress(a.0 + 14)).unwrap();
-        }
-        let avail = base + 0x4000;
-        for i in 0..u64::from(size) + 3 {
-            let head = rng.below(u64::from(size) + 4) as u16;
-            mem.write_obj(head, GuestAddress(avail + 2 * i)).unwrap();
-        }
-        // Now and then an index that jumps past the ring (a queue fault).
-        let avail_idx = match rng.below(8) {
-            0 => rng.below(u64::from(size) * 2 + 1) as u16,
-            _ => rng.below(u64::from(size) + 1) as u16,
+impl WorkerTarget {
+    fn new(mem: &GuestMemory, io: Arc<SockIo>) -> Self {
+        let aq = || ActiveQueue {
+            queue: Queue::new(256).unwrap(),
+            kick: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
         };
-        mem.write_obj(avail_idx, GuestAddress(avail + 2)).unwrap();
-        let used = base + 0x8000;
-        mem.write_obj(0u16, GuestAddress(used + 2)).unwrap();
+        let interrupt = Arc::new(Interrupt::new().unwrap());
+        let ctrl = CtrlQueue {
+            queue: aq(),
+            all_io: vec![io.clone() as Arc<dyn FrameIo>],
+            broken: false,
+        };
+        let w = PairWorker::new(
+            0,
+            aq(),
+            aq(),
+            Some(ctrl),
+            io,
+            mem.clone(),
+            interrupt.clone(),
+            false,
+            Arc::new(AtomicU16::new(1)),
+            4,
+        );
+        WorkerTarget { w, interrupt }
+    }
+}
+
+impl Target for WorkerTarget {
+    fn has_ctrl(&self) -> bool {
+        true
+    }
+
+    fn setup(&mut self, kind: RingKind, r: &RingSetup, f: Features) {
         let mut q = Queue::new(256).unwrap();
-        q.set_size(size);
-        q.set_desc_table_address(Some(base as u32), Some(0));
-        q.set_avail_ring_address(Some(avail as u32), Some(0));
-        q.set_used_ring_address(Some(used as u32), Some(0));
-        q.set_event_idx(rng.below(2) == 1);
+        q.set_size(r.size);
+        q.try_set_desc_table_address(GuestAddress(r.desc)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(r.avail)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(r.used)).unwrap();
+        q.set_event_idx(r.event_idx);
+        q.set_next_avail(r.start);
+        q.set_next_used(r.start);
         q.set_ready(true);
-        let ring_broken = avail_idx > size;
-        let before = stats;
-        let ok = match rng.below(3) {
-            0 => {
-                let r = process_tx(&mut q, &mem, &*io, &mut txbuf, &mut stats);
-                let mut sent = 0;
-                while let Some(f) = peer.try_recv() {
-                    assert!(f.len() >= VNET_HDR_LEN && f.len() <= MAX_FRAME_LEN, "{ctx}");
-                    sent += 1;
-                }
-                frames_out += sent;
-                assert_eq!(sent, stats.tx_packets - before.tx_packets, "{ctx}");
-                if r.is_ok() {
-                    let handled = (stats.tx_packets + stats.tx_tap_errors + stats.bad_chains())
-                        - (before.tx_packets + before.tx_tap_errors + before.bad_chains());
-                    assert_eq!(handled, u64::from(avail_idx), "{ctx}: every chain handled");
-                    let u = used_since(&mem, used, size, 0);
-                    assert!(
-                        u.iter().all(|&(id, len)| id < u32::from(size) && len == 0),
-                        "{ctx}: {u:?}"
-                    );
-                }
-                r.is_ok()
+        // A driver's reset and renegotiation: fresh rings and state.
+        let w = &mut self.w;
+        w.stats = NetStats::default();
+        w.rx_state = RxState::default();
+        w.rx_state.set_guest_gso(f.guest_gso);
+        w.mrg_rxbuf = f.mrg_rxbuf;
+        w.rx_broken = false;
+        w.tx_broken = false;
+        self.interrupt.clear();
+        match kind {
+            RingKind::Rx => w.rx.queue = q,
+            RingKind::Tx => w.tx.queue = q,
+            RingKind::Ctrl => {
+                let c = w.ctrl.as_mut().unwrap();
+                c.queue.queue = q;
+                c.broken = false;
             }
-            1 => {
-                // A fresh rx state and an empty backend: this round's frame
-                // is the only one.
-                let mut sink = vec![0u8; MAX_FRAME_LEN];
-                while io.read_frame(&mut sink).is_ok_and(|n| n > 0) {}
-                let mut rx = RxState::default();
-                rx.set_guest_gso(rng.below(2) == 1);
-                let n = rng.below(2000) as usize + 1;
-                assert!(peer.try_send(&payload(n, rng.next() as u8)), "{ctx}");
-                let r = process_rx(&mut q, &mem, &*io, &mut rx, rng.below(2) == 1, &mut stats);
-                let delivered = stats.rx_packets - before.rx_packets;
-                let dropped = stats.rx_dropped() - before.rx_dropped();
-                assert!(delivered + dropped <= 1, "{ctx}: one frame was sent");
-                frames_in += delivered;
-                if r.is_ok() {
-                    let u = used_since(&mem, used, size, 0);
-                    assert!(
-                        u.iter().all(|&(id, _)| id < u32::from(size)),
-                        "{ctx}: {u:?}"
-                    );
-                    let filled: u64 = u.iter().map(|&(_, len)| u64::from(len)).sum();
-                    let expect = if delivered == 1 { n as u64 } else { 0 };
-                    assert_eq!(
-                        filled, expect,
-                        "{ctx}: used lengths {u:?} for a {n}-byte frame"
-                    );
-                    if n < VNET_HDR_LEN {
-                        assert_eq!(delivered, 0, "{ctx}: a frame shorter than its header");
-                    }
-                }
-                r.is_ok()
+        }
+    }
+
+    fn kick(&mut self, kind: RingKind, _from_kick: bool) -> Served {
+        let w = &mut self.w;
+        let broken = match kind {
+            RingKind::Rx => {
+                while w.handle_rx() == RxStatus::More {}
+                w.rx_broken
             }
-            _ => {
-                let r = process_ctrl(&mut q, &mem, 4, &mut |n| n < 3, &mut stats);
-                if r.is_ok() {
-                    let u = used_since(&mem, used, size, 0);
-                    assert!(
-                        u.iter().all(|&(id, len)| id < u32::from(size) && len <= 1),
-                        "{ctx}: {u:?}"
-                    );
-                    assert!(u.len() <= usize::from(avail_idx), "{ctx}");
-                }
-                r.is_ok()
+            RingKind::Tx => {
+                w.handle_tx();
+                w.tx_broken
+            }
+            RingKind::Ctrl => {
+                w.handle_ctrl();
+                w.ctrl.as_ref().unwrap().broken
             }
         };
         assert_eq!(
-            !ok, ring_broken,
-            "{ctx}: a queue fault iff the avail index jumped"
+            self.interrupt.needs_reset(),
+            broken,
+            "a broken ring needs reset"
         );
-        faults += u64::from(!ok);
-        // The used_event of rings in memory is always readable.
-        assert!(q.needs_notification(&*mem).is_ok(), "{round}");
+        assert_eq!(
+            self.interrupt.status() & INT_VRING != 0,
+            w.stats.interrupts > 0,
+            "the used-ring interrupt iff counted"
+        );
+        Served {
+            stats: w.stats,
+            broken,
+        }
     }
-    eprintln!(
-        "datapath fuzz: {rounds} rounds, {faults} queue faults, {frames_out} frames out, {frames_in} in, {stats:?}"
-    );
-    assert!(faults > 0 && stats.bad_chains() > 0 && frames_out > 0 && frames_in > 0);
+}
+
+/// The shared hostile-ring fuzz against the device's queue-pair worker.
+#[test]
+fn fuzz_pair_worker_with_hostile_rings() {
+    let mem = memory();
+    // The region edges the fuzz aims at are the vmm's MMIO hole and the
+    // end of RAM.
+    let regions: Vec<(u64, u64)> = mem
+        .iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect();
+    assert_eq!(regions, [(0, LOW_RAM_END), (HIGH_RAM, HIGH_RAM_SIZE)]);
+    let (io, peer) = sock_pair();
+    let mut t = WorkerTarget::new(&mem, io.clone());
+    let fz = Fuzzer {
+        mem: &mem,
+        layout: Layout {
+            rings: 0x4_0000,
+            bufs: BUF_BASE..MEM_SIZE as u64,
+        },
+        io: &io,
+        peer: &peer,
+    };
+    let (seed, rounds) = seed_and_rounds(0x5eed_1234_abcd_0001, 40_000);
+    fz.run(&mut t, seed, rounds).assert_covered(true);
 }
 
 /// Random register writes and ring contents against the whole device with
@@ -730,8 +669,9 @@ fn fuzz_datapath_with_random_rings() {
 fn fuzz_device_registers_then_still_usable() {
     let (b, p) = mock_backend(2);
     let mut d = Driver::start(b, ALL);
-    let (seed, rounds) = fuzz_seed_and_rounds(0xfeed_beef_0000_0042, 100_000);
-    let mut rng = Rng(seed);
+    let (seed, rounds) = seed_and_rounds(0xfeed_beef_0000_0042, 100_000);
+    let mut rng = Rng::new(seed);
+    let bufs = BUF_BASE..MEM_SIZE as u64;
     let regs = [
         0x14u64, 0x20, 0x24, 0x30, 0x38, 0x44, 0x50, 0x64, 0x70, 0x80, 0x84, 0x90, 0x94, 0xa0,
         0xa4, 0x100, 0x104,
@@ -741,7 +681,7 @@ fn fuzz_device_registers_then_still_usable() {
             0 => {
                 let r = regs[rng.below(regs.len() as u64) as usize];
                 let v = match rng.below(3) {
-                    0 => rng.next() as u32,
+                    0 => rng.next_u64() as u32,
                     1 => rng.below(16) as u32,
                     _ => 1 << rng.below(32),
                 };
@@ -756,7 +696,7 @@ fn fuzz_device_registers_then_still_usable() {
             2 => {
                 let q = rng.below(5) as usize;
                 let i = rng.below(16) as u16;
-                let addr = fuzz_addr(&mut rng);
+                let addr = hostile_addr(&mut rng, &d.mem, &bufs);
                 d.write_desc(
                     q,
                     i,
@@ -774,7 +714,7 @@ fn fuzz_device_registers_then_still_usable() {
             }
             4 => {
                 // Renegotiate from scratch now and then.
-                if d.negotiate(rng.next()) {
+                if d.negotiate(rng.next_u64()) {
                     for i in 0..5 {
                         d.setup_queue(i, 1 << rng.below(6));
                     }
