@@ -19,7 +19,7 @@ pub const MAX_VCPUS: u8 = 255;
 
 /// The one-line usage the errors end with.
 pub const USAGE: &str = "usage: vmm --kernel FILE [--cmdline STR] [--memory SIZE] [--vcpus N] \
-[--serial stdout|FILE] [--api-socket PATH] [--net netd=SOCK,id=ID[,...]] [--initrd FILE] [--incoming PATH] \
+[--serial stdout|FILE] [--api-socket PATH] [--net netd=SOCK,id=ID[,...]|vhost-user=PATH,id=ID[,...]] [--initrd FILE] [--incoming PATH] \
 [--user UID:GID] [--seccomp kill|log] [--dump-acpi DIR] | --version | --help";
 
 /// Boots a guest under KVM as an unprivileged user, takes one over from
@@ -75,10 +75,12 @@ pub struct Args {
     /// A virtio-net NIC whose TAP comes from netd:
     /// netd=SOCK,id=ID[,mac=MAC][,queues=N][,vhost=on|off][,backend-transfer=on|off]
     /// (id: the TAP's name; queues 1 to 16, default 1; vhost default off;
-    /// backend-transfer default on). May be given several times
+    /// backend-transfer default on); or one whose datapath is a vhost-user
+    /// backend listening on PATH: vhost-user=PATH,id=ID[,mac=MAC][,queues=N]
+    /// (reconnected whenever it restarts). May be given several times
     #[arg(
         long,
-        value_name = "netd=SOCK,id=ID[,...]",
+        value_name = "netd=SOCK,id=ID[,...]|vhost-user=PATH,id=ID[,...]",
         value_parser = net,
         allow_hyphen_values = true
     )]

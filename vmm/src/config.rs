@@ -281,7 +281,7 @@ mod tests {
         assert_eq!(c.nets[1].queues, 2);
         assert_eq!(
             refused(&["--kernel", "k", "--net", "netd=/s,id=vm0,foo=1"]),
-            "--net: unknown key \"foo\" (known: netd, id, mac, queues, vhost, backend-transfer)"
+            "--net: unknown key \"foo\" (known: netd, vhost-user, id, mac, queues, vhost, backend-transfer)"
         );
         assert!(refused(&["--kernel", "k", "--net", "id=vm0"]).starts_with("--net: missing"));
     }
