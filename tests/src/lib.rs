@@ -259,3 +259,4 @@ pub mod qmp;
 pub mod relay;
 pub mod rng;
 pub mod stats;
+pub mod vhost_user;

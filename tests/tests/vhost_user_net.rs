@@ -12,160 +12,26 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tests::migration_harness::Proc;
-use tests::net_guest::{
-    QEMU, QEMU_MICROVM_ARGS, guest_ip, guest_mac, ping, qemu_available, wait_ping,
-};
+use tests::net_guest::{guest_ip, ping, qemu_available, wait_ping};
 use tests::netd_harness::{NOBODY, Netd, TEST_POLICY};
-use tests::vmm_process::{VmmProcess, kvm_group};
-use tests::{TempDir, bin, guest_elf};
+use tests::vhost_user::{Backend, START_TIMEOUT, start_qemu_frontend};
+use tests::vmm_process::VmmProcess;
+use tests::{TempDir, bin};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Generous: the CI machine has 2 cores shared with parallel tests.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
-/// A running backend (killed on drop), its socket and its log (stderr).
-struct Backend {
-    p: Proc,
-    sock: PathBuf,
-}
-
-impl Backend {
-    /// `vhost-user-net` as root with `--user 65534:65534`, on TAP `tap`.
-    fn start(netd: &Netd, dir: &TempDir, tap: &str, queues: u16) -> Backend {
-        let sock = dir.join("vu.sock");
-        let mut c = Command::new(bin("vhost-user-net"));
-        c.arg("--socket")
-            .arg(&sock)
-            .args([
-                "--net",
-                &format!("netd={},id={tap},queues={queues}", netd.socket.display()),
-                "--user",
-                &format!("{NOBODY}:{NOBODY}"),
-            ])
-            .env("RUST_LOG", "info");
-        let b = Backend {
-            p: Proc::spawn(c),
-            sock,
-        };
-        b.wait_log("serving TAP", START_TIMEOUT);
-        b
-    }
-
-    fn pid(&self) -> u32 {
-        self.p.pid()
-    }
-
-    fn log(&self) -> String {
-        self.p.stderr()
-    }
-
-    fn alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| !r.trim_start().starts_with('Z'))
-        })
-    }
-
-    /// Waits until the log has `needle`; panics with the log otherwise.
-    fn wait_log(&self, needle: &str, timeout: Duration) {
-        let t0 = Instant::now();
-        while !self.log().contains(needle) {
-            assert!(
-                self.alive(),
-                "backend exited before logging {needle:?}:\n{}",
-                self.log()
-            );
-            assert!(
-                t0.elapsed() < timeout,
-                "backend did not log {needle:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits until `needle` appears `n` times in the log.
-    fn wait_log_count(&self, needle: &str, n: usize, timeout: Duration) {
-        let t0 = Instant::now();
-        while self.log().matches(needle).count() < n {
-            assert!(self.alive(), "backend died:\n{}", self.log());
-            assert!(
-                t0.elapsed() < timeout,
-                "backend logged {needle:?} fewer than {n} times:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The targets of the backend's fds.
-    fn fd_targets(&self) -> Vec<String> {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .expect("backend fds")
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .map(|p| p.display().to_string())
-            .collect()
-    }
-}
-
-/// QEMU microvm as uid 65534 (kvm group): the test guest `n`, RAM in a
-/// shared memfd, its virtio-net device on the backend at `sock`.
-fn start_qemu(sock: &Path, n: u8, queues: u16) -> VmmProcess {
-    let gid = kvm_group();
-    let elf = guest_elf();
-    let mut c = Command::new("setpriv");
-    c.args([
-        &format!("--reuid={NOBODY}"),
-        &format!("--regid={NOBODY}"),
-        &format!("--groups={gid}"),
-        "--",
-        QEMU,
-    ])
-    .args(QEMU_MICROVM_ARGS);
-    let (nq, mq) = if queues > 1 {
-        (format!(",queues={queues}"), ",mq=on".to_string())
-    } else {
-        (String::new(), String::new())
-    };
-    c.args([
-        "-machine",
-        "memory-backend=mem",
-        "-object",
-        "memory-backend-memfd,id=mem,size=128M,share=on",
-        "-m",
-        "128M",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        "-chardev",
-        &format!("socket,id=c0,path={}", sock.display()),
-        "-netdev",
-        &format!("vhost-user,id=n0,chardev=c0{nq}"),
-        "-device",
-        &format!("virtio-net-device,netdev=n0,mac={}{mq}", guest_mac(n)),
-        "-append",
-        &format!("testguest.ip={}/24", guest_ip(n)),
-        "-kernel",
-    ])
-    .arg(elf);
-    let mut q = VmmProcess::spawn(c);
-    q.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
-    q
-}
-
 /// Boots the guest on QEMU through the backend and pings it 5 times.
 fn qemu_pings(netd: &Netd, b: &Backend, n: u8, queues: u16) -> VmmProcess {
-    let q = start_qemu(&b.sock, n, queues);
+    let q = start_qemu_frontend(&b.sock, n, queues, BOOT_TIMEOUT);
     b.wait_log("connected", START_TIMEOUT);
     assert!(
         wait_ping(&netd.ns, guest_ip(n), BOOT_TIMEOUT),

@@ -1,31 +1,49 @@
-//! Network benchmark: the same test guest on vmm and on QEMU microvm
-//! (userspace virtio-net, vhost=off), each on a TAP from a real netd that
-//! this program starts in a namespace of its own; plus the rate of a plain
-//! host loop writing frames to a TAP, as the ceiling. Prints a table.
+//! Network benchmark: the same test guest on four network devices, each
+//! on a TAP from a real netd that this program starts in a namespace of
+//! its own, measured in one run:
+//! - `vmm`: the vmm's in-process virtio-net;
+//! - `vmm+vu`: the vmm as the frontend of this workspace's vhost-user-net
+//!   backend (`--net vhost-user=`); shown as "-" with the vmm's reason
+//!   while the vmm refuses that option;
+//! - `qemu`: QEMU microvm's userspace virtio-net (vhost=off);
+//! - `qemu+vu`: QEMU microvm as the frontend of the same backend.
 //!
-//! bench_net [--burst-ms N] [--bursts N] [--echoes N] [--pings N] [--rounds N] [--skip-qemu]
+//! plus the rate of a plain host loop writing frames to a TAP, as the
+//! ceiling. Prints a table with ratios: `backend/in-vmm` (vmm+vu / vmm,
+//! the target: within 10%) and `qvu/qemu` (our backend against
+//! QEMU's own userspace device, same frontend).
+//!
+//! bench_net [--burst-ms N] [--bursts N] [--echoes N] [--pings N] [--rounds N]
+//!           [--skip-qemu] [--skip-vhost-user]
 //!
 //! Run as root after `cargo build --release --workspace`. Guest code that
 //! runs for more than ~20 ms without idling drops into slow instruction
 //! emulation on this nested KVM, so host->guest floods are split into short
 //! bursts with idle gaps (each timed until the guest has drained it), and
 //! blasts are sized to last well under a second. The host's 2 cores are
-//! shared with whatever else runs: compare vmm and QEMU within one run.
+//! shared with whatever else runs: compare columns within one run.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tests::net_guest::{
-    GuestLink, RunAs, guest_ip, ping, qemu_available, qemu_command, start_vmm_guest, vmm_command,
-    wait_ping,
+    GuestLink, RunAs, guest_ip, ping, qemu_available, qemu_command, vmm_command, wait_ping,
 };
 use tests::netd_harness::{Netd, TEST_POLICY};
+use tests::vhost_user::{Backend, qemu_frontend_command, vmm_frontend_command};
 use tests::vmm_process::{BOOT_TIMEOUT, VmmProcess};
-use tests::{bin, guest_elf};
+use tests::{TempDir, bin, guest_elf};
 use vmm::net::netd_client::{DEFAULT_TIMEOUT, NetdClient};
+
+/// The test guest's line once its network is up.
+const BANNER: &str = "testguest: up boot_id=";
+
+const USAGE: &str = "usage: bench_net [--burst-ms N] [--bursts N] [--echoes N] [--pings N] [--rounds N] [--skip-qemu] [--skip-vhost-user]";
 
 struct Opts {
     burst: Duration,
@@ -34,6 +52,7 @@ struct Opts {
     pings: u32,
     rounds: u32,
     qemu: bool,
+    vhost_user: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -44,6 +63,7 @@ fn parse_opts() -> Opts {
         pings: 200,
         rounds: 3,
         qemu: true,
+        vhost_user: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -59,15 +79,176 @@ fn parse_opts() -> Opts {
             "--pings" => o.pings = num("--pings") as u32,
             "--rounds" => o.rounds = (num("--rounds") as u32).max(1),
             "--skip-qemu" => o.qemu = false,
+            "--skip-vhost-user" => o.vhost_user = false,
             _ => {
-                eprintln!(
-                    "usage: bench_net [--burst-ms N] [--bursts N] [--echoes N] [--pings N] [--rounds N] [--skip-qemu]"
-                );
+                eprintln!("{USAGE}");
                 std::process::exit(2);
             }
         }
     }
     o
+}
+
+// ---------------------------------------------------------- leftovers ---
+
+/// What a failed run must not leave behind. Release builds abort on panic,
+/// so the Drop guards (Netd, TempDir, Backend, VmmProcess) never run then:
+/// the panic hook removes these instead. (bench_migrate does the same.)
+struct Leftovers {
+    pids: Vec<u32>,
+    netns: Vec<String>,
+    paths: Vec<PathBuf>,
+}
+
+static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
+    pids: Vec::new(),
+    netns: Vec::new(),
+    paths: Vec::new(),
+});
+
+fn leftovers() -> std::sync::MutexGuard<'static, Leftovers> {
+    LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn install_cleanup_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        // try_lock: the panicking thread may hold the lock.
+        let Ok(l) = LEFTOVERS.try_lock() else {
+            return;
+        };
+        for pid in &l.pids {
+            // SAFETY: kill(2) on a child of ours that was not reaped yet
+            // (the list is emptied before the children are reaped).
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        for ns in &l.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        for p in &l.paths {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }));
+}
+
+// ------------------------------------------------------------ columns ---
+
+/// A guest on one kind of network device: its column of the table.
+struct Subject {
+    /// Column header.
+    name: &'static str,
+    /// What the column is, for the legend.
+    what: &'static str,
+    /// Guest number (its address and MAC).
+    n: u8,
+    /// The running guest (and backend), or why there is none.
+    run: Result<Running, String>,
+    rows: Vec<Row>,
+}
+
+struct Running {
+    guest: VmmProcess,
+    /// Dropped after the guest (field order): the frontend goes first.
+    backend: Option<Backend>,
+}
+
+impl Subject {
+    fn new(name: &'static str, what: &'static str, n: u8, run: Result<Running, String>) -> Self {
+        Subject {
+            name,
+            what,
+            n,
+            run,
+            rows: Vec::new(),
+        }
+    }
+
+    fn skipped(name: &'static str, what: &'static str, n: u8, why: &str) -> Self {
+        Subject::new(name, what, n, Err(why.to_string()))
+    }
+
+    fn median(&self) -> Option<Row> {
+        (!self.rows.is_empty()).then(|| median_row(&self.rows))
+    }
+}
+
+/// Spawns a vmm or QEMU child that the panic hook kills.
+fn spawn(cmd: Command) -> VmmProcess {
+    let p = VmmProcess::spawn(cmd);
+    leftovers().pids.push(p.pid());
+    p
+}
+
+/// Starts a backend (one the panic hook kills) on TAP `tap`.
+fn start_backend(netd: &Netd, dir: &TempDir, tap: &str) -> Backend {
+    let b = Backend::spawn(netd, dir, tap, 1);
+    leftovers().pids.push(b.pid());
+    b.wait_serving();
+    b
+}
+
+/// Whether `pid` has exited (a zombie not yet reaped counts as exited).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// The vmm as the backend's frontend. A vmm that exits before the guest is
+/// up (today: the usage error for `--net vhost-user=`) or never boots it
+/// gives the column's reason instead of a guest.
+fn start_vmm_frontend(backend: Backend, n: u8) -> Result<Running, String> {
+    let guest = spawn(vmm_frontend_command(&backend.sock, "vu0", n, 1));
+    let pids = [guest.pid(), backend.pid()];
+    let run = wait_vmm_frontend(guest, backend);
+    if run.is_err() {
+        // Both were reaped on the way out: their pids may be reused.
+        leftovers().pids.retain(|p| !pids.contains(p));
+    }
+    run
+}
+
+fn wait_vmm_frontend(guest: VmmProcess, backend: Backend) -> Result<Running, String> {
+    let last_line = |p: &VmmProcess| {
+        // The stderr reader may lag the exit a little.
+        let t0 = Instant::now();
+        while p.stderr().trim().is_empty() && t0.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let err = p.stderr();
+        err.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("(nothing on stderr)")
+            .trim()
+            .to_string()
+    };
+    let t0 = Instant::now();
+    loop {
+        if guest.output().contains(BANNER) {
+            return Ok(Running {
+                guest,
+                backend: Some(backend),
+            });
+        }
+        if exited(guest.pid()) {
+            return Err(format!(
+                "the vmm exited before the guest was up: {}",
+                last_line(&guest)
+            ));
+        }
+        if t0.elapsed() > BOOT_TIMEOUT {
+            return Err(format!(
+                "no guest banner within {BOOT_TIMEOUT:?}; vmm: {}; backend: {}",
+                last_line(&guest),
+                backend.log().lines().last().unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// How a table row reads its number from a guest's results.
@@ -264,55 +445,180 @@ fn raw_tap_rate(netd: &Netd, name: &str, size: usize, dur: Duration) -> f64 {
     n as f64 / t0.elapsed().as_secs_f64()
 }
 
+/// A ratio column: `a / b` of a metric, "-" when either is missing.
+fn ratio(a: Option<&Row>, b: Option<&Row>, f: Metric) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}", f(a) / f(b)),
+        _ => "-".into(),
+    }
+}
+
+/// The target, from the medians: the backend (vmm+vu) within 10%
+/// of the in-vmm device on each pps metric (ratio >= 0.90, higher is
+/// better) and on RTT (ratio <= 1.10, lower is better).
+fn target_verdict(vu: Option<&Row>, vmm: Option<&Row>, why_not: &str) -> String {
+    let (Some(vu), Some(vmm)) = (vu, vmm) else {
+        return format!("not measured ({why_not})");
+    };
+    let higher: [(&str, Metric); 5] = [
+        ("host->guest 64B", |r| r.h2g_64),
+        ("host->guest 1400B", |r| r.h2g_1400),
+        ("guest->host 64B", |r| r.g2h_64),
+        ("guest->host 1400B", |r| r.g2h_1400),
+        ("echo", |r| r.echo_rps),
+    ];
+    let lower: [(&str, Metric); 2] = [("RTT p50", |r| r.ping_p50), ("RTT p99", |r| r.ping_p99)];
+    let mut missed: Vec<String> = higher
+        .iter()
+        .filter(|(_, f)| f(vu) / f(vmm) < 0.90)
+        .map(|(n, f)| format!("{n} {:.2}", f(vu) / f(vmm)))
+        .collect();
+    missed.extend(
+        lower
+            .iter()
+            .filter(|(_, f)| f(vu) / f(vmm) > 1.10)
+            .map(|(n, f)| format!("{n} {:.2}", f(vu) / f(vmm))),
+    );
+    if missed.is_empty() {
+        "met".into()
+    } else {
+        format!("missed on {}", missed.join(", "))
+    }
+}
+
 fn main() {
     let o = parse_opts();
+    install_cleanup_on_panic();
     let netd = Netd::start(&bin("netd"), "bn", TEST_POLICY, &[]);
+    {
+        let mut l = leftovers();
+        l.pids.push(netd.pid());
+        l.netns.push(netd.ns.name.clone());
+        l.paths.push(netd.dir.clone());
+    }
+    let dir = TempDir::new("bench-net");
+    leftovers().paths.push(dir.0.clone());
     let ceiling_64 = raw_tap_rate(&netd, "s0", 64, Duration::from_millis(500));
     let ceiling_1400 = raw_tap_rate(&netd, "s1", 1400, Duration::from_millis(500));
 
-    // Both guests run at once (the idle one sits in hlt) and are measured
-    // in turns, round after round: load from elsewhere on the host then
-    // hits both alike, and the medians are compared.
-    let (vm, _) = start_vmm_guest(
-        vmm_command(&netd, "vm1", 1, "", None, RunAs::RootWithUserOption),
-        BOOT_TIMEOUT,
+    // All guests run at once (the idle ones sit in hlt, the backends in
+    // epoll) and are measured in turns, round after round: load from
+    // elsewhere on the host then hits all alike, and the medians are
+    // compared.
+    let qemu_ok = o.qemu && qemu_available();
+    let no_qemu = if o.qemu {
+        "QEMU not installed"
+    } else {
+        "skipped (--skip-qemu)"
+    };
+    let no_vu = "skipped (--skip-vhost-user)";
+    let mut subjects = Vec::new();
+    let mut vm = spawn(vmm_command(
+        &netd,
+        "vm1",
+        1,
+        "",
+        None,
+        RunAs::RootWithUserOption,
+    ));
+    vm.wait_for_line(BANNER, BOOT_TIMEOUT);
+    subjects.push(Subject::new(
+        "vmm",
+        "vmm, in-vmm virtio-net on a netd TAP",
+        1,
+        Ok(Running {
+            guest: vm,
+            backend: None,
+        }),
+    ));
+    let (name, what) = ("vmm+vu", "vmm as frontend of vhost-user-net (netd TAP)");
+    subjects.push(if o.vhost_user {
+        let b = start_backend(&netd, &dir, "vm4");
+        Subject::new(name, what, 4, start_vmm_frontend(b, 4))
+    } else {
+        Subject::skipped(name, what, 4, no_vu)
+    });
+    let (name, what) = (
+        "qemu",
+        "QEMU microvm, userspace virtio-net (vhost=off), netd TAP",
     );
-    let qemu = if o.qemu && qemu_available() {
-        let mut q = VmmProcess::spawn(qemu_command(
+    subjects.push(if qemu_ok {
+        let mut q = spawn(qemu_command(
             &bin("netd_probe"),
             &guest_elf(),
             &netd,
             "vm2",
             2,
         ));
-        q.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
-        Some(q)
+        q.wait_for_line(BANNER, BOOT_TIMEOUT);
+        Subject::new(
+            name,
+            what,
+            2,
+            Ok(Running {
+                guest: q,
+                backend: None,
+            }),
+        )
     } else {
-        eprintln!("bench_net: QEMU skipped");
-        None
-    };
-    let mut vmm_rows = Vec::new();
-    let mut qemu_rows = Vec::new();
-    for round in 1..=o.rounds {
-        eprintln!("bench_net: round {round}/{}: vmm", o.rounds);
-        let r = measure(&netd, 1, &o);
-        if r.lost != "none" {
-            eprintln!(
-                "bench_net: vmm guest console:\n{}\n{}",
-                vm.output(),
-                vm.stderr()
-            );
-        }
-        vmm_rows.push(r);
-        if qemu.is_some() {
-            eprintln!("bench_net: round {round}/{}: QEMU", o.rounds);
-            qemu_rows.push(measure(&netd, 2, &o));
+        Subject::skipped(name, what, 2, no_qemu)
+    });
+    let (name, what) = (
+        "qemu+vu",
+        "QEMU microvm as frontend of vhost-user-net (netd TAP)",
+    );
+    subjects.push(if !qemu_ok {
+        Subject::skipped(name, what, 3, no_qemu)
+    } else if !o.vhost_user {
+        Subject::skipped(name, what, 3, no_vu)
+    } else {
+        let b = start_backend(&netd, &dir, "vm3");
+        let mut q = spawn(qemu_frontend_command(&b.sock, 3, 1));
+        q.wait_for_line(BANNER, BOOT_TIMEOUT);
+        Subject::new(
+            name,
+            what,
+            3,
+            Ok(Running {
+                guest: q,
+                backend: Some(b),
+            }),
+        )
+    });
+    for s in subjects.iter().filter(|s| s.run.is_err()) {
+        if let Err(why) = &s.run {
+            eprintln!("bench_net: {}: not measured: {why}", s.name);
         }
     }
-    drop(vm);
-    drop(qemu);
-    let vmm_row = median_row(&vmm_rows);
-    let qemu_row = (!qemu_rows.is_empty()).then(|| median_row(&qemu_rows));
+
+    for round in 1..=o.rounds {
+        for s in &mut subjects {
+            let Ok(run) = &s.run else { continue };
+            eprintln!("bench_net: round {round}/{}: {}", o.rounds, s.name);
+            let r = measure(&netd, s.n, &o);
+            if r.lost != "none" {
+                eprintln!(
+                    "bench_net: {} guest console:\n{}\n{}\n{}",
+                    s.name,
+                    run.guest.output(),
+                    run.guest.stderr(),
+                    run.backend.as_ref().map(Backend::log).unwrap_or_default()
+                );
+            }
+            s.rows.push(r);
+        }
+    }
+    // Everything stops here; nothing is left for the panic hook to kill
+    // (the pids are about to be reaped and could be reused).
+    leftovers().pids.clear();
+    let medians: Vec<Option<Row>> = subjects.iter().map(Subject::median).collect();
+    let why: Vec<Option<String>> = subjects
+        .iter()
+        .map(|s| s.run.as_ref().err().cloned())
+        .collect();
+    let legend: Vec<(&str, &str)> = subjects.iter().map(|s| (s.name, s.what)).collect();
+    drop(subjects);
+    let [vmm_m, vvu_m, qemu_m, qvu_m] = [0, 1, 2, 3].map(|i| medians[i].as_ref());
 
     let cpu = Command::new("nproc")
         .output()
@@ -321,13 +627,23 @@ fn main() {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "bench_net: same test guest, netd TAP on a bridge, {cpu} host CPUs; medians of {} rounds; host->guest floods in {} bursts of {:?}",
+        "bench_net: same test guest, netd TAPs on one bridge, {cpu} host CPUs (shared: noisy); medians of {} rounds, columns interleaved; host->guest floods in {} bursts of {:?}",
         o.rounds, o.bursts, o.burst
     );
+    for ((name, what), why) in legend.iter().zip(&why) {
+        match why {
+            None => {
+                let _ = writeln!(out, "  {name:<8} {what}");
+            }
+            Some(w) => {
+                let _ = writeln!(out, "  {name:<8} {what}: - ({w})");
+            }
+        }
+    }
     let _ = writeln!(
         out,
-        "{:<34} {:>12} {:>12} {:>9}",
-        "metric", "vmm", "qemu", "vmm/qemu"
+        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>14} {:>9} {:>9}",
+        "metric", "vmm", "vmm+vu", "qemu", "qemu+vu", "backend/in-vmm", "qvu/qemu", "vmm/qemu"
     );
     let rows: [(&str, Metric); 9] = [
         ("host->guest 64B pps (taken)", |r| r.h2g_64),
@@ -341,23 +657,30 @@ fn main() {
         ("ping RTT p99 (ms, lower is better)", |r| r.ping_p99),
     ];
     for (name, f) in rows {
-        let v = f(&vmm_row);
-        match &qemu_row {
-            Some(q) => {
-                let qv = f(q);
-                let _ = writeln!(out, "{name:<34} {v:>12.2} {qv:>12.2} {:>9.2}", v / qv);
-            }
-            None => {
-                let _ = writeln!(out, "{name:<34} {v:>12.2} {:>12} {:>9}", "-", "-");
-            }
-        }
+        let cell = |m: Option<&Row>| m.map_or_else(|| "-".to_string(), |r| format!("{:.2}", f(r)));
+        let _ = writeln!(
+            out,
+            "{name:<34} {:>10} {:>10} {:>10} {:>10} {:>14} {:>9} {:>9}",
+            cell(vmm_m),
+            cell(vvu_m),
+            cell(qemu_m),
+            cell(qvu_m),
+            ratio(vvu_m, vmm_m, f),
+            ratio(qvu_m, qemu_m, f),
+            ratio(vmm_m, qemu_m, f),
+        );
+    }
+    for (i, (name, _)) in legend.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "losses {name:<8} {}",
+            medians[i].as_ref().map_or("-", |r| r.lost.as_str())
+        );
     }
     let _ = writeln!(
         out,
-        "{:<34} {:>12} {:>12}",
-        "losses",
-        vmm_row.lost,
-        qemu_row.as_ref().map(|q| q.lost.as_str()).unwrap_or("-")
+        "target (vmm+vu within 10% of vmm: pps ratio >= 0.90, RTT ratio <= 1.10): {}",
+        target_verdict(vvu_m, vmm_m, why[1].as_deref().unwrap_or("no rounds"))
     );
     let _ = writeln!(
         out,

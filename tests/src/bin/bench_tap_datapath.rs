@@ -1,13 +1,16 @@
-//! The userspace TAP datapath alone, on one thread: `process_tx` and
-//! `process_rx` on a queue in guest memory against a real TAP in a network
-//! namespace of its own. Prints ns per frame (the device thread's cost per
-//! frame, without wakeups or a guest competing for the CPU): the minimum
-//! and the median of several trials, as other work on a small machine
-//! only ever adds time. Run as root.
+//! The shared virtio-net datapath alone (the `net-datapath` crate, the one
+//! code behind both the vmm's in-process device and the vhost-user-net
+//! backend; called here directly, not through either), on one thread:
+//! `process_tx` and `process_rx` on a queue in guest memory against a real
+//! TAP queue (`net_datapath::TapQueue`, checked as both users check it) in
+//! a network namespace of its own. Prints ns per frame (a worker thread's
+//! cost per frame, without wakeups, notifications or a guest competing for
+//! the CPU): the minimum and the median of several trials, as other work
+//! on a small machine only ever adds time. Run as root.
 //!
-//! The datapath's counters are on, as in the device: plain integers bumped
+//! The datapath's counters are on, as in both users: plain integers bumped
 //! per frame, published to the pair's `CounterCell` once per batch (here,
-//! per `process_*` call, as the device thread does per wake-up).
+//! per `process_*` call, as a worker does per wake-up).
 //!
 //! bench_tap_datapath [FRAMES_PER_TRIAL] [TRIALS]   (default 20000, 9)
 
@@ -15,15 +18,14 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use net_datapath::counters::CounterCell;
+use net_datapath::datapath::{NetStats, RxState, process_rx, process_tx};
+use net_datapath::{FrameIo, GuestMemoryMmap, TapQueue, VNET_HDR_LEN};
 use tests::NetNs;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::virtio::GuestMemoryMmap;
-use vmm::devices::virtio::net::counters::CounterCell;
-use vmm::devices::virtio::net::datapath::{NetStats, RxState, process_rx, process_tx};
-use vmm::devices::virtio::net::{FrameIo, NetBackend, Tap};
 
-const HDR: usize = 12;
+const HDR: usize = VNET_HDR_LEN;
 const QSIZE: u16 = 256;
 const DESC: u64 = 0x1_0000;
 const AVAIL: u64 = 0x2_0000;
@@ -193,6 +195,15 @@ fn main() {
     let frames = arg(1, 20_000);
     let trials = arg(2, 9).max(1);
     let ns = NetNs::new("dpbench");
+    // Release builds abort on panic, so NetNs's Drop would not run then.
+    let name = ns.name.clone();
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .status();
+    }));
     let fd = open_tap(&ns, "dptap0");
     ns.exec(&["ip", "link", "set", "dptap0", "mtu", "9000", "up"]);
     ns.exec(&["ip", "addr", "add", "10.0.1.1/24", "dev", "dptap0"]);
@@ -208,10 +219,14 @@ fn main() {
         "nud",
         "permanent",
     ]);
-    let tap = Tap::from_fds("dptap0", vec![fd]).expect("TAP backend");
-    let io = tap.frame_io(0).expect("queue 0");
+    let io = TapQueue::from_fds("dptap0", vec![fd])
+        .expect("the TAP queue")
+        .pop()
+        .expect("one queue");
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
-    println!("TAP datapath, one thread, ns per frame (lower is better): min / median of {trials}");
+    println!(
+        "net-datapath (shared by the vmm's device and vhost-user-net), one thread on a TAP queue, ns per frame (lower is better): min / median of {trials}"
+    );
     let row = |what: &str, size: usize, run: &mut dyn FnMut() -> f64| {
         let mut v: Vec<f64> = (0..trials).map(|_| run()).collect();
         v.sort_by(|a, b| a.total_cmp(b));
@@ -222,9 +237,9 @@ fn main() {
         );
     };
     for size in [64usize, 1400, 9000, 65000] {
-        row("tx", size, &mut || tx(&mem, &*io, size, frames));
+        row("tx", size, &mut || tx(&mem, &io, size, frames));
     }
     for size in [64usize, 1400, 8000] {
-        row("rx", size, &mut || rx(&mem, &*io, &ns, size, frames / 4));
+        row("rx", size, &mut || rx(&mem, &io, &ns, size, frames / 4));
     }
 }
