@@ -12,7 +12,7 @@ use crate::migration_harness::Proc;
 use crate::net_guest::{QEMU, QEMU_MICROVM_ARGS, guest_ip, guest_mac};
 use crate::netd_harness::{NOBODY, Netd};
 use crate::vmm_process::{VmmProcess, kvm_group};
-use crate::{TempDir, bin, guest_elf};
+use crate::{bin, guest_elf};
 
 /// Until the backend logs that it serves its TAP.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,7 +26,7 @@ pub struct Backend {
 impl Backend {
     /// `vhost-user-net` as root with `--user 65534:65534`, on TAP `tap`
     /// from `netd`, serving `dir/<tap>.sock`; returns once it serves.
-    pub fn start(netd: &Netd, dir: &TempDir, tap: &str, queues: u16) -> Backend {
+    pub fn start(netd: &Netd, dir: &Path, tap: &str, queues: u16) -> Backend {
         let b = Backend::spawn(netd, dir, tap, queues);
         b.wait_serving();
         b
@@ -34,8 +34,8 @@ impl Backend {
 
     /// [`Backend::start`] without waiting (a caller that must note the pid
     /// first, then calls [`Backend::wait_serving`]).
-    pub fn spawn(netd: &Netd, dir: &TempDir, tap: &str, queues: u16) -> Backend {
-        let sock = dir.join(&format!("{tap}.sock"));
+    pub fn spawn(netd: &Netd, dir: &Path, tap: &str, queues: u16) -> Backend {
+        let sock = dir.join(format!("{tap}.sock"));
         let mut c = Command::new(bin("vhost-user-net"));
         c.arg("--socket")
             .arg(&sock)

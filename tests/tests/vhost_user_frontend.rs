@@ -10,66 +10,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::migration_harness::Proc;
 use tests::net_guest::{GuestLink, guest_ip, guest_mac, ping, wait_ping};
-use tests::netd_harness::{NOBODY, Netd, TEST_POLICY};
-use tests::vmm_process::{VmmProcess, as_nobody_with_kvm};
-use tests::{TempDir, bin, guest_elf};
-
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+use tests::netd_harness::{Netd, TEST_POLICY};
+use tests::vhost_user::{Backend, vmm_frontend_command};
+use tests::vmm_process::VmmProcess;
+use tests::{TempDir, bin};
 /// Generous: the CI machine has 2 cores shared with parallel tests.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A running backend (killed on drop).
-struct Backend {
-    p: Proc,
-}
-
-impl Backend {
-    /// `vhost-user-net` as root with `--user 65534:65534`, on TAP `tap`.
-    fn start(netd: &Netd, sock: &Path, tap: &str, queues: u16) -> Backend {
-        let mut c = Command::new(bin("vhost-user-net"));
-        c.arg("--socket")
-            .arg(sock)
-            .args([
-                "--net",
-                &format!("netd={},id={tap},queues={queues}", netd.socket.display()),
-                "--user",
-                &format!("{NOBODY}:{NOBODY}"),
-            ])
-            .env("RUST_LOG", "info");
-        let b = Backend { p: Proc::spawn(c) };
-        assert!(
-            b.p.wait_for_stderr("serving TAP", START_TIMEOUT),
-            "backend did not start:\n{}",
-            b.p.stderr()
-        );
-        b
-    }
-
-    fn pid(&self) -> u32 {
-        self.p.pid()
-    }
-}
-
-/// The vmm as uid 65534 with the kvm group: the test guest `n` on the
-/// backend at `sock`, with an API socket.
+/// The vmm (dropped to 65534) as the frontend of the backend at `sock`:
+/// the test guest `n`, with an API socket.
 fn start_vmm(sock: &Path, api: &Path, n: u8, queues: u16) -> VmmProcess {
-    let mut c = as_nobody_with_kvm(&bin("vmm"));
-    c.arg("--kernel")
-        .arg(guest_elf())
-        .args(["--cmdline", &format!("testguest.ip={}/24", guest_ip(n))])
-        .args([
-            "--net",
-            &format!(
-                "vhost-user={},id=n0,mac={},queues={queues}",
-                sock.display(),
-                guest_mac(n)
-            ),
-        ])
-        .arg("--api-socket")
-        .arg(api)
-        .env("RUST_LOG", "warn");
+    let mut c = vmm_frontend_command(sock, "n0", n, queues);
+    c.arg("--api-socket").arg(api).env("RUST_LOG", "warn");
     let mut v = VmmProcess::spawn(c);
     v.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
     v
@@ -114,16 +67,14 @@ fn wait_connected(api: &Path, want: bool, timeout: Duration) -> serde_json::Valu
 }
 
 struct Setup {
-    _dir: TempDir,
+    dir: TempDir,
     netd: Netd,
-    sock: PathBuf,
     api: PathBuf,
 }
 
 fn setup() -> Setup {
     let dir = TempDir::new("vu-frontend");
     let netd = Netd::start(&bin("netd"), "vuf", TEST_POLICY, &[]);
-    let sock = dir.join("vu.sock");
     let api = dir.join("api.sock");
     // The backend and the vmm both run as 65534: the dir must let them in.
     std::fs::set_permissions(
@@ -131,12 +82,7 @@ fn setup() -> Setup {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    Setup {
-        _dir: dir,
-        netd,
-        sock,
-        api,
-    }
+    Setup { dir, netd, api }
 }
 
 fn assert_pings(s: &Setup, n: u8, what: &str, extra: impl Fn() -> String) {
@@ -156,12 +102,12 @@ fn assert_pings(s: &Setup, n: u8, what: &str, extra: impl Fn() -> String) {
 fn vmm_frontend_pings_through_the_backend() {
     for queues in [1u16, 2] {
         let s = setup();
-        let b = Backend::start(&s.netd, &s.sock, "vm0", queues);
-        let v = start_vmm(&s.sock, &s.api, 1, queues);
+        let b = Backend::start(&s.netd, s.dir.path(), "vm0", queues);
+        let v = start_vmm(&b.sock, &s.api, 1, queues);
         let logs = || {
             format!(
                 "backend:\n{}\nvmm:\n{}\n{}",
-                b.p.stderr(),
+                b.log(),
                 v.output(),
                 v.stderr()
             )
@@ -186,7 +132,7 @@ fn vmm_frontend_pings_through_the_backend() {
         let c = nic_connection(&s.api);
         assert_eq!(c["connected"], true, "{c}");
         assert_eq!(c["connections"], 1, "{c}");
-        assert_eq!(c["socket"], s.sock.display().to_string(), "{c}");
+        assert_eq!(c["socket"], b.sock.display().to_string(), "{c}");
         let nic = &status(&s.api)["nets"][0];
         assert_eq!(nic["tap"], "", "{nic}");
         assert_eq!(nic["queues"], queues, "{nic}");
@@ -198,10 +144,10 @@ fn vmm_frontend_pings_through_the_backend() {
 /// the same guest (same boot id) answers ping again.
 fn backend_restart(outage: Duration) {
     let s = setup();
-    let b = Backend::start(&s.netd, &s.sock, "vm0", 1);
-    let mut v = start_vmm(&s.sock, &s.api, 1, 1);
+    let b = Backend::start(&s.netd, s.dir.path(), "vm0", 1);
+    let mut v = start_vmm(&b.sock, &s.api, 1, 1);
     let boot_line = v.wait_for_line("testguest: up boot_id=", BOOT_TIMEOUT);
-    assert_pings(&s, 1, "before", || b.p.stderr());
+    assert_pings(&s, 1, "before", || b.log());
 
     // Traffic while the backend dies.
     std::thread::scope(|sc| {
@@ -223,11 +169,11 @@ fn backend_restart(outage: Duration) {
         v.stderr()
     );
 
-    let b2 = Backend::start(&s.netd, &s.sock, "vm0", 1);
+    let b2 = Backend::start(&s.netd, s.dir.path(), "vm0", 1);
     let up = wait_connected(&s.api, true, Duration::from_secs(10));
     assert_eq!(up["connections"], 2, "{up}");
     assert_pings(&s, 1, "after the restart", || {
-        format!("backend:\n{}\nvmm:\n{}", b2.p.stderr(), v.stderr())
+        format!("backend:\n{}\nvmm:\n{}", b2.log(), v.stderr())
     });
     // The same boot: no guest reboot.
     let boots: Vec<_> = v
@@ -261,8 +207,8 @@ fn migration_keeps_the_backend_and_loses_nothing() {
         GuestSpec, MigEnv, TargetSpec, migrate, start_source, start_target,
     };
     let env = MigEnv::new("vumig");
-    let sock = env.path("vu.sock");
-    let b = Backend::start(&env.netd, &sock, "vm0", 1);
+    let b = Backend::start(&env.netd, &env.dir.0, "vm0", 1);
+    let sock = b.sock.clone();
     let n = 3;
     let spec = GuestSpec {
         nets: vec![format!(
@@ -277,7 +223,7 @@ fn migration_keeps_the_backend_and_loses_nothing() {
     assert!(
         wait_ping(&env.netd.ns, guest_ip(n), BOOT_TIMEOUT),
         "no ping before the migration\nbackend:\n{}",
-        b.p.stderr()
+        b.log()
     );
     let backend_pid = b.pid();
     let tgt = start_target(&env, &TargetSpec::like(&spec));
@@ -303,7 +249,7 @@ fn migration_keeps_the_backend_and_loses_nothing() {
         r.missing().len(),
         r.sent(),
         r.missing(),
-        b.p.stderr(),
+        b.log(),
         tgt.vm.proc.stderr()
     );
     assert_eq!(b.pid(), backend_pid);
@@ -318,11 +264,7 @@ fn migration_keeps_the_backend_and_loses_nothing() {
     assert_eq!(c["connections"], 1, "{c}");
     let tfds = fd_targets(tgt.vm.pid());
     assert!(!tfds.iter().any(|t| t.contains("tun")), "{tfds:?}");
-    assert!(
-        b.p.stderr().matches("connected").count() >= 1,
-        "{}",
-        b.p.stderr()
-    );
+    assert!(b.log().matches("connected").count() >= 1, "{}", b.log());
     eprintln!(
         "vhost-user migration: {} datagrams, 0 lost; report {}",
         r.sent(),

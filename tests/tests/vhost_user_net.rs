@@ -99,7 +99,7 @@ fn qemu_frontend_one_pair() {
     }
     let netd = Netd::start(&bin("netd"), "vu1", TEST_POLICY, &[]);
     let dir = TempDir::new("vu1");
-    let b = Backend::start(&netd, &dir, "vm0", 1);
+    let b = Backend::start(&netd, dir.path(), "vm0", 1);
     let q = qemu_pings(&netd, &b, 1, 1);
     let fds = b.fd_targets();
     assert_eq!(
@@ -135,7 +135,7 @@ fn qemu_frontend_two_pairs() {
     }
     let netd = Netd::start(&bin("netd"), "vu2", TEST_POLICY, &[]);
     let dir = TempDir::new("vu2");
-    let b = Backend::start(&netd, &dir, "vm0", 2);
+    let b = Backend::start(&netd, dir.path(), "vm0", 2);
     let _q = qemu_pings(&netd, &b, 1, 2);
     let fds = b.fd_targets();
     assert_eq!(
@@ -216,7 +216,7 @@ fn closed(f: &Frontend) -> bool {
 fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     let netd = Netd::start(&bin("netd"), "vu3", TEST_POLICY, &[]);
     let dir = TempDir::new("vu3");
-    let b = Backend::start(&netd, &dir, "vm0", 1);
+    let b = Backend::start(&netd, dir.path(), "vm0", 1);
     let ended = "connection ended";
     let mut refusals = 0;
     let mut refused = |what: &str, f: Option<Frontend>| {
@@ -350,7 +350,7 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
 fn frontend_of_another_uid_is_refused() {
     let netd = Netd::start(&bin("netd"), "vu4", TEST_POLICY, &[]);
     let dir = TempDir::new("vu4");
-    let b = Backend::start(&netd, &dir, "vm0", 1);
+    let b = Backend::start(&netd, dir.path(), "vm0", 1);
     let meta = std::fs::metadata(&b.sock).unwrap();
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     assert_eq!(meta.mode() & 0o777, 0o600, "socket mode");

@@ -182,7 +182,7 @@ fn spawn(cmd: Command) -> VmmProcess {
 
 /// Starts a backend (one the panic hook kills) on TAP `tap`.
 fn start_backend(netd: &Netd, dir: &TempDir, tap: &str) -> Backend {
-    let b = Backend::spawn(netd, dir, tap, 1);
+    let b = Backend::spawn(netd, dir.path(), tap, 1);
     leftovers().pids.push(b.pid());
     b.wait_serving();
     b
