@@ -365,6 +365,7 @@ fn only_vcpu_threads_may_run_kvm_and_only_setup_may_create_threads() {
         (ThreadKind::Vcpu, true),
         (ThreadKind::Api, false),
         (ThreadKind::Device, false),
+        (ThreadKind::VhostUserRelay, false),
         (ThreadKind::Main, false),
     ] {
         let prog = filters.program(kind).unwrap();
