@@ -217,11 +217,33 @@ pub fn serve_ctrl(
     broken_ring: &mut bool,
     stats: &mut NetStats,
 ) {
+    let mut set_pairs = |n: u16| set_active_pairs(all_io, n, active);
+    serve_ctrl_switching(
+        q,
+        mem,
+        max_pairs,
+        &mut set_pairs,
+        notify,
+        broken_ring,
+        stats,
+    );
+}
+
+/// [`serve_ctrl`] where a queue-pair switch is `set_pairs(n)` (true when
+/// done): e.g. enabling and disabling a vhost-user backend's rings.
+pub fn serve_ctrl_switching(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    max_pairs: u16,
+    set_pairs: &mut dyn FnMut(u16) -> bool,
+    notify: &dyn Notify,
+    broken_ring: &mut bool,
+    stats: &mut NetStats,
+) {
     if *broken_ring {
         return;
     }
-    let mut set_pairs = |n: u16| set_active_pairs(all_io, n, active);
-    match process_ctrl(q, mem, max_pairs, &mut set_pairs, stats) {
+    match process_ctrl(q, mem, max_pairs, set_pairs, stats) {
         Ok(true) => notify_used(q, mem, notify, stats),
         Ok(false) => {}
         Err(e) => {

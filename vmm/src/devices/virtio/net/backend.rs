@@ -134,4 +134,9 @@ pub trait RemoteDatapath: Send + Sync {
     fn check(&self) -> bool;
     /// Connects again and hands the rings over; true when the link is up.
     fn reconnect(&self) -> bool;
+    /// The driver uses queue pairs `0..n` (VQ_PAIRS_SET, or a restored
+    /// device's count before `start`): only their rings are enabled, now
+    /// and on every later hand-over. True when done (or to be done on the
+    /// next connection).
+    fn set_active_pairs(&self, n: u16) -> bool;
 }

@@ -317,8 +317,14 @@ impl NetDevice {
                         call,
                     })
                     .collect();
+                let active = self.active_pairs.load(Ordering::SeqCst);
                 let started = match self.backend.external_datapath() {
-                    Some(k) => k.start(&relay.mem, acked, &setups),
+                    Some(k) => {
+                        if let Some(r) = k.remote() {
+                            r.set_active_pairs(active);
+                        }
+                        k.start(&relay.mem, acked, &setups)
+                    }
                     None => Ok(()),
                 };
                 drop(setups);

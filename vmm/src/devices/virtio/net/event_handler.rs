@@ -17,7 +17,9 @@ use super::super::{ActiveQueue, GuestMemory, Interrupt};
 use super::backend::{FrameIo, RemoteDatapath};
 use net_datapath::counters::CounterCell;
 use net_datapath::datapath::{MAX_FRAME_LEN, NetStats, RxState};
-use net_datapath::queue_pair::{RingCtx, RxStatus, serve_ctrl, serve_rx, serve_tx};
+use net_datapath::queue_pair::{
+    RingCtx, RxStatus, serve_ctrl, serve_ctrl_switching, serve_rx, serve_tx,
+};
 
 /// Called first thing in every device thread with the thread's name: the
 /// VMM installs the thread's seccomp filter (and drops anything else) here.
@@ -450,7 +452,32 @@ impl VhostRelay {
                         }
                     }
                     CTRL_KICK => {
-                        if let (Some(c), Some(s)) = (self.ctrl.as_mut(), self.stats.first_mut()) {
+                        let remote = self.remote.clone();
+                        let active = self.active_pairs.clone();
+                        if let (Some(c), Some(s), Some(r)) =
+                            (self.ctrl.as_mut(), self.stats.first_mut(), remote)
+                        {
+                            // The backend's rings follow the driver's pairs.
+                            let _ = c.queue.kick.read();
+                            let mut switch = |n: u16| {
+                                let ok = r.set_active_pairs(n);
+                                if ok {
+                                    active.store(n, std::sync::atomic::Ordering::SeqCst);
+                                }
+                                ok
+                            };
+                            serve_ctrl_switching(
+                                &mut c.queue.queue,
+                                &self.mem,
+                                self.max_pairs,
+                                &mut switch,
+                                &*self.interrupt,
+                                &mut c.broken,
+                                s,
+                            );
+                        } else if let (Some(c), Some(s)) =
+                            (self.ctrl.as_mut(), self.stats.first_mut())
+                        {
                             let _ = c.queue.kick.read();
                             serve_ctrl(
                                 &mut c.queue.queue,

@@ -116,6 +116,8 @@ struct Conn {
     started: bool,
     /// The backend answers every set-up message (REPLY_ACK).
     reply_ack: bool,
+    /// Queue pairs the driver uses: only their rings are enabled.
+    active_pairs: u16,
     rings: Option<Rings>,
 }
 
@@ -206,6 +208,7 @@ impl Link {
         rings: &Rings,
         bases: &[u16],
         reply_ack: bool,
+        active_pairs: u16,
     ) -> Result<(), VhostUserError> {
         msg(
             "SET_FEATURES",
@@ -248,10 +251,9 @@ impl Link {
             VhostUserHeaderFlag::empty()
         };
         fe.set_hdr_flags(VhostUserHeaderFlag::empty());
-        for i in 0..rings.rings.len() {
-            msg("SET_VRING_ENABLE", fe.set_vring_enable(i, true))?;
-        }
+        let enabled = enable_rings(fe, rings.rings.len(), active_pairs);
         fe.set_hdr_flags(flags);
+        enabled?;
         // Buffers made available while no backend served the rings.
         for r in &rings.rings {
             let _ = r.kick.write(1);
@@ -299,12 +301,24 @@ impl Link {
             c.negotiated = true;
         }
         if let Some(rings) = &c.rings {
-            self.hand_over(&mut fe, rings, bases, c.reply_ack)?;
+            self.hand_over(&mut fe, rings, bases, c.reply_ack, c.active_pairs)?;
             c.started = true;
             self.up.store(true, Ordering::SeqCst);
         }
         Ok(())
     }
+}
+
+/// Enables the rings of pairs `0..active` and disables the others (pair 0
+/// always on). The crate waits for no answer to SET_VRING_ENABLE: the
+/// caller clears NEED_REPLY around this, or the next message would read
+/// the answer.
+fn enable_rings(fe: &mut Frontend, rings: usize, active: u16) -> Result<(), VhostUserError> {
+    for i in 0..rings {
+        let on = i / 2 < usize::from(active.max(1));
+        msg("SET_VRING_ENABLE", fe.set_vring_enable(i, on))?;
+    }
+    Ok(())
 }
 
 /// Feature bits the vmm's own device serves, whatever the backend offers:
@@ -352,6 +366,32 @@ impl RemoteDatapath for Link {
             },
         );
         false
+    }
+
+    fn set_active_pairs(&self, n: u16) -> bool {
+        let mut c = self.lock();
+        c.active_pairs = n;
+        let (Some(mut fe), true, Some(rings)) = (
+            c.frontend.clone(),
+            c.started,
+            c.rings.as_ref().map(|r| r.rings.len()),
+        ) else {
+            // Applied at the next hand-over.
+            return true;
+        };
+        let flags = if c.reply_ack {
+            VhostUserHeaderFlag::NEED_REPLY
+        } else {
+            VhostUserHeaderFlag::empty()
+        };
+        fe.set_hdr_flags(VhostUserHeaderFlag::empty());
+        let r = enable_rings(&mut fe, rings, n);
+        fe.set_hdr_flags(flags);
+        if let Err(e) = r {
+            // The next connection gets the pairs with the rings.
+            self.drop_conn(&mut c, &e);
+        }
+        true
     }
 
     fn reconnect(&self) -> bool {
@@ -441,6 +481,7 @@ impl VhostUserNet {
                     negotiated: false,
                     started: false,
                     reply_ack: false,
+                    active_pairs: 1,
                     rings: None,
                 }),
                 up: AtomicBool::new(false),
