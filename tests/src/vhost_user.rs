@@ -46,7 +46,8 @@ impl Backend {
                 &format!("{NOBODY}:{NOBODY}"),
             ])
             // Connections and refusals only: nothing per frame.
-            .env("RUST_LOG", "info");
+            // `VU_LOG=debug` raises it for a failing test.
+            .env("RUST_LOG", std::env::var("VU_LOG").unwrap_or("info".into()));
         Backend {
             p: Proc::spawn(c),
             sock,

@@ -156,6 +156,32 @@ fn vmm_frontend_pings_through_the_backend() {
         let nic = &status(&s.api)["nets"][0];
         assert_eq!(nic["tap"], "", "{nic}");
         assert_eq!(nic["queues"], queues, "{nic}");
+        let text = Command::new(bin("vmctl"))
+            .arg("--api-socket")
+            .arg(&s.api)
+            .arg("status")
+            .output()
+            .expect("vmctl");
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(
+            text.contains(&format!(
+                "net n0: vhost-user {} connected (connections 1)",
+                b.sock.display()
+            )),
+            "{text}"
+        );
+
+        // Shutting down under the filters: the documented exit code 0.
+        let st = Command::new(bin("vmctl"))
+            .arg("--api-socket")
+            .arg(&s.api)
+            .arg("shutdown")
+            .status()
+            .expect("vmctl");
+        assert!(st.success());
+        let mut v = v;
+        let st = v.wait_exit(Duration::from_secs(10));
+        assert_eq!(st.code(), Some(0), "{}", v.stderr());
     }
 }
 
@@ -260,7 +286,11 @@ fn migration_keeps_the_backend_and_loses_nothing() {
     );
     assert!(
         stream.wait_more(500, Duration::from_secs(10)),
-        "no echoes after"
+        "no echoes after the migration\nstatus: {}\nbackend:\n{}\ntarget:\n{}\nsource:\n{}",
+        status(&api),
+        b.log(),
+        tgt.vm.proc.stderr(),
+        src.proc.stderr()
     );
     let r = stream.stop();
     assert!(
@@ -278,7 +308,8 @@ fn migration_keeps_the_backend_and_loses_nothing() {
         "the backend is gone"
     );
     // The source is gone, the target serves the API and the connection.
-    src.wait_exit(Duration::from_secs(10));
+    let st = src.wait_exit(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(0), "source: {}", src.proc.stderr());
     let c = nic_connection(&api);
     assert_eq!(c["connected"], true, "{c}");
     assert_eq!(c["connections"], 1, "{c}");

@@ -123,6 +123,24 @@ fn counters_line(id: &str, c: &common::api::NetCounters) -> String {
     )
 }
 
+/// A vhost-user NIC's connection, for the text status.
+fn vhost_user_line(v: &common::api::VhostUserStatus) -> String {
+    format!(
+        "vhost-user {} {} (connections {}{})",
+        v.socket,
+        if v.connected {
+            "connected"
+        } else {
+            "reconnecting"
+        },
+        v.connections,
+        v.last_error
+            .as_deref()
+            .map(|e| format!(", last error: {e}"))
+            .unwrap_or_default()
+    )
+}
+
 fn print(resp: &ApiResponse, json: bool) -> bool {
     let (ok, text, value) = match resp {
         ApiResponse::Ok | ApiResponse::Hello { .. } => {
@@ -151,9 +169,12 @@ fn print(resp: &ApiResponse, json: bool) -> bool {
                 s.nets
                     .iter()
                     .map(|n| format!(
-                        "\nnet {}: tap {} mac {} queues {} vhost {}{}",
+                        "\nnet {}: {} mac {} queues {} vhost {}{}",
                         n.id,
-                        n.tap,
+                        match &n.vhost_user {
+                            Some(v) => vhost_user_line(v),
+                            None => format!("tap {}", n.tap),
+                        },
                         n.mac,
                         n.queues,
                         if n.vhost { "on" } else { "off" },

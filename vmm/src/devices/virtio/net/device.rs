@@ -336,6 +336,7 @@ impl NetDevice {
                     self.run = Run::ExternalPaused(relay);
                     return Err(NetError::ThreadLost);
                 };
+                let interrupt = relay.interrupt.clone();
                 if let Err(job) = t.start(Job::Relay(Box::new(relay))) {
                     if let Job::Relay(r) = job {
                         self.run = Run::ExternalPaused(*r);
@@ -343,6 +344,11 @@ impl NetDevice {
                     return Err(NetError::ThreadLost);
                 }
                 self.run = Run::ExternalRunning;
+                // A completion signalled while the rings changed hands
+                // went to a call eventfd nobody reads any more (this
+                // relay's before the pause, or a migration source's): the
+                // driver finds it in the used ring on this interrupt.
+                interrupt.signal_used_queue();
             }
             other => self.run = other,
         }

@@ -22,7 +22,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -43,6 +43,11 @@ use common::api::VhostUserStatus;
 
 /// The longest wait for a backend's answer to one message.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The longest a whole hand-over (negotiation, memory table, rings) may
+/// take before the connection is given up: a backend answering each
+/// message just in time must not hold the vCPU thread for a dozen of them.
+pub const HAND_OVER_BUDGET: Duration = Duration::from_secs(2);
 
 /// The protocol features the frontend uses when the backend has them: one
 /// ring set per queue pair (MQ), and an answer to every set-up message
@@ -67,6 +72,8 @@ pub enum VhostUserError {
     LostFeatures { missing: u64 },
     #[error("the fd sent as the vhost-user connection is not a connected AF_UNIX stream socket")]
     NotASocket,
+    #[error("the backend took longer than {0:?} to take the rings")]
+    TooSlow(Duration),
 }
 
 fn msg<T>(op: &'static str, r: vhost::Result<T>) -> Result<T, VhostUserError> {
@@ -162,7 +169,12 @@ impl Link {
     /// SET_OWNER unless the connection came from a migration source
     /// (which owned it already).
     /// Returns the backend's features and whether it acks set-up messages.
-    fn negotiate(&self, fe: &mut Frontend, set_owner: bool) -> Result<(u64, bool), VhostUserError> {
+    fn negotiate(
+        &self,
+        fe: &mut Frontend,
+        set_owner: bool,
+        deadline: Instant,
+    ) -> Result<(u64, bool), VhostUserError> {
         fe.set_hdr_flags(VhostUserHeaderFlag::empty());
         if set_owner {
             msg("SET_OWNER", fe.set_owner())?;
@@ -173,6 +185,7 @@ impl Link {
         {
             return Err(VhostUserError::TooOld);
         }
+        in_budget(deadline)?;
         let theirs = msg("GET_PROTOCOL_FEATURES", fe.get_protocol_features())?;
         let proto = theirs & wanted_protocol();
         msg("SET_PROTOCOL_FEATURES", fe.set_protocol_features(proto))?;
@@ -209,6 +222,7 @@ impl Link {
         bases: &[u16],
         reply_ack: bool,
         active_pairs: u16,
+        deadline: Instant,
     ) -> Result<(), VhostUserError> {
         msg(
             "SET_FEATURES",
@@ -225,8 +239,10 @@ impl Link {
                 mmap_handle: r.file_offset().map_or(-1, |f| f.file().as_raw_fd()),
             })
             .collect();
+        in_budget(deadline)?;
         msg("SET_MEM_TABLE", fe.set_mem_table(&regions))?;
         for (i, r) in rings.rings.iter().enumerate() {
+            in_budget(deadline)?;
             let cfg = VringConfigData {
                 queue_max_size: r.max_size,
                 queue_size: r.size,
@@ -239,6 +255,11 @@ impl Link {
             msg("SET_VRING_NUM", fe.set_vring_num(i, r.size))?;
             msg("SET_VRING_ADDR", fe.set_vring_addr(i, &cfg))?;
             let base = bases.get(i).copied().unwrap_or_else(|| rings.used_idx(i));
+            log::debug!(
+                "net {}: ring {i} to the backend: base {base}, used {}",
+                self.id,
+                rings.used_idx(i)
+            );
             msg("SET_VRING_BASE", fe.set_vring_base(i, base))?;
             msg("SET_VRING_CALL", fe.set_vring_call(i, &r.call))?;
             msg("SET_VRING_KICK", fe.set_vring_kick(i, &r.kick))?;
@@ -250,10 +271,16 @@ impl Link {
         } else {
             VhostUserHeaderFlag::empty()
         };
+        in_budget(deadline)?;
         fe.set_hdr_flags(VhostUserHeaderFlag::empty());
         let enabled = enable_rings(fe, rings.rings.len(), active_pairs);
         fe.set_hdr_flags(flags);
         enabled?;
+        // SET_VRING_ENABLE has no answer: one round trip makes sure the
+        // backend has enabled the rings before the kicks below, which a
+        // ring not yet enabled would swallow (seen: a migrated guest's
+        // rings never served again).
+        msg("GET_FEATURES", fe.get_features())?;
         // Buffers made available while no backend served the rings.
         for r in &rings.rings {
             let _ = r.kick.write(1);
@@ -281,8 +308,9 @@ impl Link {
         let Some(mut fe) = c.frontend.clone() else {
             return Ok(());
         };
+        let deadline = Instant::now() + HAND_OVER_BUDGET;
         if !c.negotiated {
-            let (features, reply_ack) = self.negotiate(&mut fe, set_owner)?;
+            let (features, reply_ack) = self.negotiate(&mut fe, set_owner, deadline)?;
             c.reply_ack = reply_ack;
             if let Some(r) = &c.rings {
                 let missing = r.acked & !features & !NOT_THE_BACKENDS;
@@ -301,10 +329,19 @@ impl Link {
             c.negotiated = true;
         }
         if let Some(rings) = &c.rings {
-            self.hand_over(&mut fe, rings, bases, c.reply_ack, c.active_pairs)?;
+            self.hand_over(&mut fe, rings, bases, c.reply_ack, c.active_pairs, deadline)?;
             c.started = true;
             self.up.store(true, Ordering::SeqCst);
         }
+        Ok(())
+    }
+}
+
+/// Gives up a hand-over that has run past its budget.
+fn in_budget(deadline: Instant) -> Result<(), VhostUserError> {
+    if Instant::now() > deadline {
+        Err(VhostUserError::TooSlow(HAND_OVER_BUDGET))
+    } else {
         Ok(())
     }
 }
@@ -494,7 +531,8 @@ impl VhostUserNet {
 
     fn adopt(&self, stream: UnixStream, set_owner: bool) -> Result<(), VhostUserError> {
         let mut fe = Frontend::from_stream(stream, 2 * u64::from(self.link.pairs));
-        let (features, reply_ack) = self.link.negotiate(&mut fe, set_owner)?;
+        let deadline = Instant::now() + HAND_OVER_BUDGET;
+        let (features, reply_ack) = self.link.negotiate(&mut fe, set_owner, deadline)?;
         self.link.backend_features.store(features, Ordering::SeqCst);
         let mut c = self.link.lock();
         c.frontend = Some(fe);
