@@ -328,3 +328,35 @@ fn migration_keeps_the_backend_and_loses_nothing() {
         out.json
     );
 }
+
+/// A backend that is not there, or one that accepts and never answers:
+/// the vmm does not hang; it exits 1 with one line naming the NIC, within
+/// the reply timeout.
+#[test]
+fn missing_or_silent_backend_fails_the_start_in_bounded_time() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("vu-silent");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    let none = dir.join("none.sock");
+    let out = vmm_frontend_command(&none, "n0", 1, 1).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--net id=n0: cannot connect to the vhost-user backend"),
+        "{err}"
+    );
+
+    let silent = dir.join("silent.sock");
+    let l = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    std::fs::set_permissions(&silent, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let holder = std::thread::spawn(move || l.accept().map(|(s, _)| s));
+    // Killed on drop, failing here, if it never ends.
+    let mut v = VmmProcess::spawn(vmm_frontend_command(&silent, "n0", 1, 1));
+    let st = v.wait_exit(Duration::from_secs(5));
+    let err = v.stderr();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("--net id=n0: vhost-user"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    drop(holder.join());
+}

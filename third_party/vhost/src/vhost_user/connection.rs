@@ -20,6 +20,18 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::message::*;
 use super::{Error, Result};
 
+/// Patched (see third_party/README.md): EAGAIN on a *blocking* socket means
+/// its SO_RCVTIMEO or SO_SNDTIMEO ran out. The loops below then give up
+/// instead of retrying for ever; a non-blocking socket retries as before.
+fn timed_out(fd: RawFd, e: &std::io::Error) -> bool {
+    if e.raw_os_error() != Some(libc::EAGAIN) {
+        return false;
+    }
+    // SAFETY: F_GETFL reads the flags of an fd this endpoint owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK == 0
+}
+
 /// Unix domain socket listener for accepting incoming connections.
 pub struct Listener {
     fd: UnixListener,
@@ -173,6 +185,12 @@ impl<H: MsgHeader> Endpoint<H> {
                 Ok(0) => return Ok(data_sent),
                 Ok(n) => data_sent += n,
                 Err(e) => match e {
+                    Error::SocketRetry(ref io) if timed_out(self.sock.as_raw_fd(), io) => {
+                        return Err(Error::SocketError(std::io::Error::new(
+                            ErrorKind::TimedOut,
+                            "the peer took no more data in time (SO_SNDTIMEO)",
+                        )))
+                    }
                     Error::SocketRetry(_) => {}
                     _ => return Err(e),
                 },
@@ -404,6 +422,12 @@ impl<H: MsgHeader> Endpoint<H> {
                     data_read += n;
                 }
                 Err(e) => match e {
+                    Error::SocketRetry(ref io) if timed_out(self.sock.as_raw_fd(), io) => {
+                        return Err(Error::SocketError(std::io::Error::new(
+                            ErrorKind::TimedOut,
+                            "no answer in time (SO_RCVTIMEO)",
+                        )))
+                    }
                     Error::SocketRetry(_) => {}
                     _ => return Err(e),
                 },
