@@ -74,6 +74,18 @@ fn on_off(key: &'static str, v: &str) -> Result<bool, NetConfigError> {
     }
 }
 
+/// A socket path value: anything but empty.
+fn socket_path(key: &'static str, v: &str) -> Result<PathBuf, NetConfigError> {
+    if v.is_empty() {
+        return Err(NetConfigError::BadValue {
+            key,
+            value: String::new(),
+            reason: "empty socket path",
+        });
+    }
+    Ok(PathBuf::from(v))
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff` (a unicast, non-zero address).
 pub fn parse_mac(v: &str) -> Result<[u8; 6], NetConfigError> {
     let bad = |reason| NetConfigError::BadValue {
@@ -122,26 +134,8 @@ impl NetConfig {
                 Ok(())
             }
             match k {
-                "netd" => {
-                    if v.is_empty() {
-                        return Err(NetConfigError::BadValue {
-                            key: "netd",
-                            value: String::new(),
-                            reason: "empty socket path",
-                        });
-                    }
-                    set(&mut netd, k, PathBuf::from(v))?
-                }
-                "vhost-user" => {
-                    if v.is_empty() {
-                        return Err(NetConfigError::BadValue {
-                            key: "vhost-user",
-                            value: String::new(),
-                            reason: "empty socket path",
-                        });
-                    }
-                    set(&mut vhost_user, k, PathBuf::from(v))?
-                }
+                "netd" => set(&mut netd, k, socket_path("netd", v)?)?,
+                "vhost-user" => set(&mut vhost_user, k, socket_path("vhost-user", v)?)?,
                 "id" => {
                     let ok = !v.is_empty()
                         && v.len() <= 15

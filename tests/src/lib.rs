@@ -252,6 +252,7 @@ pub fn assert_version_and_help(name: &str, version_line: &str, flags: &[&str]) {
 
 pub mod echo_stream;
 pub mod hostile;
+pub mod leftovers;
 pub mod migration_harness;
 pub mod net_guest;
 pub mod netd_harness;

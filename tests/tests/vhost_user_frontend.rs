@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tests::migration_harness::vmctl;
 use tests::net_guest::{GuestLink, guest_ip, guest_mac, ping, wait_ping};
 use tests::netd_harness::{Netd, TEST_POLICY};
 use tests::vhost_user::{Backend, vmm_frontend_command};
@@ -57,14 +58,9 @@ fn assert_relay_sandboxed(pid: u32) {
 
 /// `vmctl status` as JSON.
 fn status(api: &Path) -> serde_json::Value {
-    let out = Command::new(bin("vmctl"))
-        .arg("--api-socket")
-        .arg(api)
-        .args(["--json", "status"])
-        .output()
-        .expect("vmctl");
-    assert!(out.status.success(), "vmctl: {out:?}");
-    serde_json::from_slice(&out.stdout).expect("status JSON")
+    let (code, json) = vmctl(api, &["status"]);
+    assert_eq!(code, Some(0), "vmctl status: {json}");
+    json
 }
 
 fn nic_connection(api: &Path) -> serde_json::Value {
@@ -156,6 +152,7 @@ fn vmm_frontend_pings_through_the_backend() {
         let nic = &status(&s.api)["nets"][0];
         assert_eq!(nic["tap"], "", "{nic}");
         assert_eq!(nic["queues"], queues, "{nic}");
+        // The text form too (vmctl without --json).
         let text = Command::new(bin("vmctl"))
             .arg("--api-socket")
             .arg(&s.api)
@@ -172,13 +169,8 @@ fn vmm_frontend_pings_through_the_backend() {
         );
 
         // Shutting down under the filters: the documented exit code 0.
-        let st = Command::new(bin("vmctl"))
-            .arg("--api-socket")
-            .arg(&s.api)
-            .arg("shutdown")
-            .status()
-            .expect("vmctl");
-        assert!(st.success());
+        let (code, json) = vmctl(&s.api, &["shutdown"]);
+        assert_eq!(code, Some(0), "{json}");
         let mut v = v;
         let st = v.wait_exit(Duration::from_secs(10));
         assert_eq!(st.code(), Some(0), "{}", v.stderr());

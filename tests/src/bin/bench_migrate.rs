@@ -36,13 +36,13 @@ use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::api::{MigrationPhases, MigrationReport};
 use common::migration::marks;
 use serde_json::{Value, json};
 use tests::echo_stream::{EchoStream, StreamResult};
+use tests::leftovers::{install_cleanup_on_panic, leftovers};
 use tests::net_guest::{
     GuestLink, RunAs, ScratchDir, guest_ip, guest_mac, qemu_available, qemu_on_netd_tap,
     vmm_command_with_cmdline, wait_ping,
@@ -412,47 +412,6 @@ fn start_stream(netd: &Netd, n: u8, pps: u32) -> EchoStream {
 }
 
 // ---------------------------------------------------------- leftovers ---
-
-/// What a failed run must not leave behind. Release builds abort on panic,
-/// so the Drop guards (Netd, ScratchDir, VmmProcess) never run then: the
-/// panic hook removes these instead.
-struct Leftovers {
-    pids: Vec<u32>,
-    netns: Vec<String>,
-    paths: Vec<PathBuf>,
-}
-
-static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
-    pids: Vec::new(),
-    netns: Vec::new(),
-    paths: Vec::new(),
-});
-
-fn leftovers() -> std::sync::MutexGuard<'static, Leftovers> {
-    LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn install_cleanup_on_panic() {
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        // try_lock: the panicking thread may hold the lock.
-        let Ok(l) = LEFTOVERS.try_lock() else {
-            return;
-        };
-        for pid in &l.pids {
-            // SAFETY: kill(2) on a child of ours that was not reaped yet
-            // (reaped ones leave the list), so the pid is still its.
-            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-        }
-        for ns in &l.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        for p in &l.paths {
-            let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
-        }
-    }));
-}
 
 /// Spawns a vmm or QEMU child that the panic hook kills.
 fn spawn(cmd: Command) -> VmmProcess {

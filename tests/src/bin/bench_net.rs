@@ -26,11 +26,10 @@
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tests::leftovers::{install_cleanup_on_panic, leftovers};
 use tests::net_guest::{
     GuestLink, RunAs, guest_ip, ping, qemu_available, qemu_command, vmm_command, wait_ping,
 };
@@ -89,49 +88,6 @@ fn parse_opts() -> Opts {
     o
 }
 
-// ---------------------------------------------------------- leftovers ---
-
-/// What a failed run must not leave behind. Release builds abort on panic,
-/// so the Drop guards (Netd, TempDir, Backend, VmmProcess) never run then:
-/// the panic hook removes these instead. (bench_migrate does the same.)
-struct Leftovers {
-    pids: Vec<u32>,
-    netns: Vec<String>,
-    paths: Vec<PathBuf>,
-}
-
-static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
-    pids: Vec::new(),
-    netns: Vec::new(),
-    paths: Vec::new(),
-});
-
-fn leftovers() -> std::sync::MutexGuard<'static, Leftovers> {
-    LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn install_cleanup_on_panic() {
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        // try_lock: the panicking thread may hold the lock.
-        let Ok(l) = LEFTOVERS.try_lock() else {
-            return;
-        };
-        for pid in &l.pids {
-            // SAFETY: kill(2) on a child of ours that was not reaped yet
-            // (the list is emptied before the children are reaped).
-            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-        }
-        for ns in &l.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        for p in &l.paths {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }));
-}
-
 // ------------------------------------------------------------ columns ---
 
 /// A guest on one kind of network device: its column of the table.
@@ -162,6 +118,20 @@ impl Subject {
             run,
             rows: Vec::new(),
         }
+    }
+
+    /// Guest `n` booted by `cmd` (a child the panic hook kills), on
+    /// `backend` if any.
+    fn booted(
+        name: &'static str,
+        what: &'static str,
+        n: u8,
+        cmd: Command,
+        backend: Option<Backend>,
+    ) -> Self {
+        let mut guest = spawn(cmd);
+        guest.wait_for_line(BANNER, BOOT_TIMEOUT);
+        Subject::new(name, what, n, Ok(Running { guest, backend }))
     }
 
     fn skipped(name: &'static str, what: &'static str, n: u8, why: &str) -> Self {
@@ -513,23 +483,12 @@ fn main() {
     };
     let no_vu = "skipped (--skip-vhost-user)";
     let mut subjects = Vec::new();
-    let mut vm = spawn(vmm_command(
-        &netd,
-        "vm1",
-        1,
-        "",
-        None,
-        RunAs::RootWithUserOption,
-    ));
-    vm.wait_for_line(BANNER, BOOT_TIMEOUT);
-    subjects.push(Subject::new(
+    subjects.push(Subject::booted(
         "vmm",
         "vmm, in-vmm virtio-net on a netd TAP",
         1,
-        Ok(Running {
-            guest: vm,
-            backend: None,
-        }),
+        vmm_command(&netd, "vm1", 1, "", None, RunAs::RootWithUserOption),
+        None,
     ));
     let (name, what) = ("vmm+vu", "vmm as frontend of vhost-user-net (netd TAP)");
     subjects.push(if o.vhost_user {
@@ -543,23 +502,8 @@ fn main() {
         "QEMU microvm, userspace virtio-net (vhost=off), netd TAP",
     );
     subjects.push(if qemu_ok {
-        let mut q = spawn(qemu_command(
-            &bin("netd_probe"),
-            &guest_elf(),
-            &netd,
-            "vm2",
-            2,
-        ));
-        q.wait_for_line(BANNER, BOOT_TIMEOUT);
-        Subject::new(
-            name,
-            what,
-            2,
-            Ok(Running {
-                guest: q,
-                backend: None,
-            }),
-        )
+        let cmd = qemu_command(&bin("netd_probe"), &guest_elf(), &netd, "vm2", 2);
+        Subject::booted(name, what, 2, cmd, None)
     } else {
         Subject::skipped(name, what, 2, no_qemu)
     });
@@ -573,17 +517,8 @@ fn main() {
         Subject::skipped(name, what, 3, no_vu)
     } else {
         let b = start_backend(&netd, &dir, "vm3");
-        let mut q = spawn(qemu_frontend_command(&b.sock, 3, 1));
-        q.wait_for_line(BANNER, BOOT_TIMEOUT);
-        Subject::new(
-            name,
-            what,
-            3,
-            Ok(Running {
-                guest: q,
-                backend: Some(b),
-            }),
-        )
+        let cmd = qemu_frontend_command(&b.sock, 3, 1);
+        Subject::booted(name, what, 3, cmd, Some(b))
     });
     for s in subjects.iter().filter(|s| s.run.is_err()) {
         if let Err(why) = &s.run {

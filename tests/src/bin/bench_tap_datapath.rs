@@ -196,14 +196,8 @@ fn main() {
     let trials = arg(2, 9).max(1);
     let ns = NetNs::new("dpbench");
     // Release builds abort on panic, so NetNs's Drop would not run then.
-    let name = ns.name.clone();
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &name])
-            .status();
-    }));
+    tests::leftovers::install_cleanup_on_panic();
+    tests::leftovers::leftovers().netns.push(ns.name.clone());
     let fd = open_tap(&ns, "dptap0");
     ns.exec(&["ip", "link", "set", "dptap0", "mtu", "9000", "up"]);
     ns.exec(&["ip", "addr", "add", "10.0.1.1/24", "dev", "dptap0"]);

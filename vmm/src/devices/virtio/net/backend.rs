@@ -11,8 +11,12 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub use net_datapath::FrameIo;
+use std::os::fd::AsRawFd;
+
 use serde::{Deserialize, Serialize};
+use vhost::VhostUserMemoryRegionInfo;
 use virtio_queue::Queue;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::GuestMemory;
@@ -25,6 +29,35 @@ pub struct VringSetup<'a> {
     pub queue: &'a Queue,
     pub kick: &'a Arc<EventFd>,
     pub call: &'a Arc<EventFd>,
+}
+
+/// The queue pairs behind `rings` (rx, tx per pair, in queue order): the
+/// driver sets up pairs in order, a driver without MQ one. At least one
+/// and at most `max_pairs`.
+pub fn ring_pairs(rings: &[VringSetup<'_>], max_pairs: usize) -> Result<usize, DatapathError> {
+    let pairs = rings.len() / 2;
+    if !rings.len().is_multiple_of(2) || pairs == 0 || pairs > max_pairs {
+        return Err(DatapathError::Rings(format!(
+            "{} rings for {max_pairs} pairs",
+            rings.len()
+        )));
+    }
+    Ok(pairs)
+}
+
+/// Guest RAM as a vhost memory table: each region's guest address, size
+/// and this process's mapping, with the file (the RAM memfd) and offset
+/// behind it (vhost-user sends those; the kernel's vhost-net ignores them).
+pub fn memory_table(mem: &GuestMemory) -> Vec<VhostUserMemoryRegionInfo> {
+    mem.iter()
+        .map(|r| VhostUserMemoryRegionInfo {
+            guest_phys_addr: r.start_addr().0,
+            memory_size: r.len(),
+            userspace_addr: r.as_ptr() as u64,
+            mmap_offset: r.file_offset().map_or(0, |f| f.start()),
+            mmap_handle: r.file_offset().map_or(-1, |f| f.file().as_raw_fd()),
+        })
+        .collect()
 }
 
 /// An external datapath refused the rings or could not give them back.

@@ -15,13 +15,13 @@ use std::sync::Arc;
 
 use vhost::net::VhostNet as _;
 use vhost::vhost_kern::VhostKernBackend;
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use virtio_queue::QueueT;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::super::{GuestMemory, GuestMemoryMmap};
 use super::backend::{
     BackendKind, BackendState, DatapathError, ExternalDatapath, FrameIo, NetBackend, VringSetup,
+    memory_table, ring_pairs,
 };
 use super::tap::Tap;
 
@@ -165,25 +165,8 @@ impl ExternalDatapath for VhostNetBackend {
         acked_features: u64,
         rings: &[VringSetup<'_>],
     ) -> Result<(), DatapathError> {
-        // Pairs the driver set up, in order (a driver without MQ sets up one).
-        let pairs = rings.len() / 2;
-        if !rings.len().is_multiple_of(2) || pairs == 0 || pairs > self.vhost.len() {
-            return Err(DatapathError::Rings(format!(
-                "{} rings for {} pairs",
-                rings.len(),
-                self.vhost.len()
-            )));
-        }
-        let regions: Vec<VhostUserMemoryRegionInfo> = mem
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.start_addr().0,
-                memory_size: r.len(),
-                userspace_addr: r.as_ptr() as u64,
-                mmap_offset: 0,
-                mmap_handle: -1,
-            })
-            .collect();
+        let pairs = ring_pairs(rings, self.vhost.len())?;
+        let regions = memory_table(mem);
         let features =
             acked_features & !(1 << VHOST_F_LOG_ALL) & !(1 << VHOST_NET_F_VIRTIO_NET_HDR);
         for (pair, file) in self.vhost.iter().enumerate().take(pairs) {

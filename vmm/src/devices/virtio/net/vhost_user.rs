@@ -28,15 +28,15 @@ use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::GuestMemory;
 use super::backend::{
     BackendKind, BackendState, DatapathError, ExternalDatapath, FrameIo, NetBackend,
-    RemoteDatapath, VringSetup,
+    RemoteDatapath, VringSetup, memory_table, ring_pairs,
 };
 use crate::persist::Format10PartVersion;
 use common::api::VhostUserStatus;
@@ -228,17 +228,7 @@ impl Link {
             "SET_FEATURES",
             fe.set_features(rings.acked | PROTOCOL_FEATURES),
         )?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = rings
-            .mem
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.start_addr().0,
-                memory_size: r.len(),
-                userspace_addr: r.as_ptr() as u64,
-                mmap_offset: r.file_offset().map_or(0, |f| f.start()),
-                mmap_handle: r.file_offset().map_or(-1, |f| f.file().as_raw_fd()),
-            })
-            .collect();
+        let regions = memory_table(&rings.mem);
         in_budget(deadline)?;
         msg("SET_MEM_TABLE", fe.set_mem_table(&regions))?;
         for (i, r) in rings.rings.iter().enumerate() {
@@ -640,16 +630,7 @@ impl ExternalDatapath for VhostUserNet {
         acked_features: u64,
         rings: &[VringSetup<'_>],
     ) -> Result<(), DatapathError> {
-        if rings.is_empty()
-            || !rings.len().is_multiple_of(2)
-            || rings.len() / 2 > usize::from(self.link.pairs)
-        {
-            return Err(DatapathError::Rings(format!(
-                "{} rings for {} pairs",
-                rings.len(),
-                self.link.pairs
-            )));
-        }
+        ring_pairs(rings, usize::from(self.link.pairs))?;
         let bases: Vec<u16> = rings.iter().map(|r| r.queue.next_avail()).collect();
         // The transport checked that each ring lies in guest RAM.
         let va = |gpa: u64| {
