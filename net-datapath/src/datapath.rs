@@ -103,14 +103,33 @@ pub struct RxState {
 
 impl Default for RxState {
     fn default() -> Self {
+        Self::with_buffer(Vec::new())
+    }
+}
+
+impl RxState {
+    /// An rx side whose bounce buffer is `buf`, grown to `MAX_FRAME_LEN`
+    /// if shorter: a VMM allocates it ahead of the moment it activates
+    /// the queues (a migration's restore activates them while the guest
+    /// is paused).
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        if buf.len() < MAX_FRAME_LEN {
+            buf.resize(MAX_FRAME_LEN, 0);
+        }
         Self {
-            buf: vec![0; MAX_FRAME_LEN],
+            buf,
             pending: 0,
             want: MAX_PLAIN_FRAME_LEN,
             big_left: 0,
             gso: false,
             seen_avail: 0,
         }
+    }
+
+    /// The bounce buffer back, for the next rx side (what it held is
+    /// dropped).
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 }
 

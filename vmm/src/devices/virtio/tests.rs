@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::mmio::{MmioError, MmioState, MmioTransport};
 use super::net::backend::FrameIo;
 use super::net::datapath::{MAX_FRAME_LEN, NetStats, RxState, VNET_HDR_LEN};
-use super::net::event_handler::{CtrlQueue, PairWorker};
+use super::net::event_handler::{CtrlQueue, PairBuffers, PairWorker};
 use super::net::{NetDevice, NetState};
 use super::testing::*;
 use super::{
@@ -520,14 +520,19 @@ fn restore_rejects_inconsistent_state() {
 fn reset_and_reinitialise() {
     let (b, p) = mock_backend(1);
     let mut d = Driver::start(b, ALL);
+    // The pair's bounce buffers are lent to the worker, not allocated by
+    // the activation, and come back with a reset.
+    assert_eq!(d.t.device().spare_buffers(), 0);
     d.send(&payload(20, 1));
     p[0].recv().unwrap();
     d.write(0x70, 0);
     assert!(!d.t.is_active());
+    assert_eq!(d.t.device().spare_buffers(), 1);
     assert!(d.negotiate(ALL));
     d.setup_queue(0, 16);
     d.setup_queue(1, 16);
     d.driver_ok();
+    assert_eq!(d.t.device().spare_buffers(), 0);
     let pl = payload(21, 2);
     d.send(&pl);
     assert_eq!(p[0].recv().unwrap(), frame(&pl));
@@ -564,6 +569,7 @@ impl WorkerTarget {
             false,
             Arc::new(AtomicU16::new(1)),
             4,
+            PairBuffers::default(),
         );
         WorkerTarget { w, interrupt }
     }

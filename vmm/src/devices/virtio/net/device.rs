@@ -11,7 +11,9 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::super::{ActivateError, ActiveQueue, GuestMemory, Interrupt, TYPE_NET, VirtioDevice};
 use super::backend::{DatapathError, FrameIo, NetBackend, VringSetup};
-use super::event_handler::{CtrlQueue, DeviceThread, Job, PairWorker, ThreadHook, VhostRelay};
+use super::event_handler::{
+    CtrlQueue, DeviceThread, Job, PairBuffers, PairWorker, ThreadHook, VhostRelay,
+};
 use net_datapath::counters::{CounterCell, NetStats};
 use net_datapath::queue_pair::set_active_pairs;
 
@@ -96,11 +98,14 @@ pub struct NetDevice {
     counters: Vec<Arc<CounterCell>>,
     thread_hook: Option<ThreadHook>,
     threads: Vec<DeviceThread>,
+    /// Each pair's bounce buffers while no worker holds them (see
+    /// [`PairBuffers`]); none for an external datapath.
+    spare_buffers: Vec<PairBuffers>,
 }
 
 impl NetDevice {
     /// A device over `backend`. Without a MAC the guest picks its own.
-    pub fn new(backend: Box<dyn NetBackend>, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
+    pub fn new(mut backend: Box<dyn NetBackend>, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
         let pairs = backend.queue_pairs();
         if pairs == 0 {
             return Err(NetError::NoQueues);
@@ -110,6 +115,11 @@ impl NetDevice {
             avail &= !bit(VIRTIO_NET_F_MAC);
         }
         let nqueues = 2 * usize::from(pairs) + usize::from(pairs > 1);
+        let spare_buffers = if backend.external_datapath().is_some() {
+            Vec::new()
+        } else {
+            (0..pairs).map(|_| PairBuffers::default()).collect()
+        };
         Ok(Self {
             backend,
             mac: mac.unwrap_or_default(),
@@ -128,6 +138,7 @@ impl NetDevice {
                 .collect(),
             thread_hook: None,
             threads: Vec::new(),
+            spare_buffers,
         })
     }
 
@@ -162,6 +173,12 @@ impl NetDevice {
             self.threads.push(t);
         }
         Ok(())
+    }
+
+    /// Pairs' bounce buffers not lent to a worker.
+    #[cfg(test)]
+    pub(crate) fn spare_buffers(&self) -> usize {
+        self.spare_buffers.len()
     }
 
     pub fn acked_features(&self) -> u64 {
@@ -430,6 +447,7 @@ impl NetDevice {
                         mrg,
                         self.active_pairs.clone(),
                         self.queue_pairs(),
+                        self.spare_buffers.pop().unwrap_or_default(),
                     )
                     .with_guest_gso(gso)
                     .with_pending_rx(self.restored_rx.get(p).map(Vec::as_slice))
@@ -562,7 +580,10 @@ impl VirtioDevice for NetDevice {
         if let Err(e) = self.pause() {
             log::warn!("virtio-net: reset: {e}");
         }
-        self.run = Run::Inactive;
+        if let Run::UserPaused(workers) = std::mem::replace(&mut self.run, Run::Inactive) {
+            let buffers = workers.into_iter().map(PairWorker::into_buffers);
+            self.spare_buffers.extend(buffers);
+        }
         self.acked_features = 0;
         let all = self.all_io();
         let n = self.queue_pairs();
