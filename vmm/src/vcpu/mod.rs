@@ -89,6 +89,10 @@ pub struct Vcpu {
     /// the KVM_RUN that finished the vCPU's last exit before it parked
     /// ([`finish_for_park`]); false once it runs again.
     snapshot: bool,
+    /// A restore left registers, special registers and events in kvm_run
+    /// for the next KVM_RUN to apply (`VcpuCaps::sync_regs`); until it
+    /// runs, a save reads them there.
+    restored_in_kvm_run: bool,
     /// What the API reports of this vCPU while its thread holds it.
     pub activity: Arc<VcpuActivity>,
 }
@@ -130,6 +134,7 @@ impl Vcpu {
             cpuid: Mutex::new(Vec::new()),
             parked_parts: Cell::new(None),
             snapshot: false,
+            restored_in_kvm_run: false,
             activity: Arc::new(VcpuActivity::new(id)),
         })
     }
@@ -143,6 +148,7 @@ impl Vcpu {
     fn forget_parked_parts(&mut self) {
         self.parked_parts.set(None);
         self.snapshot = false;
+        self.restored_in_kvm_run = false;
     }
 
     /// CPUID from KVM's supported set for this vCPU of a machine of

@@ -7,7 +7,7 @@ use kvm_bindings::{
     kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
     kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
-use kvm_ioctls::{Cap, Kvm};
+use kvm_ioctls::{Cap, Kvm, SyncReg};
 use serde::{Deserialize, Serialize};
 
 use super::{Vcpu, VcpuError, kvm_err};
@@ -121,6 +121,16 @@ impl ParkedParts {
     }
 }
 
+/// What a restore with sync registers leaves in kvm_run.
+const RESTORED_IN_KVM_RUN: [SyncReg; 3] = [
+    SyncReg::Register,
+    SyncReg::SystemRegister,
+    SyncReg::VcpuEvents,
+];
+
+/// `KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS`.
+const SYNC_REGS_ALL: i32 = 0x7;
+
 /// What saving a vCPU's state needs to know of KVM, asked once.
 #[derive(Debug, Clone, Default)]
 pub struct VcpuCaps {
@@ -133,6 +143,10 @@ pub struct VcpuCaps {
     /// events, so a save reads them once all are parked, not from the
     /// snapshot taken at its park.
     pub several: bool,
+    /// KVM takes registers, special registers and events through kvm_run
+    /// (`KVM_CAP_SYNC_REGS`): a restore leaves them there for the vCPU's
+    /// next KVM_RUN to apply, instead of two or three set ioctls.
+    pub sync_regs: bool,
 }
 
 impl VcpuCaps {
@@ -142,6 +156,7 @@ impl VcpuCaps {
             xsave: kvm.check_extension(Cap::Xsave),
             xcrs: kvm.check_extension(Cap::Xcrs),
             several: false,
+            sync_regs: kvm.check_extension_int(Cap::SyncRegs) & SYNC_REGS_ALL == SYNC_REGS_ALL,
         })
     }
 }
@@ -164,7 +179,11 @@ impl Persist for Vcpu {
                 mp_state.mp_state,
                 KVM_MP_STATE_RUNNABLE | KVM_MP_STATE_HALTED
             );
-        let (regs, sregs, snapshot_events) = if self.snapshot && !started_over {
+        let (regs, sregs, snapshot_events) = if self.restored_in_kvm_run {
+            // A restore left them for a KVM_RUN that has not come yet.
+            let s = self.fd.sync_regs();
+            (s.regs, s.sregs, Some(s.events))
+        } else if self.snapshot && !started_over {
             let s = self.fd.sync_regs();
             (s.regs, s.sregs, Some(s.events).filter(|_| !caps.several))
         } else {
@@ -246,8 +265,15 @@ impl Persist for Vcpu {
         Ok(state)
     }
 
-    /// Writes a saved state into this (fresh) vCPU.
-    fn restore(&mut self, _: &VcpuCaps, s: &VcpuState) -> Result<(), VcpuError> {
+    /// Writes a saved state into this (fresh) vCPU. With sync registers,
+    /// the registers, special registers and events go into kvm_run, and
+    /// the vCPU's next KVM_RUN applies them before it enters the guest:
+    /// after the LAPIC and the MSRs, which is safe for a state KVM saved
+    /// (the APIC base and EFER in the special registers are the values the
+    /// MSRs already set; only EFER.LMA, which an MSR write keeps, comes
+    /// from them), and should KVM still refuse them, that vCPU fails with
+    /// its documented exit once the guest is this process's.
+    fn restore(&mut self, caps: &VcpuCaps, s: &VcpuState) -> Result<(), VcpuError> {
         let apic_id = s.apic_id.unwrap_or(u32::from(s.id));
         if s.id != self.id || apic_id != self.apic_id() {
             return Err(VcpuError::Identity {
@@ -273,10 +299,21 @@ impl Persist for Vcpu {
                 .set_mp_state(s.mp_state)
                 .map_err(kvm_err("set MP state"))?;
         }
-        self.fd
-            .set_regs(&s.regs)
-            .map_err(kvm_err("set registers"))?;
-        self.fd.set_sregs(&s.sregs).map_err(kvm_err("set sregs"))?;
+        self.restored_in_kvm_run = false;
+        // Not for a vCPU waiting for INIT or SIPI: KVM_RUN then waits
+        // before it applies kvm_run's registers, and would apply them over
+        // the ones the SIPI sets.
+        let in_kvm_run = caps.sync_regs
+            && matches!(
+                s.mp_state.mp_state,
+                KVM_MP_STATE_RUNNABLE | KVM_MP_STATE_HALTED
+            );
+        if !in_kvm_run {
+            self.fd
+                .set_regs(&s.regs)
+                .map_err(kvm_err("set registers"))?;
+            self.fd.set_sregs(&s.sregs).map_err(kvm_err("set sregs"))?;
+        }
         if let Some(x) = &s.xsave {
             // SAFETY: the buffer came from KVM_GET_XSAVE on a vCPU with the
             // same CPUID, so its size matches what KVM_SET_XSAVE reads.
@@ -304,7 +341,16 @@ impl Persist for Vcpu {
                 s.msrs.len()
             )));
         }
-        if !has(|k, s| crate::kvm_blob::same(&k.vcpu_events, &s.vcpu_events)) {
+        if in_kvm_run {
+            let r = self.fd.sync_regs_mut();
+            r.regs = s.regs;
+            r.sregs = s.sregs;
+            r.events = s.vcpu_events;
+            for reg in RESTORED_IN_KVM_RUN {
+                self.fd.set_sync_dirty_reg(reg);
+            }
+            self.restored_in_kvm_run = true;
+        } else if !has(|k, s| crate::kvm_blob::same(&k.vcpu_events, &s.vcpu_events)) {
             self.fd
                 .set_vcpu_events(&s.vcpu_events)
                 .map_err(kvm_err("set vCPU events"))?;
