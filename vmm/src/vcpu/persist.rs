@@ -121,14 +121,17 @@ impl ParkedParts {
     }
 }
 
-/// What a restore with sync registers leaves in kvm_run.
-const RESTORED_IN_KVM_RUN: [SyncReg; 3] = [
+/// The parts of a vCPU's state that pass through kvm_run
+/// (`KVM_CAP_SYNC_REGS`): what the KVM_RUN that parks a vCPU leaves there
+/// for a save, and what a restore leaves there for the next KVM_RUN.
+pub(super) const KVM_RUN_REGS: [SyncReg; 3] = [
     SyncReg::Register,
     SyncReg::SystemRegister,
     SyncReg::VcpuEvents,
 ];
 
-/// `KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS`.
+/// [`KVM_RUN_REGS`] as the bits `KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS)`
+/// answers (`KVM_SYNC_X86_REGS | _SREGS | _EVENTS`).
 const SYNC_REGS_ALL: i32 = 0x7;
 
 /// What saving a vCPU's state needs to know of KVM, asked once.
@@ -346,7 +349,7 @@ impl Persist for Vcpu {
             r.regs = s.regs;
             r.sregs = s.sregs;
             r.events = s.vcpu_events;
-            for reg in RESTORED_IN_KVM_RUN {
+            for reg in KVM_RUN_REGS {
                 self.fd.set_sync_dirty_reg(reg);
             }
             self.restored_in_kvm_run = true;

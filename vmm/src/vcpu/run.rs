@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
-use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use super::persist::KVM_RUN_REGS;
 use super::{Vcpu, VcpuError};
 use crate::control::RunControl;
 use crate::devices::bus::Bus;
@@ -108,7 +109,7 @@ fn finish_for_park(vcpu: &Mutex<Vcpu>) {
     // With immediate_exit set KVM_RUN completes pending I/O, then returns
     // EINTR before entering the guest (storing the valid registers).
     let run = |fd: &mut VcpuFd, sync: bool| {
-        for r in SNAPSHOT_REGS {
+        for r in KVM_RUN_REGS {
             if sync {
                 fd.set_sync_valid_reg(r);
             } else {
@@ -118,7 +119,7 @@ fn finish_for_park(vcpu: &Mutex<Vcpu>) {
         fd.set_kvm_immediate_exit(1);
         let r = fd.run().map(|_| ()).map_err(|e| e.errno());
         fd.set_kvm_immediate_exit(0);
-        for r in SNAPSHOT_REGS {
+        for r in KVM_RUN_REGS {
             fd.clear_sync_valid_reg(r);
         }
         r
@@ -136,13 +137,6 @@ fn finish_for_park(vcpu: &Mutex<Vcpu>) {
         log::debug!("vCPU {}: an exit while completing I/O", v.id);
     }
 }
-
-/// What [`finish_for_park`] leaves in kvm_run (`KVM_CAP_SYNC_REGS`).
-const SNAPSHOT_REGS: [SyncReg; 3] = [
-    SyncReg::Register,
-    SyncReg::SystemRegister,
-    SyncReg::VcpuEvents,
-];
 
 /// The vCPU thread body: run until power-off, failure or stop.
 fn run_loop(
