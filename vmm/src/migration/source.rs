@@ -436,16 +436,16 @@ fn run<'a>(
     });
     // The target takes milliseconds to prepare: rehearse the encoding
     // meanwhile, so that the real one runs warm inside the downtime.
-    let rehearsal = match machine.rehearsal_state() {
-        Ok(st) => {
-            drop(encode("State", &SourceMsg::State(&st)));
-            Some(st)
-        }
-        Err(e) => {
-            log::debug!("migration: no rehearsal of the encoding: {e}");
-            None
+    let rehearsal = machine
+        .rehearsal_state()
+        .map_err(|e| log::debug!("migration: no rehearsal of the encoding: {e}"))
+        .ok();
+    let rehearse = || {
+        if let Some(st) = &rehearsal {
+            drop(encode("State", &SourceMsg::State(st)));
         }
     };
+    rehearse();
     let takes_api_socket = match recv(&sock, "Hello", prepare_deadline)? {
         TargetMsg::Ready {
             takes_api_socket, ..
@@ -460,9 +460,7 @@ fn run<'a>(
     // Once more, just before the pause: the first rehearsal ran
     // milliseconds ago, and the encoding inside the downtime is about
     // 10 us faster for this one.
-    if let Some(st) = &rehearsal {
-        drop(encode("State", &SourceMsg::State(st)));
-    }
+    rehearse();
     // Only the owner answers the API: stop accepting before the target
     // may take the guest (connections wait in the socket's backlog; the
     // gate opens again if this process keeps the guest).

@@ -73,6 +73,20 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
     move |err| VcpuError::Kvm { what, err }
 }
 
+/// What kvm_run's registers, special registers and events (the
+/// `KVM_CAP_SYNC_REGS` area) are, for a save to read instead of asking KVM.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InKvmRun {
+    /// Nothing a save may use.
+    Nothing,
+    /// Stored by the KVM_RUN that finished the vCPU's last exit before it
+    /// parked ([`finish_for_park`]).
+    Parked,
+    /// Written by a restore for the next KVM_RUN to apply
+    /// (`VcpuCaps::sync_regs`): until it runs, KVM's own copy is stale.
+    Restored,
+}
+
 pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
@@ -85,14 +99,9 @@ pub struct Vcpu {
     /// migration target's rehearsal reads them, and the restore then skips
     /// each set whose value is already there (7 us per vCPU ioctl here).
     parked_parts: Cell<Option<ParkedParts>>,
-    /// Registers, special registers and events are in kvm_run, stored by
-    /// the KVM_RUN that finished the vCPU's last exit before it parked
-    /// ([`finish_for_park`]); false once it runs again.
-    snapshot: bool,
-    /// A restore left registers, special registers and events in kvm_run
-    /// for the next KVM_RUN to apply (`VcpuCaps::sync_regs`); until it
-    /// runs, a save reads them there.
-    restored_in_kvm_run: bool,
+    /// Whose registers, special registers and events kvm_run holds; back
+    /// to [`InKvmRun::Nothing`] once the vCPU runs again.
+    in_kvm_run: InKvmRun,
     /// What the API reports of this vCPU while its thread holds it.
     pub activity: Arc<VcpuActivity>,
 }
@@ -133,8 +142,7 @@ impl Vcpu {
             fd,
             cpuid: Mutex::new(Vec::new()),
             parked_parts: Cell::new(None),
-            snapshot: false,
-            restored_in_kvm_run: false,
+            in_kvm_run: InKvmRun::Nothing,
             activity: Arc::new(VcpuActivity::new(id)),
         })
     }
@@ -147,8 +155,7 @@ impl Vcpu {
     /// The vCPU is about to run: what it held while parked may change.
     fn forget_parked_parts(&mut self) {
         self.parked_parts.set(None);
-        self.snapshot = false;
-        self.restored_in_kvm_run = false;
+        self.in_kvm_run = InKvmRun::Nothing;
     }
 
     /// CPUID from KVM's supported set for this vCPU of a machine of

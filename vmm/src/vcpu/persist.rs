@@ -10,7 +10,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, SyncReg};
 use serde::{Deserialize, Serialize};
 
-use super::{Vcpu, VcpuError, kvm_err};
+use super::{InKvmRun, Vcpu, VcpuError, kvm_err};
 use crate::persist::{Format10PartVersion, Persist};
 
 /// MSRs carried in the vCPU state, where KVM lists them as saveable.
@@ -131,8 +131,8 @@ pub(super) const KVM_RUN_REGS: [SyncReg; 3] = [
 ];
 
 /// [`KVM_RUN_REGS`] as the bits `KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS)`
-/// answers (`KVM_SYNC_X86_REGS | _SREGS | _EVENTS`).
-const SYNC_REGS_ALL: i32 = 0x7;
+/// answers.
+const SYNC_REGS_ALL: i32 = KVM_RUN_REGS[0] as i32 | KVM_RUN_REGS[1] as i32 | KVM_RUN_REGS[2] as i32;
 
 /// What saving a vCPU's state needs to know of KVM, asked once.
 #[derive(Debug, Clone, Default)]
@@ -182,19 +182,22 @@ impl Persist for Vcpu {
                 mp_state.mp_state,
                 KVM_MP_STATE_RUNNABLE | KVM_MP_STATE_HALTED
             );
-        let (regs, sregs, snapshot_events) = if self.restored_in_kvm_run {
-            // A restore left them for a KVM_RUN that has not come yet.
-            let s = self.fd.sync_regs();
-            (s.regs, s.sregs, Some(s.events))
-        } else if self.snapshot && !started_over {
-            let s = self.fd.sync_regs();
-            (s.regs, s.sregs, Some(s.events).filter(|_| !caps.several))
-        } else {
-            (
+        let (regs, sregs, snapshot_events) = match self.in_kvm_run {
+            // A restore left them for a KVM_RUN that has not come yet (no
+            // vCPU of the machine ran since: nothing changed them).
+            InKvmRun::Restored => {
+                let s = self.fd.sync_regs();
+                (s.regs, s.sregs, Some(s.events))
+            }
+            InKvmRun::Parked if !started_over => {
+                let s = self.fd.sync_regs();
+                (s.regs, s.sregs, Some(s.events).filter(|_| !caps.several))
+            }
+            _ => (
                 self.fd.get_regs().map_err(kvm_err("get registers"))?,
                 self.fd.get_sregs().map_err(kvm_err("get sregs"))?,
                 None,
-            )
+            ),
         };
         let vcpu_events = match snapshot_events {
             Some(e) => e,
@@ -285,7 +288,7 @@ impl Persist for Vcpu {
                 apic_id,
             });
         }
-        self.snapshot = false;
+        self.in_kvm_run = InKvmRun::Nothing;
         let same = {
             let key =
                 |e: &kvm_cpuid_entry2| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx);
@@ -302,7 +305,6 @@ impl Persist for Vcpu {
                 .set_mp_state(s.mp_state)
                 .map_err(kvm_err("set MP state"))?;
         }
-        self.restored_in_kvm_run = false;
         // Not for a vCPU waiting for INIT or SIPI: KVM_RUN then waits
         // before it applies kvm_run's registers, and would apply them over
         // the ones the SIPI sets.
@@ -352,7 +354,7 @@ impl Persist for Vcpu {
             for reg in KVM_RUN_REGS {
                 self.fd.set_sync_dirty_reg(reg);
             }
-            self.restored_in_kvm_run = true;
+            self.in_kvm_run = InKvmRun::Restored;
         } else if !has(|k, s| crate::kvm_blob::same(&k.vcpu_events, &s.vcpu_events)) {
             self.fd
                 .set_vcpu_events(&s.vcpu_events)

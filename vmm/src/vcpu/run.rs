@@ -9,7 +9,7 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::persist::KVM_RUN_REGS;
-use super::{Vcpu, VcpuError};
+use super::{InKvmRun, Vcpu, VcpuError};
 use crate::control::RunControl;
 use crate::devices::bus::Bus;
 use crate::sandbox::ThreadKind;
@@ -129,9 +129,11 @@ fn finish_for_park(vcpu: &Mutex<Vcpu>) {
         // A KVM without these sync registers refuses the run: finish the
         // I/O without them.
         r = run(&mut v.fd, false);
-        v.snapshot = false;
+        v.in_kvm_run = InKvmRun::Nothing;
+    } else if r == Err(libc::EINTR) {
+        v.in_kvm_run = InKvmRun::Parked;
     } else {
-        v.snapshot = r == Err(libc::EINTR);
+        v.in_kvm_run = InKvmRun::Nothing;
     }
     if r.is_ok() {
         log::debug!("vCPU {}: an exit while completing I/O", v.id);
