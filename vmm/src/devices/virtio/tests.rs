@@ -924,3 +924,44 @@ fn device_thread_delivers_more_than_one_batch() {
     assert!(used.iter().all(|&(_, len)| len == 52));
     assert!(d.interrupts() >= 1);
 }
+
+/// Pausing takes the queues from the device thread between two of its
+/// batches, also while frames keep arriving: once `pause` returned the
+/// thread leaves the rings alone (frames wait in the backend) until
+/// `resume`, and every frame of the stream arrives whole, once.
+#[test]
+fn pause_takes_the_queues_while_frames_arrive() {
+    const FRAMES: usize = 240;
+    let (b, p) = mock_backend(1);
+    let mut d = Driver::new_unstarted(b, memory());
+    assert!(d.negotiate(ALL));
+    d.setup_queue(0, 256);
+    d.setup_queue(1, 256);
+    for _ in 0..FRAMES {
+        d.give_rx(256);
+    }
+    d.driver_ok();
+    let peer = p.into_iter().next().unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..FRAMES {
+            while !peer.try_send(&frame(&payload(40, i as u8))) {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        peer
+    });
+    wait_for("the stream to start", || d.used_idx(0) > 0);
+    d.t.device_mut().pause().unwrap();
+    let used = d.used_idx(0);
+    let counted = d.t.device().stats().rx_packets;
+    std::thread::sleep(Duration::from_millis(10));
+    assert_eq!(d.used_idx(0), used, "the ring moved after the pause");
+    assert_eq!(d.t.device().stats().rx_packets, counted);
+    d.t.device_mut().resume().unwrap();
+    let _peer = sender.join().unwrap();
+    let got = d.wait_used(0, FRAMES);
+    assert_eq!(got.len(), FRAMES);
+    assert!(got.iter().all(|&(_, len)| len == 52), "{got:?}");
+    assert_eq!(d.t.device().stats().rx_packets, FRAMES as u64);
+}

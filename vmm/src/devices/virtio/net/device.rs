@@ -28,8 +28,6 @@ pub enum NetError {
     ThreadLost,
     #[error("cannot create a device thread: {0}")]
     Thread(std::io::Error),
-    #[error("cannot create an eventfd: {0}")]
-    EventFd(std::io::Error),
     #[error("external datapath: {0}")]
     Datapath(#[from] DatapathError),
     #[error("the device is running: pause it first")]
@@ -69,7 +67,7 @@ enum Run {
     UserRunning(usize),
     UserPaused(Vec<PairWorker>),
     ExternalRunning,
-    ExternalPaused(VhostRelay),
+    ExternalPaused(Box<VhostRelay>),
 }
 
 pub struct NetDevice {
@@ -246,14 +244,10 @@ impl NetDevice {
     pub fn pause(&mut self) -> Result<(), NetError> {
         match std::mem::replace(&mut self.run, Run::Inactive) {
             Run::UserRunning(n) => {
-                let running = self.threads.get(..n).unwrap_or_default();
-                for t in running {
-                    t.request_stop().map_err(NetError::EventFd)?;
-                }
                 let mut workers = Vec::with_capacity(n);
                 let mut lost = false;
-                for t in running {
-                    match t.finished() {
+                for t in self.threads.get(..n).unwrap_or_default() {
+                    match t.take() {
                         Some(Job::Pair(w)) => workers.push(*w),
                         _ => lost = true,
                     }
@@ -265,11 +259,9 @@ impl NetDevice {
             }
             Run::ExternalRunning => {
                 let t = self.threads.first().ok_or(NetError::ThreadLost)?;
-                t.request_stop().map_err(NetError::EventFd)?;
-                let Some(Job::Relay(relay)) = t.finished() else {
+                let Some(Job::Relay(mut relay)) = t.take() else {
                     return Err(NetError::ThreadLost);
                 };
-                let mut relay = *relay;
                 let stopped = self
                     .backend
                     .external_datapath()
@@ -354,9 +346,9 @@ impl NetDevice {
                     return Err(NetError::ThreadLost);
                 };
                 let interrupt = relay.interrupt.clone();
-                if let Err(job) = t.start(Job::Relay(Box::new(relay))) {
+                if let Err(job) = t.start(Job::Relay(relay)) {
                     if let Job::Relay(r) = job {
-                        self.run = Run::ExternalPaused(*r);
+                        self.run = Run::ExternalPaused(r);
                     }
                     return Err(NetError::ThreadLost);
                 }
@@ -495,7 +487,7 @@ impl NetDevice {
             .collect::<Result<Vec<_>, _>>()
             .map_err(ActivateError::EventFd)?;
         let remote = self.backend.external_datapath().and_then(|e| e.remote());
-        Ok(Run::ExternalPaused(VhostRelay {
+        Ok(Run::ExternalPaused(Box::new(VhostRelay {
             rings,
             calls,
             remote,
@@ -506,7 +498,8 @@ impl NetDevice {
             max_pairs: self.queue_pairs(),
             stats: self.queue_stats(),
             cells: self.counters.clone(),
-        }))
+            watch: Default::default(),
+        })))
     }
 }
 

@@ -1,13 +1,15 @@
 //! The device threads. One thread per queue pair: each pair has its own
 //! TAP queue fd, so pairs share nothing and scale across host cores (with
 //! one pair, as most guests use, it is the single epoll loop). The control
-//! queue rides on pair 0's thread. A thread stops when its stop `EventFd`
-//! fires and hands its queues back, so the device can be paused for
-//! migration with packets left waiting in the TAP.
+//! queue rides on pair 0's thread. A thread serves its job (a pair's
+//! queues, or a vhost relay) one batch of events at a time, each under
+//! the lock of the slot the job sits in; pausing the device takes the job
+//! out of the slot between two batches, which wakes nobody, and frames
+//! arriving meanwhile wait in the TAP.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
-use std::sync::atomic::AtomicU16;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -56,7 +58,9 @@ pub const DEVICE_THREAD_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_exit,
 ];
 
-const STOP: u64 = 0;
+/// The thread's own eventfd: look at the slot again (a new job, or the
+/// device is going away).
+const POKE: u64 = 0;
 const RX_KICK: u64 = 1;
 const TX_KICK: u64 = 2;
 const BACKEND: u64 = 3;
@@ -90,6 +94,8 @@ pub struct PairWorker {
     /// Where `stats` is published once per batch for the API thread.
     cell: Arc<CounterCell>,
     tx_buf: Vec<u8>,
+    /// Where rx stood after the last batch.
+    rx_status: RxStatus,
 }
 
 /// A queue pair's two bounce buffers: the rx spill buffer and the one
@@ -144,6 +150,7 @@ impl PairWorker {
             stats: NetStats::default(),
             cell: Arc::new(CounterCell::default()),
             tx_buf: buffers.tx,
+            rx_status: RxStatus::Idle,
         }
     }
 
@@ -236,83 +243,23 @@ impl PairWorker {
         }
     }
 
-    /// Runs until `stop` fires; returns itself so the queues survive, its
-    /// counters published.
-    pub fn run(self, stop: &EventFd) -> Self {
-        let w = self.serve(stop);
-        w.cell.publish(&w.stats);
-        w
-    }
-
-    fn serve(mut self, stop: &EventFd) -> Self {
-        let epoll = match self.setup_epoll(stop) {
-            Ok(e) => e,
-            Err(e) => {
-                log::error!("virtio-net pair {}: epoll setup: {e}", self.pair);
-                self.interrupt.set_needs_reset();
-                return self;
-            }
-        };
-        // Work queued before the thread started (or while it was paused).
-        self.handle_tx();
-        let mut rx = self.handle_rx();
-        self.handle_ctrl();
-        let mut events = vec![EpollEvent::default(); 8];
-        loop {
-            // After a full rx batch, only look for other work, then go on.
-            let timeout = if rx == RxStatus::More { 0 } else { -1 };
-            let n = match epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("virtio-net pair {}: epoll_wait: {e}", self.pair);
-                    self.interrupt.set_needs_reset();
-                    return self;
-                }
-            };
-            let mut rx_served = false;
-            for ev in events.iter().take(n) {
-                match ev.data() {
-                    STOP => {
-                        let _ = stop.read();
-                        return self;
-                    }
-                    RX_KICK => {
-                        let _ = self.rx.kick.read();
-                        rx = self.handle_rx();
-                        rx_served = true;
-                    }
-                    // While a frame waits for buffers, only a kick helps.
-                    BACKEND if rx != RxStatus::WaitingForBuffers => {
-                        rx = self.handle_rx();
-                        rx_served = true;
-                    }
-                    TX_KICK => {
-                        let _ = self.tx.kick.read();
-                        self.handle_tx();
-                    }
-                    CTRL_KICK => {
-                        if let Some(c) = &self.ctrl {
-                            let _ = c.queue.kick.read();
-                        }
-                        self.handle_ctrl();
-                    }
-                    _ => {}
-                }
-            }
-            if rx == RxStatus::More && !rx_served {
-                rx = self.handle_rx();
-            }
-            self.cell.publish(&self.stats);
+    /// The next wait: after a full rx batch, only look for other work.
+    fn timeout(&self) -> i32 {
+        if self.rx_status == RxStatus::More {
+            0
+        } else {
+            -1
         }
     }
+}
 
-    fn setup_epoll(&self, stop: &EventFd) -> std::io::Result<Epoll> {
+impl Serve for PairWorker {
+    fn setup(&mut self, poke: &EventFd) -> std::io::Result<Epoll> {
         let epoll = Epoll::new()?;
         let add = |fd: i32, data: u64, ev: EventSet| {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(ev, data))
         };
-        add(stop.as_raw_fd(), STOP, EventSet::IN)?;
+        add(poke.as_raw_fd(), POKE, EventSet::IN)?;
         add(self.rx.kick.as_raw_fd(), RX_KICK, EventSet::IN)?;
         add(self.tx.kick.as_raw_fd(), TX_KICK, EventSet::IN)?;
         // Edge-triggered: rx drains the backend to EAGAIN, or waits for a kick.
@@ -325,6 +272,54 @@ impl PairWorker {
             add(c.queue.kick.as_raw_fd(), CTRL_KICK, EventSet::IN)?;
         }
         Ok(epoll)
+    }
+
+    /// Work queued before the thread started (or while it was paused).
+    fn begin(&mut self, _: &Epoll) -> i32 {
+        self.handle_tx();
+        self.rx_status = self.handle_rx();
+        self.handle_ctrl();
+        self.cell.publish(&self.stats);
+        self.timeout()
+    }
+
+    fn batch(&mut self, events: &[EpollEvent], _: &Epoll) -> i32 {
+        let mut rx_served = false;
+        for ev in events {
+            match ev.data() {
+                RX_KICK => {
+                    let _ = self.rx.kick.read();
+                    self.rx_status = self.handle_rx();
+                    rx_served = true;
+                }
+                // While a frame waits for buffers, only a kick helps.
+                BACKEND if self.rx_status != RxStatus::WaitingForBuffers => {
+                    self.rx_status = self.handle_rx();
+                    rx_served = true;
+                }
+                TX_KICK => {
+                    let _ = self.tx.kick.read();
+                    self.handle_tx();
+                }
+                CTRL_KICK => {
+                    if let Some(c) = &self.ctrl {
+                        let _ = c.queue.kick.read();
+                    }
+                    self.handle_ctrl();
+                }
+                _ => {}
+            }
+        }
+        if self.rx_status == RxStatus::More && !rx_served {
+            self.rx_status = self.handle_rx();
+        }
+        self.cell.publish(&self.stats);
+        self.timeout()
+    }
+
+    fn fail(&mut self, what: &str, err: std::io::Error) {
+        log::error!("virtio-net pair {}: {what}: {err}", self.pair);
+        self.interrupt.set_needs_reset();
     }
 }
 
@@ -349,6 +344,9 @@ pub struct VhostRelay {
     /// chains (pair 0). Frames, bytes and drops are the kernel's.
     pub stats: Vec<NetStats>,
     pub cells: Vec<Arc<CounterCell>>,
+    /// The backend connection this thread's epoll watches (reset with
+    /// each new epoll).
+    pub(super) watch: Watch,
 }
 
 const CALL_BASE: u64 = 100;
@@ -362,9 +360,18 @@ pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 /// The connection being watched, and the wait before the next attempt
 /// while there is none.
-struct Watch {
+pub(super) struct Watch {
     current: Option<(u64, RawFd)>,
     backoff: Duration,
+}
+
+impl Default for Watch {
+    fn default() -> Self {
+        Watch {
+            current: None,
+            backoff: RECONNECT_FIRST,
+        }
+    }
 }
 
 impl VhostRelay {
@@ -374,17 +381,14 @@ impl VhostRelay {
         }
     }
 
-    /// Runs until `stop` fires; returns itself, its counters published.
-    pub fn run(self, stop: &EventFd) -> Self {
-        let r = self.serve(stop);
-        r.publish();
-        r
-    }
-
     /// Keeps the epoll registration on the remote's current connection;
-    /// returns how long to wait for events (`None`: until one comes).
-    fn sync_watch(&self, epoll: &Epoll, w: &mut Watch) -> Option<Duration> {
-        let remote = self.remote.as_ref()?;
+    /// returns the next wait's timeout (-1: until an event comes; the
+    /// backoff while there is no connection).
+    fn sync_watch(&mut self, epoll: &Epoll) -> i32 {
+        let Some(remote) = self.remote.as_ref() else {
+            return -1;
+        };
+        let w = &mut self.watch;
         let now = remote.watch();
         if now != w.current {
             if let Some((_, fd)) = w.current.take() {
@@ -399,142 +403,145 @@ impl VhostRelay {
             }
             w.current = now;
         }
-        w.current.is_none().then_some(w.backoff)
+        match w.current {
+            Some(_) => -1,
+            None => i32::try_from(w.backoff.as_millis()).unwrap_or(i32::MAX),
+        }
     }
 
     /// No connection and the wait is over: try again.
-    fn try_reconnect(&self, w: &mut Watch) {
+    fn try_reconnect(&mut self) {
         let Some(remote) = &self.remote else { return };
         if remote.reconnect() {
-            w.backoff = RECONNECT_FIRST;
+            self.watch.backoff = RECONNECT_FIRST;
             // The link is up again: the driver rereads the config space.
             self.interrupt.signal_config();
             // Completions the backend made before it died may have been
             // signalled on a call fd nobody read; look again.
             self.interrupt.signal_used_queue();
         } else {
-            w.backoff = (w.backoff * 2).min(RECONNECT_MAX);
+            self.watch.backoff = (self.watch.backoff * 2).min(RECONNECT_MAX);
         }
     }
 
-    fn serve(mut self, stop: &EventFd) -> Self {
-        let setup = || -> std::io::Result<Epoll> {
-            let epoll = Epoll::new()?;
-            let add = |fd: i32, data: u64| {
-                epoll.ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, data),
-                )
-            };
-            add(stop.as_raw_fd(), STOP)?;
-            for (i, c) in self.calls.iter().enumerate() {
-                add(c.as_raw_fd(), CALL_BASE + i as u64)?;
-            }
-            if let Some(c) = &self.ctrl {
-                add(c.queue.kick.as_raw_fd(), CTRL_KICK)?;
-            }
-            Ok(epoll)
-        };
-        let epoll = match setup() {
-            Ok(e) => e,
-            Err(e) => {
-                log::error!("vhost relay: epoll setup: {e}");
-                self.interrupt.set_needs_reset();
-                return self;
-            }
-        };
-        let mut watch = Watch {
-            current: None,
-            backoff: RECONNECT_FIRST,
-        };
-        let mut events = vec![EpollEvent::default(); 16];
-        loop {
-            let timeout = self.sync_watch(&epoll, &mut watch);
-            let ms = timeout.map_or(-1, |d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX));
-            let n = match epoll.wait(ms, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("vhost relay: epoll_wait: {e}");
-                    self.interrupt.set_needs_reset();
-                    return self;
+    fn serve_ctrl(&mut self) {
+        let remote = self.remote.clone();
+        let active = self.active_pairs.clone();
+        if let (Some(c), Some(s), Some(r)) = (self.ctrl.as_mut(), self.stats.first_mut(), remote) {
+            // The backend's rings follow the driver's pairs.
+            let _ = c.queue.kick.read();
+            let mut switch = |n: u16| {
+                let ok = r.set_active_pairs(n);
+                if ok {
+                    active.store(n, Ordering::SeqCst);
                 }
+                ok
             };
-            if n == 0 && timeout.is_some() {
-                self.try_reconnect(&mut watch);
-                continue;
-            }
-            for ev in events.iter().take(n) {
-                match ev.data() {
-                    STOP => {
-                        let _ = stop.read();
-                        return self;
-                    }
-                    REMOTE => {
-                        if let Some(r) = &self.remote
-                            && !r.check()
-                        {
-                            // The link is down: tell the driver.
-                            self.interrupt.signal_config();
-                            watch.backoff = RECONNECT_FIRST;
-                        }
-                    }
-                    CTRL_KICK => {
-                        let remote = self.remote.clone();
-                        let active = self.active_pairs.clone();
-                        if let (Some(c), Some(s), Some(r)) =
-                            (self.ctrl.as_mut(), self.stats.first_mut(), remote)
-                        {
-                            // The backend's rings follow the driver's pairs.
-                            let _ = c.queue.kick.read();
-                            let mut switch = |n: u16| {
-                                let ok = r.set_active_pairs(n);
-                                if ok {
-                                    active.store(n, std::sync::atomic::Ordering::SeqCst);
-                                }
-                                ok
-                            };
-                            serve_ctrl_switching(
-                                &mut c.queue.queue,
-                                &self.mem,
-                                self.max_pairs,
-                                &mut switch,
-                                &*self.interrupt,
-                                &mut c.broken,
-                                s,
-                            );
-                        } else if let (Some(c), Some(s)) =
-                            (self.ctrl.as_mut(), self.stats.first_mut())
-                        {
-                            let _ = c.queue.kick.read();
-                            serve_ctrl(
-                                &mut c.queue.queue,
-                                &self.mem,
-                                &c.all_io,
-                                self.max_pairs,
-                                &self.active_pairs,
-                                &*self.interrupt,
-                                &mut c.broken,
-                                s,
-                            );
-                        }
-                    }
-                    d => {
-                        let ring = d.checked_sub(CALL_BASE).unwrap_or(u64::MAX) as usize;
-                        if let Some(c) = self.calls.get(ring) {
-                            let _ = c.read();
-                            self.interrupt.signal_used_queue();
-                            if let Some(s) = self.stats.get_mut(ring / 2) {
-                                s.interrupts += 1;
-                            }
-                        }
-                    }
-                }
-            }
-            self.publish();
+            serve_ctrl_switching(
+                &mut c.queue.queue,
+                &self.mem,
+                self.max_pairs,
+                &mut switch,
+                &*self.interrupt,
+                &mut c.broken,
+                s,
+            );
+        } else if let (Some(c), Some(s)) = (self.ctrl.as_mut(), self.stats.first_mut()) {
+            let _ = c.queue.kick.read();
+            serve_ctrl(
+                &mut c.queue.queue,
+                &self.mem,
+                &c.all_io,
+                self.max_pairs,
+                &self.active_pairs,
+                &*self.interrupt,
+                &mut c.broken,
+                s,
+            );
         }
     }
+}
+
+impl Serve for VhostRelay {
+    fn setup(&mut self, poke: &EventFd) -> std::io::Result<Epoll> {
+        let epoll = Epoll::new()?;
+        let add = |fd: i32, data: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, data),
+            )
+        };
+        add(poke.as_raw_fd(), POKE)?;
+        for (i, c) in self.calls.iter().enumerate() {
+            add(c.as_raw_fd(), CALL_BASE + i as u64)?;
+        }
+        if let Some(c) = &self.ctrl {
+            add(c.queue.kick.as_raw_fd(), CTRL_KICK)?;
+        }
+        // A new epoll watches nothing yet.
+        self.watch.current = None;
+        Ok(epoll)
+    }
+
+    fn begin(&mut self, epoll: &Epoll) -> i32 {
+        self.sync_watch(epoll)
+    }
+
+    fn batch(&mut self, events: &[EpollEvent], epoll: &Epoll) -> i32 {
+        // No event: the backoff without a connection is over.
+        if events.is_empty() && self.watch.current.is_none() {
+            self.try_reconnect();
+            return self.sync_watch(epoll);
+        }
+        for ev in events {
+            match ev.data() {
+                POKE => {}
+                REMOTE => {
+                    if let Some(r) = &self.remote
+                        && !r.check()
+                    {
+                        // The link is down: tell the driver.
+                        self.interrupt.signal_config();
+                        self.watch.backoff = RECONNECT_FIRST;
+                    }
+                }
+                CTRL_KICK => self.serve_ctrl(),
+                d => {
+                    let ring = d.checked_sub(CALL_BASE).unwrap_or(u64::MAX) as usize;
+                    if let Some(c) = self.calls.get(ring) {
+                        let _ = c.read();
+                        self.interrupt.signal_used_queue();
+                        if let Some(s) = self.stats.get_mut(ring / 2) {
+                            s.interrupts += 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.publish();
+        self.sync_watch(epoll)
+    }
+
+    fn fail(&mut self, what: &str, err: std::io::Error) {
+        log::error!("vhost relay: {what}: {err}");
+        self.interrupt.set_needs_reset();
+    }
+}
+
+/// A job served by a device thread, one batch of events at a time, each
+/// under the lock of the thread's slot.
+trait Serve {
+    /// A new epoll with the job's fds and `poke` (as [`POKE`]) in it.
+    fn setup(&mut self, poke: &EventFd) -> std::io::Result<Epoll>;
+    /// Serves what was queued before the thread (re)started; returns the
+    /// next wait's timeout in ms (-1: none).
+    fn begin(&mut self, epoll: &Epoll) -> i32;
+    /// Serves one batch (empty: the wait timed out); returns the next
+    /// wait's timeout.
+    fn batch(&mut self, events: &[EpollEvent], epoll: &Epoll) -> i32;
+    /// The thread cannot go on serving: the driver must reset the device.
+    fn fail(&mut self, what: &str, err: std::io::Error);
 }
 
 /// Work handed to a device thread.
@@ -543,72 +550,187 @@ pub enum Job {
     Relay(Box<VhostRelay>),
 }
 
+impl Job {
+    fn serve(&mut self) -> &mut dyn Serve {
+        match self {
+            Job::Pair(w) => &mut **w,
+            Job::Relay(r) => &mut **r,
+        }
+    }
+}
+
+/// Where a device thread finds its job.
+struct Slot {
+    job: Option<Job>,
+    /// Bumped whenever a job is put in or taken out: a thread serves a job
+    /// only while the number it started it under holds.
+    generation: u64,
+    /// The device is gone: the thread ends.
+    closed: bool,
+}
+
+struct Shared {
+    slot: Mutex<Slot>,
+    /// The thread waits here for a job (or for its failed job to be taken).
+    changed: Condvar,
+    /// Wakes the thread out of its epoll wait to look at the slot again.
+    poke: EventFd,
+    /// Someone waits to take the job: the thread does not take the slot's
+    /// lock again meanwhile (a thread serving a stream of frames would
+    /// otherwise win the lock back each time it lets go).
+    taking: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The thread's life: wait for a job, serve it batch by batch until it
+    /// is taken away, again.
+    fn serve_jobs(&self) {
+        let mut events = vec![EpollEvent::default(); 16];
+        let mut g = self.lock();
+        loop {
+            while g.job.is_none() && !g.closed {
+                g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            if g.closed {
+                return;
+            }
+            let generation = g.generation;
+            // The poke that came with this job: seen.
+            let _ = self.poke.read();
+            let Some(job) = g.job.as_mut().map(Job::serve) else {
+                continue;
+            };
+            let (epoll, mut timeout) = match job.setup(&self.poke) {
+                Ok(e) => {
+                    let t = job.begin(&e);
+                    (e, t)
+                }
+                Err(e) => {
+                    job.fail("epoll setup", e);
+                    g = self.until_changed(g, generation);
+                    continue;
+                }
+            };
+            drop(g);
+            g = loop {
+                let r = epoll.wait(timeout, &mut events);
+                while self.taking.load(Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
+                let mut g = self.lock();
+                if g.generation != generation || g.closed {
+                    break g;
+                }
+                let Some(job) = g.job.as_mut().map(Job::serve) else {
+                    break g;
+                };
+                timeout = match r {
+                    Ok(n) => {
+                        let events = events.get(..n).unwrap_or_default();
+                        if events.iter().any(|e| e.data() == POKE) {
+                            let _ = self.poke.read();
+                        }
+                        job.batch(events, &epoll)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => timeout,
+                    Err(e) => {
+                        job.fail("epoll_wait", e);
+                        break self.until_changed(g, generation);
+                    }
+                };
+            };
+        }
+    }
+
+    /// A failed job stays in the slot until it is taken or replaced.
+    fn until_changed<'a>(
+        &self,
+        mut g: MutexGuard<'a, Slot>,
+        generation: u64,
+    ) -> MutexGuard<'a, Slot> {
+        while g.generation == generation && !g.closed {
+            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g
+    }
+}
+
 /// A long-lived device thread. It is created before the VMM sandboxes
 /// itself (`NetDevice::start_threads`), runs its hook once, then serves one
-/// job at a time: activation and resume send a job, pause stops it and
-/// gets it back. So activating a device (on a vCPU thread, at the driver's
+/// job at a time: activation and resume put a job in its slot, pause takes
+/// it out. So activating a device (on a vCPU thread, at the driver's
 /// DRIVER_OK) spawns nothing and needs no thread-creation syscalls.
 pub struct DeviceThread {
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
-    done: std::sync::mpsc::Receiver<Job>,
-    stop: EventFd,
+    shared: Arc<Shared>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl DeviceThread {
     pub fn spawn(name: String, hook: Option<ThreadHook>) -> std::io::Result<Self> {
-        let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
-        let (done_tx, done) = std::sync::mpsc::channel::<Job>();
-        let stop = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
-        let thread_stop = stop.try_clone()?;
+        let shared = Arc::new(Shared {
+            slot: Mutex::new(Slot {
+                job: None,
+                generation: 0,
+                closed: false,
+            }),
+            changed: Condvar::new(),
+            poke: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            taking: AtomicBool::new(false),
+        });
+        let thread_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 if let Some(hook) = hook {
                     hook(&name);
                 }
-                while let Ok(job) = job_rx.recv() {
-                    let finished = match job {
-                        Job::Pair(w) => Job::Pair(Box::new(w.run(&thread_stop))),
-                        Job::Relay(r) => Job::Relay(Box::new(r.run(&thread_stop))),
-                    };
-                    if done_tx.send(finished).is_err() {
-                        break;
-                    }
-                }
+                thread_shared.serve_jobs();
             })?;
         Ok(Self {
-            jobs: Some(jobs),
-            done,
-            stop,
+            shared,
             handle: Some(handle),
         })
     }
 
     /// Starts `job`; gives it back if the thread is gone.
     pub fn start(&self, job: Job) -> Result<(), Job> {
-        match &self.jobs {
-            Some(tx) => tx.send(job).map_err(|e| e.0),
-            None => Err(job),
+        if self.handle.as_ref().is_none_or(|h| h.is_finished()) {
+            return Err(job);
         }
+        let mut g = self.shared.lock();
+        g.job = Some(job);
+        g.generation += 1;
+        drop(g);
+        self.shared.changed.notify_all();
+        // A thread still in the epoll wait of the job taken before.
+        let _ = self.shared.poke.write(1);
+        Ok(())
     }
 
-    /// Asks the running job to stop (returns at once).
-    pub fn request_stop(&self) -> std::io::Result<()> {
-        self.stop.write(1)
-    }
-
-    /// Waits for the job stopped by `request_stop`.
-    pub fn finished(&self) -> Option<Job> {
-        self.done.recv().ok()
+    /// Takes the job back, between two of the thread's batches: returns
+    /// at once when the thread is waiting for events (it is not woken; it
+    /// notices when it next wakes, and waits for a new job), else once
+    /// the running batch ends. `None` when there was no job.
+    pub fn take(&self) -> Option<Job> {
+        self.shared.taking.store(true, Ordering::Release);
+        let mut g = self.shared.lock();
+        g.generation += 1;
+        let job = g.job.take();
+        drop(g);
+        self.shared.taking.store(false, Ordering::Release);
+        job
     }
 }
 
 impl Drop for DeviceThread {
     fn drop(&mut self) {
-        // Closing the job channel ends the thread once its job (if any) is
-        // stopped; the owner stops jobs before dropping.
-        self.jobs = None;
+        self.shared.lock().closed = true;
+        self.shared.changed.notify_all();
+        let _ = self.shared.poke.write(1);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
