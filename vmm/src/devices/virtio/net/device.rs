@@ -91,7 +91,7 @@ pub struct NetDevice {
     backend_setup_on_resume: bool,
     run: Run,
     /// Per queue pair, its counters: published by the pair's worker once
-    /// per batch and when it stops, read here on request; a new worker
+    /// per batch, read here on request; a new worker
     /// goes on from them.
     counters: Vec<Arc<CounterCell>>,
     thread_hook: Option<ThreadHook>,

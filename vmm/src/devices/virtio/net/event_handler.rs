@@ -74,7 +74,8 @@ pub struct CtrlQueue {
     pub broken: bool,
 }
 
-/// Everything one queue pair's thread owns; returned when it stops.
+/// Everything one queue pair's thread serves; taken back, queues and a
+/// frame in flight included, when the device pauses.
 pub struct PairWorker {
     pub pair: usize,
     pub rx: ActiveQueue,
@@ -329,7 +330,7 @@ impl Serve for PairWorker {
 /// the backend's connection: when the backend goes away the link goes
 /// down (a config interrupt tells the driver), and the thread reconnects,
 /// backing off up to [`RECONNECT_MAX`], for as long as the VM lives.
-/// Returned when stopped, rings included.
+/// Taken back, rings included, when the device pauses.
 pub struct VhostRelay {
     pub rings: Vec<ActiveQueue>,
     pub calls: Vec<Arc<EventFd>>,
