@@ -125,16 +125,17 @@ fn finish_for_park(vcpu: &Mutex<Vcpu>) {
         r
     };
     let mut r = run(&mut v.fd, true);
-    if r == Err(libc::EINVAL) {
+    let synced = r != Err(libc::EINVAL);
+    if !synced {
         // A KVM without these sync registers refuses the run: finish the
         // I/O without them.
         r = run(&mut v.fd, false);
-        v.in_kvm_run = InKvmRun::Nothing;
-    } else if r == Err(libc::EINTR) {
-        v.in_kvm_run = InKvmRun::Parked;
-    } else {
-        v.in_kvm_run = InKvmRun::Nothing;
     }
+    v.in_kvm_run = if synced && r == Err(libc::EINTR) {
+        InKvmRun::Parked
+    } else {
+        InKvmRun::Nothing
+    };
     if r.is_ok() {
         log::debug!("vCPU {}: an exit while completing I/O", v.id);
     }

@@ -345,8 +345,8 @@ pub struct VhostRelay {
     /// chains (pair 0). Frames, bytes and drops are the kernel's.
     pub stats: Vec<NetStats>,
     pub cells: Vec<Arc<CounterCell>>,
-    /// The backend connection this thread's epoll watches (reset with
-    /// each new epoll).
+    /// The backend connection this thread's epoll watches, and the
+    /// reconnection backoff (both reset with each new epoll).
     pub(super) watch: Watch,
 }
 
@@ -480,8 +480,9 @@ impl Serve for VhostRelay {
         if let Some(c) = &self.ctrl {
             add(c.queue.kick.as_raw_fd(), CTRL_KICK)?;
         }
-        // A new epoll watches nothing yet.
-        self.watch.current = None;
+        // A new epoll watches nothing yet, and a resumed relay tries a
+        // missing backend again soon, as a newly started one does.
+        self.watch = Watch::default();
         Ok(epoll)
     }
 
