@@ -24,6 +24,7 @@ use crate::api::{self, ApiContext, ApiError};
 use crate::api_gate::ApiGate;
 use crate::boot::firmware::Firmware;
 use crate::boot::pvh::{self, BootError};
+use crate::boot_helper::{BootHelper, PitPending};
 use crate::config::{ConfigError, SerialTarget, VmConfig};
 use crate::control::{self, RunControl};
 use crate::devices::power::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT, I8042_PORT_LEN};
@@ -32,7 +33,6 @@ use crate::devices::virtio::net::device::RELAY_VHOST_USER;
 use crate::devices::virtio::net::event_handler::ThreadHook;
 use crate::exit::{self, SignalWatch};
 use crate::inputs;
-use crate::kvm_cpuid;
 use crate::machine::Machine;
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::migration::source::MigrationWorker;
@@ -156,7 +156,7 @@ fn device_hook() -> ThreadHook {
 pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let (kvm, signals) = enter_sandbox(cfg)?;
     // Asked while the VM is built; the vCPU set-up waits for it.
-    let cpuid = kvm_cpuid::Prefetch::start(&kvm).map_err(io_err("start the CPUID query"))?;
+    let helper = BootHelper::start(&kvm).map_err(io_err("start the boot helper thread"))?;
     // TAPs come from netd as the tenant's uid. The device threads start
     // now, before any vCPU can activate a device.
     let nets = net_attach::open_nets(&cfg.nets, Some(device_hook()))?;
@@ -169,7 +169,7 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
     }
     let ram = GuestRam::new(cfg.memory)?;
     let mut vm = Vm::new_without_pit(kvm, ram)?;
-    let pit = PendingPit::start(&vm)?;
+    let helper = helper.create_pit(&vm.fd);
     let (exit_tx, exit_rx) = vm::exit_channel();
     signals.deliver_to(exit_tx.clone());
     let serial = add_legacy_devices(&mut vm, open_serial(cfg)?, &exit_tx)?;
@@ -185,7 +185,7 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
     let vcpus = (0..cfg.vcpus)
         .map(|i| Vcpu::new(&vm.fd, i))
         .collect::<Result<Vec<_>, _>>()?;
-    cpuid.wait();
+    helper.wait_cpuid();
     // The tables describe the devices in the slots they were given.
     let slots = nets.iter().map(|n| n.slot).collect();
     let firmware =
@@ -214,38 +214,20 @@ pub fn build_for_boot(cfg: &VmConfig, started: Instant) -> Result<Vmm, BuildErro
         exit_tx,
         exit_rx,
     };
-    pit.wait()?;
+    wait_pit(helper)?;
     let vmm = launch(parts, api, signals, RunState::Running, started)?;
     enter_main_filter()?;
     log::info!("guest started after {:?}", started.elapsed());
     Ok(vmm)
 }
 
-/// The PIT, created on a thread of its own while the rest of the VM is
-/// built: KVM starts a kernel thread for it, which takes from 0.03 ms to
-/// several ms here with the host's load. The thread inherits the `setup`
-/// filter, makes that one ioctl and ends before any vCPU runs.
-struct PendingPit(JoinHandle<Result<(), VmError>>);
-
-impl PendingPit {
-    fn start(vm: &Vm) -> Result<Self, BuildError> {
-        let fd = vm.fd.clone();
-        std::thread::Builder::new()
-            .name("pit".into())
-            .stack_size(64 << 10)
-            .spawn(move || vm::create_pit(&fd))
-            .map(PendingPit)
-            .map_err(io_err("start the PIT thread"))
-    }
-
-    fn wait(self) -> Result<(), BuildError> {
-        match self.0.join() {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(BuildError::Io {
-                what: "create the PIT",
-                err: std::io::Error::other("its thread panicked"),
-            }),
-        }
+fn wait_pit(helper: PitPending) -> Result<(), BuildError> {
+    match helper.wait_pit() {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(BuildError::Io {
+            what: "create the PIT",
+            err: std::io::Error::other("the boot helper thread panicked"),
+        }),
     }
 }
 

@@ -15,8 +15,8 @@
 //! [`vm::Vm::attach_virtio_mmio`]) → [`boot::pvh::load`] (kernel, start
 //! info, memory map, command line, initrd, firmware tables from
 //! [`boot::firmware`]) → [`vcpu::Vcpu`] set up for the PVH
-//! entry (KVM's supported CPUID and the PIT asked meanwhile on short-lived
-//! threads, [`kvm_cpuid`]) → the vCPU threads, the migration thread, the
+//! entry (KVM's supported CPUID and the PIT asked meanwhile on one
+//! short-lived thread, [`boot_helper`]) → the vCPU threads, the migration thread, the
 //! [`api`] thread (each installs its own filter first,
 //! [`sandbox::enter_thread`]) → the main
 //! thread's `main` filter → wait for the first [`vm::ExitReason`] →
@@ -35,6 +35,7 @@
 pub mod api;
 pub mod api_gate;
 pub mod boot;
+pub mod boot_helper;
 pub mod builder;
 pub mod config;
 pub mod control;
