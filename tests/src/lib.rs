@@ -107,6 +107,27 @@ impl Drop for TempDir {
     }
 }
 
+/// Copies the executable `src` to `dst` with mode 0755, in a child
+/// process (`install`), so that this process never holds a writable fd on
+/// it: a child another test thread forks meanwhile would inherit that fd
+/// until its exec, and running `dst` in that window fails with ETXTBSY
+/// ("Text file busy"; CI failed once on it).
+pub fn copy_executable(src: &Path, dst: &Path) {
+    let status = Command::new("install")
+        .args(["-m", "0755"])
+        .arg(src)
+        .arg(dst)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run install: {e}"));
+    assert!(
+        status.success(),
+        "install {} {}: {status}",
+        src.display(),
+        dst.display()
+    );
+}
+
 /// Runs `cmd` (stdin closed, output collected) and waits at most `timeout`:
 /// past it the child is killed and the test fails with what it printed.
 pub fn output_within(mut cmd: Command, timeout: Duration) -> Output {

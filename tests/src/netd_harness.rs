@@ -2,7 +2,6 @@
 //! temporary socket, policy and audit log; SIGTERM on drop.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -138,8 +137,7 @@ pub fn world_exec_copy(bin: &Path, dir: &Path) -> PathBuf {
     let name = bin.file_name().expect("binary has a name");
     let dst = dir.join(name);
     if !dst.exists() {
-        std::fs::copy(bin, &dst).expect("copy binary");
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        crate::copy_executable(bin, &dst);
     }
     dst
 }

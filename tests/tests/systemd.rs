@@ -693,8 +693,7 @@ impl Drop for Ping {
 /// package manager installs: a running binary keeps its old inode.
 fn install_binary(src: &Path, dst: &Path) {
     let tmp = dst.with_extension("new");
-    std::fs::copy(src, &tmp).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    tests::copy_executable(src, &tmp);
     std::fs::rename(&tmp, dst).unwrap();
 }
 
