@@ -335,7 +335,6 @@ fn teardown_runs_under_the_main_filter() {
         let c2 = ctl.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let vcpu = std::thread::spawn(move || {
-            c2.register_current_thread();
             let _ = tx.send(());
             // Stands in for KVM_RUN: sleeps until kicked out and stopped.
             while !c2.pending() || c2.park() {
@@ -343,6 +342,7 @@ fn teardown_runs_under_the_main_filter() {
             }
             c2.thread_exited();
         });
+        ctl.register(std::os::unix::thread::JoinHandleExt::as_pthread_t(&vcpu));
         if rx.recv().is_err() {
             return 5;
         }

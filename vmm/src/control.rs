@@ -96,11 +96,17 @@ impl RunControl {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Called by each vCPU thread before its first KVM_RUN.
-    pub fn register_current_thread(&self) {
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        self.lock().threads.push(me);
+    /// Counts `thread`, a vCPU thread just spawned, among those a pause
+    /// kicks and waits for. Its spawner calls this, not the thread itself:
+    /// a pause (or a migration target's wait for its paused vCPUs) that
+    /// comes before the new thread first runs must still wait for it to
+    /// park, where it would otherwise count it out and then find its vCPU
+    /// locked by the thread's start. A thread that parks or ends before it
+    /// is registered is counted all the same.
+    pub fn register(&self, thread: libc::pthread_t) {
+        let mut g = self.lock();
+        g.threads.push(thread);
+        self.count_parked(&g);
     }
 
     /// Stops every registered vCPU and returns once all are parked.
@@ -225,6 +231,7 @@ impl RunControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::thread::JoinHandleExt;
     use std::sync::Arc;
     use std::sync::atomic::AtomicU64;
 
@@ -235,8 +242,7 @@ mod tests {
         let count = Arc::new(AtomicU64::new(0));
         let (c2, n2) = (ctl.clone(), count.clone());
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            c2.register_current_thread();
+        let t = std::thread::spawn(move || {
             tx.send(()).unwrap();
             loop {
                 if c2.pending() && !c2.park() {
@@ -246,6 +252,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(1));
             }
         });
+        ctl.register(t.as_pthread_t());
         rx.recv().unwrap();
         ctl.pause().unwrap();
         let a = count.load(Ordering::Relaxed);
@@ -262,19 +269,47 @@ mod tests {
     }
 
     #[test]
+    fn a_pause_before_a_new_thread_runs_waits_for_it_to_park() {
+        install_kick_handler().unwrap();
+        let ctl = Arc::new(RunControl::new_paused());
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let c2 = ctl.clone();
+        let t = std::thread::spawn(move || {
+            // Held back, as a vCPU thread the host has not scheduled yet.
+            go_rx.recv().unwrap();
+            while c2.pending() && c2.park() {}
+        });
+        ctl.register(t.as_pthread_t());
+        let waiter = {
+            let c3 = ctl.clone();
+            std::thread::spawn(move || c3.wait_parked())
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            !waiter.is_finished(),
+            "the wait counted out a thread that never parked"
+        );
+        go_tx.send(()).unwrap();
+        waiter.join().unwrap().unwrap();
+        ctl.stop();
+        t.join().unwrap();
+    }
+
+    #[test]
     fn pause_does_not_wait_for_an_exited_thread() {
         install_kick_handler().unwrap();
         let ctl = Arc::new(RunControl::new());
         let c2 = ctl.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
-            c2.register_current_thread();
             c2.thread_exited();
+            tx.send(()).unwrap();
             // Stay joinable (as vCPU threads do) until the test is done.
             std::thread::sleep(Duration::from_millis(200));
         });
-        while ctl.lock().threads.is_empty() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        // Gone before it was registered: counted all the same.
+        rx.recv().unwrap();
+        ctl.register(t.as_pthread_t());
         let start = Instant::now();
         ctl.pause().unwrap();
         assert!(start.elapsed() < PAUSE_TIMEOUT);

@@ -2,6 +2,7 @@
 //! MMIO exits dispatched to the buses, and parking for a pause (the last
 //! exit finished and the registers left in kvm_run first).
 
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -149,7 +150,6 @@ fn run_loop(
     ctl: Arc<RunControl>,
     exit: ExitSender,
 ) {
-    ctl.register_current_thread();
     let activity = vcpu
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -236,20 +236,25 @@ pub fn spawn(
         let v = vcpu.lock().unwrap_or_else(|p| p.into_inner());
         (v.id, v.activity.clone())
     };
-    std::thread::Builder::new()
+    let thread_ctl = ctl.clone();
+    let thread = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .stack_size(VCPU_STACK_SIZE)
         .spawn(move || {
+            let ctl = thread_ctl;
             if let Err(e) = crate::sandbox::enter_thread(ThreadKind::Vcpu) {
                 exit.send(ExitReason::VcpuFailed {
                     vcpu: id,
                     message: e.to_string(),
                 });
+                ctl.thread_exited();
                 return;
             }
             run_loop(vcpu, pio, mmio, ctl.clone(), exit);
             activity.ended();
             ctl.thread_exited();
         })
-        .map_err(VcpuError::Thread)
+        .map_err(VcpuError::Thread)?;
+    ctl.register(thread.as_pthread_t());
+    Ok(thread)
 }
