@@ -347,15 +347,6 @@ fn launch(
             p.exit_tx.clone(),
         )?);
     }
-    // A migration target's vCPU threads are parked before anything saves,
-    // rehearses or restores their state: until then a thread starting up
-    // may hold its vCPU (a busy host can leave it there for milliseconds).
-    if state != RunState::Running {
-        ctl.wait_parked().map_err(|e| BuildError::Io {
-            what: "park the new vCPU threads",
-            err: std::io::Error::other(e),
-        })?;
-    }
     let vcpu_caps = VcpuCaps {
         several: vcpus.len() > 1,
         ..VcpuCaps::of(&p.vm.kvm)?

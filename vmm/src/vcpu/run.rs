@@ -10,7 +10,7 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::persist::KVM_RUN_REGS;
-use super::{InKvmRun, Vcpu, VcpuError};
+use super::{InKvmRun, Vcpu, VcpuActivity, VcpuError};
 use crate::control::RunControl;
 use crate::devices::bus::Bus;
 use crate::sandbox::ThreadKind;
@@ -142,19 +142,17 @@ fn finish_for_park(vcpu: &Mutex<Vcpu>) {
     }
 }
 
-/// The vCPU thread body: run until power-off, failure or stop.
+/// The vCPU thread body: run until power-off, failure or stop. It takes
+/// its vCPU's lock only to run it: a thread parked at once (a migration
+/// target's) never holds it before the state is restored.
 fn run_loop(
     vcpu: Arc<Mutex<Vcpu>>,
+    activity: &VcpuActivity,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    ctl: Arc<RunControl>,
+    ctl: &RunControl,
     exit: ExitSender,
 ) {
-    let activity = vcpu
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .activity
-        .clone();
     // KVM_RUN entered once: before that there is nothing to finish (an
     // exit's instruction, which KVM completes only on the next KVM_RUN)
     // nor to snapshot, and a first KVM_RUN is best left to the guest.
@@ -241,18 +239,16 @@ pub fn spawn(
         .name(format!("vcpu{id}"))
         .stack_size(VCPU_STACK_SIZE)
         .spawn(move || {
-            let ctl = thread_ctl;
             if let Err(e) = crate::sandbox::enter_thread(ThreadKind::Vcpu) {
                 exit.send(ExitReason::VcpuFailed {
                     vcpu: id,
                     message: e.to_string(),
                 });
-                ctl.thread_exited();
-                return;
+            } else {
+                run_loop(vcpu, &activity, pio, mmio, &thread_ctl, exit);
+                activity.ended();
             }
-            run_loop(vcpu, pio, mmio, ctl.clone(), exit);
-            activity.ended();
-            ctl.thread_exited();
+            thread_ctl.thread_exited();
         })
         .map_err(VcpuError::Thread)?;
     ctl.register(thread.as_pthread_t());
