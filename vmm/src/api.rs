@@ -93,11 +93,13 @@ pub fn spawn(listener: Listener, ctx: ApiContext) -> Result<(), ApiError> {
     });
     for _ in 0..API_THREADS {
         let server = Arc::clone(&server);
+        let starting = crate::thread_start::Starting::new();
         std::thread::Builder::new()
             .name("api".into())
             .stack_size(API_STACK_SIZE)
             .spawn(move || {
                 crate::sandbox::enter_thread_or_exit(crate::sandbox::ThreadKind::Api);
+                drop(starting);
                 server.serve()
             })
             .map_err(ApiError::Thread)?;

@@ -83,10 +83,11 @@ impl SignalWatch {
         }
         let target: Target = Arc::new(Mutex::new(Route::default()));
         let t = target.clone();
+        let starting = crate::thread_start::Starting::new();
         std::thread::Builder::new()
             .name("signals".into())
             .stack_size(64 << 10)
-            .spawn(move || watch(&t))?;
+            .spawn(move || watch(&t, starting))?;
         Ok(SignalWatch { target })
     }
 
@@ -140,9 +141,10 @@ fn early_exit(route: &Route, sig: libc::c_int) -> ! {
     std::process::exit(ExitReason::Signal { signal: sig }.exit_code());
 }
 
-fn watch(target: &Target) {
+fn watch(target: &Target, starting: crate::thread_start::Starting) {
     // Waiting, sending on a channel, exiting: the main thread's allow-list.
     sandbox::enter_thread_or_exit(ThreadKind::Main);
+    drop(starting);
     let set = termination_set();
     loop {
         let mut sig: libc::c_int = 0;

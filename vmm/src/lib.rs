@@ -52,5 +52,6 @@ pub mod net;
 pub mod persist;
 pub mod runtime;
 pub mod sandbox;
+pub mod thread_start;
 pub mod vcpu;
 pub mod vm;

@@ -5,6 +5,7 @@
 //! on, the machine's shape, is here.
 
 pub mod announce;
+mod first_touch;
 pub mod source;
 pub mod target;
 

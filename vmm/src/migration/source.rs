@@ -109,11 +109,13 @@ impl MigrationWorker {
         let (tx, rx) = mpsc::channel::<Job>();
         // Asked here: the migration list has no getuid.
         let own_uid = nix::unistd::geteuid().as_raw();
+        let starting = crate::thread_start::Starting::new();
         std::thread::Builder::new()
             .name("migration".into())
             .stack_size(WORKER_STACK_SIZE)
             .spawn(move || {
                 sandbox::enter_thread_or_exit(ThreadKind::Migration);
+                drop(starting);
                 while let Ok(job) = rx.recv() {
                     let out = migrate(&rt, &job.req, own_uid);
                     let _ = job.reply.send(out);
@@ -446,6 +448,7 @@ fn run<'a>(
         }
     };
     rehearse();
+    super::first_touch::stack_and_heap();
     let takes_api_socket = match recv(&sock, "Hello", prepare_deadline)? {
         TargetMsg::Ready {
             takes_api_socket, ..

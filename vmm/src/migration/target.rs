@@ -43,6 +43,7 @@ use crate::builder::{Arrived, ArrivedNet, BuildError, IncomingShell, Vmm};
 use crate::config::VmConfig;
 use crate::persist::{FdTable, MachineState, check_format};
 use crate::sandbox::{self, ThreadKind};
+use crate::thread_start;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -179,6 +180,10 @@ pub fn receive(cfg: &VmConfig, started: Instant) -> Result<Vmm, TargetError> {
 /// take the guest back or be seen gone, to say which in its last line.
 const FATE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a target waits for its new threads' start-up before Ready;
+/// past it, it says Ready all the same (the switch-over is only slower).
+const THREADS_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl TargetError {
     /// This failure, after the source offered the guest, with where the
     /// guest is now: a source that died before the commit took it along.
@@ -244,20 +249,34 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
                     None
                 }
             };
+            // The source pauses right after Ready: nothing of this process
+            // may still need a CPU then, which on 2 cores the source's
+            // kicked vCPU thread waited for. So every thread the build
+            // spawned is through its start-up first (4-6 of them, each
+            // installing its filter), and this thread's own work until the
+            // State comes is done before Ready too.
+            if !thread_start::all_started(THREADS_START_TIMEOUT) {
+                log::warn!(
+                    "incoming: threads still starting after {THREADS_START_TIMEOUT:?}; the switch-over may be slower"
+                );
+            }
             log::info!("incoming: prepared in {:?}", t.elapsed());
+            // From here the guest's state arrives: only the migration list
+            // applies.
+            sandbox::enter_thread(ThreadKind::Migration).map_err(BuildError::from)?;
+            super::first_touch::stack_and_heap();
+            // Once more just before Ready: the State's decode then finds
+            // code and heap warmer than after the rehearsal milliseconds ago
+            // (decode 69-71 -> 57-62 us p50 on this host).
+            if let Some(text) = &rehearsed {
+                drop(codec::decode::<SourceMsg<MachineState>>(text.as_bytes()));
+            }
             source
                 .ready(vmm.takes_api_socket())
                 .map_err(|e| match &page {
                     Some(p) => e.with_fate(p),
                     None => e,
                 })?;
-            // Once more right after Ready: the source pauses a few hundred
-            // microseconds later, and its State's decode then finds code and
-            // heap warmer than after the rehearsal milliseconds ago (decode
-            // 69-71 -> 57-62 us p50 on this host).
-            if let Some(text) = &rehearsed {
-                drop(codec::decode::<SourceMsg<MachineState>>(text.as_bytes()));
-            }
             Step::Prepared { source, vmm, page }
         }
         Step::Prepared {
@@ -265,9 +284,6 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
             vmm,
             page,
         } => {
-            // From here the guest's state arrives: only the migration list
-            // applies.
-            sandbox::enter_thread(ThreadKind::Migration).map_err(BuildError::from)?;
             let machine = vmm.runtime.machine.clone();
             let fds = source
                 .hello

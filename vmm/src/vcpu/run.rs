@@ -235,11 +235,14 @@ pub fn spawn(
         (v.id, v.activity.clone())
     };
     let thread_ctl = ctl.clone();
+    let starting = crate::thread_start::Starting::new();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .stack_size(VCPU_STACK_SIZE)
         .spawn(move || {
-            if let Err(e) = crate::sandbox::enter_thread(ThreadKind::Vcpu) {
+            let entered = crate::sandbox::enter_thread(ThreadKind::Vcpu);
+            drop(starting);
+            if let Err(e) = entered {
                 exit.send(ExitReason::VcpuFailed {
                     vcpu: id,
                     message: e.to_string(),

@@ -684,12 +684,14 @@ impl DeviceThread {
             taking: AtomicBool::new(false),
         });
         let thread_shared = shared.clone();
+        let starting = crate::thread_start::Starting::new();
         let handle = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 if let Some(hook) = hook {
                     hook(&name);
                 }
+                drop(starting);
                 thread_shared.serve_jobs();
             })?;
         Ok(Self {
