@@ -7,7 +7,6 @@
 //! and a RON string without escapes decodes at memchr speed. Use with
 //! `#[serde(with = "crate::kvm_blob")]` (or `kvm_blob::option`).
 
-use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A plain C struct that KVM fills completely: `#[repr(C)]`, no implicit
@@ -62,6 +61,63 @@ fn bytes_of<T: Pod>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
+fn bytes_of_mut<T: Pod>(v: &mut T) -> &mut [u8] {
+    // SAFETY: as in `bytes_of`, and any bytes written form a valid `T:
+    // Pod`; the slice borrows `v` mutably for its lifetime.
+    unsafe { std::slice::from_raw_parts_mut((v as *mut T).cast::<u8>(), size_of::<T>()) }
+}
+
+/// Each byte's two lowercase hex digits (a table: this runs inside a
+/// migration's pause, over ~4 KB per vCPU).
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [DIGITS[i >> 4], DIGITS[i & 15]];
+        i += 1;
+    }
+    t
+};
+
+/// Each character's value as a lowercase hex digit, or 0xff.
+const NIBBLES: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// `bytes` as lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(2 * bytes.len());
+    for &b in bytes {
+        out.extend_from_slice(&HEX_PAIRS[usize::from(b)]);
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Fills `dst` from the lowercase hex `h` (two characters per byte, as
+/// many bytes as `h` holds); `None` on any other character.
+fn unhex(dst: &mut [u8], h: &[u8]) -> Option<()> {
+    for (d, pair) in dst.iter_mut().zip(h.chunks_exact(2)) {
+        let (hi, lo) = (NIBBLES[usize::from(pair[0])], NIBBLES[usize::from(pair[1])]);
+        if (hi | lo) == 0xff {
+            return None;
+        }
+        *d = (hi << 4) | lo;
+    }
+    Some(())
+}
+
 /// Whether two values are the same bytes.
 pub fn same<T: Pod>(a: &T, b: &T) -> bool {
     bytes_of(a) == bytes_of(b)
@@ -70,20 +126,7 @@ pub fn same<T: Pod>(a: &T, b: &T) -> bool {
 fn encode<T: Pod>(v: &T) -> String {
     let b = bytes_of(v);
     let end = b.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
-    let mut s = String::with_capacity(2 * end);
-    for x in &b[..end] {
-        s.push(char::from(b"0123456789abcdef"[usize::from(x >> 4)]));
-        s.push(char::from(b"0123456789abcdef"[usize::from(x & 15)]));
-    }
-    s
-}
-
-fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
+    hex(&b[..end])
 }
 
 /// Decodes `s` into a zeroed `T`; `None` when it is not lowercase hex of
@@ -93,20 +136,8 @@ fn decode<T: Pod>(s: &str) -> Option<T> {
     if !h.len().is_multiple_of(2) || h.len() / 2 > size_of::<T>() {
         return None;
     }
-    let mut bytes = vec![0u8; size_of::<T>()];
-    for (dst, pair) in bytes.iter_mut().zip(h.chunks_exact(2)) {
-        *dst = (nibble(pair[0])? << 4) | nibble(pair[1])?;
-    }
     let mut v = T::default();
-    // SAFETY: `bytes` has exactly size_of::<T>() bytes and any bit pattern
-    // is a valid `T: Pod`; the regions do not overlap.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            bytes.as_ptr(),
-            (&mut v as *mut T).cast::<u8>(),
-            size_of::<T>(),
-        )
-    };
+    unhex(bytes_of_mut(&mut v), h)?;
     Some(v)
 }
 
@@ -114,14 +145,22 @@ pub fn serialize<T: Pod, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> 
     encode(v).serialize(s)
 }
 
+/// Reads the hex string in place (RON lends it when it has no escapes,
+/// as written), where `String::deserialize` would copy it.
+struct Hex<T>(std::marker::PhantomData<T>);
+
+impl<T: Pod> serde::de::Visitor<'_> for Hex<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "lowercase hex of at most {} bytes", size_of::<T>())
+    }
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+        decode(s).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(s), &self))
+    }
+}
+
 pub fn deserialize<'de, T: Pod, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
-    let s = String::deserialize(d)?;
-    decode(&s).ok_or_else(|| {
-        D::Error::custom(format!(
-            "expected lowercase hex of at most {} bytes",
-            size_of::<T>()
-        ))
-    })
+    d.deserialize_str(Hex(std::marker::PhantomData))
 }
 
 /// The same for an optional struct.
@@ -132,16 +171,16 @@ pub mod option {
         v.as_ref().map(encode).serialize(s)
     }
 
-    pub fn deserialize<'de, T: Pod, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error> {
-        match Option::<String>::deserialize(d)? {
-            None => Ok(None),
-            Some(s) => decode(&s).map(Some).ok_or_else(|| {
-                D::Error::custom(format!(
-                    "expected lowercase hex of at most {} bytes",
-                    size_of::<T>()
-                ))
-            }),
+    struct Present<T>(T);
+
+    impl<'de, T: Pod> Deserialize<'de> for Present<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            super::deserialize(d).map(Present)
         }
+    }
+
+    pub fn deserialize<'de, T: Pod, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error> {
+        Ok(Option::<Present<T>>::deserialize(d)?.map(|s| s.0))
     }
 }
 
@@ -245,15 +284,12 @@ pub mod cpuid {
     }
 
     pub fn serialize<S: Serializer>(v: &[kvm_cpuid_entry2], s: S) -> Result<S::Ok, S::Error> {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(v.len() * ENTRY_HEX);
-        for w in v.iter().flat_map(words) {
-            for b in w.to_le_bytes() {
-                out.push(char::from(HEX[usize::from(b >> 4)]));
-                out.push(char::from(HEX[usize::from(b & 15)]));
-            }
-        }
-        out.serialize(s)
+        let bytes: Vec<u8> = v
+            .iter()
+            .flat_map(words)
+            .flat_map(u32::to_le_bytes)
+            .collect();
+        super::hex(&bytes).serialize(s)
     }
 
     fn parse(s: &str) -> Option<Vec<kvm_cpuid_entry2>> {
@@ -266,9 +302,7 @@ pub mod cpuid {
                 let mut w = [0u32; 7];
                 for (word, hex) in w.iter_mut().zip(e.chunks_exact(8)) {
                     let mut b = [0u8; 4];
-                    for (byte, pair) in b.iter_mut().zip(hex.chunks_exact(2)) {
-                        *byte = (super::nibble(pair[0])? << 4) | super::nibble(pair[1])?;
-                    }
+                    super::unhex(&mut b, hex)?;
                     *word = u32::from_le_bytes(b);
                 }
                 Some(entry(w))
