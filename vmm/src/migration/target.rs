@@ -359,7 +359,7 @@ fn advance(cfg: &VmConfig, step: Step) -> Result<Result<Step, Vmm>, TargetError>
 /// first RON decode and KVM restore cost about twice the next ones (code
 /// and heap paged in, caches cold): rehearsed, the real ones run warm
 /// inside the downtime. Returns the rehearsal's State message, decoded
-/// once more right after Ready.
+/// once more just before Ready.
 fn rehearse(machine: &crate::machine::Machine) -> Result<String, String> {
     let state = machine
         .save(&FdTable::default())

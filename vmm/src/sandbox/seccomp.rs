@@ -52,7 +52,7 @@ pub enum ThreadKind {
     /// (and re-makes) the connection to the backend process.
     VhostUserRelay,
     /// A migration: the source's sending thread, and the target's main
-    /// thread from Ready until the guest runs.
+    /// thread from just before Ready until the guest runs.
     Migration,
 }
 
