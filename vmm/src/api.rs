@@ -93,16 +93,14 @@ pub fn spawn(listener: Listener, ctx: ApiContext) -> Result<(), ApiError> {
     });
     for _ in 0..API_THREADS {
         let server = Arc::clone(&server);
-        let starting = crate::thread_start::Starting::new();
-        std::thread::Builder::new()
-            .name("api".into())
-            .stack_size(API_STACK_SIZE)
-            .spawn(move || {
-                crate::sandbox::enter_thread_or_exit(crate::sandbox::ThreadKind::Api);
-                drop(starting);
-                server.serve()
-            })
-            .map_err(ApiError::Thread)?;
+        crate::thread_start::spawn(
+            std::thread::Builder::new()
+                .name("api".into())
+                .stack_size(API_STACK_SIZE),
+            || crate::sandbox::enter_thread_or_exit(crate::sandbox::ThreadKind::Api),
+            move |()| server.serve(),
+        )
+        .map_err(ApiError::Thread)?;
     }
     Ok(())
 }

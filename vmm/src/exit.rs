@@ -83,11 +83,15 @@ impl SignalWatch {
         }
         let target: Target = Arc::new(Mutex::new(Route::default()));
         let t = target.clone();
-        let starting = crate::thread_start::Starting::new();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .stack_size(64 << 10)
-            .spawn(move || watch(&t, starting))?;
+        crate::thread_start::spawn(
+            std::thread::Builder::new()
+                .name("signals".into())
+                .stack_size(64 << 10),
+            // Waiting, sending on a channel, exiting: the main thread's
+            // allow-list.
+            || sandbox::enter_thread_or_exit(ThreadKind::Main),
+            move |()| watch(&t),
+        )?;
         Ok(SignalWatch { target })
     }
 
@@ -141,10 +145,7 @@ fn early_exit(route: &Route, sig: libc::c_int) -> ! {
     std::process::exit(ExitReason::Signal { signal: sig }.exit_code());
 }
 
-fn watch(target: &Target, starting: crate::thread_start::Starting) {
-    // Waiting, sending on a channel, exiting: the main thread's allow-list.
-    sandbox::enter_thread_or_exit(ThreadKind::Main);
-    drop(starting);
+fn watch(target: &Target) {
     let set = termination_set();
     loop {
         let mut sig: libc::c_int = 0;

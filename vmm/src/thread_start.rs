@@ -9,10 +9,12 @@
 //! to 0.8 ms for one (the "bimodal pause"). So the target waits for
 //! [`all_started`] before it says Ready.
 //!
-//! A spawner takes a [`Starting`] before the spawn and moves it into the
-//! thread, which drops it once its start-up is done (or when it ends).
+//! Threads are started with [`spawn`], which counts the thread before the
+//! spawn and stops counting it once its start-up has run (or the thread
+//! ended).
 
 use std::sync::{Condvar, Mutex, PoisonError};
+use std::thread::{Builder, JoinHandle};
 use std::time::{Duration, Instant};
 
 struct Count {
@@ -26,24 +28,17 @@ static COUNT: Count = Count {
 };
 
 /// One thread counted as starting, from before its spawn until dropped.
-#[must_use = "dropping it at once counts the thread as started"]
-pub struct Starting(());
+struct Starting(());
 
 impl Starting {
-    /// Taken by the spawner before the spawn, so that a thread the host
-    /// has not run yet is counted.
-    pub fn new() -> Self {
+    /// Taken before the spawn, so that a thread the host has not run yet
+    /// is counted.
+    fn new() -> Self {
         *COUNT
             .starting
             .lock()
             .unwrap_or_else(PoisonError::into_inner) += 1;
         Starting(())
-    }
-}
-
-impl Default for Starting {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -58,6 +53,23 @@ impl Drop for Starting {
             COUNT.done.notify_all();
         }
     }
+}
+
+/// Spawns a thread that runs `start_up` (installing its filter), then
+/// `body` with what `start_up` returned; it counts as starting until
+/// `start_up` has returned. A spawn that fails counts nothing.
+pub fn spawn<S, T, F, B>(builder: Builder, start_up: F, body: B) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> S + Send + 'static,
+    B: FnOnce(S) -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let starting = Starting::new();
+    builder.spawn(move || {
+        let started = start_up();
+        drop(starting);
+        body(started)
+    })
 }
 
 /// Waits until no thread is starting, at most `timeout`. Returns whether
@@ -86,24 +98,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn waits_for_a_thread_that_has_not_run_yet() {
+    fn waits_for_a_thread_until_its_start_up_returned() {
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let token = Starting::new();
-        let t = std::thread::spawn(move || {
+        let (body_tx, body_rx) = std::sync::mpsc::channel::<()>();
+        let t = spawn(
+            Builder::new(),
             // Held back, as a thread the host has not scheduled yet.
-            go_rx.recv().unwrap();
-            drop(token);
-        });
+            move || go_rx.recv().unwrap(),
+            // The body runs on: only the start-up is waited for.
+            move |()| body_rx.recv().unwrap(),
+        )
+        .unwrap();
         assert!(!all_started(Duration::from_millis(20)));
         go_tx.send(()).unwrap();
         assert!(all_started(Duration::from_secs(10)));
+        body_tx.send(()).unwrap();
         t.join().unwrap();
     }
 
     #[test]
-    fn a_thread_that_ends_counts_as_started() {
-        let token = Starting::new();
-        std::thread::spawn(move || drop(token)).join().unwrap();
+    fn a_thread_whose_start_up_panics_counts_as_started() {
+        let t = spawn(Builder::new(), || panic!("start-up failed"), |()| ());
+        assert!(t.unwrap().join().is_err());
         assert!(all_started(Duration::from_secs(10)));
     }
 }

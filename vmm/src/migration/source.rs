@@ -109,18 +109,18 @@ impl MigrationWorker {
         let (tx, rx) = mpsc::channel::<Job>();
         // Asked here: the migration list has no getuid.
         let own_uid = nix::unistd::geteuid().as_raw();
-        let starting = crate::thread_start::Starting::new();
-        std::thread::Builder::new()
-            .name("migration".into())
-            .stack_size(WORKER_STACK_SIZE)
-            .spawn(move || {
-                sandbox::enter_thread_or_exit(ThreadKind::Migration);
-                drop(starting);
+        crate::thread_start::spawn(
+            std::thread::Builder::new()
+                .name("migration".into())
+                .stack_size(WORKER_STACK_SIZE),
+            || sandbox::enter_thread_or_exit(ThreadKind::Migration),
+            move |()| {
                 while let Ok(job) = rx.recv() {
                     let out = migrate(&rt, &job.req, own_uid);
                     let _ = job.reply.send(out);
                 }
-            })?;
+            },
+        )?;
         Ok(MigrationWorker {
             jobs: Mutex::new(tx),
             busy: AtomicBool::new(false),

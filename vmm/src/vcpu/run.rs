@@ -235,13 +235,12 @@ pub fn spawn(
         (v.id, v.activity.clone())
     };
     let thread_ctl = ctl.clone();
-    let starting = crate::thread_start::Starting::new();
-    let thread = std::thread::Builder::new()
-        .name(format!("vcpu{id}"))
-        .stack_size(VCPU_STACK_SIZE)
-        .spawn(move || {
-            let entered = crate::sandbox::enter_thread(ThreadKind::Vcpu);
-            drop(starting);
+    let thread = crate::thread_start::spawn(
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .stack_size(VCPU_STACK_SIZE),
+        || crate::sandbox::enter_thread(ThreadKind::Vcpu),
+        move |entered| {
             if let Err(e) = entered {
                 exit.send(ExitReason::VcpuFailed {
                     vcpu: id,
@@ -252,8 +251,9 @@ pub fn spawn(
                 activity.ended();
             }
             thread_ctl.thread_exited();
-        })
-        .map_err(VcpuError::Thread)?;
+        },
+    )
+    .map_err(VcpuError::Thread)?;
     ctl.register(thread.as_pthread_t());
     Ok(thread)
 }

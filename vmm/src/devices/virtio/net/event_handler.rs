@@ -684,16 +684,15 @@ impl DeviceThread {
             taking: AtomicBool::new(false),
         });
         let thread_shared = shared.clone();
-        let starting = crate::thread_start::Starting::new();
-        let handle = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
+        let handle = crate::thread_start::spawn(
+            std::thread::Builder::new().name(name.clone()),
+            move || {
                 if let Some(hook) = hook {
                     hook(&name);
                 }
-                drop(starting);
-                thread_shared.serve_jobs();
-            })?;
+            },
+            move |()| thread_shared.serve_jobs(),
+        )?;
         Ok(Self {
             shared,
             handle: Some(handle),
