@@ -246,6 +246,74 @@ mod tests {
         assert!(FIXTURES[0].1.contains("vm:(version:1,"));
     }
 
+    /// What the target's State reader (the codec's compact reader) makes
+    /// of `text`, re-encoded; `None` when it leaves the text to `ron`.
+    fn read_compact(text: &str) -> Option<String> {
+        let s = common::codec::decode_compact::<MachineState>(text)?;
+        Some(s.to_ron().unwrap())
+    }
+
+    fn read_by_ron(text: &str) -> Option<String> {
+        let s = ron::from_str::<MachineState>(text).ok()?;
+        Some(s.to_ron().unwrap())
+    }
+
+    /// A migration's State goes through the codec's compact reader (a
+    /// quarter of `ron`'s time, inside the pause): it must take every
+    /// released format's state as a source writes it, and make of it
+    /// what `ron` makes.
+    #[test]
+    fn the_compact_reader_reads_every_state_as_ron_does() {
+        use common::migration::SourceMsg;
+        for (version, text) in FIXTURES {
+            let state = MachineState::from_ron(text).unwrap();
+            let expected = state.to_ron().unwrap();
+            let sent = common::codec::encode_unescaped(&SourceMsg::State(&state)).unwrap();
+            let got = common::codec::decode_compact::<SourceMsg<MachineState>>(&sent);
+            let Some(SourceMsg::State(got)) = got else {
+                panic!("format {version}: the compact reader refused the State");
+            };
+            assert_eq!(got.to_ron().unwrap(), expected, "format {version}");
+            // The fixture as captured, where the compact reader takes it
+            // (the older formats' named-field structs it leaves to `ron`).
+            if let Some(got) = read_compact(text) {
+                assert_eq!(got, expected, "fixture {version}");
+            }
+        }
+    }
+
+    /// Every one-character change to the current fixture (in steps over
+    /// its hex, character by character around its structure): where the
+    /// compact reader still accepts the text, `ron` reads the same state.
+    #[test]
+    fn the_compact_reader_never_reads_a_damaged_state_otherwise_than_ron() {
+        let text = current();
+        let (mut accepted, mut refused) = (0, 0);
+        let mut at = 0;
+        while at < text.len() {
+            for with in ["", "0", "9", "a", "\"", ",", ")", "(", "-", ":", "\\", "N"] {
+                let damaged = format!("{}{with}{}", &text[..at], &text[at + 1..]);
+                match read_compact(&damaged) {
+                    Some(got) => {
+                        accepted += 1;
+                        assert_eq!(Some(got), read_by_ron(&damaged), "changed at {at}");
+                    }
+                    None => refused += 1,
+                }
+            }
+            let in_hex = text.as_bytes()[at].is_ascii_hexdigit()
+                && text
+                    .as_bytes()
+                    .get(at + 1)
+                    .is_some_and(u8::is_ascii_hexdigit);
+            at += if in_hex { 61 } else { 1 };
+        }
+        assert!(
+            accepted > 100 && refused > 1000,
+            "{accepted} accepted, {refused} refused"
+        );
+    }
+
     #[test]
     fn this_format_writes_no_part_version() {
         let s = MachineState::from_ron(FIXTURES[0].1).unwrap();

@@ -15,7 +15,8 @@
 //!   halted guest (`sti; hlt`) and a spinning one (`jmp $`);
 //! - (f) RON encode and decode of the machine state fixture
 //!   of the format this build writes (`tests/fixtures/machine-state-X.Y.ron`)
-//!   as `vmm::persist::MachineState`.
+//!   as `vmm::persist::MachineState`: the codec's (its compact reader)
+//!   and, beside it, `ron` alone.
 //!
 //! `bench_floor [--reps N]` (default 1000), as root (or with /dev/kvm).
 
@@ -543,6 +544,11 @@ fn ron_state(reps: usize) -> Vec<Row> {
     let encoded = common::codec::encode(&state).expect("encode");
     let (mut enc, mut dec) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     let mut fast = Vec::with_capacity(reps);
+    let mut by_ron = Vec::with_capacity(reps);
+    assert!(
+        common::codec::decode_compact::<vmm::persist::MachineState>(&encoded).is_some(),
+        "the codec's compact reader refuses the state"
+    );
     for _ in 0..reps {
         let mut out = String::new();
         enc.push(time_us(|| {
@@ -561,6 +567,11 @@ fn ron_state(reps: usize) -> Vec<Row> {
             )
         }));
         std::hint::black_box(&back);
+        by_ron.push(time_us(|| {
+            back =
+                Some(ron::from_str::<vmm::persist::MachineState>(&encoded).expect("decode by ron"))
+        }));
+        std::hint::black_box(&back);
     }
     let size = format!("{:.1} KB", encoded.len() as f64 / 1000.0);
     vec![
@@ -571,6 +582,7 @@ fn ron_state(reps: usize) -> Vec<Row> {
             fast,
         ),
         row("(f) RON", format!("decode MachineState ({size})"), dec),
+        row("(f) RON", format!("decode, ron alone ({size})"), by_ron),
     ]
 }
 
