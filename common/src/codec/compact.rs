@@ -42,7 +42,7 @@ pub(super) fn from_str<T: DeserializeOwned>(text: &str) -> Option<T> {
 /// The one error: "not for this reader". Its reason is not kept, since
 /// `ron` reads the text again and gives its own.
 #[derive(Debug)]
-pub(super) struct Refused;
+struct Refused;
 
 impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -86,12 +86,9 @@ impl<'de> Reader<'de> {
     }
 
     fn eat_word(&mut self, w: &str) -> bool {
-        let hit = self.rest().starts_with(w.as_bytes())
-            && !self
-                .text
-                .as_bytes()
-                .get(self.pos + w.len())
-                .is_some_and(|&c| is_ident_char(c));
+        let rest = self.rest();
+        let hit =
+            rest.starts_with(w.as_bytes()) && !rest.get(w.len()).is_some_and(|&c| is_ident_char(c));
         if hit {
             self.pos += w.len();
         }
@@ -382,11 +379,11 @@ impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
     }
 
     fn deserialize_seq<V: Visitor<'de>>(self, v: V) -> Result<V::Value> {
-        self.group(b'[', b']', |r| v.visit_seq(Elements::new(r, b']')))
+        self.group(b'[', b']', |r| v.visit_seq(Items::new(r, b']')))
     }
 
     fn deserialize_tuple<V: Visitor<'de>>(self, _len: usize, v: V) -> Result<V::Value> {
-        self.group(b'(', b')', |r| v.visit_seq(Elements::new(r, b')')))
+        self.group(b'(', b')', |r| v.visit_seq(Items::new(r, b')')))
     }
 
     fn deserialize_tuple_struct<V: Visitor<'de>>(
@@ -399,7 +396,7 @@ impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
     }
 
     fn deserialize_map<V: Visitor<'de>>(self, v: V) -> Result<V::Value> {
-        self.group(b'{', b'}', |r| v.visit_map(Entries::new(r, b'}')))
+        self.group(b'{', b'}', |r| v.visit_map(Items::new(r, b'}')))
     }
 
     fn deserialize_struct<V: Visitor<'de>>(
@@ -408,7 +405,7 @@ impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
         _fields: &'static [&'static str],
         v: V,
     ) -> Result<V::Value> {
-        self.group(b'(', b')', |r| v.visit_map(Entries::new(r, b')')))
+        self.group(b'(', b')', |r| v.visit_map(Items::new(r, b')')))
     }
 
     fn deserialize_enum<V: Visitor<'de>>(
@@ -425,59 +422,45 @@ impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
     }
 }
 
-/// The elements of a sequence or tuple, up to `close`.
-struct Elements<'a, 'de> {
+/// The elements of a sequence or tuple, or the `key:value` entries of a
+/// map or struct, up to `close`.
+struct Items<'a, 'de> {
     r: &'a mut Reader<'de>,
     close: u8,
     first: bool,
 }
 
-impl<'a, 'de> Elements<'a, 'de> {
+impl<'a, 'de> Items<'a, 'de> {
     fn new(r: &'a mut Reader<'de>, close: u8) -> Self {
-        Elements {
+        Items {
             r,
             close,
             first: true,
         }
     }
+
+    /// The next element (or key), or `None` at `close`.
+    fn next<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>> {
+        if !self.r.more(&mut self.first, self.close)? {
+            return Ok(None);
+        }
+        seed.deserialize(&mut *self.r).map(Some)
+    }
 }
 
-impl<'de> SeqAccess<'de> for Elements<'_, 'de> {
+impl<'de> SeqAccess<'de> for Items<'_, 'de> {
     type Error = Refused;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>> {
-        if !self.r.more(&mut self.first, self.close)? {
-            return Ok(None);
-        }
-        seed.deserialize(&mut *self.r).map(Some)
+        self.next(seed)
     }
 }
 
-/// The `key:value` entries of a map or struct, up to `close`.
-struct Entries<'a, 'de> {
-    r: &'a mut Reader<'de>,
-    close: u8,
-    first: bool,
-}
-
-impl<'a, 'de> Entries<'a, 'de> {
-    fn new(r: &'a mut Reader<'de>, close: u8) -> Self {
-        Entries {
-            r,
-            close,
-            first: true,
-        }
-    }
-}
-
-impl<'de> MapAccess<'de> for Entries<'_, 'de> {
+impl<'de> MapAccess<'de> for Items<'_, 'de> {
     type Error = Refused;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>> {
-        if !self.r.more(&mut self.first, self.close)? {
-            return Ok(None);
-        }
-        seed.deserialize(&mut *self.r).map(Some)
+        self.next(seed)
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value> {
